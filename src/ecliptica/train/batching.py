@@ -1,0 +1,63 @@
+"""Token pairs -> model batches. Packed (default): all sequences of a micro-batch in one row with
+per-sequence position ids, so no padding is computed; padded: one row per sequence, right-padded.
+Either way the batch names, for every response token, the hidden-state position that predicts it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data.tokenize import TokenizedPair
+
+
+@dataclass
+class ModelBatch:
+    input_ids: torch.Tensor  # [R, L]
+    position_ids: torch.Tensor  # [R, L]
+    attention_mask: torch.Tensor | None  # [R, L] for padded batches; None when packed
+    predictor_index: torch.Tensor  # [N] flat index into R*L of the position predicting each response token
+    targets: torch.Tensor  # [N] the response tokens
+    seq_index: torch.Tensor  # [N] which sequence each response token belongs to
+    n_sequences: int
+    n_real_tokens: int  # non-padding tokens fed to the model (policy pass)
+
+    def to(self, device) -> "ModelBatch":
+        move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return ModelBatch(**{k: move(v) for k, v in self.__dict__.items()})
+
+    def token_mask(self) -> torch.Tensor | None:
+        return self.attention_mask
+
+
+def sequences(pairs: list[TokenizedPair], with_rejected: bool) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(prompt, response) per sequence: all chosen first, then all rejected."""
+    seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs]
+    if with_rejected:
+        seqs += [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    return seqs
+
+
+def collate(pairs: list[TokenizedPair], with_rejected: bool, pad_id: int, packed: bool = True) -> ModelBatch:
+    seqs = sequences(pairs, with_rejected)
+    lengths = [len(p) + len(r) for p, r in seqs]
+    width = sum(lengths) if packed else max(lengths)
+    rows = 1 if packed else len(seqs)
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((rows, width), dtype=torch.long)
+    mask = None if packed else torch.zeros((rows, width), dtype=torch.long)
+    pred, tgt, seq = [], [], []
+    offset = 0
+    for k, ((prompt, resp), n) in enumerate(zip(seqs, lengths)):
+        row, start = (0, offset) if packed else (k, 0)
+        ids[row, start:start + n] = torch.tensor(prompt + resp)
+        pos[row, start:start + n] = torch.arange(n)
+        if mask is not None:
+            mask[row, :n] = 1
+        base = row * width + start
+        first = base + len(prompt) - 1  # position predicting the first response token
+        pred.append(torch.arange(first, first + len(resp)))
+        tgt.append(torch.tensor(resp))
+        seq.append(torch.full((len(resp),), k))
+        offset += n
+    return ModelBatch(ids, pos, mask, torch.cat(pred), torch.cat(tgt), torch.cat(seq), len(seqs), sum(lengths))

@@ -1,0 +1,383 @@
+"""The one training engine. Every method runs through `Trainer`: same loading, data order, precision,
+batching, schedule and optimizer plumbing; only the loss (methods), the instruction placement and the
+optimizer choice (AdamW or GRIT) differ between arms.
+
+Built on accelerate (mixed precision, distributed launch, TensorBoard tracking); the loop itself is
+small so every step is visible: forward -> loss -> backward, clip, optimizer step, schedule, log.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..config import TrainConfig, save_config
+from ..data import LoadOptions, load_preferences, resolve_path, save_bad_rows, split_train_val, tokenize_pairs
+from ..data.tokenize import TokenizedData, TokenizeSettings
+from ..losses import MethodConfig, SequenceStats, build_loss
+from ..models import LoraSettings, ModelConfig, apply_lora, describe_parameters, load_model, load_tokenizer
+from .batching import collate
+from .optim import build_optimizer, build_scheduler
+from .policy import PolicyModel
+from .reference import reference_logps
+from .state_io import load_state, save_state
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclass
+class StepResult:
+    loss: float
+    metrics: dict[str, float]
+    tokens: int
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import transformers
+
+    return {"ecliptica": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__}
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _mixed_precision(cfg: TrainConfig) -> str:
+    mp = cfg.train.mixed_precision
+    if mp != "auto":
+        return mp
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def prepare_data(cfg: TrainConfig, tokenizer, placement: str, progress: bool = True) -> tuple[TokenizedData, dict]:
+    """Load, validate, split and tokenise the training pairs (train part only) and report what happened."""
+    opts = LoadOptions(instruction=cfg.data.instruction, column_map=cfg.data.column_map)
+    loaded = load_preferences(resolve_path(cfg.data.path), cfg.data.format, on_bad_row=cfg.data.on_bad_row,
+                              options=opts, limit=cfg.data.limit)
+    train, val = split_train_val(loaded.examples, lambda e: e.row_id, cfg.data.val_fraction, cfg.seed)
+    settings = TokenizeSettings(cfg.data.max_length, cfg.data.max_prompt_length)
+    tokenized = tokenize_pairs(tokenizer, train, placement, settings, progress=progress)
+    if not tokenized.pairs:
+        raise ValueError(f"{cfg.data.path}: no training pairs left after validation and split")
+    report = {"rows_read": loaded.report.rows_read, "kept": loaded.report.kept,
+              "bad_rows": len(loaded.report.bad_rows), "filtered": dict(loaded.filtered),
+              "train_pairs": len(train), "val_pairs": len(val), "tokenization": tokenized.stats.as_dict()}
+    return tokenized, {"report": report, "loaded": loaded}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "Trainer":
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        tb_dir = Path(cfg.tensorboard_dir) if cfg.tensorboard_dir else self.run_dir / "tb"
+        self.accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), log_with="tensorboard",
+                                       project_dir=str(tb_dir))
+        acc = self.accelerator
+        set_seed(cfg.seed)
+        self.loss_fn = build_loss(MethodConfig(**cfg.method.model_dump(exclude={"precompute_reference"})))
+        self.placement = cfg.method.placement or self.loss_fn.default_placement
+        model_cfg = ModelConfig(**cfg.model.model_dump())
+        self.tokenizer = load_tokenizer(model_cfg)
+        self.data, info = prepare_data(cfg, self.tokenizer, self.placement, progress=acc.is_main_process)
+        self.data_report = info["report"]
+        if cfg.data.on_bad_row == "skip" and acc.is_main_process and info["loaded"].report.bad_rows:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_bad_rows(info["loaded"], self.run_dir / "skipped_rows.json")
+
+        model = load_model(model_cfg)
+        model = apply_lora(model, LoraSettings(**cfg.lora.model_dump()), cfg.model.gradient_checkpointing)
+        self.param_summary = describe_parameters(model)
+        self.policy = PolicyModel(model, cfg.train.logp_chunk_size)
+        if not getattr(model, "is_loaded_in_4bit", False):
+            self.policy.to(acc.device)
+        self.ref_cache = None
+        if cfg.method.precompute_reference and self.loss_fn.needs_reference:
+            self.ref_cache = reference_logps(self.policy, self.data, self.tokenizer.pad_token_id, cfg,
+                                             acc.device, progress=acc.is_main_process)
+        optimizer = build_optimizer(model, cfg)
+        scheduler = build_scheduler(optimizer, cfg)
+        self.policy, self.optimizer = acc.prepare(self.policy, optimizer)
+        self.scheduler = scheduler
+        self.peft_model = acc.unwrap_model(self.policy).peft_model
+        self.grit = getattr(self.optimizer, "optimizer", self.optimizer)
+        if not hasattr(self.grit, "set_token_mask"):
+            self.grit = None
+        return self
+
+    # ------------------------------------------------------------------ data order
+    def micro_batch_indices(self, micro_step: int) -> list[int]:
+        """Pair indices of this process's share of global micro-step `micro_step` (deterministic by seed)."""
+        n = len(self.data.pairs)
+        mb, world, rank = self.cfg.train.micro_batch_size, self.accelerator.num_processes, self.accelerator.process_index
+        per_global = mb * world
+        start = micro_step * per_global + rank * mb
+        out = []
+        for pos in range(start, start + mb):
+            epoch, k = divmod(pos, n)
+            out.append(int(self._permutation(epoch)[k]))
+        return out
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        cache = getattr(self, "_perm_cache", None)
+        if cache is None or cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            self._perm_cache = (epoch, torch.randperm(len(self.data.pairs), generator=g))
+        return self._perm_cache[1]
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _micro_step(self, idx: list[int], progress: float) -> tuple[torch.Tensor, dict, int]:
+        uses_rej = self.loss_fn.uses_rejected
+        batch = collate([self.data.pairs[i] for i in idx], uses_rej, self.tokenizer.pad_token_id,
+                        packed=self.cfg.train.packing).to(self.accelerator.device)
+        if self.grit is not None:
+            self.grit.set_token_mask(batch.token_mask())
+        ref = None
+        if self.ref_cache is not None:
+            sel = self.ref_cache[torch.tensor(idx)]
+            ref = torch.cat([sel[:, 0], sel[:, 1]]).to(self.accelerator.device)
+        stats: SequenceStats = self.policy(batch, need_reference=self.loss_fn.needs_reference,
+                                           need_token_kl=self.loss_fn.needs_token_kl, ref_logps=ref)
+        loss, metrics = self.loss_fn(stats, progress)
+        if self.grit is not None and hasattr(self.grit, "regularization_loss"):
+            reg = self.grit.regularization_loss()
+            if torch.is_tensor(reg) and reg.requires_grad:
+                loss = loss + reg
+                metrics["loss/grit_reg"] = reg.detach()
+        return loss, metrics, batch.n_real_tokens
+
+    def train_step(self, step: int) -> StepResult:
+        cfg, acc = self.cfg, self.accelerator
+        ga = cfg.train.grad_accum
+        progress = step / max(cfg.train.max_steps - 1, 1)
+        sums: dict[str, torch.Tensor] = {}
+        loss_total = torch.zeros((), device=acc.device)
+        tokens = 0
+        for k in range(ga):
+            idx = self.micro_batch_indices(step * ga + k)
+            ctx = acc.no_sync(self.policy) if k < ga - 1 else nullcontext()
+            with ctx:
+                loss, metrics, ntok = self._micro_step(idx, progress)
+                if not torch.isfinite(loss):
+                    return self._nonfinite(step, "loss")
+                acc.backward(loss / ga)
+            loss_total += loss.detach() / ga
+            tokens += ntok
+            for name, v in metrics.items():
+                sums[name] = sums.get(name, 0) + v.detach().float().to(acc.device) / ga
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm else float("inf")
+        grad_norm = acc.clip_grad_norm_(params, max_norm)
+        if not torch.isfinite(grad_norm):
+            return self._nonfinite(step, "gradient norm")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums["loss"] = loss_total
+        sums["grad_norm"] = grad_norm.detach().float()
+        reduced = {k: float(v) for k, v in acc.reduce({k: v.reshape(1) for k, v in sums.items()}, "mean").items()}
+        tokens = int(acc.reduce(torch.tensor([tokens], device=acc.device), "sum").item())
+        reduced["lr"] = self.scheduler.get_last_lr()[0]
+        if self.grit is not None:
+            reduced.update({k: float(v) for k, v in self.grit.metrics().items()})
+        return StepResult(reduced["loss"], reduced, tokens)
+
+    def _nonfinite(self, step: int, what: str) -> StepResult:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.train.on_nonfinite == "skip":
+            self.nonfinite_skipped += 1
+            return StepResult(float("nan"), {"skipped_nonfinite": 1.0}, 0)
+        last = self.latest_checkpoint()
+        raise NonFiniteError(f"non-finite {what} at step {step + 1}; training stopped. "
+                             f"Last good checkpoint: {last or 'none (set train.save_every)'}")
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted((p for p in self.ckpt_root.glob("step-*") if (p / "trainer.json").is_file()),
+                      key=lambda p: int(p.name.split("-")[1]))
+        return done[-1] if done else None
+
+    def save_checkpoint(self, step: int) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            final = self.ckpt_root / f"step-{step}"
+            tmp = self.ckpt_root / f".tmp-step-{step}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self.peft_model.save_pretrained(tmp / "adapter")
+            save_state(self.optimizer.state_dict(), tmp / "optimizer")
+            save_state(self.scheduler.state_dict(), tmp / "scheduler")
+            save_state(_rng_state(), tmp / "rng")
+            (tmp / "trainer.json").write_text(json.dumps({"step": step, "nonfinite_skipped": self.nonfinite_skipped,
+                                                          "train_tokens": self.train_tokens,
+                                                          "train_seconds": self.train_seconds}))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)  # a checkpoint exists only once it is complete
+            for old in sorted(self.ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-self.cfg.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def load_checkpoint(self, path: Path) -> int:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+        set_peft_model_state_dict(self.peft_model, weights)
+        self.optimizer.load_state_dict(load_state(path / "optimizer"))
+        self.scheduler.load_state_dict(load_state(path / "scheduler"))
+        _set_rng_state(load_state(path / "rng"))
+        meta = json.loads((path / "trainer.json").read_text())
+        self.nonfinite_skipped = meta["nonfinite_skipped"]
+        self.train_tokens = meta["train_tokens"]
+        self.train_seconds = meta["train_seconds"]
+        return meta["step"]
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, resume: bool = False, stop_after: int | None = None) -> dict:
+        """Train to max_steps (or stop after `stop_after` steps, for tests); returns the summary."""
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        self.nonfinite_skipped, self.train_tokens, self.train_seconds = 0, 0, 0.0
+        start = 0
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if resume and (last := self.latest_checkpoint()) is not None:
+            start = self.load_checkpoint(last)
+        elif acc.is_main_process and metrics_path.exists():
+            metrics_path.unlink()
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            _truncate_metrics(metrics_path, start)
+        acc.init_trackers(cfg.run_name or self.run_dir.name, config=_flat_hparams(cfg))
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        bar = tqdm(total=cfg.train.max_steps, initial=start, desc=f"{cfg.method.name} train",
+                   disable=not (acc.is_main_process and cfg.train.progress), dynamic_ncols=True)
+        self.policy.train()
+        last_metrics: dict = {}
+        end = cfg.train.max_steps if stop_after is None else min(cfg.train.max_steps, stop_after)
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            result = self.train_step(step)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            self.train_seconds += dt
+            self.train_tokens += result.tokens
+            m = dict(result.metrics)
+            m.update({"step_time_s": dt, "tokens_per_s": result.tokens / dt if dt > 0 else 0.0})
+            if torch.cuda.is_available():
+                m["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            last_metrics = m
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == end:
+                acc.log(m, step=step + 1)
+                if acc.is_main_process:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps({"step": step + 1, **m}) + "\n")
+            bar.set_postfix(loss=f"{result.loss:.4f}")
+            bar.update(1)
+            if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.max_steps:
+                self.save_checkpoint(step + 1)
+        bar.close()
+        acc.end_training()
+        if stop_after is not None and end < cfg.train.max_steps:
+            return {}
+        return self._finish(last_metrics)
+
+    def _finish(self, last_metrics: dict) -> dict:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        summary = {
+            "method": self.cfg.method.name, "optimizer": self.cfg.optimizer.name, "placement": self.placement,
+            "steps": self.cfg.train.max_steps, "train_seconds": self.train_seconds,
+            "train_tokens": self.train_tokens,
+            "tokens_per_s": self.train_tokens / self.train_seconds if self.train_seconds else 0.0,
+            "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            "final_metrics": last_metrics, "nonfinite_skipped": self.nonfinite_skipped,
+            "config_hash": self.cfg.hash(), "data_hash": self.data.fingerprint(), "data": self.data_report,
+            "parameters": self.param_summary, "num_processes": acc.num_processes,
+            "versions": _versions(), "git_commit": git_commit(),
+        }
+        if acc.is_main_process:
+            self.peft_model.save_pretrained(self.run_dir / "adapter")
+            tmp = self.run_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=1))
+            os.replace(tmp, self.run_dir / "summary.json")
+        return summary
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)), "numpy_pos": int(np.random.get_state()[2])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate((3, tuple(s["python"]), s["python_pos"]))
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint so the file has each step once."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _flat_hparams(cfg: TrainConfig) -> dict:
+    flat = {}
+    for section, values in cfg.model_dump(mode="json").items():
+        if isinstance(values, dict):
+            for k, v in values.items():
+                if isinstance(v, (int, float, str, bool)):
+                    flat[f"{section}.{k}"] = v
+        elif isinstance(values, (int, float, str, bool)):
+            flat[section] = values
+    return flat
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    return Trainer(cfg).setup().train(resume=resume)
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None

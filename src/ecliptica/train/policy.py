@@ -1,0 +1,90 @@
+"""One forward for every method: response log-probs (and, when asked, reference log-probs and the
+exact token KL) computed from hidden states in chunks.
+
+Only positions that predict a response token go through the LM head, chunk by chunk under
+activation checkpointing, so no [tokens x vocabulary] fp32 tensor for the batch is ever kept.
+The reference is the same network with the LoRA adapter disabled, run under no_grad: no second copy.
+This is an nn.Module so DDP (accelerate) sees one forward and synchronises gradients as usual.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..losses import SequenceStats
+from .batching import ModelBatch
+
+
+def _chunk_logps_kl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ref_logprobs: torch.Tensor | None):
+    logits = F.linear(h, weight).float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    logp = logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    if ref_logprobs is None:
+        return logp, None
+    kl = (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1)
+    return logp, kl
+
+
+def chunked_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                  ref_hidden: torch.Tensor | None = None, with_kl: bool = False):
+    """Per-token log p(target) under `hidden` (grad) and `ref_hidden` (no grad), and KL(policy || ref).
+
+    hidden, ref_hidden: [N, H]; weight: [V, H]; targets: [N]. Returns (logp [N], ref_logp [N]|None, kl [N]|None).
+    """
+    logps, ref_logps, kls = [], [], []
+    for s in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
+        ref_lp = None
+        if ref_hidden is not None:
+            with torch.no_grad():
+                ref_lp = torch.log_softmax(F.linear(ref_hidden[s:s + chunk_size], weight).float(), dim=-1)
+                ref_logps.append(ref_lp.gather(-1, t[:, None]).squeeze(-1))
+        if not with_kl:
+            ref_lp = None
+        if torch.is_grad_enabled() and h.requires_grad:
+            lp, kl = checkpoint(_chunk_logps_kl, h, weight, t, ref_lp, use_reentrant=False)
+        else:
+            lp, kl = _chunk_logps_kl(h, weight, t, ref_lp)
+        logps.append(lp)
+        if kl is not None:
+            kls.append(kl)
+        del ref_lp
+    cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731
+    return cat(logps), cat(ref_logps), cat(kls)
+
+
+class PolicyModel(torch.nn.Module):
+    """Wraps a peft causal LM; forward(batch) -> SequenceStats for the loss."""
+
+    def __init__(self, peft_model, chunk_size: int = 1024):
+        super().__init__()
+        self.peft_model = peft_model
+        self.chunk_size = chunk_size
+
+    def _hidden(self, batch: ModelBatch) -> torch.Tensor:
+        lm = self.peft_model.get_base_model()
+        out = lm.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                               attention_mask=batch.attention_mask, use_cache=False)
+        h = out.last_hidden_state
+        return h.reshape(-1, h.shape[-1]).index_select(0, batch.predictor_index)
+
+    def forward(self, batch: ModelBatch, need_reference: bool = False, need_token_kl: bool = False,
+                ref_logps: torch.Tensor | None = None) -> SequenceStats:
+        weight = self.peft_model.get_base_model().get_output_embeddings().weight
+        ref_hidden = None
+        if need_token_kl or (need_reference and ref_logps is None):
+            with torch.no_grad(), self.peft_model.disable_adapter():
+                ref_hidden = self._hidden(batch)
+        hidden = self._hidden(batch)
+        tok_logp, tok_ref, tok_kl = chunked_logps(hidden, weight, batch.targets, self.chunk_size,
+                                                  ref_hidden, with_kl=need_token_kl)
+        n = batch.n_sequences
+        seq = batch.seq_index
+        logps = torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, seq, tok_logp)
+        n_tokens = torch.bincount(seq, minlength=n)
+        if tok_ref is not None and ref_logps is None:
+            ref_logps = torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, seq, tok_ref)
+        return SequenceStats(logps=logps, n_tokens=n_tokens, ref_logps=ref_logps,
+                             token_kl_sum=tok_kl.sum() if tok_kl is not None else None,
+                             nll_sum=-tok_logp.sum())
