@@ -72,6 +72,18 @@ def cmd_data_preview(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import Trainer
+
+    cfg = load_config(args.config, args.set)
+    summary = Trainer(cfg).setup().train(resume=args.resume)
+    fm = summary.get("final_metrics", {})
+    print(f"run written to {cfg.run_dir}: {summary['steps']} steps, {summary['train_tokens']} tokens, "
+          f"{summary['tokens_per_s']:.1f} tokens/s, final loss {fm.get('loss', float('nan')):.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ecliptica", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -97,12 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--max-length", type=int, default=1024)
     pv.add_argument("--max-prompt-length", type=int, default=512)
     pv.set_defaults(func=cmd_data_preview)
+
+    tr = sub.add_parser("train", help="train one method from a YAML config")
+    tr.add_argument("config")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    tr.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    tr.set_defaults(func=cmd_train)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

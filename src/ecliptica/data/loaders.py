@@ -8,6 +8,7 @@ silently.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import replace
 from collections.abc import Callable
@@ -89,7 +90,7 @@ def _messages_field(row: dict, column: str) -> tuple[Message, ...]:
     value = row.get(column)
     if isinstance(value, str):
         value = value.strip()
-        if value.startswith("["):  # a JSON-encoded list (csv files)
+        if re.match(r"\[\s*\{", value):  # a JSON-encoded message list (csv files); "[Scene] ..." is text
             try:
                 value = json.loads(value)
             except json.JSONDecodeError:
@@ -100,7 +101,7 @@ def _messages_field(row: dict, column: str) -> tuple[Message, ...]:
         raise FieldError(column, "must be a non-empty string or list of {role, content} messages")
     msgs = []
     for k, m in enumerate(value, start=1):
-        if not isinstance(m, dict) or set(m) < {"role", "content"}:
+        if not isinstance(m, dict) or not {"role", "content"} <= set(m):
             raise FieldError(column, f"message {k} must be an object with 'role' and 'content'")
         if m["role"] not in ("system", "user", "assistant"):
             raise FieldError(column, f"message {k} has unknown role {m['role']!r}")
@@ -243,14 +244,20 @@ def _generic_preference(row: dict, opts: LoadOptions, src: str) -> PreferenceExa
     _distinct(chosen, rejected, cols["rejected"])
     instruction = text_field(row, cols["instruction"], required=False) or opts.instruction
     category = text_field(row, cols["category"], required=False)
-    return PreferenceExample(messages, chosen, rejected, instruction, src, str(row.get(cols["id"], "")), category)
+    return PreferenceExample(messages, chosen, rejected, instruction, src, _row_id(row, cols["id"]), category)
 
 
 @register("generic-prompts", "prompt", "The prompt side of `generic`: prompt, label, axiom (column mapping allowed).")
 def _generic_prompt(row: dict, opts: LoadOptions, src: str) -> PromptExample:
     cols = {**GENERIC_PROMPT, **opts.column_map}
     return PromptExample(text_field(row, cols["prompt"]), _label(row.get(cols["label"]), cols["label"]),
-                         text_field(row, cols["axiom"]), src, str(row.get(cols["id"], "")))
+                         text_field(row, cols["axiom"]), src, _row_id(row, cols["id"]))
+
+
+def _row_id(row: dict, column: str) -> str:
+    """The row's own id, or '' (then the driver assigns file:row); a null id must not become 'None'."""
+    v = row.get(column)
+    return "" if v is None else str(v)
 
 
 # ---------------------------------------------------------------- driver

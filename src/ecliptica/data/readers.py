@@ -31,11 +31,14 @@ def _read_text(path: Path) -> str:
     raw = path.read_bytes()
     if path.suffix.lower() == ".gz":
         raw = gzip.decompress(raw)
-    return raw.decode("utf-8", errors="surrogateescape")
+    # utf-8-sig: a leading byte-order mark (Excel CSVs) must not become part of the first column name.
+    return raw.decode("utf-8-sig", errors="surrogateescape")
 
 
 def looks_like_hub_id(spec: str) -> bool:
-    return not Path(spec).exists() and spec.count("/") == 1 and not spec.startswith((".", "/"))
+    # A missing local file ("data/train.jsonl") is not a hub id: report it missing instead of going online.
+    return (not Path(spec).exists() and spec.count("/") == 1 and not spec.startswith((".", "/"))
+            and _base_suffix(Path(spec)) not in SUFFIXES)
 
 
 def iter_rows(spec: str | Path, split: str = "train") -> Iterator[Row]:
@@ -54,7 +57,8 @@ def _iter_file(path: Path) -> Iterator[Row]:
     kind = _base_suffix(path)
     name = str(path)
     if kind == ".jsonl":
-        for i, line in enumerate(_read_text(path).splitlines(), start=1):
+        # split on '\n' only: str.splitlines() also breaks on U+2028, U+0085, ... which JSON strings may hold raw
+        for i, line in enumerate(_read_text(path).split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -85,7 +89,12 @@ def _iter_file(path: Path) -> Iterator[Row]:
     elif kind == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        if path.suffix.lower() == ".gz":
+            import pyarrow as pa
+
+            table = pq.read_table(pa.BufferReader(gzip.decompress(path.read_bytes())))
+        else:
+            table = pq.read_table(path)
         for i, obj in enumerate(table.to_pylist(), start=1):
             yield i, obj
     else:

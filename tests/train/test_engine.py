@@ -1,0 +1,140 @@
+"""The engine end to end on a tiny random Llama: run outputs, exact resume, seeds, errors."""
+import json
+
+import pytest
+import torch
+
+from ecliptica.config import TrainConfig, load_config
+from ecliptica.train import NonFiniteError, Trainer
+
+
+def _cfg(tmp_path, model_dir, method="dpo", **train):
+    t = {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "progress": False, **train}
+    return TrainConfig.model_validate({
+        "run_dir": str(tmp_path / f"run_{method}"), "seed": 3, "model": {"name": str(model_dir)},
+        "lora": {"r": 4, "alpha": 8}, "method": {"name": method, "lambda_kl": 0.05},
+        "data": {"limit": 24, "max_length": 160, "max_prompt_length": 96},
+        "optimizer": {"lr": 5e-3}, "schedule": {"name": "linear", "warmup_steps": 1}, "train": t})
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "cita"])
+def test_each_method_trains_and_writes_a_run(tmp_path, tiny_model_dir, method):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(tmp_path, tiny_model_dir, method, max_steps=3)
+    summary = Trainer(cfg).setup().train()
+    run = tmp_path / f"run_{method}"
+    for f in ("config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json"):
+        assert (run / f).exists(), f
+    assert list((run / "tb").rglob("events.out.tfevents.*"))
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    keys = {"loss", "grad_norm", "lr", "tokens_per_s", "step_time_s"}
+    if method != "sft":
+        keys |= {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                 "logps/rejected"}
+    if method == "cita":
+        keys |= {"kl", "loss/contrastive"}
+    assert keys <= set(lines[-1])
+    s = json.loads((run / "summary.json").read_text())
+    for k in ("train_seconds", "train_tokens", "tokens_per_s", "peak_gpu_memory_gib", "final_metrics", "config_hash",
+              "data_hash", "versions", "git_commit"):
+        assert k in s
+    assert s["train_tokens"] > 0 and summary["config_hash"] == cfg.hash()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    loaded = PeftModel.from_pretrained(base, run / "adapter")
+    b = [p for n, p in loaded.named_parameters() if "lora_B" in n]
+    assert any(float(p.abs().sum()) > 0 for p in b)  # training moved the adapter
+
+
+def test_dpo_first_step_loss_is_log2(tmp_path, tiny_model_dir):
+    """At step 1 the adapter is zero, so policy == reference and the DPO loss is exactly log 2."""
+    Trainer(_cfg(tmp_path, tiny_model_dir, "dpo", max_steps=1)).setup().train()
+    assert _losses(tmp_path / "run_dpo")[0] == pytest.approx(0.693147, abs=1e-5)
+
+
+def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_model_dir):
+    full = _cfg(tmp_path / "a", tiny_model_dir, "cita", max_steps=5, save_every=2)
+    Trainer(full).setup().train()
+    expected = _losses(tmp_path / "a" / "run_cita")
+
+    part = _cfg(tmp_path / "b", tiny_model_dir, "cita", max_steps=5, save_every=2)
+    Trainer(part).setup().train(stop_after=3)  # "killed" after step 3; last checkpoint is step 2
+    assert (tmp_path / "b" / "run_cita" / "checkpoints" / "step-2" / "trainer.json").exists()
+    Trainer(part).setup().train(resume=True)
+    resumed = _losses(tmp_path / "b" / "run_cita")
+    assert len(resumed) == 5
+    assert resumed == pytest.approx(expected, rel=1e-5)
+
+
+def test_same_seed_same_losses_and_seed_matters(tmp_path, tiny_model_dir):
+    runs = []
+    for sub, seed in (("x", 3), ("y", 3), ("z", 4)):
+        cfg = _cfg(tmp_path / sub, tiny_model_dir, "dpo", max_steps=3)
+        cfg.seed = seed
+        Trainer(cfg).setup().train()
+        runs.append(_losses(tmp_path / sub / "run_dpo"))
+    assert runs[0] == runs[1]
+    assert runs[0][1:] != runs[2][1:]
+
+
+def test_precomputed_reference_matches_online(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("ECLIPTICA_CACHE", str(tmp_path / "cache"))
+    online = _cfg(tmp_path / "on", tiny_model_dir, "dpo", max_steps=3)
+    Trainer(online).setup().train()
+    cached = _cfg(tmp_path / "pre", tiny_model_dir, "dpo", max_steps=3)
+    cached.method.precompute_reference = True
+    Trainer(cached).setup().train()
+    assert list((tmp_path / "cache" / "reference").glob("*.safetensors"))
+    assert _losses(tmp_path / "pre" / "run_dpo") == pytest.approx(_losses(tmp_path / "on" / "run_dpo"), rel=1e-4)
+
+
+def test_nonfinite_loss_stops_with_step(tmp_path, tiny_model_dir, monkeypatch):
+    cfg = _cfg(tmp_path, tiny_model_dir, "sft", max_steps=3)
+    trainer = Trainer(cfg).setup()
+    calls = {"n": 0}
+    real = trainer.loss_fn.__class__.__call__
+
+    def flaky(self, s, progress=0.0):
+        calls["n"] += 1
+        loss, m = real(self, s, progress)
+        return (loss * float("nan"), m) if calls["n"] > 2 else (loss, m)  # micro-steps 3+: step 2
+
+    monkeypatch.setattr(trainer.loss_fn.__class__, "__call__", flaky)
+    with pytest.raises(NonFiniteError, match="step 2"):
+        trainer.train()
+
+
+def test_nonfinite_skip_counts(tmp_path, tiny_model_dir, monkeypatch):
+    cfg = _cfg(tmp_path, tiny_model_dir, "sft", max_steps=2, on_nonfinite="skip")
+    trainer = Trainer(cfg).setup()
+    real = trainer.loss_fn.__class__.__call__
+    monkeypatch.setattr(trainer.loss_fn.__class__, "__call__",
+                        lambda self, s, progress=0.0: (real(self, s, progress)[0] * float("inf"), {}))
+    summary = trainer.train()
+    assert summary["nonfinite_skipped"] == 2
+
+
+def test_grit_optimizer_runs_in_engine(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir, "dpo", max_steps=3)
+    cfg.optimizer.name = "grit"
+    cfg.optimizer.grit = {"reproject_steps": 2, "reproject_warmup": 1}
+    Trainer(cfg).setup().train()
+    last = json.loads((tmp_path / "run_dpo" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["grit/inversions"] > 0
+
+
+def test_config_rejects_unknown_keys(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  max_stepz: 3\n")
+    with pytest.raises(ValueError, match="max_stepz"):
+        load_config(p)
+    with pytest.raises(ValueError, match="nonsense"):
+        load_config(None, ["method.nonsense=1"])
+    cfg = load_config(None, ["method.beta=0.25", "train.max_steps=7"])
+    assert cfg.method.beta == 0.25 and cfg.train.max_steps == 7

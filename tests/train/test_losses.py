@@ -1,0 +1,174 @@
+"""Every method's loss against an independent reference: TRL, closed forms, dense computations."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ecliptica.losses import CITALoss, DPOLoss, MethodConfig, SequenceStats, SFTLoss
+from ecliptica.train.batching import collate
+from ecliptica.train.policy import PolicyModel
+
+from train_helpers import dense_token_logps, tiny_peft, toy_pairs
+
+
+@pytest.fixture(scope="module")
+def peft_model(tiny_model_dir):
+    return tiny_peft(tiny_model_dir)
+
+
+def _stats(peft_model, pairs, packed=True, with_rejected=True, ref=True, kl=False, chunk=7):
+    batch = collate(pairs, with_rejected, pad_id=2, packed=packed)
+    return PolicyModel(peft_model, chunk_size=chunk)(batch, need_reference=ref, need_token_kl=kl)
+
+
+def test_dpo_matches_trl(tiny_model_dir, tmp_path):
+    """Same model, same token ids: TRL 1.16's DPOTrainer loss and ours agree to 1e-5."""
+    datasets = pytest.importorskip("datasets")
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    pairs = toy_pairs(3)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2
+    args = DPOConfig(output_dir=str(tmp_path), beta=0.1, report_to="none", use_cpu=True)
+    # TRL creates the adapter, so its reference is the disabled adapter, as ours is.
+    trainer = DPOTrainer(model=base, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tok, peft_config=lora)
+    g = torch.Generator().manual_seed(1)
+    for name, p in trainer.model.named_parameters():
+        if "lora_B" in name:  # move the policy away from the reference
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+    trainer.model.eval()
+    examples = [{"prompt_ids": list(p.prompt_ids), "chosen_ids": list(p.chosen_ids),
+                 "rejected_ids": list(p.rejected_ids)} for p in pairs]
+    inputs = DataCollatorForPreference(pad_token_id=2)(examples)
+    with torch.no_grad():
+        trl_loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
+        ours, metrics = DPOLoss(MethodConfig(name="dpo", beta=0.1))(_stats(trainer.model, pairs))
+    assert float(trl_loss) != pytest.approx(math.log(2), abs=1e-3)  # policy != reference: a real comparison
+    assert abs(float(trl_loss) - float(ours)) < 1e-5
+
+
+def test_dpo_closed_form_with_label_smoothing():
+    lp = torch.tensor([-3.0, -5.0, -4.0, -4.5])  # chosen 1,2 then rejected 1,2
+    ref = torch.tensor([-3.5, -4.0, -4.2, -4.0])
+    s = SequenceStats(lp, torch.tensor([3, 3, 3, 3]), ref)
+    beta, eps = 0.5, 0.2
+    loss, m = DPOLoss(MethodConfig(name="dpo", beta=beta, label_smoothing=eps))(s)
+    expected = []
+    for i in range(2):
+        z = beta * ((lp[i] - ref[i]) - (lp[i + 2] - ref[i + 2]))
+        sig = 1 / (1 + math.exp(-float(z)))
+        expected.append(-(1 - eps) * math.log(sig) - eps * math.log(1 - sig))
+    assert float(loss) == pytest.approx(sum(expected) / 2, abs=1e-6)
+    assert float(m["rewards/chosen"]) == pytest.approx(beta * (0.5 - 1.0) / 2, abs=1e-6)
+    assert float(m["rewards/accuracies"]) == 0.5
+
+
+def test_cita_lambda0_equals_closed_form(peft_model):
+    pairs = toy_pairs(3, seed=4)
+    dense = dense_token_logps(peft_model, pairs)
+    seq = [float(lp.gather(-1, t[:, None]).sum()) for lp, t in dense]
+    beta = 0.3
+    expected = sum(-math.log(1 / (1 + math.exp(-beta * (seq[i] - seq[i + 3])))) for i in range(3)) / 3
+    with torch.no_grad():
+        loss, _ = CITALoss(MethodConfig(name="cita", beta=beta, lambda_kl=0.0))(_stats(peft_model, pairs, ref=False))
+    assert float(loss) == pytest.approx(expected, abs=1e-5)
+
+
+def test_token_kl_equals_dense_reference(peft_model):
+    pairs = toy_pairs(3, seed=5)
+    policy = dense_token_logps(peft_model, pairs)
+    with peft_model.disable_adapter():
+        reference = dense_token_logps(peft_model, pairs)
+    total, count = 0.0, 0
+    for (lp, _), (lq, _) in zip(policy, reference):
+        total += float((lp.exp() * (lp - lq)).sum())
+        count += lp.shape[0]
+    with torch.no_grad():
+        s = _stats(peft_model, pairs, kl=True, chunk=5)
+        cfg = MethodConfig(name="cita", beta=0.1, lambda_kl=0.7)
+        loss, m = CITALoss(cfg)(s)
+    assert float(m["kl"]) == pytest.approx(total / count, rel=1e-5)
+    assert float(m["kl"]) > 0
+    contrastive = float(m["loss/contrastive"])
+    assert float(loss) == pytest.approx(contrastive + 0.7 * total / count, rel=1e-5)
+
+
+def test_token_kl_zero_for_fresh_adapter(tiny_model_dir):
+    fresh = tiny_peft(tiny_model_dir, randomize_b=False)  # LoRA B = 0: policy == reference
+    with torch.no_grad():
+        s = _stats(fresh, toy_pairs(2), kl=True)
+    assert abs(float(s.token_kl_sum)) < 1e-6
+    assert torch.allclose(s.logps, s.ref_logps, atol=1e-5)
+
+
+def test_seq_logratio_proxies():
+    lp, ref = torch.tensor([-2.0, -3.0, -5.0, -1.0]), torch.tensor([-2.5, -2.0, -4.0, -1.5])
+    s = SequenceStats(lp, torch.tensor([2, 2, 2, 2]), ref)
+    ratios = [0.5, -1.0, -1.0, 0.5]
+    sq = CITALoss(MethodConfig(kl="seq_logratio_sq")).kl_term(s)
+    assert float(sq) == pytest.approx(sum(r * r for r in ratios) / 4)
+    with pytest.raises(ValueError, match="unbounded"):
+        CITALoss(MethodConfig(kl="seq_logratio"))
+    signed = CITALoss(MethodConfig(kl="seq_logratio", allow_unbounded_kl=True)).kl_term(s)
+    assert float(signed) == pytest.approx(sum(ratios) / 4)
+
+
+def test_cita_lambda_anneal_and_length_normalisation():
+    loss = CITALoss(MethodConfig(lambda_kl=0.1, lambda_kl_end=0.0))
+    assert [loss.lambda_at(p) for p in (0, 0.5, 1)] == pytest.approx([0.1, 0.05, 0.0])
+    s = SequenceStats(torch.tensor([-4.0, -9.0]), torch.tensor([2, 3]), torch.tensor([-4.0, -9.0]),
+                      token_kl_sum=torch.tensor(0.0))
+    val, _ = CITALoss(MethodConfig(beta=1.0, lambda_kl=0.0, length_normalize=True))(s)
+    assert float(val) == pytest.approx(-math.log(1 / (1 + math.exp(-(-2.0 + 3.0)))), abs=1e-6)
+
+
+def test_sft_matches_hf_loss(peft_model):
+    """Completion-only NLL equals transformers' own CE loss with prompt and padding labels at -100."""
+    pairs = toy_pairs(3, seed=7)
+    seqs = [list(p.prompt_ids) + list(p.chosen_ids) for p in pairs]
+    width = max(map(len, seqs))
+    ids = torch.full((3, width), 2)
+    labels = torch.full((3, width), -100)
+    mask = torch.zeros((3, width), dtype=torch.long)
+    for i, (p, s) in enumerate(zip(pairs, seqs)):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+        labels[i, len(p.prompt_ids):len(s)] = torch.tensor(p.chosen_ids)
+    with torch.no_grad():
+        hf = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        ours, _ = SFTLoss(MethodConfig(name="sft"))(_stats(peft_model, pairs, with_rejected=False, ref=False))
+    assert float(ours) == pytest.approx(float(hf), rel=1e-5)
+
+
+def test_packed_and_padded_logps_agree(peft_model):
+    pairs = toy_pairs(4, seed=9)
+    with torch.no_grad():
+        packed = _stats(peft_model, pairs, packed=True, kl=True)
+        padded = _stats(peft_model, pairs, packed=False, kl=True)
+    assert torch.allclose(packed.logps, padded.logps, atol=1e-4, rtol=1e-5)
+    assert torch.allclose(packed.ref_logps, padded.ref_logps, atol=1e-4, rtol=1e-5)
+    assert float(packed.token_kl_sum) == pytest.approx(float(padded.token_kl_sum), rel=1e-4)
+
+
+def test_chunked_gradients_match_dense(peft_model):
+    """Checkpointed chunks give the same gradients as one dense log-softmax."""
+    from ecliptica.train.policy import chunked_logps
+
+    torch.manual_seed(0)
+    h = torch.randn(11, 32, requires_grad=True)
+    w = torch.randn(50, 32)
+    t = torch.randint(0, 50, (11,))
+    lp, _, _ = chunked_logps(h, w, t, chunk_size=4)
+    lp.sum().backward()
+    g_chunk = h.grad.clone()
+    h.grad = None
+    F.log_softmax(h @ w.T, -1).gather(-1, t[:, None]).sum().backward()
+    assert torch.allclose(g_chunk, h.grad, atol=1e-5)

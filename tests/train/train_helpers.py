@@ -1,0 +1,41 @@
+"""Small builders shared by the engine tests."""
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from ecliptica.data import TokenizedPair
+
+
+def tiny_peft(model_dir, seed=0, randomize_b=True, r=4):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(model, cfg)
+    if randomize_b:  # a non-zero adapter, so policy != reference
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.data = torch.randn(p.shape, generator=g) * 0.5
+    return peft_model.eval()
+
+
+def toy_pairs(n=3, seed=0, vocab=49152):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda k: tuple(int(x) for x in torch.randint(10, vocab, (k,), generator=g))  # noqa: E731
+    return [TokenizedPair(rnd(5 + i), rnd(3 + 2 * i), rnd(6 - i), f"r{i}") for i in range(n)]
+
+
+def dense_token_logps(peft_model, pairs, with_rejected=True):
+    """Reference: one unpadded HF forward per sequence, full log-softmax, gather the response tokens."""
+    seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs]
+    if with_rejected:
+        seqs += [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    out = []
+    for prompt, resp in seqs:
+        ids = torch.tensor([list(prompt) + list(resp)])
+        logits = peft_model(input_ids=ids).logits[0].float()
+        logprobs = torch.log_softmax(logits, -1)
+        pos = torch.arange(len(prompt) - 1, len(prompt) + len(resp) - 1)
+        out.append((logprobs[pos], torch.tensor(resp)))
+    return out
