@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter
 
@@ -84,6 +85,30 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from .study.runner import StudyRunner, load_study
+
+    runner = StudyRunner(load_study(args.study, args.set))
+    if args.report_only:
+        runner.report()
+    else:
+        runner.run()
+    print((runner.dir / "results.md").read_text())
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .config import load_config
+    from .evaluation.config import EvalConfig
+    from .evaluation.runner import run_eval
+
+    cfg = load_config(args.config, args.set, cls=EvalConfig)
+    result = run_eval(cfg)
+    print(json.dumps(result.get("summary", result), indent=1, default=str))
+    print(f"written to {cfg.out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ecliptica", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -115,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     tr.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a model (+adapter): AQI, refusal behaviour, capability drift")
+    ev.add_argument("config")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.set_defaults(func=cmd_eval)
+
+    run = sub.add_parser("run", help="run a study: train all arms, evaluate, write the table and figures")
+    run.add_argument("study")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--report-only", action="store_true", help="rebuild the report from the results store")
+    run.set_defaults(func=cmd_run)
     return p
 
 

@@ -1,0 +1,36 @@
+"""Evaluation: AQI on hidden states, refusal behaviour, capability drift (docs/evaluation.md, docs/aqi.md).
+
+Names are imported lazily so `import ecliptica.evaluation.metrics` stays free of torch/transformers.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "EvalConfig": "config",
+    "run_eval": "runner",
+    "ModelHandle": "model_handle",
+    "EmbedSettings": "embeddings",
+    "Embeddings": "embeddings",
+    "embed_prompts": "embeddings",
+    "compute_embeddings": "embeddings",
+    "load_eval_prompts": "prompts",
+    "balanced_subset": "prompts",
+    "evaluate_embeddings": "scoring",
+    "layer_curve": "scoring",
+    "GenerationSettings": "behaviour",
+    "generate_greedy": "behaviour",
+    "run_behaviour": "behaviour",
+    "DriftSettings": "drift",
+    "load_benign_pairs": "drift",
+    "run_drift": "drift",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ecliptica.evaluation' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

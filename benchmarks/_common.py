@@ -1,0 +1,249 @@
+"""Shared pieces of the GPU benchmarks: random-init Llama shapes, HH-RLHF rows, one runner for the
+ecliptica Trainer and one for TRL's DPOTrainer / SFTTrainer, all timed and counted the same way.
+
+Timing (both sides): a host timestamp after `torch.cuda.synchronize()` at the end of every optimizer
+step; s/step = (t[N] - t[2]) / (N - 2), i.e. the first two steps are skipped and everything between
+step ends (logging included) is counted. Tokens: non-padding tokens of the policy sequences
+(prompt+chosen and prompt+rejected; SFT: prompt+chosen) in steps 3..N, the same quantity TRL logs
+as `num_tokens` (sum of the attention mask). Peak: torch.cuda.max_memory_allocated() after training,
+reset just before it (model weights included, as TRL's anchor does).
+MFU = 6 * N * tokens/s / peak_bf16, N = parameters that do matmul FLOPs (all parameters, minus the
+input embedding when it is not tied to the LM head). For LoRA DPO/CITA 6N per token is also what is
+actually done: 2N policy forward + 2N backward to the activations (frozen weights need no weight
+gradient) + 2N reference forward; activation checkpointing adds a 2N recompute that MFU does not count.
+"""
+from __future__ import annotations
+
+import gc
+import gzip
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=True),
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, tie_word_embeddings=True),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, tie_word_embeddings=False),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16, SXM datasheet (H200 has the H100's tensor cores)
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+
+
+def card() -> str:
+    return torch.cuda.get_device_name(0) if CUDA else "cpu"
+
+
+def peak_flops() -> float | None:
+    name = card()
+    for k, v in PEAK_BF16.items():
+        if k in name:
+            return v
+    return None
+
+
+def build_model(shape: str, vocab: int, seed: int = 0):
+    """Random-init LlamaForCausalLM built directly on the device in bf16 (fp32 on CPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=4096, **SHAPES[shape])
+    cfg._attn_implementation = "sdpa"
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(DEV):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model.config.use_cache = False
+    return model
+
+
+def flop_params(model) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return n if emb is head or emb.data_ptr() == head.data_ptr() else n - emb.numel()
+
+
+def parse_hh(t: str) -> list[dict]:
+    parts = re.split(r"\n\n(Human|Assistant): ", t)
+    return [{"role": "user" if parts[i] == "Human" else "assistant", "content": parts[i + 1].strip()}
+            for i in range(1, len(parts) - 1, 2)]
+
+
+def hh_rows(path: str, n: int = 400) -> list[dict]:
+    """The anchor's rows: conversational prompt / chosen / rejected (first n usable pairs)."""
+    rows = []
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            d = json.loads(line)
+            c, r = parse_hh(d["chosen"]), parse_hh(d["rejected"])
+            if len(c) < 2 or c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
+                continue
+            rows.append({"prompt": c[:-1], "chosen": [c[-1]], "rejected": [r[-1]]})
+    return rows[:n]
+
+
+def free():
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+
+
+def summarize(stamps: list[float], cum_tokens: list[float], peak: float, n_flop: int) -> dict:
+    """stamps[k], cum_tokens[k]: time and cumulative tokens at the end of step k+1."""
+    n = len(stamps)
+    dt = (stamps[-1] - stamps[1]) / (n - 2)
+    tok = (cum_tokens[-1] - cum_tokens[1]) / (stamps[-1] - stamps[1])
+    pf = peak_flops()
+    return {"s_per_step": round(dt, 4), "tok_per_s": round(tok, 1),
+            "tok_per_step": round((cum_tokens[-1] - cum_tokens[1]) / (n - 2), 1), "peak_gib": round(peak, 2),
+            "mfu": round(6 * n_flop * tok / pf, 4) if pf else None}
+
+
+# ---------------------------------------------------------------- ecliptica
+def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: str, vocab: int,
+             mb: int = 2, ga: int = 4, optimizer: str = "adamw", grit: dict | None = None,
+             chunk: int | None = None, tag: str = "") -> dict:
+    import ecliptica.train.engine as E
+    from ecliptica.config import TrainConfig
+
+    train = {"max_steps": steps, "micro_batch_size": mb, "grad_accum": ga, "progress": False,
+             "mixed_precision": "bf16" if CUDA else "no"}
+    if chunk:
+        train["logp_chunk_size"] = chunk
+    opt = {"name": optimizer, "lr": 5e-6}
+    if grit:
+        opt["grit"] = grit
+    cfg = TrainConfig.model_validate({
+        "run_dir": f"/tmp/ecl_bench/{method}_{shape}_{int(gc_on)}_{optimizer}{tag}", "seed": 3407,
+        "model": {"name": tok, "dtype": "bf16" if CUDA else "fp32", "gradient_checkpointing": gc_on,
+                  "attn_implementation": "sdpa"},
+        "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS},
+        "data": {"path": data, "format": "hh-rlhf", "on_bad_row": "skip", "limit": 400, "max_length": 1024,
+                 "max_prompt_length": 512},
+        "method": {"name": method, "beta": 0.1},
+        "optimizer": opt, "schedule": {"name": "linear"}, "train": train,
+    })
+    built = {}
+
+    def fake_load_model(mcfg, device_map=None):
+        built["m"] = build_model(shape, vocab)
+        return built["m"]
+
+    saved = E.load_model
+    E.load_model = fake_load_model
+    try:
+        tr = E.Trainer(cfg).setup()
+    finally:
+        E.load_model = saved
+    n_flop = flop_params(built.pop("m"))
+    stamps, cum = [], [0.0]
+    inner = tr.train_step
+
+    def timed(step):
+        r = inner(step)
+        if CUDA:
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        cum.append(cum[-1] + r.tokens)
+        return r
+
+    tr.train_step = timed
+    tr.train()  # resets the peak-memory counter right before the loop
+    peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0
+    res = summarize(stamps, cum[1:], peak, n_flop)
+    res["final_loss"] = tr.__dict__.get("_last_loss")
+    del tr, inner, timed
+    free()
+    return res
+
+
+# ---------------------------------------------------------------- TRL
+def run_trl(method: str, shape: str, gc_on: bool, steps: int, rows: list[dict], tok_dir: str, vocab: int) -> dict:
+    """TRL DPOTrainer (method dpo) or SFTTrainer (method sft), configured as /work/shared/bench/trl_dpo_anchor.py."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, TrainerCallback
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok.pad_token = tok.pad_token or tok.eos_token
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.t = []
+
+        def on_step_end(self, args, state, control, **kw):
+            if CUDA:
+                torch.cuda.synchronize()
+            self.t.append(time.perf_counter())
+
+    model = build_model(shape, vocab)
+    n_flop = flop_params(model)
+    peft = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    common = dict(output_dir=f"/tmp/trl_bench/{method}_{shape}_{int(gc_on)}", per_device_train_batch_size=2,
+                  gradient_accumulation_steps=4, max_steps=steps, learning_rate=5e-6, bf16=CUDA, use_cpu=not CUDA,
+                  max_length=1024, logging_steps=1, report_to="none", gradient_checkpointing=gc_on,
+                  save_strategy="no", seed=3407, dataloader_num_workers=0)
+    timer = Timer()
+    if method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        tr = DPOTrainer(model=model, args=DPOConfig(beta=0.1, **common), train_dataset=Dataset.from_list(rows),
+                        processing_class=tok, peft_config=peft, callbacks=[timer])
+    elif method == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        sft_rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+        tr = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=Dataset.from_list(sft_rows),
+                        processing_class=tok, peft_config=peft, callbacks=[timer])
+    else:
+        raise ValueError(method)
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    tr.train()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0
+    cum = [float(h["num_tokens"]) for h in tr.state.log_history if "num_tokens" in h]
+    assert len(cum) == len(timer.t) == steps, (len(cum), len(timer.t), steps)
+    res = summarize(timer.t, cum, peak, n_flop)
+    del tr, model, timer
+    free()
+    return res
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    out = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    try:
+        import trl
+
+        out["trl"] = trl.__version__
+    except ImportError:
+        out["trl"] = None
+    return out
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def out_dirs(default: str) -> list[Path]:
+    """Results go to benchmarks/results/ and, on the device machine, also to $OUT (which comes back)."""
+    dirs = [Path(default)]
+    if os.environ.get("OUT"):
+        dirs.append(Path(os.environ["OUT"]))
+    return dirs

@@ -1,0 +1,88 @@
+"""Study configuration: shared settings + arms (method x optimizer x instruction placement) x seeds.
+
+Every arm's TrainConfig is built from the same `train` block, so data order, precision, batch and
+schedule are identical by construction; an arm may override single dotted keys (recorded and shown
+in the results table).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from ..config import Strict, TrainConfig, apply_overrides, config_hash
+
+
+class ArmSpec(Strict):
+    name: str
+    method: Literal["baseline", "sft", "dpo", "cita"]
+    optimizer: Literal["adamw", "adamw8bit", "grit"] = "adamw"
+    placement: Literal["system", "prepend", "none"] | None = None  # None = the method's default
+    overrides: dict[str, Any] = {}  # dotted TrainConfig keys, e.g. {"optimizer.lr": 1.0e-4}
+
+
+def default_arms() -> list[ArmSpec]:
+    return [ArmSpec(name="baseline", method="baseline"),
+            ArmSpec(name="sft", method="sft"), ArmSpec(name="sft_grit", method="sft", optimizer="grit"),
+            ArmSpec(name="dpo", method="dpo"), ArmSpec(name="dpo_grit", method="dpo", optimizer="grit"),
+            ArmSpec(name="cita", method="cita"), ArmSpec(name="cita_grit", method="cita", optimizer="grit")]
+
+
+class StudyConfig(Strict):
+    study_dir: str = "runs/study"
+    seeds: list[int] = [0]
+    train: dict[str, Any] = {}  # TrainConfig fields shared by every arm (model, lora, data, method, optimizer, ...)
+    grit: dict[str, Any] = {}  # GRIT settings used by every +GRIT arm
+    evaluation: dict[str, Any] = {}  # EvalConfig fields shared by every arm (model/adapter/out_dir are filled in)
+    arms: list[ArmSpec] = Field(default_factory=default_arms)
+    report: dict[str, Any] = {"n_resamples": 1000, "seed": 0, "alpha": 0.05}
+
+    @model_validator(mode="after")
+    def _check(self):
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arm names must be unique, got {names}")
+        if not any(a.method == "baseline" for a in self.arms):
+            raise ValueError("a study needs a baseline arm (method: baseline) to report ΔAQI against")
+        for k in ("run_dir", "seed", "tensorboard_dir", "run_name"):
+            if k in self.train:
+                raise ValueError(f"train.{k} is set per run by the study; remove it")
+        for arm in self.arms:  # fail now, not after hours of training, if an arm's config is invalid
+            if arm.method != "baseline":
+                self.arm_config(arm, self.seeds[0])
+        return self
+
+    def run_id(self, arm: ArmSpec, seed: int) -> str:
+        return f"{arm.name}-s{seed}"
+
+    def arm_config(self, arm: ArmSpec, seed: int) -> TrainConfig:
+        raw = copy.deepcopy(self.train)
+        raw["run_dir"] = str(Path(self.study_dir) / "runs" / self.run_id(arm, seed))
+        raw["seed"] = seed
+        raw["tensorboard_dir"] = str(Path(self.study_dir) / "tensorboard")
+        raw["run_name"] = self.run_id(arm, seed)
+        raw.setdefault("method", {})["name"] = arm.method
+        if arm.placement is not None:
+            raw["method"]["placement"] = arm.placement
+        raw.setdefault("optimizer", {})["name"] = arm.optimizer
+        if arm.optimizer == "grit":
+            raw["optimizer"]["grit"] = {**self.grit, **raw["optimizer"].get("grit", {})}
+        else:
+            raw["optimizer"].pop("grit", None)
+        raw = apply_overrides(raw, [f"{k}={_yaml_value(v)}" for k, v in arm.overrides.items()])
+        try:
+            return TrainConfig.model_validate(raw)
+        except Exception as e:
+            raise ValueError(f"arm {arm.name!r}: invalid training configuration:\n{e}") from None
+
+    def baseline_hash(self, arm: ArmSpec, seed: int) -> str:
+        return config_hash({"arm": arm.model_dump(), "seed": seed, "model": self.train.get("model", {}),
+                            "evaluation": self.evaluation})
+
+
+def _yaml_value(v: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()

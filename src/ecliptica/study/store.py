@@ -1,0 +1,88 @@
+"""The study's results store: one SQLite file that survives interruption.
+
+Each (arm, seed) run moves pending -> training -> trained -> evaluated (or failed). Every write is
+one transaction, so a process killed at any point leaves the last committed state; re-running the
+study skips evaluated runs and resumes the rest (training resumes from its latest checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    arm TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    config_hash TEXT NOT NULL,
+    config_json TEXT NOT NULL,
+    train_summary TEXT,
+    eval_result TEXT,
+    error TEXT,
+    updated_at REAL NOT NULL
+);
+"""
+STATUSES = ("pending", "training", "trained", "evaluated", "failed")
+
+
+class StudyStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")  # readers never block the runner; commits are atomic
+        db.row_factory = sqlite3.Row
+        return db
+
+    def _exec(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with closing(self._connect()) as db:
+            with db:  # one transaction
+                return db.execute(sql, args).fetchall()
+
+    def get(self, run_id: str) -> dict | None:
+        rows = self._exec("SELECT * FROM runs WHERE run_id = ?", (run_id,))
+        return _row(rows[0]) if rows else None
+
+    def all(self) -> list[dict]:
+        return [_row(r) for r in self._exec("SELECT * FROM runs ORDER BY arm, seed")]
+
+    def register(self, run_id: str, arm: str, seed: int, config_hash: str, config: dict) -> dict:
+        """Add a run, or return the existing one; a changed config for the same run is an error."""
+        existing = self.get(run_id)
+        if existing is not None:
+            if existing["config_hash"] != config_hash:
+                raise ValueError(f"{self.path}: run {run_id} exists with a different configuration "
+                                 f"({existing['config_hash']} vs {config_hash}); use a new study_dir or "
+                                 f"`--set` back to the original settings")
+            return existing
+        self._exec("INSERT INTO runs (run_id, arm, seed, status, config_hash, config_json, updated_at) "
+                   "VALUES (?, ?, ?, 'pending', ?, ?, ?)",
+                   (run_id, arm, seed, config_hash, json.dumps(config), time.time()))
+        return self.get(run_id)
+
+    def set_status(self, run_id: str, status: str, **fields) -> None:
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        cols, vals = ["status = ?", "updated_at = ?"], [status, time.time()]
+        for k, v in fields.items():
+            if k not in ("train_summary", "eval_result", "error"):
+                raise ValueError(f"unknown field {k!r}")
+            cols.append(f"{k} = ?")
+            vals.append(json.dumps(v) if k != "error" else v)
+        self._exec(f"UPDATE runs SET {', '.join(cols)} WHERE run_id = ?", (*vals, run_id))
+
+
+def _row(r: sqlite3.Row) -> dict:
+    d = dict(r)
+    for k in ("config_json", "train_summary", "eval_result"):
+        if d.get(k):
+            d[k] = json.loads(d[k])
+    return d
