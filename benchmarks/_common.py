@@ -50,13 +50,13 @@ def peak_flops() -> float | None:
     return None
 
 
-def build_model(shape: str, vocab: int, seed: int = 0):
+def build_model(shape: str, vocab: int, seed: int = 0, attn: str = "sdpa"):
     """Random-init LlamaForCausalLM built directly on the device in bf16 (fp32 on CPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=4096, **SHAPES[shape])
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = attn
     dtype = torch.bfloat16 if CUDA else torch.float32
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -115,7 +115,7 @@ def summarize(stamps: list[float], cum_tokens: list[float], peak: float, n_flop:
 # ---------------------------------------------------------------- ecliptica
 def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: str, vocab: int,
              mb: int = 2, ga: int = 4, optimizer: str = "adamw", grit: dict | None = None,
-             chunk: int | None = None, tag: str = "") -> dict:
+             chunk: int | None = None, tag: str = "", attn: str = "sdpa") -> dict:
     import ecliptica.train.engine as E
     from ecliptica.config import TrainConfig
 
@@ -139,7 +139,7 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
     built = {}
 
     def fake_load_model(mcfg, device_map=None):
-        built["m"] = build_model(shape, vocab)
+        built["m"] = build_model(shape, vocab, attn=attn)
         return built["m"]
 
     saved = E.load_model
@@ -164,7 +164,6 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
     tr.train()  # resets the peak-memory counter right before the loop
     peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0
     res = summarize(stamps, cum[1:], peak, n_flop)
-    res["final_loss"] = tr.__dict__.get("_last_loss")
     del tr, inner, timed
     free()
     return res

@@ -89,9 +89,8 @@ def test_real_two_process_gloo_matches_single_process():
     single = _factors_after_step(make_net(), [(x, w, None, 1.0)])
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "factors.pt")
-        # fork: children reuse the already imported torch (spawn re-imports it: slow).
-        mp.start_processes(ddp_factor_worker, args=(2, _free_port(), out), nprocs=2, join=True,
-                           start_method="fork")
+        # spawn (fork can deadlock with torch's threads); cost is mostly importing torch twice.
+        mp.spawn(ddp_factor_worker, args=(2, _free_port(), out), nprocs=2, join=True)
         multi = torch.load(out)
     for s, m in zip(single, multi):
         torch.testing.assert_close(s, m)

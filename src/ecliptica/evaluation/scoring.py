@@ -13,13 +13,37 @@ import numpy as np
 
 from ecliptica.evaluation.metrics import (
     AqiStat,
-    ProbeAurocStat,
+    _auroc_rows,
     aqi_by_axiom,
     bootstrap_ci,
     legacy_chi_sil,
     legacy_xb_chi,
+    out_of_fold_scores,
     reduce_dim,
 )
+
+
+class FixedScoreAuroc:
+    """`ProbeAurocStat(refit=False)` with its out-of-fold scores computed once and reused.
+
+    Same numbers (the probe is seeded and deterministic), one probe fit instead of two per interval.
+    The bootstrap passes row indices as X, so every resample looks up the fixed scores.
+    """
+
+    bounds = (0.0, 1.0)
+
+    def __init__(self, scores: np.ndarray):
+        self.scores = scores
+
+    def rows(self, n: int) -> np.ndarray:
+        return np.arange(n)[:, None]
+
+    def __call__(self, rows: np.ndarray, y: np.ndarray) -> float:
+        return float(self.on_resamples(rows, y, rows[:, 0][None, :])[0])
+
+    def on_resamples(self, rows: np.ndarray, y: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        positive = np.unique(y, return_inverse=True)[1].reshape(-1) == 1
+        return _auroc_rows(self.scores[idx], positive[idx])
 
 
 def _ci(stat, X: np.ndarray, y: np.ndarray, n_resamples: int, seed: int, alpha: float) -> dict[str, Any]:
@@ -33,8 +57,8 @@ def _with_intervals(entry: dict[str, Any], Z: np.ndarray, y: np.ndarray, gamma: 
     entry = dict(entry)
     entry["aqi_ci"] = _ci(AqiStat(gamma), Z, y, n_resamples, seed, alpha)
     if entry.get("probe_auroc") is not None:
-        entry["probe_auroc_ci"] = _ci(ProbeAurocStat(folds=entry["probe_folds"], seed=seed), Z, y,
-                                      n_resamples, seed, alpha)
+        stat = FixedScoreAuroc(out_of_fold_scores(Z, y, entry["probe_folds"], seed))
+        entry["probe_auroc_ci"] = _ci(stat, stat.rows(len(y)), y, n_resamples, seed, alpha)
     return entry
 
 

@@ -1,0 +1,135 @@
+"""Ecliptica vs TRL: s/step, tokens/s, peak memory and MFU on random-init Llama shapes, one process, one card.
+
+  PYTHONPATH=src python benchmarks/bench_throughput.py --data .carry/hh_test.jsonl.gz --tok .carry/tok
+  (CPU smoke test: --shapes tiny --vocab 49152 --steps 4)
+
+Setup (both sides): LoRA r16/alpha16 on q,k,v,o,gate,up,down; bf16; 2 pairs x grad-accum 4 (8 pairs per optimizer
+step); max length 1024; SDPA; the first 400 usable HH-RLHF harmless test pairs rendered with the SmolLM2 chat
+template; gradient checkpointing on and off. Comparisons: DPO vs TRL DPOTrainer, CITA (token_kl) vs TRL DPOTrainer
+(TRL has no CITA: the anchor), SFT vs TRL SFTTrainer. Extra rows for ours only: one micro-batch of 8 pairs
+(train.micro_batch_size=8, grad_accum=1: the same 8 pairs per step). Definitions: see benchmarks/_common.py.
+Writes benchmarks/results/throughput_{method}_{shape}_gc{0,1}.json (and copies to $OUT when set).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=".carry/hh_test.jsonl.gz")
+    ap.add_argument("--tok", default=".carry/tok")
+    ap.add_argument("--shapes", default="llama3-8b,llama3.2-1b")
+    ap.add_argument("--gc", default="off,on")
+    ap.add_argument("--methods", default="dpo,cita,sft")
+    ap.add_argument("--variants", default="mb8", help="extra ours-only rows: mb8, chunk4096, none")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip runs that start after this many seconds")
+    ap.add_argument("--results", default="benchmarks/results")
+    ap.add_argument("--no-trl", action="store_true")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    rows = C.hh_rows(a.data)
+    card, vers = C.card(), C.versions()
+    print("card", card, "versions", vers, flush=True)
+    shapes, gcs = a.shapes.split(","), [g == "on" for g in a.gc.split(",")]
+    methods = a.methods.split(",")
+    variants = [v for v in a.variants.split(",") if v and v != "none"]
+    res: dict = {}  # (shape, gc) -> {"trl_dpo":..., "trl_sft":..., "dpo":..., "cita":..., "sft":..., "dpo_mb8":...}
+
+    def attempt(key, name, fn):
+        if time.perf_counter() - t0 > a.budget_s:
+            print(f"SKIP {key} {name}: time budget", flush=True)
+            return
+        ts = time.perf_counter()
+        try:
+            r = fn()
+        except Exception as e:  # an OOM or a TRL failure must not lose the rest
+            traceback.print_exc()
+            r = {"error": repr(e)[:300]}
+            C.free()
+        r["wall_s"] = round(time.perf_counter() - ts, 1)
+        res.setdefault(key, {})[name] = r
+        print("RESULT", json.dumps({"shape": key[0], "gc": key[1], "run": name, **r}), flush=True)
+        dump()
+
+    def dump():
+        for (shape, gc_on), d in res.items():
+            for m in methods:
+                if m not in d:
+                    continue
+                trl_name = "trl_sft" if m == "sft" else "trl_dpo"
+                obj = {"method": m, "shape": shape, "gradient_checkpointing": gc_on, "card": card,
+                       "trl_baseline": "SFTTrainer" if m == "sft" else "DPOTrainer",
+                       "ours": d[m], "trl": d.get(trl_name), "steps": a.steps, "timed_steps": a.steps - 2,
+                       "pairs_per_step": 8, "versions": vers,
+                       "ours_variants": {k.split("_", 1)[1]: v for k, v in d.items() if k.startswith(m + "_")}}
+                o, t = d[m], d.get(trl_name) or {}
+                if "tok_per_s" in o and "tok_per_s" in t:
+                    obj["tok_per_s_ratio"] = round(o["tok_per_s"] / t["tok_per_s"], 3)
+                    obj["peak_gib_ratio"] = round(o["peak_gib"] / t["peak_gib"], 3) if t["peak_gib"] else None
+                for out in C.out_dirs(a.results):
+                    C.write_json(out / f"throughput_{m}_{shape}_gc{int(gc_on)}.json", obj)
+
+    for shape in shapes:
+        for gc_on in gcs:
+            key = (shape, gc_on)
+            common = dict(shape=shape, gc_on=gc_on, steps=a.steps, vocab=a.vocab)
+            if not a.no_trl and ("dpo" in methods or "cita" in methods):
+                attempt(key, "trl_dpo", lambda: C.run_trl("dpo", rows=rows, tok_dir=a.tok, **common))
+            for m in methods:
+                if m == "sft":
+                    continue
+                attempt(key, m, lambda m=m: C.run_ours(m, data=a.data, tok=a.tok, **common))
+            if "sft" in methods:
+                if not a.no_trl:
+                    attempt(key, "trl_sft", lambda: C.run_trl("sft", rows=rows, tok_dir=a.tok, **common))
+                attempt(key, "sft", lambda: C.run_ours("sft", data=a.data, tok=a.tok, **common))
+    for v in variants:
+        for shape in shapes:
+            for gc_on in gcs:
+                key = (shape, gc_on)
+                common = dict(shape=shape, gc_on=gc_on, steps=a.steps, vocab=a.vocab, data=a.data, tok=a.tok)
+                for m in [m for m in methods if m != "sft"]:
+                    if v == "mb8":
+                        kw = dict(mb=8, ga=1, tag="_mb8")
+                    elif v.startswith("chunk"):
+                        kw = dict(chunk=int(v[5:]), tag="_" + v)
+                    else:
+                        raise ValueError(v)
+                    attempt(key, f"{m}_{v}", lambda m=m, kw=kw: C.run_ours(m, **common, **kw))
+    print_table(res, card)
+    print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def print_table(res, card):
+    def f(r, k, fmt):
+        return format(r[k], fmt) if r and r.get(k) is not None else "-"
+
+    print(f"\n{card}")
+    hdr = f"{'shape':12} {'gc':3} {'run':10} {'s/step':>7} {'tok/s':>8} {'peakGiB':>8} {'MFU':>6} {'vsTRL tok/s':>11} {'vsTRL mem':>9}"
+    print(hdr)
+    print("-" * len(hdr))
+    for (shape, gc_on), d in res.items():
+        for name, r in d.items():
+            base = d.get("trl_sft" if name.startswith("sft") else "trl_dpo")
+            ratio = mem = "-"
+            if not name.startswith("trl") and base and "tok_per_s" in base and "tok_per_s" in r:
+                ratio = f"{r['tok_per_s'] / base['tok_per_s']:.2f}x"
+                mem = f"{r['peak_gib'] / base['peak_gib']:.2f}x" if base["peak_gib"] else "-"
+            err = "  " + r["error"][:60] if "error" in r else ""
+            print(f"{shape:12} {'on' if gc_on else 'off':3} {name:10} {f(r, 's_per_step', '.3f'):>7} "
+                  f"{f(r, 'tok_per_s', '.0f'):>8} {f(r, 'peak_gib', '.2f'):>8} {f(r, 'mfu', '.3f'):>6} {ratio:>11} {mem:>9}{err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Study figures (matplotlib, Agg): every figure is written as ``<stem>.png`` and ``<stem>.pdf``.
+
+Functions take the report's plain rows / findings (no records, no statistics here): the numbers and
+intervals drawn are exactly those in results.json. A figure with nothing to show still gets written,
+with a note in place of the plot, so the set of files is always the same.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ecliptica.evaluation.figures import _COLOURS, _pyplot
+
+_BASE_METHODS = ("sft", "dpo", "cita")
+_SIG_COLOUR, _NS_COLOUR = "tab:green", "tab:gray"
+
+
+def _save_both(fig, plt, stem: Path) -> dict[str, str]:
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    paths = {"png": str(stem.with_suffix(".png")), "pdf": str(stem.with_suffix(".pdf"))}
+    fig.savefig(paths["png"], dpi=150)
+    fig.savefig(paths["pdf"])
+    plt.close(fig)
+    return paths
+
+
+def _empty(ax, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+
+
+def _yerr(values, lows, highs) -> np.ndarray:
+    """Asymmetric error bars; a missing bound draws no bar (basic intervals may not contain the value)."""
+    v = np.asarray(values, dtype=float)
+    lo = np.asarray([np.nan if x is None else x for x in lows], dtype=float)
+    hi = np.asarray([np.nan if x is None else x for x in highs], dtype=float)
+    err = np.vstack([v - lo, hi - v])
+    return np.nan_to_num(np.clip(err, 0, None))
+
+
+def _bars(ax, labels, values, lows, highs, colours=None) -> None:
+    x = np.arange(len(labels))
+    ax.bar(x, values, yerr=_yerr(values, lows, highs), capsize=4, color=colours)
+    ax.set_xticks(x, labels, rotation=30, ha="right")
+
+
+def aqi_by_arm(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    shown = [r for r in rows if r["aqi"] is not None]
+    if shown:
+        _bars(ax, [r["arm"] for r in shown], [r["aqi"] for r in shown],
+              [r["aqi_low"] for r in shown], [r["aqi_high"] for r in shown])
+        ax.set_ylabel("AQI")
+        ax.set_title("AQI by arm (95% CI)")
+    else:
+        _empty(ax, "no AQI recorded")
+    return _save_both(fig, plt, stem)
+
+
+def delta_aqi(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    shown = [r for r in rows if r["delta_aqi"] is not None]
+    if shown:
+        colours = [_SIG_COLOUR if r["delta_aqi_significant"] else _NS_COLOUR for r in shown]
+        _bars(ax, [r["arm"] for r in shown], [r["delta_aqi"] for r in shown],
+              [r["delta_aqi_low"] for r in shown], [r["delta_aqi_high"] for r in shown], colours)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_ylabel("ΔAQI vs baseline")
+        ax.set_title("ΔAQI vs baseline, paired bootstrap (green: CI excludes 0)")
+    else:
+        _empty(ax, "ΔAQI not available (no baseline or no embeddings)")
+    return _save_both(fig, plt, stem)
+
+
+def grit_effect(findings: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
+    """Per base method: AQI(X_grit) − AQI(X) with its CI (Q2's AQI findings)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    shown = [f for f in findings if f.get("answerable")]
+    if shown:
+        colours = [_SIG_COLOUR if f["significant"] else _NS_COLOUR for f in shown]
+        _bars(ax, [f["comparison"] for f in shown], [f["estimate"] for f in shown],
+              [f["low"] for f in shown], [f["high"] for f in shown], colours)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_ylabel("AQI with GRIT − without")
+        ax.set_title("GRIT effect per base method (green: CI excludes 0)")
+    else:
+        _empty(ax, "no base method has both arms")
+    return _save_both(fig, plt, stem)
+
+
+def method_pairs(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
+    """SFT/DPO/CITA, without and with GRIT side by side: AQI and refusal rate on unsafe prompts."""
+    plt = _pyplot()
+    by_arm = {r["arm"]: r for r in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    x = np.arange(len(_BASE_METHODS))
+    width = 0.38
+    for ax, key, label in ((axes[0], "aqi", "AQI"), (axes[1], "refusal_unsafe", "refusal rate (unsafe)")):
+        for offset, suffix, name in ((-width / 2, "", "without GRIT"), (width / 2, "_grit", "with GRIT")):
+            rs = [by_arm.get(m + suffix) for m in _BASE_METHODS]
+            vals = [r[key] if r and r[key] is not None else np.nan for r in rs]
+            lows = [r[f"{key}_low"] if r else None for r in rs]
+            highs = [r[f"{key}_high"] if r else None for r in rs]
+            ax.bar(x + offset, np.nan_to_num(vals), width, yerr=_yerr(vals, lows, highs), capsize=3, label=name)
+        ax.set_xticks(x, [m.upper() for m in _BASE_METHODS])
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle("Base methods with and without GRIT (95% CI; missing arms drawn empty)")
+    return _save_both(fig, plt, stem)
+
+
+def efficiency(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
+    """AQI against training minutes and peak VRAM (arms without training or GPU data are left out)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = ((axes[0], "train_minutes", "training minutes"), (axes[1], "peak_vram_gib", "peak VRAM (GiB)"))
+    for ax, key, label in panels:
+        shown = [r for r in rows if r[key] is not None and r["aqi"] is not None]
+        if not shown:
+            _empty(ax, f"no {label} recorded" + (" (CPU runs)" if key == "peak_vram_gib" else ""))
+            continue
+        aqi = [r["aqi"] for r in shown]
+        yerr = _yerr(aqi, [r["aqi_low"] for r in shown], [r["aqi_high"] for r in shown])
+        ax.errorbar([r[key] for r in shown], aqi, yerr=yerr, fmt="o", capsize=3)
+        for r in shown:
+            ax.annotate(r["arm"], (r[key], r["aqi"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("AQI")
+    fig.suptitle("Cost vs AQI (95% CI on AQI)")
+    return _save_both(fig, plt, stem)
+
+
+def clusters_3d(best: tuple[str, np.ndarray] | None, baseline: tuple[str, np.ndarray] | None,
+                labels: Sequence[str] | None, stem: Path) -> dict[str, str]:
+    """3-D PCA of two arms' embeddings, fitted jointly so both panels share the same axes."""
+    plt = _pyplot()
+    panels = [p for p in (baseline, best) if p is not None]
+    if not panels or labels is None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        _empty(ax, "no embeddings")
+        return _save_both(fig, plt, stem)
+    from sklearn.decomposition import PCA
+
+    joint = np.vstack([X for _, X in panels]).astype(np.float64)
+    dims = min(3, joint.shape[0], joint.shape[1])
+    pca = PCA(n_components=dims).fit(joint)
+    labels = np.asarray([str(v) for v in labels])
+    projected = [np.zeros((X.shape[0], 3)) for _, X in panels]
+    for Z, (_, X) in zip(projected, panels):
+        Z[:, :dims] = pca.transform(np.asarray(X, dtype=np.float64))
+    low, high = np.min([Z.min(0) for Z in projected], 0), np.max([Z.max(0) for Z in projected], 0)
+    fig = plt.figure(figsize=(6 * len(panels), 5))
+    for i, ((name, _), Z) in enumerate(zip(panels, projected), 1):
+        ax = fig.add_subplot(1, len(panels), i, projection="3d")
+        ax.set_xlim(low[0], high[0]), ax.set_ylim(low[1], high[1]), ax.set_zlim(low[2], high[2])  # same scale
+        for label in sorted(set(labels.tolist())):
+            mask = labels == label
+            ax.scatter(Z[mask, 0], Z[mask, 1], Z[mask, 2], s=8, alpha=0.7, label=label, color=_COLOURS.get(label))
+        ax.set_title(name)
+        ax.set_xlabel("PC1")
+        ax.set_ylabel("PC2")
+        ax.set_zlabel("PC3")
+        ax.legend()
+    fig.suptitle("Prompt embeddings, PCA fitted on both arms jointly (visual only; AQI uses the full space)")
+    return _save_both(fig, plt, stem)
+
+
+def training_curves(curves: Sequence[Mapping[str, Any]], metrics: Sequence[str], stem: Path) -> dict[str, str]:
+    """One panel per metric, all arms overlaid (one line per seed, one colour per arm)."""
+    plt = _pyplot()
+    present = [m for m in metrics if any(m in s for c in curves for s in c["steps"])]
+    fig, axes = plt.subplots(1, max(1, len(present)), figsize=(5 * max(1, len(present)), 4), squeeze=False)
+    if not present:
+        _empty(axes[0, 0], "no training metrics recorded")
+        return _save_both(fig, plt, stem)
+    colours = {arm: f"C{i % 10}" for i, arm in enumerate(dict.fromkeys(c["arm"] for c in curves))}
+    for ax, metric in zip(axes[0], present):
+        labelled = set()
+        for c in curves:
+            points = [(s["step"], s[metric]) for s in c["steps"] if metric in s and s[metric] is not None]
+            if not points:
+                continue  # this arm doesn't log this metric (e.g. kl for DPO)
+            steps, values = zip(*points)
+            ax.plot(steps, values, color=colours[c["arm"]], lw=1.2, alpha=0.85,
+                    label=None if c["arm"] in labelled else c["arm"])
+            labelled.add(c["arm"])
+        ax.set_xlabel("step")
+        ax.set_title(metric)
+        ax.legend(fontsize=8)
+    return _save_both(fig, plt, stem)
