@@ -194,7 +194,7 @@ def run_trl(method: str, shape: str, gc_on: bool, steps: int, rows: list[dict], 
     common = dict(output_dir=f"/tmp/trl_bench/{method}_{shape}_{int(gc_on)}", per_device_train_batch_size=2,
                   gradient_accumulation_steps=4, max_steps=steps, learning_rate=5e-6, bf16=CUDA, use_cpu=not CUDA,
                   max_length=1024, logging_steps=1, report_to="none", gradient_checkpointing=gc_on,
-                  save_strategy="no", seed=3407, dataloader_num_workers=0)
+                  save_strategy="no", seed=3407, dataloader_num_workers=0, disable_tqdm=True)
     timer = Timer()
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer

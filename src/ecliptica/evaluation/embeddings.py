@@ -48,7 +48,8 @@ class EmbedSettings:
     def numeric_fields(self) -> dict[str, Any]:
         """What changes the numbers (batch size and progress bars do not)."""
         d = asdict(self)
-        d.pop("batch_size"), d.pop("progress")
+        for speed_only in ("batch_size", "progress"):
+            d.pop(speed_only)
         if d["layer_sweep"]:
             d["layer"] = None
         return d

@@ -87,10 +87,12 @@ class StudyRunner:
             self.store.set_status(rid, "trained", train_summary=summary)
 
     def evaluate_all(self) -> None:
-        from ..evaluation.runner import load_handle, run_eval
         from ..evaluation.config import EvalConfig
+        from ..evaluation.model_handle import ModelHandle
+        from ..evaluation.runner import prompts_from_config, run_eval
+        from ..models import ModelConfig
 
-        handle = None
+        handle = prompts = None
         for arm, seed in self.plan:
             rid = self.run_id(arm, seed)
             row = self.store.get(rid)
@@ -98,17 +100,25 @@ class StudyRunner:
                 continue
             if arm.method != "baseline" and row["status"] != "trained":
                 raise RuntimeError(f"{rid} is {row['status']}, not trained; cannot evaluate")
-            run_dir = Path(self.cfg.arm_config(arm, seed).run_dir) if arm.method != "baseline" \
-                else self.dir / "runs" / rid
-            raw = {**self.cfg.evaluation, "out_dir": str(run_dir / "eval"), "progress": True,
+            run_dir = self._run_dir(arm, seed)
+            raw = {**self.cfg.evaluation, "out_dir": str(run_dir / "eval"),
                    "adapter": str(run_dir / "adapter") if arm.method != "baseline" else None,
                    "model": _eval_model_section(self.cfg.train.get("model", {}))}
             ecfg = EvalConfig.model_validate(raw)
-            if handle is None:
-                handle = load_handle(ecfg)
+            if handle is None:  # one base for every arm; adapters are swapped in unmerged
+                handle = ModelHandle.load(ModelConfig(**ecfg.model.model_dump()))
+                prompts = prompts_from_config(ecfg)
             print(f"[study] evaluating {rid}", flush=True)
-            result = run_eval(ecfg, handle=handle)
-            self.store.set_status(rid, "evaluated", eval_result=result)
+            result = run_eval(ecfg, handle=handle, prompts=prompts)
+            emb_path = _write_embeddings(result, prompts, run_dir / "eval" / "embeddings.npz")
+            record = {"summary": _eval_summary(result), "embeddings_path": str(emb_path),
+                      "eval_json": str(run_dir / "eval" / "eval.json")}
+            self.store.set_status(rid, "evaluated", eval_result=record)
+
+    def _run_dir(self, arm: ArmSpec, seed: int) -> Path:
+        if arm.method == "baseline":
+            return self.dir / "runs" / self.run_id(arm, seed)
+        return Path(self.cfg.arm_config(arm, seed).run_dir)
 
     def records(self) -> list[dict]:
         out = []
@@ -117,7 +127,6 @@ class StudyRunner:
             row = by_id[self.run_id(arm, seed)]
             ev = row["eval_result"] or {}
             summary = row["train_summary"]
-            run_dir = Path(ev.get("out_dir", "")).parent if ev else None
             metrics_path = None
             if summary is not None and arm.method != "baseline":
                 metrics_path = str(Path(self.cfg.arm_config(arm, seed).run_dir) / "metrics.jsonl")
@@ -133,7 +142,7 @@ class StudyRunner:
                 "metrics_path": metrics_path,
                 "eval": ev.get("summary", {}),
                 "embeddings_path": ev.get("embeddings_path"),
-                "run_dir": str(run_dir) if run_dir else None,
+                "run_dir": str(self._run_dir(arm, seed)),
             })
         return out
 
@@ -151,6 +160,38 @@ class StudyRunner:
         print(f"\n[study] results: {self.dir / 'results.md'}")
         print(f"[study] compare training curves: tensorboard --logdir {self.dir / 'tensorboard'}")
         return result
+
+
+def _write_embeddings(result: dict, prompts, path: Path) -> Path:
+    """The reported layer's embeddings with labels, axioms and prompt ids, for the paired tests."""
+    import numpy as np
+
+    from ..evaluation.embeddings import load_cached
+
+    emb = load_cached(Path(result["embeddings"]["cache_path"]))
+    X = np.asarray(emb.at(result["embeddings"]["reported_layer"]), dtype=np.float32)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, X=X, labels=np.array([p.label for p in prompts]), axioms=np.array([p.axiom for p in prompts]),
+             prompt_ids=np.array([p.row_id for p in prompts]))
+    tmp.replace(path)
+    return path
+
+
+def _eval_summary(result: dict) -> dict:
+    """The numbers the study table needs, from one eval.json."""
+    s, aqi = result["summary"], result["aqi"]["overall"]
+    out = {"aqi": {"value": s["aqi"], "low": s["aqi_low"], "high": s["aqi_high"]},
+           "probe_auroc": {"value": s.get("probe_auroc"), "low": s.get("probe_auroc_low"),
+                           "high": s.get("probe_auroc_high")},
+           "benign_ppl": s.get("perplexity"), "benign_kl": s.get("kl_mean_token"), "collapsed": s.get("collapsed"),
+           "n_prompts": aqi.get("n")}
+    behaviour = result.get("behaviour") or {}
+    if behaviour:
+        first = behaviour.get("none") or next(iter(behaviour.values()))
+        for key, name in (("refusal_rate_unsafe", "refusal_unsafe"), ("over_refusal_rate_safe", "over_refusal_safe")):
+            r = first[key]
+            out[name] = {"rate": r["rate"], "low": r["low"], "high": r["high"], "n": r["total"]}
+    return out
 
 
 def _default_placement(method: str) -> str:

@@ -1,0 +1,112 @@
+"""The study runner end to end on a tiny model: interruption safety, skipping finished runs, notebooks."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ecliptica.study.runner import StudyRunner, load_study
+from ecliptica.study.store import StudyStore
+
+ROOT = Path(__file__).resolve().parents[2]
+ARMS = ("[{name: baseline, method: baseline}, {name: sft, method: sft}, "
+        "{name: dpo_grit, method: dpo, optimizer: grit}, {name: cita, method: cita}]")
+
+
+def _overrides(study_dir, model_dir, steps=3, arms=ARMS):
+    return [f"study_dir={study_dir}", f"train.model.name={model_dir}", f"train.train.max_steps={steps}",
+            "train.train.save_every=1", "train.train.progress=false", "train.data.limit=16",
+            "evaluation.data.limit=48", "evaluation.behaviour.limit=8", "evaluation.behaviour.max_new_tokens=4",
+            "evaluation.drift.limit=4", f"evaluation.cache_dir={study_dir}/cache", "evaluation.progress=false",
+            *([f"arms={arms}"] if arms else [])]
+
+
+def test_killed_study_resumes_and_skips_finished_runs(tmp_path, tiny_model_dir):
+    study_dir = tmp_path / "study"
+    args = _overrides(study_dir, tiny_model_dir)
+    cmd = [sys.executable, "-m", "ecliptica.cli", "run", str(ROOT / "configs" / "study_demo.yaml")]
+    for a in args:
+        cmd += ["--set", a]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = study_dir / "runs" / "dpo_grit-s0" / "checkpoints" / "step-1" / "trainer.json"
+    deadline = time.time() + 600
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), "the study never reached the second arm's first checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: like a lost machine
+    proc.wait()
+
+    store = StudyStore(study_dir / "study.sqlite")
+    before = {r["run_id"]: r for r in store.all()}
+    assert before["sft-s0"]["status"] == "trained"
+    assert before["dpo_grit-s0"]["status"] == "training"
+    assert before["cita-s0"]["status"] == "pending"
+
+    runner = StudyRunner(load_study(ROOT / "configs" / "study_demo.yaml", args))
+    runner.run()
+    after = {r["run_id"]: r for r in store.all()}
+    assert all(r["status"] == "evaluated" for r in after.values())
+    # the finished arm was not retrained: its stored summary is byte-identical
+    assert after["sft-s0"]["train_summary"] == before["sft-s0"]["train_summary"]
+    steps = [json.loads(x)["step"] for x in (study_dir / "runs" / "dpo_grit-s0" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # resumed from its checkpoint; every step logged once
+    for f in ("results.md", "results.csv", "results.json", "study.yaml"):
+        assert (study_dir / f).exists()
+    assert list((study_dir / "tensorboard").glob("*/events.out.tfevents.*"))
+
+    # a third invocation has nothing left to do
+    stamps = {r["run_id"]: r["updated_at"] for r in store.all()}
+    StudyRunner(load_study(ROOT / "configs" / "study_demo.yaml", args)).run()
+    assert {r["run_id"]: r["updated_at"] for r in store.all()} == stamps
+
+
+def test_changed_config_for_existing_run_is_refused(tmp_path, tiny_model_dir):
+    args = _overrides(tmp_path / "s", tiny_model_dir, steps=1)
+    StudyRunner(load_study(ROOT / "configs" / "study_demo.yaml", args))
+    with pytest.raises(ValueError, match="different configuration"):
+        StudyRunner(load_study(ROOT / "configs" / "study_demo.yaml", args + ["train.optimizer.lr=0.1"]))
+
+
+def test_arm_configs_share_everything_but_method_optimizer_placement(tmp_path, tiny_model_dir):
+    cfg = load_study(ROOT / "configs" / "study_demo.yaml", [f"study_dir={tmp_path}"])
+    configs = {a.name: cfg.arm_config(a, 0).model_dump() for a in cfg.arms if a.method != "baseline"}
+    shared = ("model", "lora", "data", "schedule", "train", "seed")
+    for name, c in configs.items():
+        for k in shared:
+            assert c[k] == configs["sft"][k], (name, k)
+        assert c["optimizer"]["lr"] == configs["sft"]["optimizer"]["lr"]
+    assert configs["dpo_grit"]["optimizer"]["name"] == "grit" and configs["dpo"]["optimizer"]["name"] == "adamw"
+    assert configs["dpo_grit"]["optimizer"]["grit"] == cfg.grit
+
+
+def test_every_shipped_config_parses():
+    from ecliptica.config import load_config
+    from ecliptica.evaluation.config import EvalConfig
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        if path.name.startswith("study_"):
+            load_study(path)
+        elif path.name.startswith("eval_"):
+            load_config(path, cls=EvalConfig)
+        else:
+            load_config(path)
+
+
+@pytest.mark.parametrize("notebook", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "comparative_study").rglob("*.ipynb")))
+def test_notebooks_execute(notebook, tmp_path_factory, tiny_model_dir):
+    """Each notebook runs top to bottom (its config cell pointed at a tiny model and a shared study dir)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    study_dir = tmp_path_factory.getbasetemp() / "nb_study"
+    nb = nbformat.read(ROOT / notebook, as_version=4)
+    cfg_cell = next(c for c in nb.cells if c.cell_type == "code" and "OVERRIDES" in c.source)
+    overrides = [o for o in _overrides(study_dir, tiny_model_dir, steps=2, arms=None) if not o.startswith("study_dir")]
+    cfg_cell.source += f"\nSTUDY_DIR = {str(study_dir)!r}\nOVERRIDES = {overrides!r}\n"
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str((ROOT / notebook).parent)}}).execute()
+    assert all(o.get("output_type") != "error" for c in nb.cells for o in c.get("outputs", []))
