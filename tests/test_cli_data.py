@@ -151,3 +151,12 @@ def test_preview_instruction_text_for_rows_without_one(tmp_path, tiny_model_dir,
     out = capsys.readouterr().out
     assert rc == 0
     assert "<|im_start|>user\nBe accurate.\n\nName a colour.<|im_end|>" in out
+
+
+def test_data_check_generic_detects_prompt_files(capsys):
+    """`--format generic` on a prompt file (no `chosen` column) checks it as evaluation prompts."""
+    from ecliptica.cli import main
+
+    assert main(["data", "check", "demo:eval", "--format", "generic"]) == 0
+    out = capsys.readouterr().out
+    assert "[generic-prompts]" in out and "valid prompts" in out

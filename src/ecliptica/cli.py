@@ -9,10 +9,25 @@ from collections import Counter
 from . import data as D
 
 
+def _generic_kind(path: str) -> str:
+    """`generic` holds either pairs or prompts: a first row with a `chosen` column means pairs."""
+    from .data.readers import iter_rows
+
+    for _, row in iter_rows(path):
+        return "preference" if isinstance(row, dict) and "chosen" in row else "prompt"
+    return "preference"
+
+
+def _format_kind(path: str, fmt: str) -> tuple[str, str]:
+    if fmt == "generic" and _generic_kind(path) == "prompt":
+        return "generic-prompts", "prompt"
+    return fmt, D.FORMATS[fmt].kind
+
+
 def _load_any(path: str, fmt: str, on_bad_row: str, instruction: str | None = None):
-    kind = D.FORMATS[fmt].kind if fmt in D.FORMATS else None
-    return D.load(D.resolve_path(path), fmt, kind=kind, on_bad_row=on_bad_row,
-                  options=D.LoadOptions(instruction=instruction))
+    path = D.resolve_path(path)
+    fmt, kind = _format_kind(path, fmt)
+    return D.load(path, fmt, kind=kind, on_bad_row=on_bad_row, options=D.LoadOptions(instruction=instruction))
 
 
 def cmd_data_check(args) -> int:
@@ -22,7 +37,7 @@ def cmd_data_check(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     r = loaded.report
-    kind = D.FORMATS[args.format].kind
+    kind = D.FORMATS[r.format].kind
     noun = "pairs" if kind == "preference" else "prompts"
     print(f"{r.file} [{r.format}]: {r.rows_read} rows read, {r.kept} valid {noun}, {len(r.bad_rows)} bad")
     for reason, n in sorted(loaded.filtered.items()):
@@ -48,7 +63,7 @@ def cmd_data_preview(args) -> int:
     from .models import ModelConfig, load_tokenizer
 
     loaded = _load_any(args.path, args.format, "error", args.instruction)
-    if D.FORMATS[args.format].kind != "preference":
+    if D.FORMATS[loaded.report.format].kind != "preference":
         print("error: preview shows training pairs; this format holds evaluation prompts", file=sys.stderr)
         return 2
     tok = load_tokenizer(ModelConfig(name=args.model))
@@ -117,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     fmts = sorted(f for f in D.FORMATS if f != "generic-prompts")
     chk = data.add_parser("check", help="validate a data file; exit 1 and name every bad row")
     chk.add_argument("path", help="file, directory, hub id, or demo:preferences / demo:eval")
-    chk.add_argument("--format", required=True, choices=sorted(D.FORMATS))
+    chk.add_argument("--format", required=True, choices=sorted(D.FORMATS),
+                     help="generic holds pairs (a `chosen` column) or evaluation prompts (prompt, label, axiom)")
     chk.add_argument("--instruction", default=None, help="fixed instruction for formats without one")
     chk.add_argument("--save-report", default=None, help="write the bad-row report (JSON) here")
     chk.set_defaults(func=cmd_data_check)
