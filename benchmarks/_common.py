@@ -106,8 +106,12 @@ def summarize(stamps: list[float], cum_tokens: list[float], peak: float, n_flop:
     n = len(stamps)
     dt = (stamps[-1] - stamps[1]) / (n - 2)
     tok = (cum_tokens[-1] - cum_tokens[1]) / (stamps[-1] - stamps[1])
+    iv = [b - a for a, b in zip(stamps[1:], stamps[2:])]
+    tk = [b - a for a, b in zip(cum_tokens[1:], cum_tokens[2:])]
+    med = lambda xs: sorted(xs)[len(xs) // 2] if len(xs) % 2 else sum(sorted(xs)[len(xs) // 2 - 1:len(xs) // 2 + 1]) / 2  # noqa: E731
     pf = peak_flops()
     return {"s_per_step": round(dt, 4), "tok_per_s": round(tok, 1),
+            "s_per_step_median": round(med(iv), 4), "tok_per_s_median": round(med([t / i for t, i in zip(tk, iv)]), 1),
             "tok_per_step": round((cum_tokens[-1] - cum_tokens[1]) / (n - 2), 1), "peak_gib": round(peak, 2),
             "mfu": round(6 * n_flop * tok / pf, 4) if pf else None}
 
@@ -170,7 +174,8 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
 
 
 # ---------------------------------------------------------------- TRL
-def run_trl(method: str, shape: str, gc_on: bool, steps: int, rows: list[dict], tok_dir: str, vocab: int) -> dict:
+def run_trl(method: str, shape: str, gc_on: bool, steps: int, rows: list[dict], tok_dir: str, vocab: int,
+            mb: int = 2, ga: int = 4) -> dict:
     """TRL DPOTrainer (method dpo) or SFTTrainer (method sft), configured as /work/shared/bench/trl_dpo_anchor.py."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -191,8 +196,8 @@ def run_trl(method: str, shape: str, gc_on: bool, steps: int, rows: list[dict], 
     model = build_model(shape, vocab)
     n_flop = flop_params(model)
     peft = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
-    common = dict(output_dir=f"/tmp/trl_bench/{method}_{shape}_{int(gc_on)}", per_device_train_batch_size=2,
-                  gradient_accumulation_steps=4, max_steps=steps, learning_rate=5e-6, bf16=CUDA, use_cpu=not CUDA,
+    common = dict(output_dir=f"/tmp/trl_bench/{method}_{shape}_{int(gc_on)}", per_device_train_batch_size=mb,
+                  gradient_accumulation_steps=ga, max_steps=steps, learning_rate=5e-6, bf16=CUDA, use_cpu=not CUDA,
                   max_length=1024, logging_steps=1, report_to="none", gradient_checkpointing=gc_on,
                   save_strategy="no", seed=3407, dataloader_num_workers=0, disable_tqdm=True)
     timer = Timer()

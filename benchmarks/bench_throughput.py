@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -36,10 +37,22 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip runs that start after this many seconds")
     ap.add_argument("--results", default="benchmarks/results")
     ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--from-log", help="rebuild the result files and the table from a log's RESULT lines (no runs)")
+    ap.add_argument("--card", help="with --from-log: the card name the log was made on")
+    ap.add_argument("--versions", help="with --from-log: JSON of the versions the log was made with")
+    ap.add_argument("--no-cudnn-sdpa", action="store_true",
+                    help="torch.backends.cuda.enable_cudnn_sdp(False) for every run, ours and TRL alike")
     a = ap.parse_args(argv)
+    if a.no_cudnn_sdpa:
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
     t0 = time.perf_counter()
-    rows = C.hh_rows(a.data)
-    card, vers = C.card(), C.versions()
+    if a.from_log:
+        rows, card, vers = [], a.card, json.loads(a.versions) if a.versions else None
+    else:
+        rows = C.hh_rows(a.data)
+        card, vers = C.card(), C.versions()
     print("card", card, "versions", vers, flush=True)
     shapes, gcs = a.shapes.split(","), [g == "on" for g in a.gc.split(",")]
     methods = a.methods.split(",")
@@ -63,6 +76,7 @@ def main(argv=None):
         dump()
 
     def dump():
+        everything = []
         for (shape, gc_on), d in res.items():
             for m in methods:
                 if m not in d:
@@ -72,13 +86,26 @@ def main(argv=None):
                        "trl_baseline": "SFTTrainer" if m == "sft" else "DPOTrainer",
                        "ours": d[m], "trl": d.get(trl_name), "steps": a.steps, "timed_steps": a.steps - 2,
                        "pairs_per_step": 8, "versions": vers,
-                       "ours_variants": {k.split("_", 1)[1]: v for k, v in d.items() if k.startswith(m + "_")}}
+                       "ours_variants": {k.split("_", 1)[1]: v for k, v in d.items() if k.startswith(m + "_")},
+                       "trl_variants": {k[len(trl_name) + 1:]: v for k, v in d.items() if k.startswith(trl_name + "_")}}
                 o, t = d[m], d.get(trl_name) or {}
                 if "tok_per_s" in o and "tok_per_s" in t:
                     obj["tok_per_s_ratio"] = round(o["tok_per_s"] / t["tok_per_s"], 3)
                     obj["peak_gib_ratio"] = round(o["peak_gib"] / t["peak_gib"], 3) if t["peak_gib"] else None
-                for out in C.out_dirs(a.results):
-                    C.write_json(out / f"throughput_{m}_{shape}_gc{int(gc_on)}.json", obj)
+                C.write_json(Path(a.results) / f"throughput_{m}_{shape}_gc{int(gc_on)}.json", obj)
+                everything.append(obj)
+        if os.environ.get("OUT"):  # one file back from the device machine (at most 8 files come back)
+            C.write_json(Path(os.environ["OUT"]) / "throughput_all.json", {"card": card, "results": everything})
+
+    if a.from_log:
+        for line in Path(a.from_log).read_text().splitlines():
+            if line.startswith("RESULT "):
+                r = json.loads(line[len("RESULT "):])
+                key = (r.pop("shape"), r.pop("gc"))
+                res.setdefault(key, {})[r.pop("run")] = r
+        dump()
+        print_table(res, card)
+        return
 
     for shape in shapes:
         for gc_on in gcs:
@@ -99,6 +126,10 @@ def main(argv=None):
             for gc_on in gcs:
                 key = (shape, gc_on)
                 common = dict(shape=shape, gc_on=gc_on, steps=a.steps, vocab=a.vocab, data=a.data, tok=a.tok)
+                if v == "mb8" and not a.no_trl and ("dpo" in methods or "cita" in methods):
+                    attempt(key, "trl_dpo_mb8", lambda common=common: C.run_trl(
+                        "dpo", rows=rows, tok_dir=a.tok, mb=8, ga=1,
+                        **{k: v for k, v in common.items() if k not in ("data", "tok")}))
                 for m in [m for m in methods if m != "sft"]:
                     if v == "mb8":
                         kw = dict(mb=8, ga=1, tag="_mb8")
@@ -116,19 +147,22 @@ def print_table(res, card):
         return format(r[k], fmt) if r and r.get(k) is not None else "-"
 
     print(f"\n{card}")
-    hdr = f"{'shape':12} {'gc':3} {'run':10} {'s/step':>7} {'tok/s':>8} {'peakGiB':>8} {'MFU':>6} {'vsTRL tok/s':>11} {'vsTRL mem':>9}"
+    hdr = (f"{'shape':12} {'gc':3} {'run':12} {'s/step':>7} {'tok/s':>8} {'med tok/s':>9} {'peakGiB':>8} {'MFU':>6} "
+           f"{'vsTRL tok/s':>11} {'vsTRL mem':>9}")
     print(hdr)
     print("-" * len(hdr))
     for (shape, gc_on), d in res.items():
         for name, r in d.items():
-            base = d.get("trl_sft" if name.startswith("sft") else "trl_dpo")
+            trl_name = "trl_sft" if name.startswith("sft") else "trl_dpo"
+            suffix = name.split("_", 1)[1] if "_" in name and not name.startswith("trl") else ""
+            base = d.get(f"{trl_name}_{suffix}") if suffix and f"{trl_name}_{suffix}" in d else d.get(trl_name)
             ratio = mem = "-"
             if not name.startswith("trl") and base and "tok_per_s" in base and "tok_per_s" in r:
                 ratio = f"{r['tok_per_s'] / base['tok_per_s']:.2f}x"
                 mem = f"{r['peak_gib'] / base['peak_gib']:.2f}x" if base["peak_gib"] else "-"
             err = "  " + r["error"][:60] if "error" in r else ""
-            print(f"{shape:12} {'on' if gc_on else 'off':3} {name:10} {f(r, 's_per_step', '.3f'):>7} "
-                  f"{f(r, 'tok_per_s', '.0f'):>8} {f(r, 'peak_gib', '.2f'):>8} {f(r, 'mfu', '.3f'):>6} {ratio:>11} {mem:>9}{err}")
+            print(f"{shape:12} {'on' if gc_on else 'off':3} {name:12} {f(r, 's_per_step', '.3f'):>7} "
+                  f"{f(r, 'tok_per_s', '.0f'):>8} {f(r, 'tok_per_s_median', '.0f'):>9} {f(r, 'peak_gib', '.2f'):>8} {f(r, 'mfu', '.3f'):>6} {ratio:>11} {mem:>9}{err}")
 
 
 if __name__ == "__main__":

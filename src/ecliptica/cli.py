@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 
@@ -94,6 +95,8 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.set)
     summary = Trainer(cfg).setup().train(resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # one report per run, not one per process
+        return 0
     fm = summary.get("final_metrics", {})
     print(f"run written to {cfg.run_dir}: {summary['steps']} steps, {summary['train_tokens']} tokens, "
           f"{summary['tokens_per_s']:.1f} tokens/s, final loss {fm.get('loss', float('nan')):.4f}")

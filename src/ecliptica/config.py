@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -83,6 +83,11 @@ class TrainSection(Strict):
     keep_checkpoints: int = 2
     on_nonfinite: Literal["error", "skip"] = "error"
     progress: bool = True
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):  # YAML reads a bare `no` as false
+        return "no" if v is False else v
 
 
 class TrainConfig(Strict):

@@ -216,9 +216,12 @@ def _litmus(row: dict, opts: LoadOptions, src: str) -> PromptExample:
                          text_field(row, "axiom"), row.get("source_dataset") or src)
 
 
-@register("xstest", "prompt", "XSTest: prompt, type (used as axiom), label (safe/unsafe).")
+@register("xstest", "prompt",
+          "XSTest: prompt, type, label (safe/unsafe). The axiom is the type with any 'contrast_' prefix removed, so "
+          "each safe type and its unsafe contrasts (e.g. homonyms / contrast_homonyms) form one axiom with both labels.")
 def _xstest(row: dict, opts: LoadOptions, src: str) -> PromptExample:
-    return PromptExample(text_field(row, "prompt"), _label(row.get("label"), "label"), text_field(row, "type"), src)
+    axiom = text_field(row, "type").strip().removeprefix("contrast_")
+    return PromptExample(text_field(row, "prompt"), _label(row.get("label"), "label"), axiom, src)
 
 
 @register("donotanswer", "prompt",

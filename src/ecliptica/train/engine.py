@@ -102,6 +102,10 @@ class Trainer:
                                        project_dir=str(tb_dir))
         acc = self.accelerator
         set_seed(cfg.seed)
+        if torch.cuda.is_available():
+            # cuDNN attention builds a plan per new sequence length; with packed, variable-length batches that
+            # cost dominated step time in our H200 measurements (docs/benchmarks.md). Flash/efficient SDPA don't.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.loss_fn = build_loss(MethodConfig(**cfg.method.model_dump(exclude={"precompute_reference"})))
         self.placement = cfg.method.placement or self.loss_fn.default_placement
         model_cfg = ModelConfig(**cfg.model.model_dump())
@@ -312,10 +316,12 @@ class Trainer:
             if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.max_steps:
                 self.save_checkpoint(step + 1)
         bar.close()
-        acc.end_training()
         if stop_after is not None and end < cfg.train.max_steps:
+            acc.end_training()
             return {}
-        return self._finish(last_metrics)
+        summary = self._finish(last_metrics)
+        acc.end_training()  # closes trackers and (multi-process) the process group: keep it last
+        return summary
 
     def _finish(self, last_metrics: dict) -> dict:
         acc = self.accelerator
