@@ -124,9 +124,12 @@ def test_grit_optimizer_runs_in_engine(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path, tiny_model_dir, "dpo", max_steps=3)
     cfg.optimizer.name = "grit"
     cfg.optimizer.grit = {"reproject_steps": 2, "reproject_warmup": 1}
-    Trainer(cfg).setup().train()
+    summary = Trainer(cfg).setup().train()
     last = json.loads((tmp_path / "run_dpo" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["grit/inversions"] > 0
+    # physical LoRA parameters of the tiny model by hand: 2 layers x r=4 x sum(in+out) over the 7 projections
+    widths = (32 + 32) + (32 + 16) + (32 + 16) + (32 + 32) + (32 + 64) + (32 + 64) + (64 + 32)
+    assert summary["lora_parameters"]["physical"] == 2 * 4 * widths
 
 
 def test_config_rejects_unknown_keys(tmp_path):

@@ -337,6 +337,8 @@ class Trainer:
             "parameters": self.param_summary, "num_processes": acc.num_processes,
             "versions": _versions(), "git_commit": git_commit(),
         }
+        if self.grit is not None:  # GRIT's rank adaptation: physical vs effective LoRA parameters
+            summary["lora_parameters"] = self.grit.parameter_counts()
         if acc.is_main_process:
             self.peft_model.save_pretrained(self.run_dir / "adapter")
             tmp = self.run_dir / "summary.json.tmp"
