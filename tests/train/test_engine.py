@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from ecliptica.config import TrainConfig, load_config
 from ecliptica.train import NonFiniteError, Trainer

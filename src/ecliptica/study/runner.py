@@ -8,8 +8,6 @@ adapters, then the report is rebuilt from the store.
 from __future__ import annotations
 
 import gc
-import json
-import logging
 from pathlib import Path
 
 import torch
@@ -19,7 +17,6 @@ from ..config import config_hash, load_config
 from .config import ArmSpec, StudyConfig
 from .store import StudyStore
 
-log = logging.getLogger(__name__)
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
@@ -207,8 +204,3 @@ def _eval_model_section(model: dict) -> dict:
 
 def run_study(path: str | Path, overrides: list[str] | None = None) -> dict:
     return StudyRunner(load_study(path, overrides)).run()
-
-
-def print_table(study_dir: str | Path) -> None:
-    p = Path(study_dir) / "results.md"
-    print(p.read_text() if p.exists() else json.dumps({"error": f"{p} not found"}))

@@ -8,7 +8,6 @@ small so every step is visible: forward -> loss -> backward, clip, optimizer ste
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -385,7 +384,3 @@ def _flat_hparams(cfg: TrainConfig) -> dict:
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     return Trainer(cfg).setup().train(resume=resume)
-
-
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
