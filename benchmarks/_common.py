@@ -168,7 +168,7 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
     tr.train()  # resets the peak-memory counter right before the loop
     peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0
     res = summarize(stamps, cum[1:], peak, n_flop)
-    del tr, inner, timed
+    del tr, timed
     free()
     return res
 

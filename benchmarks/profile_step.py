@@ -122,7 +122,7 @@ def diag(a):
         st = step_times(tr, 5)
         print(f"DIAG {method}: steps {st} fwd+loss {phases['fwd'] / 5:.3f} s/step bwd {phases['bwd'] / 5:.3f} s/step "
               f"gc pause {pause['t'] / 5:.3f} s/step (gen2 collections {pause['n']})", flush=True)
-        del tr, micro, bwd, inner_micro, inner_bwd
+        del tr, micro, bwd
         C.free()
 
 

@@ -14,12 +14,18 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelSection(Strict):
+class InferenceModelSection(Strict):
+    """What identifies and loads a model; shared by training and evaluation configs."""
+
     name: str = "smollm2-135m-instruct"
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     load_in_4bit: bool = False
     trust_remote_code: bool = False
     attn_implementation: str | None = "sdpa"
+    revision: str | None = None
+
+
+class ModelSection(InferenceModelSection):
     gradient_checkpointing: bool = False
 
 

@@ -8,21 +8,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ecliptica.config import Strict
-from ecliptica.models import EMBEDDED_MODEL
+from ecliptica.config import InferenceModelSection, Strict
 
 PlacementName = Literal["system", "prepend", "none"]
 
 
-class EvalModelSection(Strict):
-    """The fields of `models.ModelConfig` that matter for inference."""
-
-    name: str = EMBEDDED_MODEL
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    load_in_4bit: bool = False
-    trust_remote_code: bool = False
-    attn_implementation: str | None = "sdpa"
-    revision: str | None = None
+EvalModelSection = InferenceModelSection  # the model fields that matter for inference
 
 
 class EvalDataSection(Strict):

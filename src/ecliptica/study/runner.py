@@ -198,8 +198,9 @@ def _default_placement(method: str) -> str:
 
 
 def _eval_model_section(model: dict) -> dict:
-    keep = ("name", "dtype", "load_in_4bit", "trust_remote_code", "attn_implementation", "revision")
-    return {k: v for k, v in model.items() if k in keep}
+    from ..config import InferenceModelSection
+
+    return {k: v for k, v in model.items() if k in InferenceModelSection.model_fields}
 
 
 def run_study(path: str | Path, overrides: list[str] | None = None) -> dict:
