@@ -106,11 +106,15 @@ def cmd_train(args) -> int:
 def cmd_run(args) -> int:
     from .study.runner import StudyRunner, load_study
 
+    if args.worker:  # started by a coordinator below; it prints the results
+        StudyRunner(load_study(args.study, args.set), worker=args.worker).work()
+        return 0
     runner = StudyRunner(load_study(args.study, args.set))
     if args.report_only:
         runner.report()
     else:
-        runner.run()
+        devices = args.devices.split(",") if args.devices else None
+        runner.run(workers=args.workers or (len(devices) if devices else 1), devices=devices)
     print((runner.dir / "results.md").read_text())
     return 0
 
@@ -169,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("study")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--report-only", action="store_true", help="rebuild the report from the results store")
+    run.add_argument("--workers", type=int, default=0,
+                     help="worker processes that train and evaluate runs in parallel (default: one per --devices "
+                          "entry, else 1); several may share one GPU when a small model leaves it idle")
+    run.add_argument("--devices", default="", metavar="IDS",
+                     help="comma-separated CUDA device ids, assigned to workers round-robin, e.g. 0,1,2,3")
+    run.add_argument("--worker", default="", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
     return p
 

@@ -110,3 +110,56 @@ def test_notebooks_execute(notebook, tmp_path_factory, tiny_model_dir):
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str((ROOT / notebook).parent)}}).execute()
     assert all(o.get("output_type") != "error" for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_store_claims_are_exclusive(tmp_path):
+    store = StudyStore(tmp_path / "s.sqlite")
+    store.register("a-s0", "a", 0, "h", {})
+    other = StudyStore(tmp_path / "s.sqlite")  # a second process's connection
+    assert store.claim("a-s0", "worker0")
+    assert not other.claim("a-s0", "worker1")
+    store.release("a-s0")
+    assert other.claim("a-s0", "worker1")
+    assert store.get("a-s0")["worker"] == "worker1"
+
+
+def test_dead_worker_runs_are_failed_and_released(tmp_path, tiny_model_dir):
+    runner = StudyRunner(load_study(ROOT / "configs" / "study_demo.yaml", _overrides(tmp_path / "s", tiny_model_dir)))
+    runner.store.claim("sft-s0", "worker1")
+    runner.store.set_status("sft-s0", "training")
+    runner.store.claim("cita-s0", "worker1")
+    runner.store.set_status("cita-s0", "trained")
+    runner._abandon("worker1")
+    rows = {r["run_id"]: r for r in runner.store.all()}
+    assert rows["sft-s0"]["status"] == "failed" and "worker1" in rows["sft-s0"]["error"]
+    assert rows["cita-s0"]["status"] == "trained"  # another worker will evaluate it
+    assert rows["sft-s0"]["worker"] is None and rows["cita-s0"]["worker"] is None
+
+
+def test_parallel_workers_reproduce_the_serial_study(tmp_path, tiny_model_dir):
+    """Two worker processes share the runs through the store: each run is trained and evaluated once,
+    and every number equals the single-process study's."""
+    cfg = ROOT / "configs" / "study_demo.yaml"
+    serial, par = tmp_path / "serial", tmp_path / "par"
+    StudyRunner(load_study(cfg, _overrides(serial, tiny_model_dir, steps=2))).run()
+    cmd = [sys.executable, "-m", "ecliptica.cli", "run", str(cfg), "--workers", "2"]
+    for a in _overrides(par, tiny_model_dir, steps=2):
+        cmd += ["--set", a]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+
+    logs = "".join(p.read_text() for p in sorted((par / "logs").glob("worker*.log")))
+    a = {r["run_id"]: r for r in StudyStore(serial / "study.sqlite").all()}
+    b = {r["run_id"]: r for r in StudyStore(par / "study.sqlite").all()}
+    assert set(a) == set(b) == {"baseline-s0", "sft-s0", "dpo_grit-s0", "cita-s0"}
+    for rid in a:
+        assert b[rid]["status"] == "evaluated"
+        assert logs.count(f"[study] evaluating {rid}\n") == 1
+        if rid != "baseline-s0":
+            assert logs.count(f"[study] training {rid} ") == 1
+            la = [json.loads(x)["loss"] for x in (serial / "runs" / rid / "metrics.jsonl").read_text().splitlines()]
+            lb = [json.loads(x)["loss"] for x in (par / "runs" / rid / "metrics.jsonl").read_text().splitlines()]
+            assert lb == pytest.approx(la, rel=1e-4)
+        ea, eb = a[rid]["eval_result"]["summary"], b[rid]["eval_result"]["summary"]
+        assert eb["aqi"]["value"] == pytest.approx(ea["aqi"]["value"], rel=1e-3)
+        assert eb["refusal_unsafe"]["rate"] == ea["refusal_unsafe"]["rate"]
+    assert (par / "results.md").exists()

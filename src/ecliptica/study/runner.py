@@ -4,10 +4,18 @@
 Phases are resumable: the SQLite store says what is done. Training runs first (each resumes from
 its latest checkpoint if it was interrupted), then evaluation loads the base model once and swaps
 adapters, then the report is rebuilt from the store.
+
+With `workers > 1` the runs are spread over worker processes (one per GPU, or several sharing one
+GPU when a small model leaves it idle): each worker claims runs in the store, so every run is
+trained and evaluated exactly once, by the same code as the single-process path.
 """
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,12 +32,17 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
 
 
 class StudyRunner:
-    def __init__(self, cfg: StudyConfig):
+    def __init__(self, cfg: StudyConfig, worker: str | None = None):
+        """`worker` names a worker process started by `run(workers=N)`; it claims runs before touching them."""
         self.cfg = cfg
+        self.worker = worker
         self.dir = Path(cfg.study_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.store = StudyStore(self.dir / "study.sqlite")
-        (self.dir / "study.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        if worker is None:  # workers read this file; only the coordinator writes it
+            tmp = self.dir / "study.yaml.tmp"
+            tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            tmp.replace(self.dir / "study.yaml")
         self.plan: list[tuple[ArmSpec, int]] = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]
         for arm, seed in self.plan:
             self.store.register(self.run_id(arm, seed), arm.name, seed, self._hash(arm, seed), self._describe(arm, seed))
@@ -60,57 +73,98 @@ class StudyRunner:
         from ..train import Trainer
 
         for arm, seed in self.plan:
-            if only is not None and arm.name not in only:
+            if arm.method == "baseline" or (only is not None and arm.name not in only):
                 continue
             rid = self.run_id(arm, seed)
-            row = self.store.get(rid)
-            if arm.method == "baseline" or row["status"] in ("trained", "evaluated"):
+            if not self._claim(rid, lambda st: st not in ("trained", "evaluated", "failed" if self.worker else "")):
                 continue
-            tc = self.cfg.arm_config(arm, seed)
-            print(f"[study] training {rid} ({arm.method}, optimizer={arm.optimizer}, "
-                  f"placement={tc.method.placement or 'method default'})", flush=True)
-            self.store.set_status(rid, "training")
-            trainer = Trainer(tc).setup()
             try:
-                summary = trainer.train(resume=True)
-            except Exception as e:
-                self.store.set_status(rid, "failed", error=f"{type(e).__name__}: {e}")
-                raise
+                tc = self.cfg.arm_config(arm, seed)
+                print(f"[study] training {rid} ({arm.method}, optimizer={arm.optimizer}, "
+                      f"placement={tc.method.placement or 'method default'})", flush=True)
+                self.store.set_status(rid, "training")
+                trainer = Trainer(tc).setup()
+                try:
+                    summary = trainer.train(resume=True)
+                except Exception as e:
+                    self.store.set_status(rid, "failed", error=f"{type(e).__name__}: {e}")
+                    raise
+                finally:
+                    del trainer
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                self.store.set_status(rid, "trained", train_summary=summary)
             finally:
-                del trainer
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            self.store.set_status(rid, "trained", train_summary=summary)
+                self._release(rid)
 
     def evaluate_all(self) -> None:
+        """Evaluate every trained run and the baseline. A worker also waits for runs other workers
+        are still training, and evaluates them when they are done."""
+        while True:
+            rows = {r["run_id"]: r for r in self.store.all()}
+            waiting = False
+            for arm, seed in self.plan:
+                rid = self.run_id(arm, seed)
+                status = rows[rid]["status"]
+                if status == "evaluated" or (self.worker and status == "failed"):
+                    continue
+                ready = arm.method == "baseline" or status == "trained"
+                if not ready:
+                    if self.worker is None:
+                        raise RuntimeError(f"{rid} is {status}, not trained; cannot evaluate")
+                    waiting = True  # another worker is training it
+                    continue
+                if not self._claim(rid, lambda st, base=arm.method == "baseline": st == "trained" or
+                                   (base and st != "evaluated")):
+                    waiting = True
+                    continue
+                try:
+                    self._evaluate_one(arm, seed, rid)
+                finally:
+                    self._release(rid)
+            if not waiting:
+                return
+            time.sleep(2.0)
+
+    _handle = _prompts = None
+
+    def _evaluate_one(self, arm: ArmSpec, seed: int, rid: str) -> None:
         from ..evaluation.config import EvalConfig
         from ..evaluation.model_handle import ModelHandle
         from ..evaluation.runner import prompts_from_config, run_eval
         from ..models import ModelConfig
 
-        handle = prompts = None
-        for arm, seed in self.plan:
-            rid = self.run_id(arm, seed)
-            row = self.store.get(rid)
-            if row["status"] == "evaluated":
-                continue
-            if arm.method != "baseline" and row["status"] != "trained":
-                raise RuntimeError(f"{rid} is {row['status']}, not trained; cannot evaluate")
-            run_dir = self._run_dir(arm, seed)
-            raw = {**self.cfg.evaluation, "out_dir": str(run_dir / "eval"),
-                   "adapter": str(run_dir / "adapter") if arm.method != "baseline" else None,
-                   "model": _eval_model_section(self.cfg.train.get("model", {}))}
-            ecfg = EvalConfig.model_validate(raw)
-            if handle is None:  # one base for every arm; adapters are swapped in unmerged
-                handle = ModelHandle.load(ModelConfig(**ecfg.model.model_dump()))
-                prompts = prompts_from_config(ecfg)
-            print(f"[study] evaluating {rid}", flush=True)
-            result = run_eval(ecfg, handle=handle, prompts=prompts)
-            emb_path = _write_embeddings(result, prompts, run_dir / "eval" / "embeddings.npz")
-            record = {"summary": _eval_summary(result), "embeddings_path": str(emb_path),
-                      "eval_json": str(run_dir / "eval" / "eval.json")}
-            self.store.set_status(rid, "evaluated", eval_result=record)
+        run_dir = self._run_dir(arm, seed)
+        raw = {**self.cfg.evaluation, "out_dir": str(run_dir / "eval"),
+               "adapter": str(run_dir / "adapter") if arm.method != "baseline" else None,
+               "model": _eval_model_section(self.cfg.train.get("model", {}))}
+        ecfg = EvalConfig.model_validate(raw)
+        if self._handle is None:  # one base for every arm; adapters are swapped in unmerged
+            self._handle = ModelHandle.load(ModelConfig(**ecfg.model.model_dump()))
+            self._prompts = prompts_from_config(ecfg)
+        print(f"[study] evaluating {rid}", flush=True)
+        result = run_eval(ecfg, handle=self._handle, prompts=self._prompts)
+        emb_path = _write_embeddings(result, self._prompts, run_dir / "eval" / "embeddings.npz")
+        record = {"summary": _eval_summary(result), "embeddings_path": str(emb_path),
+                  "eval_json": str(run_dir / "eval" / "eval.json")}
+        self.store.set_status(rid, "evaluated", eval_result=record)
+
+    def _claim(self, rid: str, needs_work) -> bool:
+        """True if this process should work on `rid` now: it still needs the work and, for a worker,
+        the store gave us the run (re-read after claiming: another worker may just have finished it)."""
+        if self.worker is None:
+            return needs_work(self.store.get(rid)["status"])
+        if not self.store.claim(rid, self.worker):
+            return False
+        if needs_work(self.store.get(rid)["status"]):
+            return True
+        self.store.release(rid)
+        return False
+
+    def _release(self, rid: str) -> None:
+        if self.worker is not None:
+            self.store.release(rid)
 
     def _run_dir(self, arm: ArmSpec, seed: int) -> Path:
         if arm.method == "baseline":
@@ -150,13 +204,81 @@ class StudyRunner:
         return build_report(self.records(), self.dir, n_resamples=rep.get("n_resamples", 1000),
                             seed=rep.get("seed", 0), alpha=rep.get("alpha", 0.05))
 
-    def run(self) -> dict:
-        self.train_all()
-        self.evaluate_all()
+    def run(self, workers: int = 1, devices: list[str] | None = None) -> dict:
+        if workers > 1:
+            self._run_workers(workers, devices)
+        else:
+            self.train_all()
+            self.evaluate_all()
         result = self.report()
         print(f"\n[study] results: {self.dir / 'results.md'}")
         print(f"[study] compare training curves: tensorboard --logdir {self.dir / 'tensorboard'}")
         return result
+
+    def work(self) -> None:
+        """A worker's whole job: train what nobody else is training, then evaluate."""
+        self.train_all()
+        self.evaluate_all()
+
+    def _run_workers(self, workers: int, devices: list[str] | None) -> None:
+        """Start `workers` processes on this study (round-robin over `devices`, e.g. GPU ids), show
+        their progress, and clean up after any that dies so the others never wait for it."""
+        from tqdm.auto import tqdm
+
+        from ..models import resolve_model_path
+
+        resolve_model_path(self.cfg.train.get("model", {}).get("name", "smollm2-135m-instruct"))  # convert once, here
+        self.store.release_all()  # claims left by a killed earlier invocation
+        for r in self.store.all():
+            if r["status"] == "failed":  # retried, as in the single-process path
+                self.store.set_status(r["run_id"], "pending")
+        logs = self.dir / "logs"
+        logs.mkdir(exist_ok=True)
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        procs = {}
+        for i in range(workers):
+            env = dict(os.environ)
+            env.setdefault("OMP_NUM_THREADS", str(threads))
+            if devices:
+                env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
+            name = f"worker{i}"
+            log = open(logs / f"{name}.log", "ab")
+            cmd = [sys.executable, "-m", "ecliptica.cli", "run", str(self.dir / "study.yaml"), "--worker", name]
+            procs[name] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+        print(f"[study] {workers} workers{' on devices ' + ','.join(devices) if devices else ''}; "
+              f"logs in {logs}", flush=True)
+        n_work = sum(1 for a, _ in self.plan if a.method != "baseline") + len(self.plan)
+        failed_workers = []
+        with tqdm(total=n_work, desc="study runs (train + eval)", unit="job") as bar:
+            while procs:
+                time.sleep(2.0)
+                for name, (proc, log) in list(procs.items()):
+                    if proc.poll() is None:
+                        continue
+                    log.close()
+                    del procs[name]
+                    if proc.returncode != 0:
+                        failed_workers.append(name)
+                        self._abandon(name)
+                done = sum((r["status"] in ("trained", "evaluated") and r["arm"] in self._trained_arms())
+                           + (r["status"] == "evaluated") for r in self.store.all())
+                bar.update(done - bar.n)
+        bad = [r for r in self.store.all() if r["status"] != "evaluated"]
+        if failed_workers or bad:
+            raise RuntimeError(
+                f"study incomplete: workers {failed_workers or 'none'} failed (see {logs}); runs not evaluated: "
+                + ", ".join(f"{r['run_id']} ({r['status']}{': ' + r['error'] if r['error'] else ''})" for r in bad))
+
+    def _trained_arms(self) -> set[str]:
+        return {a.name for a in self.cfg.arms if a.method != "baseline"}
+
+    def _abandon(self, worker: str) -> None:
+        """A worker died: its claimed runs are marked failed and released, so nobody waits for them."""
+        for r in self.store.all():
+            if r["worker"] == worker:
+                if r["status"] == "training":
+                    self.store.set_status(r["run_id"], "failed", error=f"{worker} exited while training it")
+                self.store.release(r["run_id"])
 
 
 def _write_embeddings(result: dict, prompts, path: Path) -> Path:
@@ -203,5 +325,6 @@ def _eval_model_section(model: dict) -> dict:
     return {k: v for k, v in model.items() if k in InferenceModelSection.model_fields}
 
 
-def run_study(path: str | Path, overrides: list[str] | None = None) -> dict:
-    return StudyRunner(load_study(path, overrides)).run()
+def run_study(path: str | Path, overrides: list[str] | None = None, workers: int = 1,
+              devices: list[str] | None = None) -> dict:
+    return StudyRunner(load_study(path, overrides)).run(workers=workers, devices=devices)

@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS runs (
     train_summary TEXT,
     eval_result TEXT,
     error TEXT,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    worker TEXT
 );
 """
 STATUSES = ("pending", "training", "trained", "evaluated", "failed")
@@ -33,8 +34,10 @@ class StudyStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
+        with closing(self._connect()) as db:
             db.executescript(SCHEMA)
+            if "worker" not in {r["name"] for r in db.execute("PRAGMA table_info(runs)")}:
+                db.execute("ALTER TABLE runs ADD COLUMN worker TEXT")  # stores written before parallel workers
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -78,6 +81,22 @@ class StudyStore:
             cols.append(f"{k} = ?")
             vals.append(json.dumps(v) if k != "error" else v)
         self._exec(f"UPDATE runs SET {', '.join(cols)} WHERE run_id = ?", (*vals, run_id))
+
+
+    # ------------------------------------------------------- parallel workers
+    def claim(self, run_id: str, worker: str) -> bool:
+        """Atomically take a run for one worker; False if another worker holds it."""
+        with closing(self._connect()) as db:
+            with db:
+                cur = db.execute("UPDATE runs SET worker = ? WHERE run_id = ? AND worker IS NULL", (worker, run_id))
+                return cur.rowcount == 1
+
+    def release(self, run_id: str) -> None:
+        self._exec("UPDATE runs SET worker = NULL WHERE run_id = ?", (run_id,))
+
+    def release_all(self) -> None:
+        """Drop every claim: only the coordinator calls this, before it starts its workers."""
+        self._exec("UPDATE runs SET worker = NULL")
 
 
 def _row(r: sqlite3.Row) -> dict:
