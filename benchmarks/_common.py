@@ -154,10 +154,10 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
         E.load_model = saved
     n_flop = flop_params(built.pop("m"))
     stamps, cum = [], [0.0]
-    inner = tr.train_step
+    inner = {"step": tr.train_step}  # a dict, not a name: cleared below so the bound method frees the Trainer
 
     def timed(step):
-        r = inner(step)
+        r = inner["step"](step)
         if CUDA:
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
@@ -168,6 +168,7 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
     tr.train()  # resets the peak-memory counter right before the loop
     peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0
     res = summarize(stamps, cum[1:], peak, n_flop)
+    inner.clear()  # the bound method holds the Trainer and its model; a leak here inflated later runs' peaks
     del tr, timed
     free()
     return res

@@ -99,12 +99,11 @@ def diag(a):
         tr = trainer(method, a.shape, a.vocab, a.data, a.tok)
         step_times(tr, 3)
         phases = {"fwd": 0.0, "bwd": 0.0}
-        inner_micro = tr._micro_step
-        inner_bwd = tr.accelerator.backward
+        inner = {"micro": tr._micro_step, "bwd": tr.accelerator.backward}  # cleared below: they hold the Trainer
 
         def micro(idx, progress):
             t = time.perf_counter()
-            out = inner_micro(idx, progress)
+            out = inner["micro"](idx, progress)
             if C.CUDA:
                 torch.cuda.synchronize()
             phases["fwd"] += time.perf_counter() - t
@@ -112,7 +111,7 @@ def diag(a):
 
         def bwd(loss, **kw):
             t = time.perf_counter()
-            inner_bwd(loss, **kw)
+            inner["bwd"](loss, **kw)
             if C.CUDA:
                 torch.cuda.synchronize()
             phases["bwd"] += time.perf_counter() - t
@@ -122,6 +121,7 @@ def diag(a):
         st = step_times(tr, 5)
         print(f"DIAG {method}: steps {st} fwd+loss {phases['fwd'] / 5:.3f} s/step bwd {phases['bwd'] / 5:.3f} s/step "
               f"gc pause {pause['t'] / 5:.3f} s/step (gen2 collections {pause['n']})", flush=True)
+        inner.clear()
         del tr, micro, bwd
         C.free()
 

@@ -165,6 +165,18 @@ def test_efficiency_equals_delta_over_hours(report):
     assert "n/a (CPU)" in md and "optimizer.lr=0.0001" in md
 
 
+def test_shared_device_divides_device_hours_and_is_noted(tmp_path):
+    """Two study workers on one GPU: each run had about half of it, so its GPU-hours are half its wall time."""
+    records = _records(tmp_path)
+    for r in records:
+        if r.get("train"):
+            r["train"]["device_shared_by"] = 2
+    out = build_report(records, tmp_path / "out", n_resamples=50, figures=False)
+    row = _row(out, "dpo")
+    assert row["efficiency"] == pytest.approx(row["delta_aqi"] / (TRAIN_SECONDS["dpo"] * 2 / 2 / 3600))
+    assert "2 study workers shared each device" in open(out["results_md"]).read()
+
+
 def test_figures_exist_as_png_and_pdf(report):
     assert set(report["figures"]) == set(FIGURES)
     for paths in report["figures"].values():
@@ -216,3 +228,16 @@ def test_several_seeds_average_per_seed_deltas(tmp_path):
     assert finding["n_seeds"] == 3 and finding["estimate"] == 0.0 and not finding["significant"]
     per_seed = [r["eval"]["aqi"]["value"] for r in records if r["arm"] == "dpo"]
     assert row["aqi"] == pytest.approx(np.mean(per_seed))
+
+
+def test_rate_interval_over_seeds_is_the_t_interval_clipped_to_0_1():
+    from scipy import stats
+
+    from ecliptica.study.report import summarize_over_seeds
+
+    vals = [0.2, 0.9, 0.95]
+    lo, hi = stats.t.interval(0.95, 2, loc=np.mean(vals), scale=stats.sem(vals))
+    mean, sd, low, high = summarize_over_seeds(vals, None, 0.05)
+    assert (low, high) == pytest.approx((lo, hi)) and lo < 0 < 1 < hi  # unbounded: leaves [0, 1] here
+    assert summarize_over_seeds(vals, None, 0.05, bounds=(0.0, 1.0))[2:] == (0.0, 1.0)
+    assert mean == pytest.approx(np.mean(vals)) and sd == pytest.approx(np.std(vals, ddof=1))

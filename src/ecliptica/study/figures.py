@@ -15,7 +15,7 @@ import numpy as np
 from ecliptica.evaluation.figures import _COLOURS, _pyplot
 
 _BASE_METHODS = ("sft", "dpo", "cita")
-_SIG_COLOUR, _NS_COLOUR = "tab:green", "tab:gray"
+_SIG_COLOUR, _NS_COLOUR = "tab:blue", "tab:gray"  # significance, not direction: blue = CI excludes 0
 
 
 def _save_both(fig, plt, stem: Path) -> dict[str, str]:
@@ -73,7 +73,7 @@ def delta_aqi(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
               [r["delta_aqi_low"] for r in shown], [r["delta_aqi_high"] for r in shown], colours)
         ax.axhline(0, color="black", lw=0.8)
         ax.set_ylabel("ΔAQI vs baseline")
-        ax.set_title("ΔAQI vs baseline, paired bootstrap (green: CI excludes 0)")
+        ax.set_title("ΔAQI vs baseline (blue: CI excludes 0)", fontsize=10)
     else:
         _empty(ax, "ΔAQI not available (no baseline or no embeddings)")
     return _save_both(fig, plt, stem)
@@ -90,7 +90,7 @@ def grit_effect(findings: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, 
               [f["low"] for f in shown], [f["high"] for f in shown], colours)
         ax.axhline(0, color="black", lw=0.8)
         ax.set_ylabel("AQI with GRIT − without")
-        ax.set_title("GRIT effect per base method (green: CI excludes 0)")
+        ax.set_title("GRIT effect per method (blue: CI excludes 0)", fontsize=10)
     else:
         _empty(ax, "no base method has both arms")
     return _save_both(fig, plt, stem)

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 import numpy as np
 
@@ -63,6 +63,7 @@ class TrainInfo(TypedDict):
     peak_gpu_memory_gib: float | None  # None: trained on CPU
     train_tokens: int
     num_processes: int  # GPUs (or CPU processes) that ran for train_seconds each
+    device_shared_by: NotRequired[int]  # runs that shared each device at once (parallel study workers)
 
 
 class EvalInfo(TypedDict, total=False):
@@ -374,8 +375,10 @@ CSV_COLUMNS = [
 ]
 
 
-def summarize_over_seeds(values: Sequence[float | None], run_ci: tuple[float, float] | None, alpha: float):
-    """(mean, sd, low, high). One run: its own CI. Several: mean ± t-interval over seeds."""
+def summarize_over_seeds(values: Sequence[float | None], run_ci: tuple[float, float] | None, alpha: float,
+                         bounds: tuple[float, float] | None = None):
+    """(mean, sd, low, high). One run: its own CI. Several: mean ± t-interval over seeds, clipped to
+    `bounds` (a rate's t-interval can otherwise leave [0, 1] with few, spread-out seeds)."""
     vals = np.array([v for v in values if v is not None], dtype=float)
     if vals.size == 0:
         return None, None, None, None
@@ -386,7 +389,10 @@ def summarize_over_seeds(values: Sequence[float | None], run_ci: tuple[float, fl
 
     mean, sd = float(vals.mean()), float(vals.std(ddof=1))
     half = float(t.ppf(1 - alpha / 2, vals.size - 1)) * sd / math.sqrt(vals.size)
-    return mean, sd, mean - half, mean + half
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return mean, sd, low, high
 
 
 def _interval_of(runs: Sequence[dict], key: str, value_key: str, alpha: float):
@@ -394,7 +400,8 @@ def _interval_of(runs: Sequence[dict], key: str, value_key: str, alpha: float):
     values = [e.get(value_key) if e else None for e in entries]
     single = entries[0] if len(entries) == 1 and entries[0] else None
     run_ci = (single.get("low"), single.get("high")) if single else None
-    return summarize_over_seeds(values, run_ci, alpha)
+    rate = key in ("refusal_unsafe", "over_refusal_safe")
+    return summarize_over_seeds(values, run_ci, alpha, bounds=(0.0, 1.0) if rate else None)
 
 
 def _scalar_of(runs: Sequence[dict], key: str) -> tuple[float | None, float | None]:
@@ -422,7 +429,8 @@ def _training_summary(runs: Sequence[dict]) -> dict[str, Any]:
         return {"train_minutes": None, "train_minutes_sd": None, "peak_vram_gib": None, "tokens_per_s": None,
                 "compute_hours": None, "compute_device": None}
     minutes = [t["train_seconds"] / 60 for t in trains]
-    hours = [t["train_seconds"] * t.get("num_processes", 1) / 3600 for t in trains]
+    # k workers sharing one device each get about 1/k of it, so a run's device-hours are its wall time / k
+    hours = [t["train_seconds"] * t.get("num_processes", 1) / t.get("device_shared_by", 1) / 3600 for t in trains]
     vram = [t.get("peak_gpu_memory_gib") for t in trains]
     on_gpu = all(v is not None for v in vram)
     return {
@@ -621,7 +629,8 @@ def answer_q4(ctx: StudyContext, rows: Sequence[dict[str, Any]], q2: dict[str, A
     grit_aqi = {f["comparison"]: f for f in q2["findings"] if f["metric"] == "AQI"}
     for base in BASE_METHODS:
         findings.append(_overhead_finding(by_arm, base, grit_aqi.get(f"{base}_grit − {base}"), ctx.alpha))
-    notes = ["Compute-hours = train_seconds × num_processes / 3600 per run (mean over seeds); evaluation time "
+    notes = ["Compute-hours = train_seconds × num_processes / device_shared_by / 3600 per run (mean over seeds); "
+             "evaluation time "
              "is not included. ΔAQI per hour treats the hours as fixed, so its CI is the ΔAQI CI scaled."]
     return _question("Q4: is the cost justified (ΔAQI per GPU-hour, GRIT overhead)?",
                      findings, notes + _seed_notes(ctx))
@@ -781,7 +790,7 @@ def render_markdown(rows, questions, settings, notes) -> str:
              f"Cells: mean [{1 - alpha:.0%} CI]; with several seeds mean ± sd [t-interval over seeds]; with one "
              "seed the run's own bootstrap CI over prompts. ΔAQI: paired bootstrap on the same prompts "
              f"(AqiStat); * = CI excludes 0 (significant at α={alpha:g}). Compute-hours = train_seconds × "
-             "num_processes / 3600; CPU runs are labelled and their rate is per CPU-hour. Overrides are the "
+             "num_processes / device_shared_by / 3600; CPU runs are labelled and their rate is per CPU-hour. Overrides are the "
              "per-arm config changes.", ""]
     if notes:
         lines += ["Notes:", *[f"- {n}" for n in notes], ""]
@@ -882,6 +891,11 @@ def build_report(
     q2 = answer_q2(ctx)
     questions = {"Q1": answer_q1(ctx), "Q2": q2, "Q3": answer_q3(ctx), "Q4": answer_q4(ctx, rows, q2)}
     notes = consistency_notes(ctx)
+    shared = sorted({(r.get("train") or {}).get("device_shared_by", 1) for r in records} - {1})
+    if shared:
+        notes.append(f"Runs trained while {' or '.join(map(str, shared))} study workers shared each device: train "
+                     "minutes and tokens/s are wall-clock under that sharing (comparable between arms of this study, "
+                     "not standalone speeds), and device-hours are wall time divided by the number of workers sharing it.")
     if BASELINE not in by_arm:
         notes.append("No baseline arm: ΔAQI and efficiency are not answerable.")
     settings = {"n_resamples": n_resamples, "seed": seed, "alpha": alpha,

@@ -188,8 +188,9 @@ class StudyRunner:
                 "placement": (tc.method.placement or _default_placement(arm.method)) if tc else "none",
                 "overrides": dict(arm.overrides),
                 "train": None if summary is None else {
-                    k: summary.get(k) for k in ("train_seconds", "tokens_per_s", "peak_gpu_memory_gib", "train_tokens",
-                                                "num_processes")},
+                    k: summary.get(k, 1 if k == "device_shared_by" else None)
+                    for k in ("train_seconds", "tokens_per_s", "peak_gpu_memory_gib", "train_tokens", "num_processes",
+                              "device_shared_by")},
                 "metrics_path": metrics_path,
                 "eval": ev.get("summary", {}),
                 "embeddings_path": ev.get("embeddings_path"),
@@ -241,6 +242,10 @@ class StudyRunner:
             env.setdefault("OMP_NUM_THREADS", str(threads))
             if devices:
                 env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
+                shared = sum(1 for j in range(workers) if devices[j % len(devices)] == devices[i % len(devices)])
+            else:
+                shared = workers  # all on the same default device (or the same CPU cores)
+            env["ECLIPTICA_DEVICE_SHARED_BY"] = str(shared)
             name = f"worker{i}"
             log = open(logs / f"{name}.log", "ab")
             cmd = [sys.executable, "-m", "ecliptica.cli", "run", str(self.dir / "study.yaml"), "--worker", name]

@@ -334,6 +334,8 @@ class Trainer:
             "final_metrics": last_metrics, "nonfinite_skipped": self.nonfinite_skipped,
             "config_hash": self.cfg.hash(), "data_hash": self.data.fingerprint(), "data": self.data_report,
             "parameters": self.param_summary, "num_processes": acc.num_processes,
+            # parallel study workers on one device: its speed here is not a standalone speed
+            "device_shared_by": int(os.environ.get("ECLIPTICA_DEVICE_SHARED_BY", "1")),
             "versions": _versions(), "git_commit": git_commit(),
         }
         if self.grit is not None:  # GRIT's rank adaptation: physical vs effective LoRA parameters
