@@ -119,7 +119,7 @@ def summarize(stamps: list[float], cum_tokens: list[float], peak: float, n_flop:
 # ---------------------------------------------------------------- ecliptica
 def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: str, vocab: int,
              mb: int = 2, ga: int = 4, optimizer: str = "adamw", grit: dict | None = None,
-             chunk: int | None = None, tag: str = "", attn: str = "sdpa") -> dict:
+             chunk: int | None = None, tag: str = "", attn: str = "sdpa", tokens: int | None = None) -> dict:
     import ecliptica.train.engine as E
     from ecliptica.config import TrainConfig
 
@@ -127,6 +127,8 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
              "mixed_precision": "bf16" if CUDA else "no"}
     if chunk:
         train["logp_chunk_size"] = chunk
+    if tokens:  # same 8 pairs per step, re-split into micro-batches of at most `tokens` packed tokens
+        train["micro_batch_tokens"] = tokens
     opt = {"name": optimizer, "lr": 5e-6}
     if grit:
         opt["grit"] = grit

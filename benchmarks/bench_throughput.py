@@ -31,7 +31,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="llama3-8b,llama3.2-1b")
     ap.add_argument("--gc", default="off,on")
     ap.add_argument("--methods", default="dpo,cita,sft")
-    ap.add_argument("--variants", default="mb8", help="extra ours-only rows: mb8, chunk4096, none")
+    ap.add_argument("--variants", default="mb8", help="extra ours-only rows: mb8, tokN (micro_batch_tokens=N), tokNcM (+ logp_chunk_size=M), chunk4096, none")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip runs that start after this many seconds")
@@ -130,9 +130,12 @@ def main(argv=None):
                     attempt(key, "trl_dpo_mb8", lambda common=common: C.run_trl(
                         "dpo", rows=rows, tok_dir=a.tok, mb=8, ga=1,
                         **{k: v for k, v in common.items() if k not in ("data", "tok")}))
-                for m in [m for m in methods if m != "sft"]:
+                for m in [m for m in methods if m != "sft" or v.startswith("tok")]:
                     if v == "mb8":
                         kw = dict(mb=8, ga=1, tag="_mb8")
+                    elif v.startswith("tok"):  # tok2048: micro_batch_tokens=2048 (8 pairs/step); tok2048c256: + chunk 256
+                        tok, _, chunk = v[3:].partition("c")
+                        kw = dict(tokens=int(tok), chunk=int(chunk) if chunk else None, tag="_" + v)
                     elif v.startswith("chunk"):
                         kw = dict(chunk=int(v[5:]), tag="_" + v)
                     else:

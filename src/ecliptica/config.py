@@ -80,6 +80,9 @@ class TrainSection(Strict):
     max_steps: int = 10
     micro_batch_size: int = 2  # pairs per micro-batch
     grad_accum: int = 4
+    # Re-split each step's pairs (micro_batch_size x grad_accum per process, same order) into micro-batches of
+    # at most this many packed tokens: fewer, larger forwards for short pairs, bounded memory for long ones.
+    micro_batch_tokens: int | None = Field(default=None, gt=0)
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     packing: bool = True

@@ -61,3 +61,23 @@ def collate(pairs: list[TokenizedPair], with_rejected: bool, pad_id: int, packed
         seq.append(torch.full((len(resp),), k))
         offset += n
     return ModelBatch(ids, pos, mask, torch.cat(pred), torch.cat(tgt), torch.cat(seq), len(seqs), sum(lengths))
+
+
+def pair_tokens(pair: TokenizedPair, with_rejected: bool) -> int:
+    """Tokens this pair adds to a packed micro-batch."""
+    n = len(pair.prompt_ids) + len(pair.chosen_ids)
+    return n + len(pair.prompt_ids) + len(pair.rejected_ids) if with_rejected else n
+
+
+def split_by_tokens(idx: list[int], sizes: list[int], budget: int) -> list[list[int]]:
+    """Consecutive groups of `idx` whose summed `sizes` stay within `budget` (a pair larger than the
+    budget gets a micro-batch of its own). Order is kept, so the step sees the same pairs."""
+    groups: list[list[int]] = []
+    used = budget + 1
+    for i, n in zip(idx, sizes):
+        if used + n > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += n
+    return groups

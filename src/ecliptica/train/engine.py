@@ -26,7 +26,7 @@ from ..data import LoadOptions, load_preferences, resolve_path, save_bad_rows, s
 from ..data.tokenize import TokenizedData, TokenizeSettings
 from ..losses import MethodConfig, SequenceStats, build_loss
 from ..models import LoraSettings, ModelConfig, apply_lora, describe_parameters, load_model, load_tokenizer
-from .batching import collate
+from .batching import collate, pair_tokens, split_by_tokens
 from .optim import build_optimizer, build_scheduler
 from .policy import PolicyModel
 from .reference import reference_logps
@@ -148,6 +148,18 @@ class Trainer:
             out.append(int(self._permutation(epoch)[k]))
         return out
 
+    def step_micro_batches(self, step: int) -> list[list[int]]:
+        """This process's micro-batches for optimizer step `step`: grad_accum groups of micro_batch_size
+        pairs, or, with `micro_batch_tokens`, the same pairs re-split by packed tokens."""
+        ga = self.cfg.train.grad_accum
+        groups = [self.micro_batch_indices(step * ga + k) for k in range(ga)]
+        budget = self.cfg.train.micro_batch_tokens
+        if budget is None:
+            return groups
+        idx = [i for g in groups for i in g]
+        sizes = [pair_tokens(self.data.pairs[i], self.loss_fn.uses_rejected) for i in idx]
+        return split_by_tokens(idx, sizes, budget)
+
     def _permutation(self, epoch: int) -> torch.Tensor:
         cache = getattr(self, "_perm_cache", None)
         if cache is None or cache[0] != epoch:
@@ -178,23 +190,24 @@ class Trainer:
 
     def train_step(self, step: int) -> StepResult:
         cfg, acc = self.cfg, self.accelerator
-        ga = cfg.train.grad_accum
         progress = step / max(cfg.train.max_steps - 1, 1)
         sums: dict[str, torch.Tensor] = {}
         loss_total = torch.zeros((), device=acc.device)
         tokens = 0
-        for k in range(ga):
-            idx = self.micro_batch_indices(step * ga + k)
-            ctx = acc.no_sync(self.policy) if k < ga - 1 else nullcontext()
+        groups = self.step_micro_batches(step)
+        n_pairs = sum(len(g) for g in groups)
+        for k, idx in enumerate(groups):
+            w = len(idx) / n_pairs  # each pair counts equally in the step, however the pairs are grouped
+            ctx = acc.no_sync(self.policy) if k < len(groups) - 1 else nullcontext()
             with ctx:
                 loss, metrics, ntok = self._micro_step(idx, progress)
                 if not torch.isfinite(loss):
                     return self._nonfinite(step, "loss")
-                acc.backward(loss / ga)
-            loss_total += loss.detach() / ga
+                acc.backward(loss * w)
+            loss_total += loss.detach() * w
             tokens += ntok
             for name, v in metrics.items():
-                sums[name] = sums.get(name, 0) + v.detach().float().to(acc.device) / ga
+                sums[name] = sums.get(name, 0) + v.detach().float().to(acc.device) * w
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm else float("inf")
         grad_norm = acc.clip_grad_norm_(params, max_norm)

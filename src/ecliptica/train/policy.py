@@ -16,14 +16,21 @@ from ..losses import SequenceStats
 from .batching import ModelBatch
 
 
-def _chunk_logps_kl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ref_logprobs: torch.Tensor | None):
+def _chunk_logps_kl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ref_h: torch.Tensor | None):
+    """log p(target) for one chunk; with `ref_h`, also the reference's log p(target) and KL(policy || ref).
+
+    The reference log-softmax is rebuilt from its hidden states here (under no_grad) rather than passed
+    in, so activation checkpointing saves a [chunk, H] bf16 tensor instead of a [chunk, V] fp32 one."""
     logits = F.linear(h, weight).float()
     logprobs = torch.log_softmax(logits, dim=-1)
     logp = logprobs.gather(-1, targets[:, None]).squeeze(-1)
-    if ref_logprobs is None:
-        return logp, None
-    kl = (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1)
-    return logp, kl
+    if ref_h is None:
+        return logp, None, None
+    with torch.no_grad():
+        ref_lp = torch.log_softmax(F.linear(ref_h, weight).float(), dim=-1)
+        ref_logp = ref_lp.gather(-1, targets[:, None]).squeeze(-1)
+    kl = (logprobs.exp() * (logprobs - ref_lp)).sum(-1)
+    return logp, ref_logp, kl
 
 
 def chunked_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
@@ -35,21 +42,22 @@ def chunked_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     logps, ref_logps, kls = [], [], []
     for s in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
-        ref_lp = None
-        if ref_hidden is not None:
+        ref_h = ref_hidden[s:s + chunk_size] if ref_hidden is not None else None
+        if ref_h is not None and not with_kl:  # reference log-probs only: nothing to keep for the backward
             with torch.no_grad():
-                ref_lp = torch.log_softmax(F.linear(ref_hidden[s:s + chunk_size], weight).float(), dim=-1)
+                ref_lp = torch.log_softmax(F.linear(ref_h, weight).float(), dim=-1)
                 ref_logps.append(ref_lp.gather(-1, t[:, None]).squeeze(-1))
-        if not with_kl:
-            ref_lp = None
+            del ref_lp
+            ref_h = None
         if torch.is_grad_enabled() and h.requires_grad:
-            lp, kl = checkpoint(_chunk_logps_kl, h, weight, t, ref_lp, use_reentrant=False)
+            lp, ref_lp_t, kl = checkpoint(_chunk_logps_kl, h, weight, t, ref_h, use_reentrant=False)
         else:
-            lp, kl = _chunk_logps_kl(h, weight, t, ref_lp)
+            lp, ref_lp_t, kl = _chunk_logps_kl(h, weight, t, ref_h)
         logps.append(lp)
+        if ref_lp_t is not None:
+            ref_logps.append(ref_lp_t.detach())
         if kl is not None:
             kls.append(kl)
-        del ref_lp
     cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731
     return cat(logps), cat(ref_logps), cat(kls)
 
