@@ -1,8 +1,10 @@
 """One forward for every method: response log-probs (and, when asked, reference log-probs and the
 exact token KL) computed from hidden states in chunks.
 
-Only positions that predict a response token go through the LM head, chunk by chunk under
-activation checkpointing, so no [tokens x vocabulary] fp32 tensor for the batch is ever kept.
+Only positions that predict a response token go through the LM head, chunk by chunk, with a
+hand-written backward that recomputes the chunk's log-softmax in place (the frozen LM head needs no
+weight gradient), so no [tokens x vocabulary] fp32 tensor for the batch is ever kept and a chunk holds
+at most three [chunk x vocabulary] fp32 buffers at once.
 The reference is the same network with the LoRA adapter disabled, run under no_grad: no second copy.
 This is an nn.Module so DDP (accelerate) sees one forward and synchronises gradients as usual.
 """
@@ -33,6 +35,59 @@ def _chunk_logps_kl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     return logp, ref_logp, kl
 
 
+def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dim, in place (fp32 logits)."""
+    logits -= logits.amax(-1, keepdim=True)
+    logits -= logits.exp().sum(-1, keepdim=True).log_()
+    return logits
+
+
+class _FrozenHeadChunk(torch.autograd.Function):
+    """Per-token log p(target), and with reference hidden states also the reference's log p(target) and
+    KL(policy || ref), for one chunk through a frozen LM head. Saves only the [chunk, H] inputs; the
+    backward rebuilds the log-softmax and forms d/dlogits = g_lp * (onehot - p) + g_kl * p * (log p - log q - KL)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, ref_h):
+        logprobs = _log_softmax_(F.linear(h, weight).float())
+        logp = logprobs.gather(-1, targets[:, None]).squeeze(-1)
+        ref_logp = kl = None
+        if ref_h is not None:
+            diff = _log_softmax_(F.linear(ref_h, weight).float())
+            ref_logp = diff.gather(-1, targets[:, None]).squeeze(-1)
+            diff.neg_().add_(logprobs)  # log p - log q, in the reference's buffer
+            kl = torch.bmm(logprobs.exp_().unsqueeze(1), diff.unsqueeze(2)).view(-1)  # sum_v p (log p - log q)
+        ctx.save_for_backward(h, weight, targets, ref_h)
+        dev = h.device.type  # the backward recomputes under the forward's autocast state, so both match
+        ctx.autocast = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
+        ctx.mark_non_differentiable(*(t for t in (ref_logp,) if t is not None))
+        return logp, ref_logp, kl
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ref, g_kl):
+        h, weight, targets, ref_h = ctx.saved_tensors
+        dev, dtype, enabled = ctx.autocast
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            return _FrozenHeadChunk._backward(h, weight, targets, ref_h, g_logp, g_kl)
+
+    @staticmethod
+    def _backward(h, weight, targets, ref_h, g_logp, g_kl):
+        logprobs = _log_softmax_(F.linear(h, weight).float())
+        if g_logp is None:
+            g_logp = torch.zeros(h.shape[0], device=h.device, dtype=torch.float32)
+        if ref_h is not None and g_kl is not None:
+            diff = _log_softmax_(F.linear(ref_h, weight).float()).neg_().add_(logprobs)
+            p = logprobs.exp_()
+            kl = torch.bmm(p.unsqueeze(1), diff.unsqueeze(2)).view(-1, 1)
+            grad = diff.sub_(kl).mul_(g_kl.float()[:, None]).sub_(g_logp.float()[:, None]).mul_(p)
+            del logprobs, p
+        else:
+            grad = logprobs.exp_().mul_(-g_logp.float()[:, None])
+        grad.scatter_add_(-1, targets[:, None], g_logp.float()[:, None])
+        grad_h = grad.to(h.dtype) @ weight
+        return grad_h, None, None, None
+
+
 def chunked_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
                   ref_hidden: torch.Tensor | None = None, with_kl: bool = False):
     """Per-token log p(target) under `hidden` (grad) and `ref_hidden` (no grad), and KL(policy || ref).
@@ -49,7 +104,9 @@ def chunked_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                 ref_logps.append(ref_lp.gather(-1, t[:, None]).squeeze(-1))
             del ref_lp
             ref_h = None
-        if torch.is_grad_enabled() and h.requires_grad:
+        if torch.is_grad_enabled() and h.requires_grad and not weight.requires_grad:
+            lp, ref_lp_t, kl = _FrozenHeadChunk.apply(h, weight, t, ref_h)
+        elif torch.is_grad_enabled() and h.requires_grad:  # a trained LM head: plain autograd, checkpointed
             lp, ref_lp_t, kl = checkpoint(_chunk_logps_kl, h, weight, t, ref_h, use_reentrant=False)
         else:
             lp, ref_lp_t, kl = _chunk_logps_kl(h, weight, t, ref_h)
