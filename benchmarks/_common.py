@@ -38,6 +38,16 @@ CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 
 
+def add_common_args(ap) -> None:
+    """Arguments every ours-vs-TRL benchmark takes: data, tokenizer, step count, vocabulary, output, time budget."""
+    ap.add_argument("--data", default=".carry/hh_test.jsonl.gz")
+    ap.add_argument("--tok", default=".carry/tok")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--results", default="benchmarks/results")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip runs that start after this many seconds")
+
+
 def card() -> str:
     return torch.cuda.get_device_name(0) if CUDA else "cpu"
 

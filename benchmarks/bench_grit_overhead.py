@@ -23,15 +23,10 @@ import _common as C  # noqa: E402
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=".carry/hh_test.jsonl.gz")
-    ap.add_argument("--tok", default=".carry/tok")
+    C.add_common_args(ap)
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--method", default="dpo")
     ap.add_argument("--gc", default="off,on", help="first value is the headline; the others go under 'variants'")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--vocab", type=int, default=128256)
-    ap.add_argument("--results", default="benchmarks/results")
-    ap.add_argument("--budget-s", type=float, default=1e9)
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     card = C.card()

@@ -26,16 +26,11 @@ import _common as C  # noqa: E402
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=".carry/hh_test.jsonl.gz")
-    ap.add_argument("--tok", default=".carry/tok")
+    C.add_common_args(ap)
     ap.add_argument("--shapes", default="llama3-8b,llama3.2-1b")
     ap.add_argument("--gc", default="off,on")
     ap.add_argument("--methods", default="dpo,cita,sft")
     ap.add_argument("--variants", default="mb8", help="extra ours-only rows: mb8, tokN (micro_batch_tokens=N), tokNcM (+ logp_chunk_size=M), chunk4096, none")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--vocab", type=int, default=128256)
-    ap.add_argument("--budget-s", type=float, default=1e9, help="skip runs that start after this many seconds")
-    ap.add_argument("--results", default="benchmarks/results")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--from-log", help="rebuild the result files and the table from a log's RESULT lines (no runs)")
     ap.add_argument("--card", help="with --from-log: the card name the log was made on")

@@ -63,17 +63,22 @@ def aqi_by_arm(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
     return _save_both(fig, plt, stem)
 
 
+def _difference_bars(ax, items, ylabel: str, title: str) -> None:
+    """Differences with CIs around a zero line; items are (label, estimate, low, high, significant)."""
+    labels, values, lows, highs, significant = zip(*items)
+    _bars(ax, labels, values, lows, highs, [_SIG_COLOUR if sig else _NS_COLOUR for sig in significant])
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title} (blue: CI excludes 0)", fontsize=10)
+
+
 def delta_aqi(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     shown = [r for r in rows if r["delta_aqi"] is not None]
     if shown:
-        colours = [_SIG_COLOUR if r["delta_aqi_significant"] else _NS_COLOUR for r in shown]
-        _bars(ax, [r["arm"] for r in shown], [r["delta_aqi"] for r in shown],
-              [r["delta_aqi_low"] for r in shown], [r["delta_aqi_high"] for r in shown], colours)
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set_ylabel("ΔAQI vs baseline")
-        ax.set_title("ΔAQI vs baseline (blue: CI excludes 0)", fontsize=10)
+        _difference_bars(ax, [(r["arm"], r["delta_aqi"], r["delta_aqi_low"], r["delta_aqi_high"],
+                               r["delta_aqi_significant"]) for r in shown], "ΔAQI vs baseline", "ΔAQI vs baseline")
     else:
         _empty(ax, "ΔAQI not available (no baseline or no embeddings)")
     return _save_both(fig, plt, stem)
@@ -85,12 +90,8 @@ def grit_effect(findings: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, 
     fig, ax = plt.subplots(figsize=(5, 4))
     shown = [f for f in findings if f.get("answerable")]
     if shown:
-        colours = [_SIG_COLOUR if f["significant"] else _NS_COLOUR for f in shown]
-        _bars(ax, [f["comparison"] for f in shown], [f["estimate"] for f in shown],
-              [f["low"] for f in shown], [f["high"] for f in shown], colours)
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set_ylabel("AQI with GRIT − without")
-        ax.set_title("GRIT effect per method (blue: CI excludes 0)", fontsize=10)
+        _difference_bars(ax, [(f["comparison"], f["estimate"], f["low"], f["high"], f["significant"]) for f in shown],
+                         "AQI with GRIT − without", "GRIT effect per method")
     else:
         _empty(ax, "no base method has both arms")
     return _save_both(fig, plt, stem)

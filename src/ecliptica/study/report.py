@@ -63,7 +63,7 @@ class TrainInfo(TypedDict):
     peak_gpu_memory_gib: float | None  # None: trained on CPU
     train_tokens: int
     num_processes: int  # GPUs (or CPU processes) that ran for train_seconds each
-    device_shared_by: NotRequired[int]  # runs that shared each device at once (parallel study workers)
+    device_shared_by: NotRequired[int | None]  # runs sharing each device at once (parallel workers); None/absent = 1
 
 
 class EvalInfo(TypedDict, total=False):
@@ -430,7 +430,7 @@ def _training_summary(runs: Sequence[dict]) -> dict[str, Any]:
                 "compute_hours": None, "compute_device": None}
     minutes = [t["train_seconds"] / 60 for t in trains]
     # k workers sharing one device each get about 1/k of it, so a run's device-hours are its wall time / k
-    hours = [t["train_seconds"] * t.get("num_processes", 1) / t.get("device_shared_by", 1) / 3600 for t in trains]
+    hours = [t["train_seconds"] * t.get("num_processes", 1) / (t.get("device_shared_by") or 1) / 3600 for t in trains]
     vram = [t.get("peak_gpu_memory_gib") for t in trains]
     on_gpu = all(v is not None for v in vram)
     return {
@@ -891,7 +891,7 @@ def build_report(
     q2 = answer_q2(ctx)
     questions = {"Q1": answer_q1(ctx), "Q2": q2, "Q3": answer_q3(ctx), "Q4": answer_q4(ctx, rows, q2)}
     notes = consistency_notes(ctx)
-    shared = sorted({(r.get("train") or {}).get("device_shared_by", 1) for r in records} - {1})
+    shared = sorted({(r.get("train") or {}).get("device_shared_by") or 1 for r in records} - {1})
     if shared:
         notes.append(f"Runs trained while {' or '.join(map(str, shared))} study workers shared each device: train "
                      "minutes and tokens/s are wall-clock under that sharing (comparable between arms of this study, "

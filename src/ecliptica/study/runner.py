@@ -76,7 +76,7 @@ class StudyRunner:
             if arm.method == "baseline" or (only is not None and arm.name not in only):
                 continue
             rid = self.run_id(arm, seed)
-            if not self._claim(rid, lambda st: st not in ("trained", "evaluated", "failed" if self.worker else "")):
+            if not self._claim(rid, lambda st: st not in self._not_to_train):
                 continue
             try:
                 tc = self.cfg.arm_config(arm, seed)
@@ -97,6 +97,11 @@ class StudyRunner:
                 self.store.set_status(rid, "trained", train_summary=summary)
             finally:
                 self._release(rid)
+
+    @property
+    def _not_to_train(self) -> tuple[str, ...]:
+        # a worker leaves failed runs alone (the coordinator retries them on the next invocation)
+        return ("trained", "evaluated", "failed") if self.worker else ("trained", "evaluated")
 
     def evaluate_all(self) -> None:
         """Evaluate every trained run and the baseline. A worker also waits for runs other workers
@@ -178,18 +183,15 @@ class StudyRunner:
             row = by_id[self.run_id(arm, seed)]
             ev = row["eval_result"] or {}
             summary = row["train_summary"]
-            metrics_path = None
-            if summary is not None and arm.method != "baseline":
-                metrics_path = str(Path(self.cfg.arm_config(arm, seed).run_dir) / "metrics.jsonl")
             tc = self.cfg.arm_config(arm, seed) if arm.method != "baseline" else None
+            metrics_path = str(Path(tc.run_dir) / "metrics.jsonl") if summary is not None and tc else None
             out.append({
                 "arm": arm.name, "seed": seed, "method": arm.method,
                 "optimizer": arm.optimizer if arm.method != "baseline" else None,
                 "placement": (tc.method.placement or _default_placement(arm.method)) if tc else "none",
                 "overrides": dict(arm.overrides),
                 "train": None if summary is None else {
-                    k: summary.get(k, 1 if k == "device_shared_by" else None)
-                    for k in ("train_seconds", "tokens_per_s", "peak_gpu_memory_gib", "train_tokens", "num_processes",
+                    k: summary.get(k) for k in ("train_seconds", "tokens_per_s", "peak_gpu_memory_gib", "train_tokens", "num_processes",
                               "device_shared_by")},
                 "metrics_path": metrics_path,
                 "eval": ev.get("summary", {}),
@@ -252,7 +254,8 @@ class StudyRunner:
             procs[name] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log)
         print(f"[study] {workers} workers{' on devices ' + ','.join(devices) if devices else ''}; "
               f"logs in {logs}", flush=True)
-        n_work = sum(1 for a, _ in self.plan if a.method != "baseline") + len(self.plan)
+        trained_arms = {a.name for a in self.cfg.arms if a.method != "baseline"}
+        n_work = sum(1 for a, _ in self.plan if a.name in trained_arms) + len(self.plan)
         failed_workers = []
         with tqdm(total=n_work, desc="study runs (train + eval)", unit="job") as bar:
             while procs:
@@ -265,7 +268,7 @@ class StudyRunner:
                     if proc.returncode != 0:
                         failed_workers.append(name)
                         self._abandon(name)
-                done = sum((r["status"] in ("trained", "evaluated") and r["arm"] in self._trained_arms())
+                done = sum((r["status"] in ("trained", "evaluated") and r["arm"] in trained_arms)
                            + (r["status"] == "evaluated") for r in self.store.all())
                 bar.update(done - bar.n)
         bad = [r for r in self.store.all() if r["status"] != "evaluated"]
@@ -273,9 +276,6 @@ class StudyRunner:
             raise RuntimeError(
                 f"study incomplete: workers {failed_workers or 'none'} failed (see {logs}); runs not evaluated: "
                 + ", ".join(f"{r['run_id']} ({r['status']}{': ' + r['error'] if r['error'] else ''})" for r in bad))
-
-    def _trained_arms(self) -> set[str]:
-        return {a.name for a in self.cfg.arms if a.method != "baseline"}
 
     def _abandon(self, worker: str) -> None:
         """A worker died: its claimed runs are marked failed and released, so nobody waits for them."""
