@@ -44,7 +44,8 @@ class DataSection(Strict):
     instruction: str | None = None  # for formats without a per-row instruction
     column_map: dict[str, str] = {}
     limit: int | None = None
-    val_fraction: float = 0.0
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # held-out validation pairs (never trained on)
+    split_seed: int = 0  # the split's own seed: every arm and training seed sees the same train/val pairs
     max_length: int = 1024
     max_prompt_length: int = 512
 

@@ -4,7 +4,7 @@ from pathlib import Path
 from .formatting import PLACEMENTS, Placement, place_instruction, render_pair, render_prompt
 from .loaders import FORMATS, LoadOptions, Loaded, load, load_preferences, load_prompts, save_bad_rows
 from .schema import BadRow, DataError, LoadReport, Message, PreferenceExample, PromptExample
-from .tokenize import TokenizedData, TokenizedPair, TokenizeSettings, split_train_val, tokenize_pairs
+from .tokenize import TokenizedData, TokenizedPair, TokenizeSettings, describe_split, split_train_val, tokenize_pairs
 
 DEMO_DIR = Path(__file__).parent / "demo"
 DEMO_PREFERENCES = DEMO_DIR / "preference_pairs.jsonl"
@@ -20,5 +20,6 @@ __all__ = [
     "BadRow", "DataError", "FORMATS", "LoadOptions", "LoadReport", "Loaded", "Message", "PLACEMENTS",
     "Placement", "PreferenceExample", "PromptExample", "TokenizeSettings", "TokenizedData", "TokenizedPair",
     "DEMO_EVAL_PROMPTS", "DEMO_PREFERENCES", "load", "load_preferences", "load_prompts", "place_instruction",
-    "render_pair", "render_prompt", "resolve_path", "save_bad_rows", "split_train_val", "tokenize_pairs",
+    "describe_split", "render_pair", "render_prompt", "resolve_path", "save_bad_rows", "split_train_val",
+    "tokenize_pairs",
 ]

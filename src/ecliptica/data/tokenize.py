@@ -106,3 +106,11 @@ def split_train_val(items: list, key, val_fraction: float, seed: int) -> tuple[l
         digest = hashlib.sha256(f"{seed}:{key(item)}".encode()).digest()
         (val if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else train).append(item)
     return train, val
+
+
+def describe_split(train_ids: list[str], val_ids: list[str], val_fraction: float, seed: int) -> dict:
+    """What identifies a train/val split: sizes and a hash of each side's sorted ids (the ids themselves
+    go to the run's split.json). Two runs used the same split exactly when these agree."""
+    digest = lambda ids: hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]  # noqa: E731
+    return {"seed": seed, "val_fraction": val_fraction, "n_train": len(train_ids), "n_val": len(val_ids),
+            "train_ids_hash": digest(train_ids), "val_ids_hash": digest(val_ids)}

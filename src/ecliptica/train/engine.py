@@ -22,7 +22,8 @@ import torch
 
 from .. import __version__
 from ..config import TrainConfig, save_config
-from ..data import LoadOptions, load_preferences, resolve_path, save_bad_rows, split_train_val, tokenize_pairs
+from ..data import (LoadOptions, describe_split, load_preferences, resolve_path, save_bad_rows, split_train_val,
+                    tokenize_pairs)
 from ..data.tokenize import TokenizedData, TokenizeSettings
 from ..losses import MethodConfig, SequenceStats, build_loss
 from ..models import LoraSettings, ModelConfig, apply_lora, describe_parameters, load_model, load_tokenizer
@@ -70,19 +71,26 @@ def _mixed_precision(cfg: TrainConfig) -> str:
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, placement: str, progress: bool = True) -> tuple[TokenizedData, dict]:
-    """Load, validate, split and tokenise the training pairs (train part only) and report what happened."""
+    """Load, validate, split and tokenise the training pairs and report what happened. Only the train part
+    is trained on; the validation part (`data.val_fraction`, split by `data.split_seed`) is tokenised the
+    same way and returned in info["val"] for held-out scoring (None without a validation part)."""
     opts = LoadOptions(instruction=cfg.data.instruction, column_map=cfg.data.column_map)
     loaded = load_preferences(resolve_path(cfg.data.path), cfg.data.format, on_bad_row=cfg.data.on_bad_row,
                               options=opts, limit=cfg.data.limit)
-    train, val = split_train_val(loaded.examples, lambda e: e.row_id, cfg.data.val_fraction, cfg.seed)
+    train, val = split_train_val(loaded.examples, lambda e: e.row_id, cfg.data.val_fraction, cfg.data.split_seed)
     settings = TokenizeSettings(cfg.data.max_length, cfg.data.max_prompt_length)
     tokenized = tokenize_pairs(tokenizer, train, placement, settings, progress=progress)
     if not tokenized.pairs:
         raise ValueError(f"{cfg.data.path}: no training pairs left after validation and split")
+    val_tokenized = tokenize_pairs(tokenizer, val, placement, settings, progress=False) if val else None
+    split_ids = {"train": [e.row_id for e in train], "val": [e.row_id for e in val]}
+    split = describe_split(split_ids["train"], split_ids["val"], cfg.data.val_fraction, cfg.data.split_seed)
     report = {"rows_read": loaded.report.rows_read, "kept": loaded.report.kept,
               "bad_rows": len(loaded.report.bad_rows), "filtered": dict(loaded.filtered),
-              "train_pairs": len(train), "val_pairs": len(val), "tokenization": tokenized.stats.as_dict()}
-    return tokenized, {"report": report, "loaded": loaded}
+              "train_pairs": len(train), "val_pairs": len(val), "split": split,
+              "tokenization": tokenized.stats.as_dict()}
+    return tokenized, {"report": report, "loaded": loaded, "val": val_tokenized,
+                       "split_ids": {**split, **split_ids}}
 
 
 class Trainer:
@@ -111,8 +119,11 @@ class Trainer:
         self.tokenizer = load_tokenizer(model_cfg)
         self.data, info = prepare_data(cfg, self.tokenizer, self.placement, progress=acc.is_main_process)
         self.data_report = info["report"]
-        if cfg.data.on_bad_row == "skip" and acc.is_main_process and info["loaded"].report.bad_rows:
+        self.val_data: TokenizedData | None = info["val"]
+        if acc.is_main_process:  # the split's ids, so a reader can rebuild exactly what was held out
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "split.json").write_text(json.dumps(info["split_ids"]))
+        if cfg.data.on_bad_row == "skip" and acc.is_main_process and info["loaded"].report.bad_rows:
             save_bad_rows(info["loaded"], self.run_dir / "skipped_rows.json")
 
         model = load_model(model_cfg)
@@ -335,12 +346,18 @@ class Trainer:
         acc.end_training()  # closes trackers and (multi-process) the process group: keep it last
         return summary
 
+    def _epochs(self) -> float:
+        """Passes over the training split that max_steps makes (pairs drawn / training pairs)."""
+        t = self.cfg.train
+        drawn = t.max_steps * t.grad_accum * t.micro_batch_size * self.accelerator.num_processes
+        return drawn / len(self.data.pairs)
+
     def _finish(self, last_metrics: dict) -> dict:
         acc = self.accelerator
         acc.wait_for_everyone()
         summary = {
             "method": self.cfg.method.name, "optimizer": self.cfg.optimizer.name, "placement": self.placement,
-            "steps": self.cfg.train.max_steps, "train_seconds": self.train_seconds,
+            "steps": self.cfg.train.max_steps, "epochs": self._epochs(), "train_seconds": self.train_seconds,
             "train_tokens": self.train_tokens,
             "tokens_per_s": self.train_tokens / self.train_seconds if self.train_seconds else 0.0,
             "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
