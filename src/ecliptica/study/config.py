@@ -2,7 +2,8 @@
 
 Every arm's TrainConfig is built from the same `train` block, so data order, precision, batch and
 schedule are identical by construction; an arm may override single dotted keys (recorded and shown
-in the results table).
+in the results table). With `calibration` on, each trained arm's learning rate (and GRIT damping) is
+chosen per arm on the validation split before the final runs (study/calibration.py).
 """
 from __future__ import annotations
 
@@ -13,14 +14,50 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ..config import Strict, TrainConfig, apply_overrides, config_hash
+from ..evaluation.config import EvalDataSection
+
+# Arms evaluated without training: the base as is, and the base with the instruction as system message
+# (separates "the instruction helps" from "training on it helps").
+UNTRAINED = ("baseline", "prompt_only")
 
 
 class ArmSpec(Strict):
     name: str
-    method: Literal["baseline", "sft", "dpo", "cita"]
+    method: Literal["baseline", "prompt_only", "sft", "dpo", "cita"]
     optimizer: Literal["adamw", "adamw8bit", "grit"] = "adamw"
     placement: Literal["system", "prepend", "none"] | None = None  # None = the method's default
     overrides: dict[str, Any] = {}  # dotted TrainConfig keys, e.g. {"optimizer.lr": 1.0e-4}
+    instruction: str | None = None  # prompt_only: the system message (default: train.data.instruction)
+
+    @property
+    def trained(self) -> bool:
+        return self.method not in UNTRAINED
+
+
+class CalibrationSection(Strict):
+    """Per trained arm, a learning-rate sweep (x `grit_dampings` for GRIT arms), trained on the train split
+    with seed `seed` and scored on the validation split. The rule is fixed here, before any result:
+    the highest validation preference accuracy among points whose benign token KL to the base is at most
+    `kl_bound`; accuracies within `accuracy_tolerance` of the best tie, and ties go to the smaller lr, then
+    the smaller KL; if no point meets the bound, the point with the smallest KL (marked infeasible)."""
+
+    enabled: bool = False
+    rule: Literal["max_val_accuracy_within_kl"] = "max_val_accuracy_within_kl"
+    lrs: list[float] = Field(default_factory=lambda: [3.0e-5, 1.0e-4, 3.0e-4], min_length=1)
+    grit_dampings: list[float] = []  # empty: GRIT arms sweep lr only, at the study's GRIT damping
+    max_steps: int | None = Field(None, ge=1)  # None: the final runs' train.train.max_steps
+    seed: int = 0
+    kl_bound: float = Field(0.05, gt=0)
+    accuracy_tolerance: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1)  # validation and benign pairs per scoring forward
+
+    @model_validator(mode="after")
+    def _check(self):
+        for name in ("lrs", "grit_dampings"):
+            values = getattr(self, name)
+            if any(v <= 0 for v in values) or len(set(values)) != len(values):
+                raise ValueError(f"calibration.{name} must be distinct positive numbers, got {values}")
+        return self
 
 
 def default_arms() -> list[ArmSpec]:
@@ -36,7 +73,11 @@ class StudyConfig(Strict):
     train: dict[str, Any] = {}  # TrainConfig fields shared by every arm (model, lora, data, method, optimizer, ...)
     grit: dict[str, Any] = {}  # GRIT settings used by every +GRIT arm
     evaluation: dict[str, Any] = {}  # EvalConfig fields shared by every arm (model/adapter/out_dir are filled in)
+    # Named evaluation prompt sets, e.g. {dev: ..., test: ...}: every run is evaluated on each, and the
+    # table and research questions read `test` only. Empty: the one set in evaluation.data (no dev/test split).
+    evaluation_sets: dict[str, EvalDataSection] = {}
     arms: list[ArmSpec] = Field(default_factory=default_arms)
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection)
     report: dict[str, Any] = {"n_resamples": 1000, "seed": 0, "alpha": 0.05}
 
     @model_validator(mode="after")
@@ -50,14 +91,41 @@ class StudyConfig(Strict):
             if k in self.train:
                 raise ValueError(f"train.{k} is set per run by the study; remove it")
         for arm in self.arms:  # fail now, not after hours of training, if an arm's config is invalid
-            if arm.method != "baseline":
+            if arm.trained:
                 self.arm_config(arm, self.seeds[0])
+                swept = {"optimizer.lr", "optimizer.grit.damping"} & set(arm.overrides)
+                if self.calibration.enabled and swept:
+                    raise ValueError(f"arm {arm.name!r} overrides {sorted(swept)}, which calibration chooses")
+            if arm.instruction is not None and arm.method != "prompt_only":
+                raise ValueError(f"arm {arm.name!r}: `instruction` applies to prompt_only arms only")
+            if arm.method == "prompt_only" and not self.prompt_instruction(arm):
+                raise ValueError(f"arm {arm.name!r} (prompt_only) needs an instruction: set the arm's "
+                                 "`instruction` or train.data.instruction")
+        if self.calibration.enabled and not self.train.get("data", {}).get("val_fraction", 0) > 0:
+            raise ValueError("calibration needs a validation split: set train.data.val_fraction > 0")
+        if self.evaluation_sets:
+            if "test" not in self.evaluation_sets:
+                raise ValueError(f"evaluation_sets needs a `test` set (the report reads it), got "
+                                 f"{sorted(self.evaluation_sets)}")
+            if "data" in self.evaluation:
+                raise ValueError("evaluation.data and evaluation_sets are both set: name the prompt sets "
+                                 "in evaluation_sets only")
         return self
+
+    def prompt_instruction(self, arm: ArmSpec) -> str | None:
+        return arm.instruction or self.train.get("data", {}).get("instruction")
+
+    def eval_sets(self) -> dict[str, dict]:
+        """Evaluation prompt sets by name; without `evaluation_sets`, the one set is reported as `test`."""
+        if self.evaluation_sets:
+            return {k: v.model_dump() for k, v in self.evaluation_sets.items()}
+        return {"test": self.evaluation.get("data", {})}
 
     def run_id(self, arm: ArmSpec, seed: int) -> str:
         return f"{arm.name}-s{seed}"
 
-    def arm_config(self, arm: ArmSpec, seed: int) -> TrainConfig:
+    def arm_config(self, arm: ArmSpec, seed: int, calibrated: dict[str, Any] | None = None) -> TrainConfig:
+        """The arm's TrainConfig; `calibrated` holds the dotted keys calibration chose (applied last)."""
         raw = copy.deepcopy(self.train)
         raw["run_dir"] = str(Path(self.study_dir) / "runs" / self.run_id(arm, seed))
         raw["seed"] = seed
@@ -71,7 +139,8 @@ class StudyConfig(Strict):
             raw["optimizer"]["grit"] = {**self.grit, **raw["optimizer"].get("grit", {})}
         else:
             raw["optimizer"].pop("grit", None)
-        raw = apply_overrides(raw, [f"{k}={_yaml_value(v)}" for k, v in arm.overrides.items()])
+        settings = {**arm.overrides, **(calibrated or {})}
+        raw = apply_overrides(raw, [f"{k}={_yaml_value(v)}" for k, v in settings.items()])
         try:
             return TrainConfig.model_validate(raw)
         except Exception as e:

@@ -8,6 +8,10 @@ adapters, then the report is rebuilt from the store.
 With `workers > 1` the runs are spread over worker processes (one per GPU, or several sharing one
 GPU when a small model leaves it idle): each worker claims runs in the store, so every run is
 trained and evaluated exactly once, by the same code as the single-process path.
+
+With `calibration` on, a calibration phase comes first (in this process, before any worker starts):
+each trained arm's sweep is trained on the train split and scored on the validation split, the
+config's rule picks each arm's settings, and only then are the final runs registered, with them.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 import yaml
 
 from ..config import config_hash, load_config
+from .calibration import calibrate, calibration_rows, chosen_settings, write_calibration
 from .config import ArmSpec, StudyConfig
 from .store import StudyStore
 
@@ -44,18 +49,44 @@ class StudyRunner:
             tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
             tmp.replace(self.dir / "study.yaml")
         self.plan: list[tuple[ArmSpec, int]] = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]
+        # each trained arm's calibrated settings ({} without calibration); None until the sweep is done
+        self.calibrated = chosen_settings(cfg, self.store)
+        if self.calibrated is not None:
+            self._register_plan()
+        elif worker is not None:
+            raise RuntimeError("calibration is unfinished: the coordinator calibrates before starting workers")
+
+    def _register_plan(self) -> None:
         for arm, seed in self.plan:
             self.store.register(self.run_id(arm, seed), arm.name, seed, self._hash(arm, seed), self._describe(arm, seed))
+
+    def calibrate(self) -> None:
+        """The calibration phase (resumable); afterwards the final runs are registered with the choices."""
+        if self.calibrated is None:
+            self.calibrated = calibrate(self.cfg, self.store)
+            self._register_plan()
+
+    def arm_config(self, arm: ArmSpec, seed: int):
+        """The final run's TrainConfig: the study's shared settings + the arm's + its calibrated choice."""
+        if self.calibrated is None:
+            raise RuntimeError("calibration is unfinished; call calibrate() first")
+        return self.cfg.arm_config(arm, seed, self.calibrated.get(arm.name))
 
     def run_id(self, arm: ArmSpec, seed: int) -> str:
         return self.cfg.run_id(arm, seed)
 
     def _describe(self, arm: ArmSpec, seed: int) -> dict:
-        d = {"arm": arm.model_dump(), "seed": seed, "evaluation": self.cfg.evaluation}
-        if arm.method != "baseline":
-            d["train"] = self.cfg.arm_config(arm, seed).model_dump(mode="json")
+        # keys added by later versions appear only when used, so existing stores keep their hashes
+        d = {"arm": arm.model_dump(exclude={"instruction"} if arm.instruction is None else None), "seed": seed,
+             "evaluation": self.cfg.evaluation}
+        if self.cfg.evaluation_sets:
+            d["evaluation_sets"] = self.cfg.eval_sets()
+        if arm.trained:
+            d["train"] = self.arm_config(arm, seed).model_dump(mode="json")
         else:
             d["model"] = self.cfg.train.get("model", {})
+        if arm.method == "prompt_only":
+            d["instruction"] = self.cfg.prompt_instruction(arm)
         return d
 
     def _hash(self, arm: ArmSpec, seed: int) -> str:
@@ -72,14 +103,15 @@ class StudyRunner:
     def train_all(self, only: list[str] | None = None) -> None:
         from ..train import Trainer
 
+        self.calibrate()
         for arm, seed in self.plan:
-            if arm.method == "baseline" or (only is not None and arm.name not in only):
+            if not arm.trained or (only is not None and arm.name not in only):
                 continue
             rid = self.run_id(arm, seed)
             if not self._claim(rid, lambda st: st not in self._not_to_train):
                 continue
             try:
-                tc = self.cfg.arm_config(arm, seed)
+                tc = self.arm_config(arm, seed)
                 print(f"[study] training {rid} ({arm.method}, optimizer={arm.optimizer}, "
                       f"placement={tc.method.placement or 'method default'})", flush=True)
                 self.store.set_status(rid, "training")
@@ -94,6 +126,7 @@ class StudyRunner:
                     gc.collect()
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
+                self.store.record_split("preference", summary["data"]["split"])
                 self.store.set_status(rid, "trained", train_summary=summary)
             finally:
                 self._release(rid)
@@ -114,13 +147,13 @@ class StudyRunner:
                 status = rows[rid]["status"]
                 if status == "evaluated" or (self.worker and status == "failed"):
                     continue
-                ready = arm.method == "baseline" or status == "trained"
+                ready = not arm.trained or status == "trained"
                 if not ready:
                     if self.worker is None:
                         raise RuntimeError(f"{rid} is {status}, not trained; cannot evaluate")
                     waiting = True  # another worker is training it
                     continue
-                if not self._claim(rid, lambda st, base=arm.method == "baseline": st == "trained" or
+                if not self._claim(rid, lambda st, base=not arm.trained: st == "trained" or
                                    (base and st != "evaluated")):
                     waiting = True
                     continue
@@ -132,28 +165,40 @@ class StudyRunner:
                 return
             time.sleep(2.0)
 
-    _handle = _prompts = None
+    _handle = None
+    _prompts: dict = {}
 
     def _evaluate_one(self, arm: ArmSpec, seed: int, rid: str) -> None:
+        """Evaluate one run on every named prompt set; the `test` set's record is the one the report reads."""
         from ..evaluation.config import EvalConfig
         from ..evaluation.model_handle import ModelHandle
         from ..evaluation.runner import prompts_from_config, run_eval
         from ..models import ModelConfig
 
         run_dir = self._run_dir(arm, seed)
-        raw = {**self.cfg.evaluation, "out_dir": str(run_dir / "eval"),
-               "adapter": str(run_dir / "adapter") if arm.method != "baseline" else None,
-               "model": _eval_model_section(self.cfg.train.get("model", {}))}
-        ecfg = EvalConfig.model_validate(raw)
-        if self._handle is None:  # one base for every arm; adapters are swapped in unmerged
-            self._handle = ModelHandle.load(ModelConfig(**ecfg.model.model_dump()))
-            self._prompts = prompts_from_config(ecfg)
-        print(f"[study] evaluating {rid}", flush=True)
-        result = run_eval(ecfg, handle=self._handle, prompts=self._prompts)
-        emb_path = _write_embeddings(result, self._prompts, run_dir / "eval" / "embeddings.npz")
-        record = {"summary": _eval_summary(result), "embeddings_path": str(emb_path),
-                  "eval_json": str(run_dir / "eval" / "eval.json")}
-        self.store.set_status(rid, "evaluated", eval_result=record)
+        records = {}
+        for split, data in self.cfg.eval_sets().items():
+            out = run_dir / "eval" / split if self.cfg.evaluation_sets else run_dir / "eval"
+            raw = {**self.cfg.evaluation, "data": data, "out_dir": str(out),
+                   "adapter": str(run_dir / "adapter") if arm.trained else None,
+                   "model": _eval_model_section(self.cfg.train.get("model", {}))}
+            if arm.method == "prompt_only":
+                raw = _with_system_instruction(raw, self.cfg.prompt_instruction(arm))
+            ecfg = EvalConfig.model_validate(raw)
+            if self._handle is None:  # one base for every arm; adapters are swapped in unmerged
+                self._handle = ModelHandle.load(ModelConfig(**ecfg.model.model_dump()))
+            if split not in self._prompts:
+                self._prompts = {**self._prompts, split: prompts_from_config(ecfg)}
+            prompts = self._prompts[split]
+            print(f"[study] evaluating {rid}" + (f" on {split}" if self.cfg.evaluation_sets else ""), flush=True)
+            result = run_eval(ecfg, handle=self._handle, prompts=prompts)
+            emb_path = _write_embeddings(result, prompts, out / "embeddings.npz")
+            records[split] = {"summary": _eval_summary(result), "embeddings_path": str(emb_path),
+                              "eval_json": str(out / "eval.json")}
+            self.store.record_split(f"eval:{split}", {"n_prompts": result["data"]["n_prompts"],
+                                                      "data_hash": result["data"]["data_hash"]})
+            self.store.set_evaluation(rid, split, records[split])
+        self.store.set_status(rid, "evaluated", eval_result=records["test"])
 
     def _claim(self, rid: str, needs_work) -> bool:
         """True if this process should work on `rid` now: it still needs the work and, for a worker,
@@ -172,9 +217,9 @@ class StudyRunner:
             self.store.release(rid)
 
     def _run_dir(self, arm: ArmSpec, seed: int) -> Path:
-        if arm.method == "baseline":
+        if not arm.trained:
             return self.dir / "runs" / self.run_id(arm, seed)
-        return Path(self.cfg.arm_config(arm, seed).run_dir)
+        return Path(self.arm_config(arm, seed).run_dir)
 
     def records(self) -> list[dict]:
         out = []
@@ -183,13 +228,16 @@ class StudyRunner:
             row = by_id[self.run_id(arm, seed)]
             ev = row["eval_result"] or {}
             summary = row["train_summary"]
-            tc = self.cfg.arm_config(arm, seed) if arm.method != "baseline" else None
+            tc = self.arm_config(arm, seed) if arm.trained else None
             metrics_path = str(Path(tc.run_dir) / "metrics.jsonl") if summary is not None and tc else None
             out.append({
                 "arm": arm.name, "seed": seed, "method": arm.method,
-                "optimizer": arm.optimizer if arm.method != "baseline" else None,
-                "placement": (tc.method.placement or _default_placement(arm.method)) if tc else "none",
+                "optimizer": arm.optimizer if arm.trained else None,
+                "placement": (tc.method.placement or _default_placement(arm.method)) if tc else
+                ("system" if arm.method == "prompt_only" else "none"),
                 "overrides": dict(arm.overrides),
+                "calibrated": dict(self.calibrated.get(arm.name) or {}),  # chosen by calibration (lr, damping)
+                "split": "test",  # the evaluation prompt set these numbers come from
                 "train": None if summary is None else {
                     k: summary.get(k) for k in ("train_seconds", "tokens_per_s", "peak_gpu_memory_gib", "train_tokens", "num_processes",
                               "device_shared_by")},
@@ -204,10 +252,16 @@ class StudyRunner:
         from .report import build_report
 
         rep = self.cfg.report
-        return build_report(self.records(), self.dir, n_resamples=rep.get("n_resamples", 1000),
-                            seed=rep.get("seed", 0), alpha=rep.get("alpha", 0.05))
+        result = build_report(self.records(), self.dir, n_resamples=rep.get("n_resamples", 1000),
+                              seed=rep.get("seed", 0), alpha=rep.get("alpha", 0.05))
+        if self.cfg.calibration.enabled:  # appended section: the sweep, the rule and each arm's choice
+            section = write_calibration(calibration_rows(self.store), self.dir, self.cfg.calibration)
+            with (self.dir / "results.md").open("a") as f:
+                f.write("\n" + section)
+        return result
 
     def run(self, workers: int = 1, devices: list[str] | None = None) -> dict:
+        self.calibrate()  # before any worker starts: the final runs' settings depend on it
         if workers > 1:
             self._run_workers(workers, devices)
         else:
@@ -254,7 +308,7 @@ class StudyRunner:
             procs[name] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log)
         print(f"[study] {workers} workers{' on devices ' + ','.join(devices) if devices else ''}; "
               f"logs in {logs}", flush=True)
-        trained_arms = {a.name for a in self.cfg.arms if a.method != "baseline"}
+        trained_arms = {a.name for a in self.cfg.arms if a.trained}
         n_work = sum(1 for a, _ in self.plan if a.name in trained_arms) + len(self.plan)
         failed_workers = []
         with tqdm(total=n_work, desc="study runs (train + eval)", unit="job") as bar:
@@ -316,6 +370,13 @@ def _eval_summary(result: dict) -> dict:
             r = first[key]
             out[name] = {"rate": r["rate"], "low": r["low"], "high": r["high"], "n": r["total"]}
     return out
+
+
+def _with_system_instruction(raw: dict, instruction: str) -> dict:
+    """A prompt-only arm's evaluation: the instruction as system message for embeddings and generations."""
+    raw = {**raw, "embeddings": {**raw.get("embeddings", {}), "placement": "system", "instruction": instruction},
+           "behaviour": {**raw.get("behaviour", {}), "placements": ["system"], "instruction": instruction}}
+    return raw
 
 
 def _default_placement(method: str) -> str:

@@ -26,6 +26,29 @@ CREATE TABLE IF NOT EXISTS runs (
     updated_at REAL NOT NULL,
     worker TEXT
 );
+CREATE TABLE IF NOT EXISTS evaluations (  -- one row per (run, evaluation prompt set); runs.eval_result = `test`
+    run_id TEXT NOT NULL,
+    split TEXT NOT NULL,
+    eval_result TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (run_id, split)
+);
+CREATE TABLE IF NOT EXISTS calibration (  -- one row per sweep point: an arm at one (lr, damping)
+    point_id TEXT PRIMARY KEY,
+    arm TEXT NOT NULL,
+    lr REAL NOT NULL,
+    damping REAL,
+    status TEXT NOT NULL,
+    config_hash TEXT NOT NULL,
+    scores TEXT,
+    chosen INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS splits (  -- what each run was trained or evaluated on: sizes + id hashes
+    name TEXT PRIMARY KEY,
+    description TEXT NOT NULL
+);
 """
 STATUSES = ("pending", "training", "trained", "evaluated", "failed")
 
@@ -83,6 +106,68 @@ class StudyStore:
         self._exec(f"UPDATE runs SET {', '.join(cols)} WHERE run_id = ?", (*vals, run_id))
 
 
+    # ------------------------------------------------------- evaluation prompt sets
+    def set_evaluation(self, run_id: str, split: str, eval_result: dict) -> None:
+        self._exec("INSERT OR REPLACE INTO evaluations (run_id, split, eval_result, updated_at) VALUES (?, ?, ?, ?)",
+                   (run_id, split, json.dumps(eval_result), time.time()))
+
+    def evaluations(self, split: str | None = None) -> list[dict]:
+        """Rows {run_id, split, eval_result}, for one prompt set or all."""
+        sql, args = "SELECT * FROM evaluations", ()
+        if split is not None:
+            sql, args = sql + " WHERE split = ?", (split,)
+        return [_row(r) for r in self._exec(sql + " ORDER BY run_id, split", args)]
+
+    # ------------------------------------------------------- splits
+    def record_split(self, name: str, description: dict) -> None:
+        """Remember a split's description; a different one under the same name is an error (every run of a
+        study must train on the same train part and be scored on the same validation part)."""
+        with closing(self._connect()) as db:
+            with db:
+                db.execute("INSERT OR IGNORE INTO splits (name, description) VALUES (?, ?)",
+                           (name, json.dumps(description, sort_keys=True)))
+                stored = json.loads(db.execute("SELECT description FROM splits WHERE name = ?", (name,)).fetchone()[0])
+        if stored != json.loads(json.dumps(description, sort_keys=True)):
+            raise ValueError(f"{self.path}: split {name!r} differs from the recorded one: {stored} vs {description}")
+
+    def splits(self) -> dict[str, dict]:
+        return {r["name"]: json.loads(r["description"]) for r in self._exec("SELECT * FROM splits ORDER BY name")}
+
+    # ------------------------------------------------------- calibration sweep
+    def register_point(self, point_id: str, arm: str, lr: float, damping: float | None, config_hash: str) -> dict:
+        existing = self.point(point_id)
+        if existing is not None:
+            if existing["config_hash"] != config_hash:
+                raise ValueError(f"{self.path}: calibration point {point_id} exists with a different configuration; "
+                                 "use a new study_dir")
+            return existing
+        self._exec("INSERT INTO calibration (point_id, arm, lr, damping, status, config_hash, updated_at) "
+                   "VALUES (?, ?, ?, ?, 'pending', ?, ?)", (point_id, arm, lr, damping, config_hash, time.time()))
+        return self.point(point_id)
+
+    def point(self, point_id: str) -> dict | None:
+        rows = self._exec("SELECT * FROM calibration WHERE point_id = ?", (point_id,))
+        return _row(rows[0]) if rows else None
+
+    def set_point(self, point_id: str, status: str, scores: dict | None = None, error: str | None = None) -> None:
+        if status not in ("pending", "scored", "failed"):
+            raise ValueError(f"unknown calibration status {status!r}")
+        self._exec("UPDATE calibration SET status = ?, scores = ?, error = ?, updated_at = ? WHERE point_id = ?",
+                   (status, json.dumps(scores) if scores is not None else None, error, time.time(), point_id))
+
+    def set_chosen(self, arm: str, point_id: str) -> None:
+        with closing(self._connect()) as db:
+            with db:
+                db.execute("UPDATE calibration SET chosen = 0 WHERE arm = ?", (arm,))
+                db.execute("UPDATE calibration SET chosen = 1 WHERE point_id = ?", (point_id,))
+
+    def calibration(self) -> list[dict]:
+        """Every sweep point: arm, lr, damping, status, scores (validation accuracy, KL, ...), chosen."""
+        rows = [_row(r) for r in self._exec("SELECT * FROM calibration ORDER BY arm, lr, damping")]
+        for r in rows:
+            r["chosen"] = bool(r["chosen"])
+        return rows
+
     # ------------------------------------------------------- parallel workers
     def claim(self, run_id: str, worker: str) -> bool:
         """Atomically take a run for one worker; False if another worker holds it."""
@@ -101,7 +186,7 @@ class StudyStore:
 
 def _row(r: sqlite3.Row) -> dict:
     d = dict(r)
-    for k in ("config_json", "train_summary", "eval_result"):
+    for k in ("config_json", "train_summary", "eval_result", "scores"):
         if d.get(k):
             d[k] = json.loads(d[k])
     return d
