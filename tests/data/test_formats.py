@@ -202,6 +202,18 @@ def test_xstest_csv(tmp_path):
     ]
 
 
+def test_benign_prompts_are_safe_with_category_as_axiom(tmp_path):
+    """MT-Bench rows: question_id, category, prompt; a row without `prompt` is named, not dropped."""
+    f = tmp_path / "mt_bench_questions.jsonl"
+    f.write_text(json.dumps({"question_id": 81, "category": "writing", "prompt": "Write a haiku."}) + "\n"
+                 + json.dumps({"question_id": 82, "prompt": "Add 2 and 3."}) + "\n"
+                 + json.dumps({"question_id": 83, "category": "math"}) + "\n")
+    loaded = load_prompts(f, "benign", on_bad_row="skip")
+    assert [(e.prompt, e.label, e.axiom) for e in loaded.examples] == [
+        ("Write a haiku.", "safe", "writing"), ("Add 2 and 3.", "safe", "mt_bench_questions")]
+    assert [(b.row, b.field) for b in loaded.report.bad_rows] == [(3, "prompt")]
+
+
 def test_donotanswer_directory(tmp_path):
     d = tmp_path / "dna"
     d.mkdir()

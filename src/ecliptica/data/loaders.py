@@ -231,6 +231,14 @@ def _donotanswer(row: dict, opts: LoadOptions, src: str) -> PromptExample:
     return PromptExample(text_field(row, "prompt"), "unsafe", axiom, src)
 
 
+@register("benign", "prompt",
+          "Benign prompts, e.g. MT-Bench questions {'prompt', 'category', ...}; every prompt is safe; "
+          "axiom = 'category' column or the file name.")
+def _benign(row: dict, opts: LoadOptions, src: str) -> PromptExample:
+    axiom = text_field(row, "category", required=False) or Path(src).name.split(".")[0]
+    return PromptExample(text_field(row, "prompt"), "safe", axiom, src)
+
+
 GENERIC_PREFERENCE = {"prompt": "prompt", "messages": "messages", "chosen": "chosen", "rejected": "rejected",
                       "instruction": "instruction", "category": "category", "id": "id"}
 GENERIC_PROMPT = {"prompt": "prompt", "label": "label", "axiom": "axiom", "id": "id"}

@@ -1,4 +1,4 @@
-"""Evaluation prompt sets: LITMUS, XSTest, Do-Not-Answer (+ a benign set), the bundled demo prompts.
+"""Evaluation prompt sets: LITMUS, XSTest, Do-Not-Answer (+ a benign set, e.g. MT-Bench), the bundled demo prompts.
 
 Every source goes through `data.load_prompts`, so bad rows are named, never dropped silently.
 Balanced sampling draws per (axiom, label) group with a seeded generator and keeps file order
@@ -15,7 +15,7 @@ import numpy as np
 
 from ecliptica.data import PromptExample, load_prompts, resolve_path
 
-EVAL_FORMATS = ("litmus", "xstest", "donotanswer", "generic")
+EVAL_FORMATS = ("litmus", "xstest", "donotanswer", "benign", "generic")
 
 
 def load_eval_prompts(path: str = "demo:eval", format: str = "generic", *, limit: int | None = None,

@@ -105,26 +105,44 @@ def chosen_settings(cfg: StudyConfig, store: StudyStore) -> dict[str, dict] | No
     return out
 
 
-def calibrate(cfg: StudyConfig, store: StudyStore) -> dict[str, dict]:
-    """Train and score every sweep point not yet scored (resumable), then store each arm's choice."""
-    arms = [a for a in cfg.arms if a.trained]
-    plan = [(arm, p, point_config(cfg, arm, p)) for arm in arms for p in sweep(cfg, arm)]
+def register_points(cfg: StudyConfig, store: StudyStore) -> list[tuple[ArmSpec, dict, TrainConfig]]:
+    """Every (arm, sweep point, training config) of the study, registered in the store (idempotent)."""
+    plan = [(arm, p, point_config(cfg, arm, p)) for arm in cfg.arms if arm.trained for p in sweep(cfg, arm)]
     for arm, p, tc in plan:
         store.register_point(p["point_id"], arm.name, p["lr"], p["damping"], tc.hash())
+    return plan
+
+
+def calibrate(cfg: StudyConfig, store: StudyStore, worker: str | None = None) -> dict[str, dict] | None:
+    """Train and score every sweep point not yet scored (resumable), then store each arm's choice and
+    return the chosen settings. A `worker` only trains and scores the points it claims (returns None);
+    the coordinator chooses once every worker is done."""
+    arms = [a for a in cfg.arms if a.trained]
+    plan = register_points(cfg, store)
     benign = None
     for arm, p, tc in plan:
-        if store.point(p["point_id"])["status"] == "scored":
+        pid = p["point_id"]
+        if store.point(pid)["status"] == "scored" or (worker and store.point(pid)["status"] == "failed"):
             continue
-        if benign is None:
-            benign = _benign_pairs(cfg)
-        print(f"[study] calibration {p['point_id']} ({arm.method}, optimizer={arm.optimizer})", flush=True)
+        if worker and not store.claim_point(pid, worker):
+            continue
         try:
-            scores = _train_and_score(tc, benign, cfg)
-        except Exception as e:
-            store.set_point(p["point_id"], "failed", error=f"{type(e).__name__}: {e}")
-            raise
-        store.record_split("preference", scores["split"])
-        store.set_point(p["point_id"], "scored", scores=scores)
+            if store.point(pid)["status"] == "scored":  # finished by another worker meanwhile
+                continue
+            benign = benign or _benign_pairs(cfg)
+            print(f"[study] calibration {pid} ({arm.method}, optimizer={arm.optimizer})", flush=True)
+            try:
+                scores = _train_and_score(tc, benign, cfg)
+            except Exception as e:
+                store.set_point(pid, "failed", error=f"{type(e).__name__}: {e}")
+                raise
+            store.record_split("preference", scores["split"])
+            store.set_point(pid, "scored", scores=scores)
+        finally:
+            if worker:
+                store.release_point(pid)
+    if worker:
+        return None
     for arm in arms:
         rows = [flat_row(q) for q in store.calibration() if q["arm"] == arm.name and q["status"] == "scored"]
         best, why = choose(rows, cfg.calibration)

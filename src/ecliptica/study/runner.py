@@ -9,9 +9,10 @@ With `workers > 1` the runs are spread over worker processes (one per GPU, or se
 GPU when a small model leaves it idle): each worker claims runs in the store, so every run is
 trained and evaluated exactly once, by the same code as the single-process path.
 
-With `calibration` on, a calibration phase comes first (in this process, before any worker starts):
-each trained arm's sweep is trained on the train split and scored on the validation split, the
-config's rule picks each arm's settings, and only then are the final runs registered, with them.
+With `calibration` on, a calibration phase comes first: each trained arm's sweep is trained on the
+train split and scored on the validation split (by the workers, each claiming sweep points, when
+there are several), the config's rule picks each arm's settings, and only then are the final runs
+registered, with them.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 import yaml
 
 from ..config import config_hash, load_config
-from .calibration import calibrate, calibration_rows, chosen_settings, write_calibration
+from .calibration import calibrate, calibration_rows, chosen_settings, register_points, write_calibration
 from .config import ArmSpec, StudyConfig
 from .store import StudyStore
 
@@ -53,8 +54,6 @@ class StudyRunner:
         self.calibrated = chosen_settings(cfg, self.store)
         if self.calibrated is not None:
             self._register_plan()
-        elif worker is not None:
-            raise RuntimeError("calibration is unfinished: the coordinator calibrates before starting workers")
 
     def _register_plan(self) -> None:
         for arm, seed in self.plan:
@@ -261,8 +260,10 @@ class StudyRunner:
         return result
 
     def run(self, workers: int = 1, devices: list[str] | None = None) -> dict:
-        self.calibrate()  # before any worker starts: the final runs' settings depend on it
         if workers > 1:
+            if self.calibrated is None:  # workers score the sweep points; the choice is made here
+                self._run_workers(workers, devices, phase="calibration")
+            self.calibrate()
             self._run_workers(workers, devices)
         else:
             self.train_all()
@@ -273,11 +274,15 @@ class StudyRunner:
         return result
 
     def work(self) -> None:
-        """A worker's whole job: train what nobody else is training, then evaluate."""
+        """A worker's whole job: while calibration is unfinished, score the sweep points nobody else is
+        scoring; otherwise train what nobody else is training, then evaluate."""
+        if self.calibrated is None:
+            calibrate(self.cfg, self.store, worker=self.worker)
+            return
         self.train_all()
         self.evaluate_all()
 
-    def _run_workers(self, workers: int, devices: list[str] | None) -> None:
+    def _run_workers(self, workers: int, devices: list[str] | None, phase: str = "runs") -> None:
         """Start `workers` processes on this study (round-robin over `devices`, e.g. GPU ids), show
         their progress, and clean up after any that dies so the others never wait for it."""
         from tqdm.auto import tqdm
@@ -285,10 +290,15 @@ class StudyRunner:
         from ..models import resolve_model_path
 
         resolve_model_path(self.cfg.train.get("model", {}).get("name", "smollm2-135m-instruct"))  # convert once, here
+        if phase == "calibration":
+            register_points(self.cfg, self.store)  # here, once: workers only claim them
         self.store.release_all()  # claims left by a killed earlier invocation
         for r in self.store.all():
             if r["status"] == "failed":  # retried, as in the single-process path
                 self.store.set_status(r["run_id"], "pending")
+        for p in self.store.calibration():
+            if p["status"] == "failed":
+                self.store.set_point(p["point_id"], "pending")
         logs = self.dir / "logs"
         logs.mkdir(exist_ok=True)
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -309,9 +319,12 @@ class StudyRunner:
         print(f"[study] {workers} workers{' on devices ' + ','.join(devices) if devices else ''}; "
               f"logs in {logs}", flush=True)
         trained_arms = {a.name for a in self.cfg.arms if a.trained}
-        n_work = sum(1 for a, _ in self.plan if a.name in trained_arms) + len(self.plan)
+        if phase == "calibration":
+            n_work, desc = len(self.store.calibration()), "calibration sweep (train + score)"
+        else:
+            n_work, desc = sum(1 for a, _ in self.plan if a.name in trained_arms) + len(self.plan), "study runs (train + eval)"
         failed_workers = []
-        with tqdm(total=n_work, desc="study runs (train + eval)", unit="job") as bar:
+        with tqdm(total=n_work, desc=desc, unit="job") as bar:
             while procs:
                 time.sleep(2.0)
                 for name, (proc, log) in list(procs.items()):
@@ -322,10 +335,17 @@ class StudyRunner:
                     if proc.returncode != 0:
                         failed_workers.append(name)
                         self._abandon(name)
-                done = sum((r["status"] in ("trained", "evaluated") and r["arm"] in trained_arms)
-                           + (r["status"] == "evaluated") for r in self.store.all())
+                if phase == "calibration":
+                    done = sum(p["status"] == "scored" for p in self.store.calibration())
+                else:
+                    done = sum((r["status"] in ("trained", "evaluated") and r["arm"] in trained_arms)
+                               + (r["status"] == "evaluated") for r in self.store.all())
                 bar.update(done - bar.n)
-        bad = [r for r in self.store.all() if r["status"] != "evaluated"]
+        if phase == "calibration":
+            bad = [{"run_id": p["point_id"], "status": p["status"], "error": p["error"]}
+                   for p in self.store.calibration() if p["status"] != "scored"]
+        else:
+            bad = [r for r in self.store.all() if r["status"] != "evaluated"]
         if failed_workers or bad:
             raise RuntimeError(
                 f"study incomplete: workers {failed_workers or 'none'} failed (see {logs}); runs not evaluated: "
@@ -338,6 +358,9 @@ class StudyRunner:
                 if r["status"] == "training":
                     self.store.set_status(r["run_id"], "failed", error=f"{worker} exited while training it")
                 self.store.release(r["run_id"])
+        for p in self.store.calibration():
+            if p["worker"] == worker:
+                self.store.release_point(p["point_id"])
 
 
 def _write_embeddings(result: dict, prompts, path: Path) -> Path:

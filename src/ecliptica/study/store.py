@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS calibration (  -- one row per sweep point: an arm at 
     scores TEXT,
     chosen INTEGER NOT NULL DEFAULT 0,
     error TEXT,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    worker TEXT
 );
 CREATE TABLE IF NOT EXISTS splits (  -- what each run was trained or evaluated on: sizes + id hashes
     name TEXT PRIMARY KEY,
@@ -168,6 +169,17 @@ class StudyStore:
             r["chosen"] = bool(r["chosen"])
         return rows
 
+    def claim_point(self, point_id: str, worker: str) -> bool:
+        """Atomically take a sweep point for one worker; False if another worker holds it."""
+        with closing(self._connect()) as db:
+            with db:
+                cur = db.execute("UPDATE calibration SET worker = ? WHERE point_id = ? AND worker IS NULL",
+                                 (worker, point_id))
+                return cur.rowcount == 1
+
+    def release_point(self, point_id: str) -> None:
+        self._exec("UPDATE calibration SET worker = NULL WHERE point_id = ?", (point_id,))
+
     # ------------------------------------------------------- parallel workers
     def claim(self, run_id: str, worker: str) -> bool:
         """Atomically take a run for one worker; False if another worker holds it."""
@@ -182,6 +194,7 @@ class StudyStore:
     def release_all(self) -> None:
         """Drop every claim: only the coordinator calls this, before it starts its workers."""
         self._exec("UPDATE runs SET worker = NULL")
+        self._exec("UPDATE calibration SET worker = NULL")
 
 
 def _row(r: sqlite3.Row) -> dict:
