@@ -68,7 +68,8 @@ def test_changed_config_for_existing_run_is_refused(tmp_path, tiny_model_dir):
     args = _overrides(tmp_path / "s", tiny_model_dir, steps=1)
     StudyRunner(load_study(ROOT / "configs" / "study_demo.yaml", args))
     with pytest.raises(ValueError, match="different configuration"):
-        StudyRunner(load_study(ROOT / "configs" / "study_demo.yaml", args + ["train.optimizer.lr=0.1"]))
+        # (not the shared lr: with calibration on, each arm's lr is the sweep's choice)
+        StudyRunner(load_study(ROOT / "configs" / "study_demo.yaml", args + ["train.method.beta=0.3"]))
 
 
 def test_arm_configs_share_everything_but_method_optimizer_placement(tmp_path, tiny_model_dir):

@@ -50,6 +50,8 @@ class StudyRunner:
             tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
             tmp.replace(self.dir / "study.yaml")
         self.plan: list[tuple[ArmSpec, int]] = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]
+        if cfg.calibration.enabled:  # now, so a changed setting is refused before any work
+            register_points(cfg, self.store)
         # each trained arm's calibrated settings ({} without calibration); None until the sweep is done
         self.calibrated = chosen_settings(cfg, self.store)
         if self.calibrated is not None:
@@ -290,8 +292,6 @@ class StudyRunner:
         from ..models import resolve_model_path
 
         resolve_model_path(self.cfg.train.get("model", {}).get("name", "smollm2-135m-instruct"))  # convert once, here
-        if phase == "calibration":
-            register_points(self.cfg, self.store)  # here, once: workers only claim them
         self.store.release_all()  # claims left by a killed earlier invocation
         for r in self.store.all():
             if r["status"] == "failed":  # retried, as in the single-process path
