@@ -74,7 +74,7 @@ def test_changed_config_for_existing_run_is_refused(tmp_path, tiny_model_dir):
 
 def test_arm_configs_share_everything_but_method_optimizer_placement(tmp_path, tiny_model_dir):
     cfg = load_study(ROOT / "configs" / "study_demo.yaml", [f"study_dir={tmp_path}"])
-    configs = {a.name: cfg.arm_config(a, 0).model_dump() for a in cfg.arms if a.method != "baseline"}
+    configs = {a.name: cfg.arm_config(a, 0).model_dump() for a in cfg.arms if a.trained}
     shared = ("model", "lora", "data", "schedule", "train", "seed")
     for name, c in configs.items():
         for k in shared:
@@ -125,7 +125,9 @@ def test_store_claims_are_exclusive(tmp_path):
 
 
 def test_dead_worker_runs_are_failed_and_released(tmp_path, tiny_model_dir):
-    runner = StudyRunner(load_study(ROOT / "configs" / "study_demo.yaml", _overrides(tmp_path / "s", tiny_model_dir)))
+    # without calibration the final runs are registered at once (with it, only after the sweep's choice)
+    args = _overrides(tmp_path / "s", tiny_model_dir) + ["calibration.enabled=false"]
+    runner = StudyRunner(load_study(ROOT / "configs" / "study_demo.yaml", args))
     runner.store.claim("sft-s0", "worker1")
     runner.store.set_status("sft-s0", "training")
     runner.store.claim("cita-s0", "worker1")
