@@ -7,7 +7,8 @@
   kl         = sum over response tokens of KL(pi || pi_base), full vocabulary / number of response tokens
 
 Log-probs and the KL come from `train.policy.PolicyModel`, the forward the training losses use, so a
-score here and a training metric of the same name are the same number.
+score here and a training metric of the same name are the same number. Batches are padded rows, not one
+packed row: a packed row of a whole scoring batch makes attention cost grow with the square of its length.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def preference_scores(policy: PolicyModel, pairs: Sequence[TokenizedPair], pad_t
     margins = []
     try:
         for batch_pairs in _batches(pairs, batch_size, "validation pairs", progress):
-            batch = collate(batch_pairs, True, pad_token_id).to(device)
+            batch = collate(batch_pairs, True, pad_token_id, packed=False).to(device)
             s = policy(batch, need_reference=True)
             ratio = (s.logps - s.ref_logps).float()
             chosen, rejected = s.halves(ratio)
@@ -63,7 +64,7 @@ def response_kl(policy: PolicyModel, pairs: Sequence[TokenizedPair], pad_token_i
     kl_sum, n_tokens = 0.0, 0
     try:
         for batch_pairs in _batches(pairs, batch_size, "benign KL", progress):
-            batch = collate(batch_pairs, False, pad_token_id).to(device)
+            batch = collate(batch_pairs, False, pad_token_id, packed=False).to(device)
             s = policy(batch, need_token_kl=True)
             kl_sum += float(s.token_kl_sum)
             n_tokens += int(s.n_tokens.sum())
