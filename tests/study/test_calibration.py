@@ -86,6 +86,7 @@ def test_grit_arms_sweep_damping_too():
     ("arms=[{name: baseline, method: baseline}, {name: p, method: prompt_only, instruction: x, extra: 1}]", "extra"),
     ("arms=[{name: baseline, method: baseline}, {name: p, method: prompt_only}]", "needs an instruction"),
     ("train.data.val_fraction=0.0", "validation split"),
+    ("calibration.arms=[dpo, baseline]", "not trained arms"),
 ])
 def test_bad_study_blocks_are_errors(override, message):
     base = ["calibration.enabled=true", "train.data.val_fraction=0.25"]

@@ -90,14 +90,10 @@ def calibration_rows(store: StudyStore) -> list[dict]:
 
 def chosen_settings(cfg: StudyConfig, store: StudyStore) -> dict[str, dict] | None:
     """{arm: dotted settings} once every trained arm has a chosen point; None while the sweep is unfinished.
-    Without calibration, every arm uses the shared settings ({})."""
-    if not cfg.calibration.enabled:
-        return {a.name: {} for a in cfg.arms if a.trained}
+    Arms not calibrated (calibration off, or not in calibration.arms) use the shared settings ({})."""
+    out: dict[str, dict] = {a.name: {} for a in cfg.arms if a.trained}
     chosen = {p["arm"]: p for p in store.calibration() if p["chosen"]}
-    out = {}
-    for arm in cfg.arms:
-        if not arm.trained:
-            continue
+    for arm in cfg.calibrated_arms():
         if arm.name not in chosen:
             return None
         p = next(q for q in sweep(cfg, arm) if q["point_id"] == chosen[arm.name]["point_id"])
@@ -107,7 +103,7 @@ def chosen_settings(cfg: StudyConfig, store: StudyStore) -> dict[str, dict] | No
 
 def register_points(cfg: StudyConfig, store: StudyStore) -> list[tuple[ArmSpec, dict, TrainConfig]]:
     """Every (arm, sweep point, training config) of the study, registered in the store (idempotent)."""
-    plan = [(arm, p, point_config(cfg, arm, p)) for arm in cfg.arms if arm.trained for p in sweep(cfg, arm)]
+    plan = [(arm, p, point_config(cfg, arm, p)) for arm in cfg.calibrated_arms() for p in sweep(cfg, arm)]
     for arm, p, tc in plan:
         store.register_point(p["point_id"], arm.name, p["lr"], p["damping"], tc.hash())
     return plan
@@ -117,7 +113,7 @@ def calibrate(cfg: StudyConfig, store: StudyStore, worker: str | None = None) ->
     """Train and score every sweep point not yet scored (resumable), then store each arm's choice and
     return the chosen settings. A `worker` only trains and scores the points it claims (returns None);
     the coordinator chooses once every worker is done."""
-    arms = [a for a in cfg.arms if a.trained]
+    arms = cfg.calibrated_arms()
     plan = register_points(cfg, store)
     benign = None
     for arm, p, tc in plan:

@@ -42,6 +42,7 @@ class CalibrationSection(Strict):
     the smaller KL; if no point meets the bound, the point with the smallest KL (marked infeasible)."""
 
     enabled: bool = False
+    arms: list[str] | None = None  # arms to calibrate (None: every trained arm); the others keep the shared settings
     rule: Literal["max_val_accuracy_within_kl"] = "max_val_accuracy_within_kl"
     lrs: list[float] = Field(default_factory=lambda: [3.0e-5, 1.0e-4, 3.0e-4], min_length=1)
     grit_dampings: list[float] = []  # empty: GRIT arms sweep lr only, at the study's GRIT damping
@@ -101,6 +102,9 @@ class StudyConfig(Strict):
             if arm.method == "prompt_only" and not self.prompt_instruction(arm):
                 raise ValueError(f"arm {arm.name!r} (prompt_only) needs an instruction: set the arm's "
                                  "`instruction` or train.data.instruction")
+        unknown = set(self.calibration.arms or []) - {a.name for a in self.arms if a.trained}
+        if unknown:
+            raise ValueError(f"calibration.arms names {sorted(unknown)}, which are not trained arms of this study")
         if self.calibration.enabled and not self.train.get("data", {}).get("val_fraction", 0) > 0:
             raise ValueError("calibration needs a validation split: set train.data.val_fraction > 0")
         if self.evaluation_sets:
@@ -111,6 +115,13 @@ class StudyConfig(Strict):
                 raise ValueError("evaluation.data and evaluation_sets are both set: name the prompt sets "
                                  "in evaluation_sets only")
         return self
+
+    def calibrated_arms(self) -> list[ArmSpec]:
+        """The arms the calibration phase sweeps (none when it is off)."""
+        if not self.calibration.enabled:
+            return []
+        names = self.calibration.arms
+        return [a for a in self.arms if a.trained and (names is None or a.name in names)]
 
     def prompt_instruction(self, arm: ArmSpec) -> str | None:
         return arm.instruction or self.train.get("data", {}).get("instruction")
