@@ -14,7 +14,6 @@ import numpy as np
 
 from ecliptica.evaluation.figures import LABEL_COLOURS, pyplot
 
-_BASE_METHODS = ("sft", "dpo", "cita")
 _SIG_COLOUR, _NS_COLOUR = "tab:blue", "tab:gray"  # significance, not direction: blue = CI excludes 0
 
 
@@ -97,21 +96,21 @@ def grit_effect(findings: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, 
     return _save_both(fig, plt, stem)
 
 
-def method_pairs(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
-    """SFT/DPO/CITA, without and with GRIT side by side: AQI and refusal rate on unsafe prompts."""
+def method_pairs(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], stem: Path) -> dict[str, str]:
+    """Each base method without and with GRIT side by side: AQI and refusal rate on unsafe prompts."""
     plt = pyplot()
     by_arm = {r["arm"]: r for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    x = np.arange(len(_BASE_METHODS))
+    x = np.arange(len(methods))
     width = 0.38
-    for ax, key, label in ((axes[0], "aqi", "AQI"), (axes[1], "refusal_unsafe", "refusal rate (unsafe)")):
+    for ax, key, label in ((axes[0], "aqi", "AQI"), (axes[1], "refusal_rate_unsafe", "refusal rate (unsafe)")):
         for offset, suffix, name in ((-width / 2, "", "without GRIT"), (width / 2, "_grit", "with GRIT")):
-            rs = [by_arm.get(m + suffix) for m in _BASE_METHODS]
+            rs = [by_arm.get(m + suffix) for m in methods]
             vals = [r[key] if r and r[key] is not None else np.nan for r in rs]
             lows = [r[f"{key}_low"] if r else None for r in rs]
             highs = [r[f"{key}_high"] if r else None for r in rs]
             ax.bar(x + offset, np.nan_to_num(vals), width, yerr=_yerr(vals, lows, highs), capsize=3, label=name)
-        ax.set_xticks(x, [m.upper() for m in _BASE_METHODS])
+        ax.set_xticks(x, [m.upper() for m in methods])
         ax.set_ylabel(label)
         ax.legend()
     fig.suptitle("Base methods with and without GRIT (95% CI; missing arms drawn empty)")
