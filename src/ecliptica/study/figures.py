@@ -14,7 +14,7 @@ import numpy as np
 
 from ecliptica.evaluation.figures import LABEL_COLOURS, pyplot
 
-_SIG_COLOUR, _NS_COLOUR = "tab:blue", "tab:gray"  # significance, not direction: blue = CI excludes 0
+_SIG_COLOUR, _NS_COLOUR = "tab:blue", "tab:gray"  # significance, not direction
 
 
 def _save_both(fig, plt, stem: Path) -> dict[str, str]:
@@ -62,13 +62,13 @@ def aqi_by_arm(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
     return _save_both(fig, plt, stem)
 
 
-def _difference_bars(ax, items, ylabel: str, title: str) -> None:
+def _difference_bars(ax, items, ylabel: str, title: str, blue: str = "CI excludes 0") -> None:
     """Differences with CIs around a zero line; items are (label, estimate, low, high, significant)."""
     labels, values, lows, highs, significant = zip(*items)
     _bars(ax, labels, values, lows, highs, [_SIG_COLOUR if sig else _NS_COLOUR for sig in significant])
     ax.axhline(0, color="black", lw=0.8)
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{title} (blue: CI excludes 0)", fontsize=10)
+    ax.set_title(f"{title} (blue: {blue})", fontsize=10)
 
 
 def delta_aqi(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
@@ -90,7 +90,7 @@ def grit_effect(findings: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, 
     shown = [f for f in findings if f.get("answerable")]
     if shown:
         _difference_bars(ax, [(f["comparison"], f["estimate"], f["low"], f["high"], f["significant"]) for f in shown],
-                         "AQI with GRIT − without", "GRIT effect per method")
+                         "AQI with GRIT − without", "GRIT effect per method", "significant after Holm")
     else:
         _empty(ax, "no base method has both arms")
     return _save_both(fig, plt, stem)

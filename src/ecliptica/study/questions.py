@@ -13,7 +13,7 @@ from typing import Any
 
 from ecliptica.evaluation.stats import holm_adjust
 
-from .contrasts import METRIC_LABELS, StudyContext, contrast, decide
+from .contrasts import StudyContext, contrast, decide
 from .design import Contrast, MinEffect, Overhead, Question
 from .records import BASELINE
 
@@ -160,7 +160,7 @@ def describe_contrast(f: Mapping[str, Any], alpha: float) -> str:
 def _seed_sign_note(f: Mapping[str, Any]) -> str:
     if not f.get("seeds_disagree"):
         return ""
-    values = ", ".join(f"seed {s}: {num(v, signed=True)}" for s, v in f["per_seed"].items())
+    values = ", ".join(f"seed {s}: {v:+.2g}" for s, v in f["per_seed"].items())
     return f" Seeds disagree in sign ({values})."
 
 
@@ -217,6 +217,10 @@ DESCRIBE = {"contrast": describe_contrast, "efficiency": describe_efficiency, "o
 def seed_notes(ctx: StudyContext) -> list[str]:
     if ctx.max_seeds == 1:
         return ["One seed per arm: seed-to-seed variance is not captured; intervals reflect prompt sampling only."]
+    if ctx.aqi is None:
+        return [f"Up to {ctx.max_seeds} seeds per arm: estimates are means of per-seed differences; AQI intervals "
+                "are t-intervals over seeds (prompt sampling not included), refusal intervals resample seeds, then "
+                "binomial draws."]
     return [f"Up to {ctx.max_seeds} seeds per arm: estimates are means of per-seed differences; intervals "
             "resample seeds, then prompts (with few seeds the seed stage understates seed variance)."]
 

@@ -37,12 +37,14 @@ def build_report(
     min_effect: MinEffect | None = None,
     arm_order: Sequence[str] = (),
     sections: Sequence[Section] = (),
+    notes: Sequence[str] = (),
     figures: bool = True,
 ) -> dict[str, Any]:
     """Write results.md/.csv/.json and figures/ for the study; return paths, rows and answers.
 
     ``questions`` default to Q1–Q4 (``design.default_questions``); ``min_effect`` to
-    ``MinEffect()``. ``figures=False`` skips the plots (the slow part) for quick re-reads.
+    ``MinEffect()``. ``sections`` render optional parts from the records (``render.SECTIONS``);
+    ``notes`` are added to the report's notes. ``figures=False`` skips the plots (the slow part) for quick re-reads.
     """
     if not records:
         raise ValueError("no records to report on")
@@ -57,7 +59,7 @@ def build_report(
                        n_resamples, seed, alpha)
     rows = build_table(ctx)
     answers = answer_questions(ctx, questions, rows, min_effect)
-    notes = study_notes(ctx, records)
+    notes = [*notes, *study_notes(ctx, records)]
     settings = report_settings(ctx, emb, min_effect)
 
     figure_paths = make_figures(ctx, rows, answers, out / "figures") if figures else {}

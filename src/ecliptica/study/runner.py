@@ -178,7 +178,7 @@ class StudyRunner:
         return Path(self.cfg.arm_config(arm, seed).run_dir)
 
     def records(self) -> list[dict]:
-        return study_records(self.cfg)
+        return study_records(self.cfg)[0]
 
     def report(self) -> dict:
         return report_study(self.cfg)
@@ -277,11 +277,12 @@ def _write_embeddings(result: dict, prompts, path: Path) -> Path:
     return path
 
 
-def study_records(cfg: StudyConfig) -> list[dict]:
-    """One record per evaluated (arm, seed), read from the run directories (eval.json, summary.json)."""
+def study_records(cfg: StudyConfig) -> tuple[list[dict], list[str]]:
+    """One record per evaluated (arm, seed), read from the run directories (eval.json, summary.json),
+    and the run ids not evaluated yet."""
     from .records import read_run
 
-    out = []
+    records, missing = [], []
     for seed in cfg.seeds:
         for arm in cfg.arms:
             tc = cfg.arm_config(arm, seed) if arm.method != "baseline" else None
@@ -290,19 +291,23 @@ def study_records(cfg: StudyConfig) -> list[dict]:
                               optimizer=arm.optimizer if tc else None,
                               placement=(tc.method.placement or _default_placement(arm.method)) if tc else "none",
                               overrides=arm.overrides)
-            if record is not None:
-                out.append(record)
-    return out
+            if record is None:
+                missing.append(cfg.run_id(arm, seed))
+            else:
+                records.append(record)
+    return records, missing
 
 
 def report_study(cfg: StudyConfig) -> dict:
     """Build the report from the run directories alone (no store needed: works on a copied study)."""
     from .report import build_report
 
+    records, missing = study_records(cfg)
+    notes = [f"Not evaluated yet, so left out: {', '.join(missing)}."] if missing else []
     rep = cfg.report
-    return build_report(study_records(cfg), cfg.study_dir, n_resamples=rep.n_resamples, seed=rep.seed,
-                        alpha=rep.alpha, questions=cfg.questions, min_effect=rep.min_effect,
-                        arm_order=[a.name for a in cfg.arms])
+    return build_report(records, cfg.study_dir, n_resamples=rep.n_resamples, seed=rep.seed, alpha=rep.alpha,
+                        questions=cfg.questions, min_effect=rep.min_effect, arm_order=[a.name for a in cfg.arms],
+                        notes=notes)
 
 
 def _default_placement(method: str) -> str:
