@@ -37,8 +37,10 @@ def test_a_typo_in_any_block_fails_naming_the_key(tmp_path, override, key):
         load_study(path, [override])
 
 
-def test_questions_are_checked_against_the_arms_only_when_declared():
-    StudyConfig(arms=[{"name": "baseline", "method": "baseline"}, {"name": "dpo", "method": "dpo"}])  # defaults: ok
+def test_questions_are_checked_against_the_arms_unless_they_are_the_defaults():
+    two_arms = [{"name": "baseline", "method": "baseline"}, {"name": "dpo", "method": "dpo"}]
+    StudyConfig(arms=two_arms)  # the defaults name arms this study leaves out: reported as missing, not an error
+    StudyConfig(arms=two_arms, questions=[q.model_dump() for q in default_questions()])  # written out (study.yaml)
     with pytest.raises(ValueError, match=r"Q names arm\(s\) \['dpo_x'\]"):
         StudyConfig(arms=[{"name": "baseline", "method": "baseline"}, {"name": "dpo", "method": "dpo"}],
                     questions=[{"id": "Q", "title": "t", "contrasts": [{"terms": {"dpo_x": 1, "baseline": -1}}]}])

@@ -57,7 +57,7 @@ class StudyConfig(Strict):
         ids = [q.id for q in self.questions]
         if len(set(ids)) != len(ids):
             raise ValueError(f"question ids must be unique, got {ids}")
-        if "questions" in self.model_fields_set:  # the defaults may name arms a study leaves out (reported as missing)
+        if self.questions != default_questions():  # the defaults may name arms a study leaves out (reported as missing)
             for q in self.questions:
                 unknown = sorted(q.arms() - set(names))
                 if unknown:
