@@ -154,10 +154,9 @@ def calibrate(cfg: StudyConfig, store: StudyStore, worker: str | None = None) ->
 
 
 def _benign_pairs(cfg: StudyConfig):
-    from ..evaluation.config import DriftSection
     from ..evaluation.drift import load_benign_pairs
 
-    d = DriftSection.model_validate(cfg.evaluation.get("drift", {}))
+    d = cfg.evaluation.drift
     return load_benign_pairs(d.path, d.format, d.category, d.limit), d
 
 

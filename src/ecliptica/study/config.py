@@ -14,7 +14,11 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ..config import Strict, TrainConfig, apply_overrides, config_hash
-from ..evaluation.config import EvalDataSection
+from ..evaluation.config import EvalDataSection, EvalSettings
+from .design import BASE_METHODS, Question, ReportSettings, default_questions
+
+__all__ = ["ArmSpec", "CalibrationSection", "StudyConfig", "BASE_METHODS", "Question", "ReportSettings",
+           "UNTRAINED", "default_arms"]
 
 # Arms evaluated without training: the base as is, and the base with the instruction as system message
 # (separates "the instruction helps" from "training on it helps").
@@ -73,13 +77,14 @@ class StudyConfig(Strict):
     seeds: list[int] = [0]
     train: dict[str, Any] = {}  # TrainConfig fields shared by every arm (model, lora, data, method, optimizer, ...)
     grit: dict[str, Any] = {}  # GRIT settings used by every +GRIT arm
-    evaluation: dict[str, Any] = {}  # EvalConfig fields shared by every arm (model/adapter/out_dir are filled in)
+    evaluation: EvalSettings = Field(default_factory=EvalSettings)  # shared by every arm; model/adapter/out_dir per run
     # Named evaluation prompt sets, e.g. {dev: ..., test: ...}: every run is evaluated on each, and the
     # table and research questions read `test` only. Empty: the one set in evaluation.data (no dev/test split).
     evaluation_sets: dict[str, EvalDataSection] = {}
     arms: list[ArmSpec] = Field(default_factory=default_arms)
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
-    report: dict[str, Any] = {"n_resamples": 1000, "seed": 0, "alpha": 0.05}
+    report: ReportSettings = Field(default_factory=ReportSettings)
+    questions: list[Question] = Field(default_factory=default_questions)  # research questions as named contrasts
 
     @model_validator(mode="after")
     def _check(self):
@@ -91,6 +96,14 @@ class StudyConfig(Strict):
         for k in ("run_dir", "seed", "tensorboard_dir", "run_name"):
             if k in self.train:
                 raise ValueError(f"train.{k} is set per run by the study; remove it")
+        ids = [q.id for q in self.questions]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"question ids must be unique, got {ids}")
+        if self.questions != default_questions():  # the defaults may name arms a study leaves out (reported as missing)
+            for q in self.questions:
+                unknown = sorted(q.arms() - set(names))
+                if unknown:
+                    raise ValueError(f"questions: {q.id} names arm(s) {unknown} that are not in arms {names}")
         for arm in self.arms:  # fail now, not after hours of training, if an arm's config is invalid
             if arm.trained:
                 self.arm_config(arm, self.seeds[0])
@@ -111,7 +124,7 @@ class StudyConfig(Strict):
             if "test" not in self.evaluation_sets:
                 raise ValueError(f"evaluation_sets needs a `test` set (the report reads it), got "
                                  f"{sorted(self.evaluation_sets)}")
-            if "data" in self.evaluation:
+            if self.evaluation.data != EvalDataSection():  # (a default block written out in study.yaml is fine)
                 raise ValueError("evaluation.data and evaluation_sets are both set: name the prompt sets "
                                  "in evaluation_sets only")
         return self
@@ -130,7 +143,7 @@ class StudyConfig(Strict):
         """Evaluation prompt sets by name; without `evaluation_sets`, the one set is reported as `test`."""
         if self.evaluation_sets:
             return {k: v.model_dump() for k, v in self.evaluation_sets.items()}
-        return {"test": self.evaluation.get("data", {})}
+        return {"test": self.evaluation.data.model_dump()}
 
     def run_id(self, arm: ArmSpec, seed: int) -> str:
         return f"{arm.name}-s{seed}"
@@ -159,7 +172,14 @@ class StudyConfig(Strict):
 
     def baseline_hash(self, arm: ArmSpec, seed: int) -> str:
         return config_hash({"arm": arm.model_dump(), "seed": seed, "model": self.train.get("model", {}),
-                            "evaluation": self.evaluation})
+                            "evaluation": self.evaluation_fingerprint()})
+
+    def evaluation_fingerprint(self) -> dict[str, Any]:
+        """The evaluation settings that differ from the defaults: what a run's config hash covers.
+
+        Defaults are left out so that the resolved study.yaml (every value written out) hashes like
+        the sparse YAML it came from, and a new evaluation option with a default changes no hash."""
+        return self.evaluation.model_dump(mode="json", exclude_defaults=True)
 
 
 def _yaml_value(v: Any) -> str:
