@@ -101,7 +101,8 @@ def test_tiny_calibrated_study_with_prompt_only_arm_and_dev_test_sets(tmp_path, 
     sets = ("{dev: {path: 'demo:eval', limit: 24, seed: 1}, test: {path: 'demo:eval', limit: 40}}")
     args = [f"study_dir={study_dir}", f"train.model.name={tiny_model_dir}", "train.train.max_steps=2",
             "train.train.save_every=1", "train.train.progress=false", "train.data.limit=24",
-            "train.data.val_fraction=0.3", "calibration.enabled=true", "calibration.lrs=[1.0e-4, 5.0e-2]",
+            "train.data.val_fraction=0.3", "calibration.enabled=true", "calibration.arms=null",
+            "calibration.lrs=[1.0e-4, 5.0e-2]",
             "calibration.max_steps=1", "calibration.kl_bound=1000",
             f"evaluation_sets={sets}", "evaluation.behaviour.limit=8", "evaluation.behaviour.max_new_tokens=4",
             "evaluation.drift.limit=4", f"evaluation.cache_dir={study_dir}/cache", "evaluation.progress=false",
@@ -136,7 +137,7 @@ def test_tiny_calibrated_study_with_prompt_only_arm_and_dev_test_sets(tmp_path, 
                                                           for s in ("dev", "test")}
     test_rows = {e["run_id"]: e["eval_result"] for e in store.evaluations("test")}
     assert all(store.get(r)["eval_result"] == test_rows[r] for r in test_rows)
-    assert {r["split"] for r in runner.records()} == {"test"}
+    assert all(Path(r["embeddings_path"]).parent.name == "test" for r in runner.records())  # the report reads test
     po = json.loads((study_dir / "runs" / "po-s0" / "eval" / "test" / "eval.json").read_text())
     assert po["settings"]["embeddings"]["placement"] == "system" and po["settings"]["adapter"] is None
     assert po["settings"]["embeddings"]["instruction"] == "Be safe."

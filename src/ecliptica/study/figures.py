@@ -201,7 +201,7 @@ def training_curves(curves: Sequence[Mapping[str, Any]], metrics: Sequence[str],
 def calibration_sweep(rows: Sequence[Mapping[str, Any]], kl_bound: float, stem: Path) -> dict[str, str]:
     """Calibration: validation preference accuracy vs benign KL to the base, one panel per arm, each sweep
     point labelled by its lr (and damping); the chosen point ringed, the KL bound dashed."""
-    plt = _pyplot()
+    plt = pyplot()
     scored = [r for r in rows if r["val_accuracy"] is not None and r["benign_kl"] is not None]
     arms = list(dict.fromkeys(r["arm"] for r in scored))
     cols = min(4, max(1, len(arms)))
