@@ -12,9 +12,9 @@ import torch
 
 from ecliptica.config import load_config
 from ecliptica.data import PromptExample, TokenizeSettings, tokenize_pairs
-from ecliptica.evaluation.behaviour import GenerationSettings, generate_greedy, run_behaviour
-from ecliptica.evaluation.config import EvalConfig
-from ecliptica.evaluation.drift import DriftSettings, load_benign_pairs, run_drift
+from ecliptica.evaluation.behaviour import generate_greedy, run_behaviour
+from ecliptica.evaluation.config import BehaviourSection, DriftSection, EvalConfig
+from ecliptica.evaluation.drift import load_benign_pairs, run_drift
 from ecliptica.evaluation.inputs import render_user_prompt
 from ecliptica.evaluation.model_handle import ModelHandle
 from ecliptica.evaluation.prompts import balanced_subset, load_eval_prompts
@@ -45,9 +45,9 @@ def test_batched_generation_equals_unbatched_greedy(tiny_model_dir):
     handle = _tiny_handle(tiny_model_dir, scrambled=True)
     texts = [render_user_prompt(handle.tokenizer, p, "none", None)
              for p in ["Hi", "How do I bake a loaf of sourdough bread at home?", "Tell me a joke about cats"]]
-    settings = GenerationSettings(max_new_tokens=8, batch_size=3, progress=False)
-    batched = generate_greedy(handle.base, handle.tokenizer, texts, settings)
-    alone = [generate_greedy(handle.base, handle.tokenizer, [t], settings)[0] for t in texts]
+    settings = BehaviourSection(max_new_tokens=8, batch_size=3)
+    batched = generate_greedy(handle.base, handle.tokenizer, texts, settings, progress=False)
+    alone = [generate_greedy(handle.base, handle.tokenizer, [t], settings, progress=False)[0] for t in texts]
     assert batched == alone
     assert len(set(batched)) == 3 and all(batched)  # non-trivial completions
 
@@ -77,7 +77,8 @@ def test_refusal_metrics_and_generations_file_with_stubbed_generator(tmp_path):
         assert r["per_axiom"]["ax2"]["refusal_rate_unsafe"] == 0.5
     records = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
     assert len(records) == 2 * len(prompts)
-    fields = {"id", "axiom", "label", "placement", "prompt", "completion", "refused", "instruction", "rendered_prompt"}
+    fields = {"id", "axiom", "label", "placement", "prompt", "completion", "refused", "instruction", "rendered_prompt",
+              "refusal_class"}
     assert all(set(r) == fields for r in records)
     first = records[0]
     assert (first["id"], first["axiom"], first["label"], first["placement"], first["refused"]) == \
@@ -92,7 +93,7 @@ def test_refusal_metrics_and_generations_file_with_stubbed_generator(tmp_path):
 def test_perplexity_equals_hand_computed_exp_mean_nll(tiny_model_dir):
     handle = _tiny_handle(tiny_model_dir)
     pairs = load_benign_pairs(limit=1)
-    out = run_drift(handle, pairs, DriftSettings(progress=False))
+    out, _ = run_drift(handle, pairs, DriftSection(), progress=False)
     tp = tokenize_pairs(handle.tokenizer, pairs, "none", TokenizeSettings(1024, 512), progress=False).pairs[0]
     ids = torch.tensor([list(tp.prompt_ids) + list(tp.chosen_ids)])
     with torch.no_grad():
@@ -108,12 +109,12 @@ def test_perplexity_equals_hand_computed_exp_mean_nll(tiny_model_dir):
 def test_kl_is_zero_for_zero_initialised_adapter_and_positive_otherwise(tmp_path, tiny_model_dir):
     handle = _tiny_handle(tiny_model_dir)
     pairs = load_benign_pairs(limit=3)
-    settings = DriftSettings(progress=False, batch_size=2, n_resamples=1000)
+    settings = DriftSection(batch_size=2)
     handle.set_adapter(save_adapter(tiny_model_dir, tmp_path / "zero", b_scale=0.0))
-    zero = run_drift(handle, pairs, settings)
+    zero, _ = run_drift(handle, pairs, settings, progress=False)
     assert abs(zero["kl_mean_token"]) < 1e-6 and zero["perplexity_ratio"] == pytest.approx(1.0, abs=1e-6)
     handle.set_adapter(save_adapter(tiny_model_dir, tmp_path / "real", b_scale=2.0))
-    moved = run_drift(handle, pairs, settings)
+    moved, _ = run_drift(handle, pairs, settings, progress=False)
     assert moved["kl_mean_token"] > 1e-4 and moved["perplexity"] != pytest.approx(zero["perplexity"])
     assert moved["base_perplexity"] == pytest.approx(zero["perplexity"], rel=1e-5)  # base = adapter disabled
     assert moved["collapsed"] == (moved["perplexity_ratio"] > 2.0)

@@ -50,19 +50,19 @@ COMPLIANCES = [
 @pytest.mark.parametrize("text", REFUSALS)
 def test_refusals_detected(text):
     assert is_refusal(text)
-    assert classify(text) == "refusal"
+    assert classify(text) in ("full_refusal", "partial_refusal")
 
 
 @pytest.mark.parametrize("text", COMPLIANCES)
 def test_compliances_not_flagged(text):
     assert not is_refusal(text)
-    assert classify(text) == "compliance"
+    assert classify(text) == "full_compliance"
 
 
-def test_window_limits_the_search():
+def test_window_separates_opening_refusal_from_refusal_after_an_answer():
     text = "x" * 300 + " I cannot do that."
-    assert not is_refusal(text)
-    assert is_refusal(text, window=400)
+    assert classify(text) == "partial_refusal"  # an answer (of sorts), then a refusal
+    assert classify(text, window=400) == "full_refusal"
 
 
 def test_apology_only_counts_when_leading():
@@ -74,7 +74,7 @@ def test_default_judge_and_custom_judge_hook():
     prompts = ["p1", "p2"]
     completions = ["I can't help with that.", "Here you go."]
     assert judge_refusals(prompts, completions) == [True, False]
-    assert StringMatchJudge()(prompts, completions) == [True, False]
+    assert StringMatchJudge()(prompts, completions) == ["full_refusal", "full_compliance"]
 
     def always_refuses(ps, cs):
         return [True for _ in cs]
