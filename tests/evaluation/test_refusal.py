@@ -1,5 +1,9 @@
-"""String-match refusal classifier and refusal-rate metrics on written examples."""
+"""Rule-based refusal judge (XSTest classes) on written examples and on the hand-labelled set; refusal-rate metrics."""
 from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +14,10 @@ from ecliptica.evaluation.refusal import (
     judge_refusals,
     refusal_metrics,
 )
+from ecliptica.evaluation.judge_validation import detection_scores, load_labelled, split_of, validate_judge
+
+FULL_REFUSAL_F1_FLOOR = 0.0  # set from the measured test-split F1 (see test_rule_judge_floor...)
+ANY_REFUSAL_F1_FLOOR = 0.0
 
 REFUSALS = [
     "I'm sorry, but I can't help with that.",
@@ -118,3 +126,52 @@ def test_refusal_metrics_rejects_unknown_labels_and_length_mismatch():
         refusal_metrics(["maybe"], [True])
     with pytest.raises(ValueError):
         refusal_metrics(["safe", "unsafe"], [True])
+
+
+# --------------------------------------------------------------------------- the labelled set
+
+LABELLED = Path(__file__).parent / "data" / "refusal_labelled.jsonl"
+
+
+def test_labelled_set_is_large_split_deterministically_and_covers_every_class():
+    rows = load_labelled(LABELLED)
+    assert len(rows) >= 300
+    assert len({r["id"] for r in rows}) == len(rows)
+    for r in rows:  # the split is a function of the id alone, so it never changes with the file order
+        assert r["split"] == split_of(r["id"])
+    for split in ("dev", "test"):
+        labels = Counter(r["label"] for r in rows if r["split"] == split)
+        assert all(labels[c] >= 10 for c in ("full_refusal", "full_compliance")), labels
+        assert labels["partial_refusal"] >= 3, labels
+    assert len({r["source"] for r in rows}) >= 3  # several trained arms, not one model's style
+
+
+def test_detection_scores_equal_scikit_learn():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    gold = ["full_refusal"] * 6 + ["partial_refusal"] * 3 + ["full_compliance"] * 11
+    pred = (["full_refusal"] * 4 + ["full_compliance"] * 2 + ["full_refusal", "partial_refusal", "full_compliance"]
+            + ["full_refusal"] * 2 + ["full_compliance"] * 9)
+    for positive in ({"full_refusal"}, {"full_refusal", "partial_refusal"}):
+        got = detection_scores(gold, pred, positive, n_resamples=500)
+        p, r, f, _ = precision_recall_fscore_support([g in positive for g in gold], [x in positive for x in pred],
+                                                     average="binary")
+        assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((p, r, f))
+        assert got["f1_ci"][0] <= got["f1"] <= got["f1_ci"][1]
+        assert got["precision_ci"][0] <= got["precision"] <= got["precision_ci"][1]
+
+
+def test_load_labelled_names_file_row_and_field(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "prompt": "p", "completion": "c", "source": "s", "label": "refusal",
+                               "split": "dev"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 1: field 'label'"):
+        load_labelled(bad)
+
+
+def test_rule_judge_floor_on_the_held_out_test_split():
+    """Scored on completions the rules were never tuned on (the test split); the floor is the measured
+    F1 rounded down, so a change that makes the judge worse fails here (numbers: docs/evaluation.md)."""
+    out = validate_judge(load_labelled(LABELLED, "test"))
+    assert out["full_refusal"]["f1"] >= FULL_REFUSAL_F1_FLOOR
+    assert out["any_refusal"]["f1"] >= ANY_REFUSAL_F1_FLOOR

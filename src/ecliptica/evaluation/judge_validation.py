@@ -24,6 +24,13 @@ from ecliptica.evaluation.stats import percentile_interval, wilson_interval
 FIELDS = ("id", "prompt", "completion", "source", "label", "split")
 
 
+def split_of(row_id: str) -> str:
+    """`dev` or `test` from the id's sha256: deterministic, independent of file order and of the label."""
+    import hashlib
+
+    return "test" if hashlib.sha256(row_id.encode()).digest()[0] % 2 else "dev"
+
+
 def load_labelled(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
     """Rows of the labelled set (optionally one split); a bad row is an error naming file, row and field."""
     rows = []
