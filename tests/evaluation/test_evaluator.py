@@ -200,8 +200,10 @@ def _cfg(tmp_path, tiny_model_dir, **over) -> EvalConfig:
     raw = {"out_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"), "progress": False,
            "model": {"name": str(tiny_model_dir), "dtype": "fp32"}, "data": {"limit": 24},
            "embeddings": {"layer_sweep": True, "placement": "system", "instruction": "Refuse harmful requests."},
-           "behaviour": {"limit": 6, "max_new_tokens": 4, "placements": ["none", "system"]},
-           "drift": {"limit": 4}, "metrics": {"legacy": True}}
+           "behaviour": {"limit": 6, "max_new_tokens": 4, "placements": ["none", "system"],
+                         "jailbreak": {"limit": 2, "templates": ["role_play", "fiction"]}},
+           "drift": {"limit": 4}, "metrics": {"legacy": True},
+           "preference": {"enabled": True, "path": "demo:preferences", "limit": 3}}
     for k, v in over.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
     return EvalConfig.model_validate(raw)
@@ -225,6 +227,15 @@ def test_run_eval_end_to_end_writes_every_artefact(tmp_path, tiny_model_dir):
     assert rows[0]["axiom"] == "overall" and len(rows) == 1 + len(saved["data"]["groups"]) // 2
     assert "refusal_rate_unsafe[system]" in rows[0]
     assert len((out / "generations.jsonl").read_text().splitlines()) == 12
+    assert len((out / "jailbreak_generations.jsonl").read_text().splitlines()) == 2 * 3  # control + 2 templates
+    assert set(saved["jailbreak"]["per_template"]) == {"plain", "role_play", "fiction"}
+    assert len((out / "drift_examples.jsonl").read_text().splitlines()) == 4
+    assert saved["preference"]["n_pairs"] == 3 and saved["preference"]["reward_accuracy"] is None  # the base
+    summary = saved["summary"]
+    assert summary["behaviour_shown_placement"] == "none" and summary["refusal_judge"] == "strmatch"
+    assert summary["refusal_rate_unsafe"] == saved["behaviour"]["none"]["refusal_rate_unsafe"]["rate"]
+    for key in ("jailbreak_refusal_rate", "preference_logp_accuracy", "refusal_rate_unsafe[system]", "drift_n_examples"):
+        assert key in summary
     for name in ("pca3d.png", "aqi_by_layer.png"):
         assert (out / "figures" / name).stat().st_size > 1000
     assert Path(saved["embeddings"]["cache_path"]).is_file() and not saved["embeddings"]["cache_hit"]
