@@ -193,3 +193,11 @@ def test_rule_judge_floor_on_the_held_out_test_split():
 ])
 def test_refusal_styles_get_their_xstest_class(text, expected):
     assert classify(text) == expected
+
+
+def test_judge_validation_command_prints_both_detections(capsys):
+    from ecliptica.evaluation.judge_validation import main
+
+    main([str(LABELLED), "--split", "dev"])
+    out = capsys.readouterr().out
+    assert out.startswith("full_refusal: n=181") and "any_refusal: n=181" in out and "F1=" in out

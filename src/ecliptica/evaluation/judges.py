@@ -62,7 +62,8 @@ class ModelJudge:
         self.is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
         cls = AutoModelForSequenceClassification if self.is_classifier else AutoModelForCausalLM
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = cls.from_pretrained(name_or_path, trust_remote_code=trust_remote_code).to(device).eval()
+        self.model = cls.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                         dtype="auto").to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -303,7 +303,7 @@ def refusal_metrics(
     Wilson interval; the bootstrap interval collapses to a point at 0% or 100%, Wilson does not.
     """
     unsafe = _is_unsafe(labels)
-    classes = None
+    refused, classes = list(refused), None
     if refused and isinstance(refused[0], str):
         classes = np.asarray(refused)
         refused = [c != "full_compliance" for c in refused]
