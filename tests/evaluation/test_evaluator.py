@@ -236,6 +236,15 @@ def test_run_eval_end_to_end_writes_every_artefact(tmp_path, tiny_model_dir):
     assert summary["refusal_rate_unsafe"] == saved["behaviour"]["none"]["refusal_rate_unsafe"]["rate"]
     for key in ("jailbreak_refusal_rate", "preference_logp_accuracy", "refusal_rate_unsafe[system]", "drift_n_examples"):
         assert key in summary
+    from ecliptica.evaluation.summary import summarize_eval
+
+    typed = summarize_eval(saved)  # what a study reads: the same numbers under the same names
+    assert typed.behaviour_placement == "none" and typed.refusal_judge == "strmatch"
+    assert set(typed.refusal_rate_unsafe_by_placement) == {"none", "system"}
+    assert typed.refusal_rate_unsafe_by_placement["system"].rate == summary["refusal_rate_unsafe[system]"]
+    assert typed.jailbreak_refusal_rate.rate == summary["jailbreak_refusal_rate"]
+    assert typed.preference_logp_accuracy.value == summary["preference_logp_accuracy"]
+    assert typed.preference_reward_accuracy is None  # the base: no implicit reward
     for name in ("pca3d.png", "aqi_by_layer.png"):
         assert (out / "figures" / name).stat().st_size > 1000
     assert Path(saved["embeddings"]["cache_path"]).is_file() and not saved["embeddings"]["cache_hit"]
