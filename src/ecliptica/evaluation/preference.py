@@ -1,73 +1,72 @@
-"""Held-out preference scores of a LoRA policy against its base (the same network, adapter disabled).
+"""Held-out preference accuracy: does the trained model prefer the chosen answer of pairs it never saw?
 
-  reward(y)  = beta * (log pi(y|x) - log pi_base(y|x))      (DPO's implicit reward; sums over response tokens)
-  accuracy   = share of pairs with reward(chosen) > reward(rejected)   (strict, as TRL's rewards/accuracies:
-               an untrained adapter ties every pair and scores 0)
-  margin     = mean of reward(chosen) - reward(rejected)
-  kl         = sum over response tokens of KL(pi || pi_base), full vocabulary / number of response tokens
+For every pair, with log-probs summed over response tokens by the training engine (`logprobs.py`)
+and the base (adapter disabled) as reference, DPO's implicit reward is
 
-Log-probs and the KL come from `train.policy.PolicyModel`, the forward the training losses use, so a
-score here and a training metric of the same name are the same number. Batches are padded rows, not one
-packed row: a packed row of a whole scoring batch makes attention cost grow with the square of its length.
+  r(y) = beta * (log pi(y | x) - log pi_base(y | x))
+
+* `reward_accuracy` = share of pairs with r(chosen) > r(rejected) (TRL's `rewards/accuracies`);
+  ties count as wrong, as in TRL. Undefined for the base itself (every reward is 0).
+* `reward_margin` = mean of r(chosen) - r(rejected) (TRL's `rewards/margins`); scales with beta.
+* `logp_accuracy` = share of pairs with log pi(chosen) > log pi(rejected): the raw likelihood
+  preference, defined for every model including the base (it favours short answers).
+
+The numbers mean "held-out" only if `preference.path` holds pairs the arm was not trained on; the
+evaluator cannot check that, the study config must.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-import torch
-from tqdm.auto import tqdm
+import numpy as np
 
-from ecliptica.data import TokenizedPair
-from ecliptica.train.batching import collate
-from ecliptica.train.policy import PolicyModel
-
-
-def _batches(pairs: Sequence[TokenizedPair], batch_size: int, desc: str, progress: bool):
-    starts = range(0, len(pairs), batch_size)
-    for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        yield list(pairs[s:s + batch_size])
+from ecliptica.data import PreferenceExample, TokenizeSettings, load_preferences, resolve_path, tokenize_pairs
+from ecliptica.evaluation.config import PreferenceSection
+from ecliptica.evaluation.logprobs import sequence_scores
+from ecliptica.evaluation.stats import percentile_interval, wilson_interval
 
 
-@torch.no_grad()
-def preference_scores(policy: PolicyModel, pairs: Sequence[TokenizedPair], pad_token_id: int, *, beta: float,
-                      batch_size: int = 8, progress: bool = False) -> dict:
-    """rewards/accuracies and rewards/margins of `policy` on preference pairs (see the module docstring)."""
-    if not pairs:
-        raise ValueError("preference_scores: no pairs to score")
-    device = next(policy.parameters()).device
-    was_training = policy.training
-    policy.eval()
-    margins = []
-    try:
-        for batch_pairs in _batches(pairs, batch_size, "validation pairs", progress):
-            batch = collate(batch_pairs, True, pad_token_id, packed=False).to(device)
-            s = policy(batch, need_reference=True)
-            ratio = (s.logps - s.ref_logps).float()
-            chosen, rejected = s.halves(ratio)
-            margins.append(beta * (chosen - rejected))
-    finally:
-        policy.train(was_training)
-    m = torch.cat(margins)
-    return {"rewards/accuracies": float((m > 0).float().mean()), "rewards/margins": float(m.mean()),
-            "n_pairs": int(m.numel())}
+def load_preference_pairs(s: PreferenceSection) -> list[PreferenceExample]:
+    examples = load_preferences(resolve_path(s.path), s.format).examples
+    examples = examples[:s.limit] if s.limit else examples
+    if not examples:
+        raise ValueError(f"{s.path}: no preference pairs for preference accuracy")
+    return examples
 
 
-@torch.no_grad()
-def response_kl(policy: PolicyModel, pairs: Sequence[TokenizedPair], pad_token_id: int, *, batch_size: int = 8,
-                progress: bool = False) -> dict:
-    """Mean token KL(policy || base) over the chosen responses of `pairs` (token-weighted, as drift's kl)."""
-    if not pairs:
-        raise ValueError("response_kl: no pairs to score")
-    device = next(policy.parameters()).device
-    was_training = policy.training
-    policy.eval()
-    kl_sum, n_tokens = 0.0, 0
-    try:
-        for batch_pairs in _batches(pairs, batch_size, "benign KL", progress):
-            batch = collate(batch_pairs, False, pad_token_id, packed=False).to(device)
-            s = policy(batch, need_token_kl=True)
-            kl_sum += float(s.token_kl_sum)
-            n_tokens += int(s.n_tokens.sum())
-    finally:
-        policy.train(was_training)
-    return {"kl_mean_token": kl_sum / n_tokens, "n_response_tokens": n_tokens, "n_pairs": len(pairs)}
+def preference_metrics(logp_c: np.ndarray, logp_r: np.ndarray, ref_c: np.ndarray, ref_r: np.ndarray, beta: float,
+                       has_adapter: bool, *, n_resamples: int = 1000, seed: int = 0,
+                       alpha: float = 0.05) -> dict[str, Any]:
+    n = logp_c.size
+    margins = beta * ((logp_c - ref_c) - (logp_r - ref_r))
+    wins, logp_wins = margins > 0, logp_c > logp_r
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    interval = lambda x: dict(zip(("low", "high"), percentile_interval(x[idx].mean(1), alpha)))  # noqa: E731
+    wilson = lambda k: dict(zip(("wilson_low", "wilson_high"), wilson_interval(int(k), n, alpha)))  # noqa: E731
+    out: dict[str, Any] = {
+        "n_pairs": int(n), "beta": beta,
+        "logp_accuracy": float(logp_wins.mean()), "logp_accuracy_ci": {**interval(logp_wins), **wilson(logp_wins.sum())},
+        "reward_accuracy": None, "reward_margin": None,
+    }
+    if has_adapter:
+        out.update(reward_accuracy=float(wins.mean()), reward_accuracy_ci={**interval(wins), **wilson(wins.sum())},
+                   reward_margin=float(margins.mean()), reward_margin_ci=interval(margins),
+                   rewards_chosen=float(beta * (logp_c - ref_c).mean()),
+                   rewards_rejected=float(beta * (logp_r - ref_r).mean()))
+    else:
+        out["note"] = "no adapter: the model is its own reference, every implicit reward is 0"
+    return out
+
+
+def run_preference(handle, examples: Sequence[PreferenceExample], s: PreferenceSection, *, n_resamples: int = 1000,
+                   seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    data = tokenize_pairs(handle.tokenizer, list(examples), s.placement,
+                          TokenizeSettings(max_length=s.max_length, max_prompt_length=s.max_prompt_length),
+                          progress=False)
+    sc = sequence_scores(handle, data.pairs, with_rejected=True, batch_size=s.batch_size, progress=progress,
+                         desc="preference")
+    out = preference_metrics(sc["logp_chosen"], sc["logp_rejected"], sc["ref_logp_chosen"], sc["ref_logp_rejected"],
+                             s.beta, handle.adapter_path is not None, n_resamples=n_resamples, seed=seed)
+    out.update(path=s.path, placement=s.placement)
+    return out

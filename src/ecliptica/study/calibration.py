@@ -3,7 +3,7 @@
 For every trained arm, each point of a small sweep (learning rates, x GRIT dampings for GRIT arms) is
 trained on the train split (seed `calibration.seed`) and scored on the held-out validation split:
 
-  val_accuracy = rewards/accuracies of the validation pairs against the base  (evaluation/preference.py)
+  val_accuracy = rewards/accuracies of the validation pairs against the base  (evaluation/validation.py)
   val_margin   = rewards/margins on the same pairs
   benign_kl    = mean token KL(model || base) on the benign drift pairs (the study's evaluation.drift set)
 
@@ -162,7 +162,7 @@ def _benign_pairs(cfg: StudyConfig):
 
 def _train_and_score(tc: TrainConfig, benign, cfg: StudyConfig) -> dict:
     from ..data import TokenizeSettings, tokenize_pairs
-    from ..evaluation.preference import preference_scores, response_kl
+    from ..evaluation.validation import preference_scores, response_kl
     from ..train import Trainer
 
     examples, drift = benign

@@ -186,6 +186,8 @@ class StudyRunner:
                    "model": _eval_model_section(self.cfg.train.get("model", {}))}
             if arm.method == "prompt_only":
                 raw = _with_system_instruction(raw, self.cfg.prompt_instruction(arm))
+            else:
+                raw["behaviour"] = self._with_training_instruction(raw.get("behaviour") or {}, arm, seed)
             ecfg = EvalConfig.model_validate(raw)
             if self._handle is None:  # one base for every arm; adapters are swapped in unmerged
                 self._handle = ModelHandle.load(ModelConfig(**ecfg.model.model_dump()))
@@ -201,6 +203,22 @@ class StudyRunner:
                                                       "data_hash": result["data"]["data_hash"]})
             self.store.set_evaluation(rid, split, records[split])
         self.store.set_status(rid, "evaluated", eval_result=records["test"])
+
+    def _with_training_instruction(self, behaviour: dict, arm: ArmSpec, seed: int) -> dict:
+        """Behaviour settings that also evaluate with the instruction an arm was trained with (same text,
+        same placement); the baseline gets every such variant, so each arm has a base to compare with.
+        The headline (`behaviour.shown_placement`) stays as configured, `none` by default: comparable
+        across arms. Arms trained on per-row instructions have no single text and keep `none` only."""
+        arms = [a for a in self.cfg.arms if a.trained] if arm.method == "baseline" else [arm]
+        placements = list(behaviour.get("placements", ["none"]))
+        instruction = behaviour.get("instruction")
+        for a in arms:
+            tc = self.arm_config(a, seed)
+            placement, text = tc.method.placement or _default_placement(a.method), tc.data.instruction
+            if placement != "none" and (instruction or text):
+                instruction = instruction or text
+                placements = list(dict.fromkeys([*placements, placement]))
+        return {**behaviour, "placements": placements, **({"instruction": instruction} if instruction else {})}
 
     def _claim(self, rid: str, needs_work) -> bool:
         """True if this process should work on `rid` now: it still needs the work and, for a worker,
@@ -388,7 +406,8 @@ def report_study(cfg: StudyConfig) -> dict:
 def _with_system_instruction(raw: dict, instruction: str) -> dict:
     """A prompt-only arm's evaluation: the instruction as system message for embeddings and generations."""
     raw = {**raw, "embeddings": {**raw.get("embeddings", {}), "placement": "system", "instruction": instruction},
-           "behaviour": {**raw.get("behaviour", {}), "placements": ["system"], "instruction": instruction}}
+           "behaviour": {**raw.get("behaviour", {}), "placements": ["system"], "shown_placement": "system",
+                         "instruction": instruction}}
     return raw
 
 

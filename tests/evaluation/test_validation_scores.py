@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ecliptica.evaluation.preference import preference_scores, response_kl
+from ecliptica.evaluation.validation import preference_scores, response_kl
 from ecliptica.train.policy import PolicyModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
