@@ -115,9 +115,10 @@ class StudyConfig(Strict):
             if arm.method == "prompt_only" and not self.prompt_instruction(arm):
                 raise ValueError(f"arm {arm.name!r} (prompt_only) needs an instruction: set the arm's "
                                  "`instruction` or train.data.instruction")
-        unknown = set(self.calibration.arms or []) - {a.name for a in self.arms if a.trained}
-        if unknown:
-            raise ValueError(f"calibration.arms names {sorted(unknown)}, which are not trained arms of this study")
+        # names of arms a study leaves out are ignored (e.g. `--set arms=...` on a shipped config); untrained ones are errors
+        untrained = set(self.calibration.arms or []) & {a.name for a in self.arms if not a.trained}
+        if untrained:
+            raise ValueError(f"calibration.arms names {sorted(untrained)}, which are not trained arms of this study")
         if self.calibration.enabled and not self.train.get("data", {}).get("val_fraction", 0) > 0:
             raise ValueError("calibration needs a validation split: set train.data.val_fraction > 0")
         if self.evaluation_sets:

@@ -213,7 +213,7 @@ class StudyRunner:
         placements = list(behaviour.get("placements", ["none"]))
         instruction = behaviour.get("instruction")
         for a in arms:
-            tc = self.arm_config(a, seed)
+            tc = self.cfg.arm_config(a, seed)  # placement and instruction: calibration does not change them
             placement, text = tc.method.placement or _default_placement(a.method), tc.data.instruction
             if placement != "none" and (instruction or text):
                 instruction = instruction or text
