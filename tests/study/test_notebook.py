@@ -78,7 +78,8 @@ def test_config_yaml_is_the_arms_resolved_config(tmp_path, embedded_dir):
     runner = _study(tmp_path, embedded_dir, extra=["train.optimizer.lr=0.001"])
     cfg = yaml.safe_load(nb.config_yaml(runner, "cita_grit"))
     assert cfg["method"]["name"] == "cita" and cfg["optimizer"]["name"] == "grit"
-    assert cfg["optimizer"]["lr"] == 0.001 and cfg["optimizer"]["grit"]["reproject_steps"] == 3  # study.yaml's grit block
+    assert cfg["optimizer"]["lr"] == 0.001
+    assert cfg["optimizer"]["grit"]["reproject_steps"] == 3  # the study's shared grit block
     assert cfg["run_dir"] == str(tmp_path / "study" / "runs" / "cita_grit-s0")
     with pytest.raises(ValueError, match="baseline"):
         nb.config_yaml(runner, "baseline")

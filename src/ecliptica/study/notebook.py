@@ -118,8 +118,16 @@ def tensorboard_dir(runner: StudyRunner) -> Path:
 def inline_tensorboard() -> bool:
     """True in a kernel a Jupyter server started (JupyterLab, Notebook: it sets JPY_SESSION_NAME).
     Headless runs (nbclient in `make test`, `jupyter execute`) get False, so `%tensorboard` does not
-    start a server process nobody will look at and nobody stops."""
-    return bool(os.environ.get("JPY_SESSION_NAME"))
+    start a server process nobody will look at and nobody stops.
+
+    When True, `%tensorboard` is pointed at this environment's `tensorboard` program: `make lab` runs
+    `.venv/bin/python -m jupyterlab`, which leaves .venv/bin off the kernel's PATH."""
+    if not os.environ.get("JPY_SESSION_NAME"):
+        return False
+    program = Path(sys.executable).with_name("tensorboard")
+    if program.exists():
+        os.environ.setdefault("TENSORBOARD_BINARY", str(program))
+    return True
 
 
 # ------------------------------------------------------------------ 07_evaluation
@@ -127,7 +135,8 @@ def missing_arms(runner: StudyRunner) -> dict[str, list[int]]:
     """Trained arms with seeds not trained yet (pending, interrupted or failed): arm -> seeds."""
     missing: dict[str, list[int]] = {}
     for arm, seed in runner.plan:
-        if arm.method != "baseline" and runner.store.get(runner.run_id(arm, seed))["status"] not in ("trained", "evaluated"):
+        status = runner.store.get(runner.run_id(arm, seed))["status"]
+        if arm.method != "baseline" and status not in ("trained", "evaluated"):
             missing.setdefault(arm.name, []).append(seed)
     return missing
 

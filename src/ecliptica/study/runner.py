@@ -112,7 +112,9 @@ class StudyRunner:
             for arm, seed in self.plan:
                 rid = self.run_id(arm, seed)
                 status = rows[rid]["status"]
-                if (only is not None and arm.name not in only) or status == "evaluated" or (self.worker and status == "failed"):
+                if status == "evaluated" or (self.worker and status == "failed"):
+                    continue
+                if only is not None and arm.name not in only:
                     continue
                 ready = arm.method == "baseline" or status == "trained"
                 if not ready:
