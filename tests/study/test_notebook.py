@@ -123,10 +123,15 @@ def test_evaluation_names_missing_arms_trains_them_only_when_asked_and_logs_eval
     assert "loss" in EventAccumulator(str(runner.dir / "tensorboard" / "sft-s0")).Reload().Tags()["scalars"]
 
 
-def test_eval_scalars_leave_out_undefined_numbers():
+def test_eval_scalars_are_the_summarys_numbers_by_name():
     from ecliptica.evaluation.summary import EvalSummary
     from ecliptica.study.tb import eval_scalars
 
-    s = EvalSummary(aqi={"value": 0.25}, refusal_rate_unsafe={"rate": 0.5, "n": 8}, perplexity=None)
-    assert eval_scalars(s) == {"eval/aqi": 0.25, "eval/refusal_rate_unsafe": 0.5}
+    s = EvalSummary(aqi={"value": 0.25}, aqi_gamma=0.3, aqi_layer=5, n_prompts=48,
+                    refusal_rate_unsafe={"rate": 0.5, "n": 8}, perplexity=None, collapsed=False,
+                    over_refusal_rate_safe_by_placement={"none": {"rate": 0.125, "n": 8},
+                                                          "system": {"rate": 0.375, "n": 8}})
+    assert eval_scalars(s) == {"eval/aqi": 0.25, "eval/refusal_rate_unsafe": 0.5,
+                               "eval/over_refusal_rate_safe_by_placement/none": 0.125,
+                               "eval/over_refusal_rate_safe_by_placement/system": 0.375}
     assert eval_scalars(EvalSummary(aqi={"value": None})) == {}

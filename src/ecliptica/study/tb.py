@@ -2,7 +2,7 @@
 
 The trainer logs training scalars under `STUDY_DIR/tensorboard/<run_id>/`; the study adds the
 evaluation summary there as `eval/<name>`, each number under its `EvalSummary` name (`eval/aqi`,
-`eval/refusal_rate_unsafe`, ...), so TensorBoard, the store and the CSV agree on names.
+`eval/refusal_rate_unsafe`, `eval/perplexity`, ...), so TensorBoard, the store and the CSV agree on names.
 """
 from __future__ import annotations
 
@@ -10,19 +10,28 @@ from pathlib import Path
 
 from ..evaluation.summary import EvalSummary, Estimate, Rate
 
-# the headline numbers; AQI settings (gamma, pca_dim, layer) and counts are not curves
-SCALARS = ("aqi", "probe_auroc", "refusal_rate_unsafe", "over_refusal_rate_safe", "perplexity", "kl_mean_token")
+# what the numbers were computed with, not results: no curve
+SETTINGS = ("aqi_gamma", "aqi_pca_dim", "aqi_layer", "n_prompts")
 
 
 def eval_scalars(summary: EvalSummary) -> dict[str, float]:
-    """`eval/<name>` -> value for every headline number the evaluation produced (undefined ones left out)."""
+    """`eval/<name>` -> value for every number of the summary: an estimate's value, a rate's rate, a plain
+    float; per-placement rates as `eval/<name>/<placement>`. Undefined numbers, flags (`collapsed`),
+    labels and the AQI settings are left out. A field added to `EvalSummary` appears here by itself."""
     out = {}
-    for name in SCALARS:
+    for name in type(summary).model_fields:
+        if name in SETTINGS:
+            continue
         v = getattr(summary, name)
-        v = v.value if isinstance(v, Estimate) else v.rate if isinstance(v, Rate) else v
-        if v is not None:
-            out[f"eval/{name}"] = float(v)
+        for tag, x in ({f"{name}/{k}": x for k, x in v.items()} if isinstance(v, dict) else {name: v}).items():
+            if (number := _number(x)) is not None:
+                out[f"eval/{tag}"] = number
     return out
+
+
+def _number(v) -> float | None:
+    v = v.value if isinstance(v, Estimate) else v.rate if isinstance(v, Rate) else v
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def write_eval_scalars(log_dir: str | Path, summary: EvalSummary, step: int = 0) -> dict[str, float]:
