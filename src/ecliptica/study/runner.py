@@ -138,7 +138,6 @@ class StudyRunner:
         from ..evaluation.config import EvalConfig
         from ..evaluation.model_handle import ModelHandle
         from ..evaluation.runner import prompts_from_config, run_eval
-        from ..models import ModelConfig
 
         run_dir = self._run_dir(arm, seed)
         raw = {**self.cfg.evaluation, "out_dir": str(run_dir / "eval"),
@@ -146,7 +145,7 @@ class StudyRunner:
                "model": _eval_model_section(self.cfg.train.get("model", {}))}
         ecfg = EvalConfig.model_validate(raw)
         if self._handle is None:  # one base for every arm; adapters are swapped in unmerged
-            self._handle = ModelHandle.load(ModelConfig(**ecfg.model.model_dump()))
+            self._handle = ModelHandle.load(ecfg.model)
             self._prompts = prompts_from_config(ecfg)
         print(f"[study] evaluating {rid}", flush=True)
         result = run_eval(ecfg, handle=self._handle, prompts=self._prompts)
