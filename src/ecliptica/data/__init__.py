@@ -18,7 +18,8 @@ def resolve_path(spec: str) -> str:
 
 
 __all__ = [
-    "BadRow", "DataError", "FORMATS", "LoadOptions", "PreferenceFormat", "PromptFormat", "format_names", "LoadReport", "Loaded", "Message", "PLACEMENTS",
+    "BadRow", "DataError", "FORMATS", "LoadOptions", "LoadReport", "Loaded", "Message", "PLACEMENTS",
+    "PreferenceFormat", "PromptFormat", "format_names",
     "Placement", "PreferenceExample", "PromptExample", "TokenizeSettings", "TokenizedData", "TokenizedPair",
     "DEMO_EVAL_PROMPTS", "DEMO_PREFERENCES", "load", "load_preferences", "load_prompts", "place_instruction",
     "render_pair", "render_prompt", "resolve_path", "save_bad_rows", "split_train_val", "tokenize_pairs",

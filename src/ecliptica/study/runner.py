@@ -328,7 +328,3 @@ def _eval_model_section(model: dict) -> dict:
 
     return {k: v for k, v in model.items() if k in InferenceModelSection.model_fields}
 
-
-def run_study(path: str | Path, overrides: list[str] | None = None, workers: int = 1,
-              devices: list[str] | None = None) -> dict:
-    return StudyRunner(load_study(path, overrides)).run(workers=workers, devices=devices)
