@@ -14,6 +14,8 @@ def test_every_method_module_is_registered_in_display_order():
     for name, cls in registry.METHODS.items():
         assert cls.name == name == cls.config().name
         assert type(registry.build_loss(cls.config())) is cls
+        cfg = TrainConfig(method=cls.config())  # the saved, resolved config loads back as the same config
+        assert TrainConfig.model_validate(cfg.model_dump(mode="json")) == cfg
 
 
 def test_config_union_picks_the_method_by_name_and_forbids_other_methods_settings():
