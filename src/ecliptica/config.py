@@ -118,8 +118,8 @@ class TrainConfig(Strict):
 
     @field_validator("method", mode="before")
     @classmethod
-    def _default_method(cls, v):  # a method block without a name keeps the default method
-        return {**v, "name": CITAConfig.model_fields["name"].default} if isinstance(v, dict) and "name" not in v else v
+    def _default_method(cls, v):  # a method block that names no method is the default method's (CITA)
+        return {"name": "cita", **v} if isinstance(v, dict) and "name" not in v else v
 
     @model_validator(mode="after")
     def _check(self):
