@@ -15,7 +15,6 @@ LABEL_COLOURS = {"safe": "tab:blue", "unsafe": "tab:red"}
 
 
 def pyplot():
-    """matplotlib.pyplot on the Agg backend (files only, no display); the study's figures use it too."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -14,8 +14,7 @@ import numpy as np
 
 from ecliptica.evaluation.figures import LABEL_COLOURS, pyplot
 
-_BASE_METHODS = ("sft", "dpo", "cita")
-_SIG_COLOUR, _NS_COLOUR = "tab:blue", "tab:gray"  # significance, not direction: blue = CI excludes 0
+_SIG_COLOUR, _NS_COLOUR = "tab:blue", "tab:gray"  # significance, not direction
 
 
 def _save_both(fig, plt, stem: Path) -> dict[str, str]:
@@ -63,13 +62,13 @@ def aqi_by_arm(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
     return _save_both(fig, plt, stem)
 
 
-def _difference_bars(ax, items, ylabel: str, title: str) -> None:
+def _difference_bars(ax, items, ylabel: str, title: str, blue: str = "CI excludes 0") -> None:
     """Differences with CIs around a zero line; items are (label, estimate, low, high, significant)."""
     labels, values, lows, highs, significant = zip(*items)
     _bars(ax, labels, values, lows, highs, [_SIG_COLOUR if sig else _NS_COLOUR for sig in significant])
     ax.axhline(0, color="black", lw=0.8)
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{title} (blue: CI excludes 0)", fontsize=10)
+    ax.set_title(f"{title} (blue: {blue})", fontsize=10)
 
 
 def delta_aqi(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
@@ -91,27 +90,27 @@ def grit_effect(findings: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, 
     shown = [f for f in findings if f.get("answerable")]
     if shown:
         _difference_bars(ax, [(f["comparison"], f["estimate"], f["low"], f["high"], f["significant"]) for f in shown],
-                         "AQI with GRIT − without", "GRIT effect per method")
+                         "AQI with GRIT − without", "GRIT effect per method", "significant after Holm")
     else:
         _empty(ax, "no base method has both arms")
     return _save_both(fig, plt, stem)
 
 
-def method_pairs(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
-    """SFT/DPO/CITA, without and with GRIT side by side: AQI and refusal rate on unsafe prompts."""
+def method_pairs(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], stem: Path) -> dict[str, str]:
+    """Each base method without and with GRIT side by side: AQI and refusal rate on unsafe prompts."""
     plt = pyplot()
     by_arm = {r["arm"]: r for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    x = np.arange(len(_BASE_METHODS))
+    x = np.arange(len(methods))
     width = 0.38
-    for ax, key, label in ((axes[0], "aqi", "AQI"), (axes[1], "refusal_unsafe", "refusal rate (unsafe)")):
+    for ax, key, label in ((axes[0], "aqi", "AQI"), (axes[1], "refusal_rate_unsafe", "refusal rate (unsafe)")):
         for offset, suffix, name in ((-width / 2, "", "without GRIT"), (width / 2, "_grit", "with GRIT")):
-            rs = [by_arm.get(m + suffix) for m in _BASE_METHODS]
+            rs = [by_arm.get(m + suffix) for m in methods]
             vals = [r[key] if r and r[key] is not None else np.nan for r in rs]
             lows = [r[f"{key}_low"] if r else None for r in rs]
             highs = [r[f"{key}_high"] if r else None for r in rs]
             ax.bar(x + offset, np.nan_to_num(vals), width, yerr=_yerr(vals, lows, highs), capsize=3, label=name)
-        ax.set_xticks(x, [m.upper() for m in _BASE_METHODS])
+        ax.set_xticks(x, [m.upper() for m in methods])
         ax.set_ylabel(label)
         ax.legend()
     fig.suptitle("Base methods with and without GRIT (95% CI; missing arms drawn empty)")
