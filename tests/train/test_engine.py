@@ -11,7 +11,7 @@ def _cfg(tmp_path, model_dir, method="dpo", **train):
     t = {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "progress": False, **train}
     return TrainConfig.model_validate({
         "run_dir": str(tmp_path / f"run_{method}"), "seed": 3, "model": {"name": str(model_dir)},
-        "lora": {"r": 4, "alpha": 8}, "method": {"name": method, "lambda_kl": 0.05},
+        "lora": {"r": 4, "alpha": 8}, "method": {"name": method, **({"lambda_kl": 0.05} if method == "cita" else {})},
         "data": {"limit": 24, "max_length": 160, "max_prompt_length": 96},
         "optimizer": {"lr": 5e-3}, "schedule": {"name": "linear", "warmup_steps": 1}, "train": t})
 

@@ -9,8 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ecliptica.config import InferenceModelSection, Strict
-
-PlacementName = Literal["system", "prepend", "none"]
+from ecliptica.data import Placement as PlacementName
+from ecliptica.data import PromptFormat
 
 
 EvalModelSection = InferenceModelSection  # the model fields that matter for inference
@@ -18,9 +18,9 @@ EvalModelSection = InferenceModelSection  # the model fields that matter for inf
 
 class EvalDataSection(Strict):
     path: str = "demo:eval"
-    format: Literal["litmus", "xstest", "donotanswer", "generic"] = "generic"
+    format: PromptFormat = "generic"
     benign_path: str | None = None  # a second source, e.g. safe prompts next to Do-Not-Answer
-    benign_format: Literal["litmus", "xstest", "donotanswer", "generic"] = "generic"
+    benign_format: PromptFormat = "generic"
     limit: int | None = Field(None, ge=1)  # balanced subset across (axiom, label)
     per_group: int | None = Field(None, ge=1)  # cap per (axiom, label) group (LITMUS-style balancing)
     seed: int = 0

@@ -37,7 +37,6 @@ __all__ = [
     "probe_auroc",
     "auroc_rows",
     "out_of_fold_scores",
-    "between_share",
     "chi_to_between_share",
     "xb_term",
     "aqi_from_terms",
@@ -210,14 +209,6 @@ def auroc_rows(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
 def chi_to_between_share(chi: float, n: int, k: int = 2) -> float:
     """f(CHI) = CHI / (CHI + (n - k)/(k - 1)), which equals B / (B + W) exactly."""
     return chi / (chi + (n - k) / (k - 1))
-
-
-def between_share(X: ArrayLike, y: ArrayLike) -> float:
-    """B / (B + W): share of total sum of squares explained by the labels (0 if all points equal)."""
-    X, codes, classes = _prepare(X, y)
-    _, _, within, between = _scatter(X, codes, classes.size)
-    total = between + within
-    return between / total if total > 0 else 0.0
 
 
 def xb_term(xb: float | np.ndarray) -> float | np.ndarray:

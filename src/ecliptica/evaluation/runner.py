@@ -25,7 +25,7 @@ from ecliptica.evaluation.judges import build_judge
 from ecliptica.evaluation.preference import load_preference_pairs, run_preference
 from ecliptica.evaluation.refusal import RefusalJudge
 from ecliptica.evaluation.scoring import evaluate_embeddings, json_ready, layer_curve
-from ecliptica.models import ModelConfig, cache_dir as default_cache_root
+from ecliptica.models import cache_dir as default_cache_root
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, prompts: Seq
     out = Path(cfg.out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     if handle is None:
-        handle = ModelHandle.load(ModelConfig(**cfg.model.model_dump()))
+        handle = ModelHandle.load(cfg.model)
     handle.set_adapter(cfg.adapter)
     prompts = list(prompts) if prompts is not None else prompts_from_config(cfg)
     labels, axioms = [p.label for p in prompts], [p.axiom for p in prompts]

@@ -141,7 +141,6 @@ class StudyRunner:
         from ..evaluation.model_handle import ModelHandle
         from ..evaluation.runner import prompts_from_config, run_eval
         from ..evaluation.summary import summarize_eval
-        from ..models import ModelConfig
         from .tb import write_eval_scalars
 
         run_dir = self._run_dir(arm, seed)
@@ -151,7 +150,7 @@ class StudyRunner:
         raw["behaviour"] = self._with_training_instruction(raw.get("behaviour") or {}, arm, seed)
         ecfg = EvalConfig.model_validate(raw)
         if self._handle is None:  # one base for every arm; adapters are swapped in unmerged
-            self._handle = ModelHandle.load(ModelConfig(**ecfg.model.model_dump()))
+            self._handle = ModelHandle.load(ecfg.model)
             self._prompts = prompts_from_config(ecfg)
         print(f"[study] evaluating {rid}", flush=True)
         result = run_eval(ecfg, handle=self._handle, prompts=self._prompts)
@@ -344,7 +343,3 @@ def _eval_model_section(model: dict) -> dict:
 
     return {k: v for k, v in model.items() if k in InferenceModelSection.model_fields}
 
-
-def run_study(path: str | Path, overrides: list[str] | None = None, workers: int = 1,
-              devices: list[str] | None = None) -> dict:
-    return StudyRunner(load_study(path, overrides)).run(workers=workers, devices=devices)

@@ -24,8 +24,8 @@ from .. import __version__
 from ..config import TrainConfig, save_config
 from ..data import LoadOptions, load_preferences, resolve_path, save_bad_rows, split_train_val, tokenize_pairs
 from ..data.tokenize import TokenizedData, TokenizeSettings
-from ..losses import MethodConfig, SequenceStats, build_loss
-from ..models import LoraSettings, ModelConfig, apply_lora, describe_parameters, load_model, load_tokenizer
+from ..losses import ReferenceSettings, SequenceStats, build_loss
+from ..models import apply_lora, describe_parameters, load_model, load_tokenizer
 from .batching import collate, pair_tokens, split_by_tokens
 from .optim import build_optimizer, build_scheduler
 from .policy import PolicyModel
@@ -105,34 +105,31 @@ class Trainer:
             # cuDNN attention builds a plan per new sequence length; with packed, variable-length batches that
             # cost dominated step time in our H200 measurements (docs/benchmarks.md). Flash/efficient SDPA don't.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        self.loss_fn = build_loss(MethodConfig(**cfg.method.model_dump(exclude={"precompute_reference"})))
+        self.loss_fn = build_loss(cfg.method)
         self.placement = cfg.method.placement or self.loss_fn.default_placement
-        model_cfg = ModelConfig(**cfg.model.model_dump())
-        self.tokenizer = load_tokenizer(model_cfg)
+        self.tokenizer = load_tokenizer(cfg.model)
         self.data, info = prepare_data(cfg, self.tokenizer, self.placement, progress=acc.is_main_process)
         self.data_report = info["report"]
         if cfg.data.on_bad_row == "skip" and acc.is_main_process and info["loaded"].report.bad_rows:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_bad_rows(info["loaded"], self.run_dir / "skipped_rows.json")
 
-        model = load_model(model_cfg)
-        model = apply_lora(model, LoraSettings(**cfg.lora.model_dump()), cfg.model.gradient_checkpointing)
+        model = load_model(cfg.model)
+        model = apply_lora(model, cfg.lora, cfg.model.gradient_checkpointing)
         self.param_summary = describe_parameters(model)
         self.policy = PolicyModel(model, cfg.train.logp_chunk_size)
         if not getattr(model, "is_loaded_in_4bit", False):
             self.policy.to(acc.device)
         self.ref_cache = None
-        if cfg.method.precompute_reference and self.loss_fn.needs_reference:
+        precompute = isinstance(cfg.method, ReferenceSettings) and cfg.method.precompute_reference
+        if precompute and self.loss_fn.needs_reference:
             self.ref_cache = reference_logps(self.policy, self.data, self.tokenizer.pad_token_id, cfg,
                                              acc.device, progress=acc.is_main_process)
-        optimizer = build_optimizer(model, cfg)
+        optimizer, self.optimizer_hooks = build_optimizer(model, cfg)
         scheduler = build_scheduler(optimizer, cfg)
         self.policy, self.optimizer = acc.prepare(self.policy, optimizer)
         self.scheduler = scheduler
         self.peft_model = acc.unwrap_model(self.policy).peft_model
-        self.grit = getattr(self.optimizer, "optimizer", self.optimizer)
-        if not hasattr(self.grit, "set_token_mask"):
-            self.grit = None
         return self
 
     # ------------------------------------------------------------------ data order
@@ -172,8 +169,7 @@ class Trainer:
         uses_rej = self.loss_fn.uses_rejected
         batch = collate([self.data.pairs[i] for i in idx], uses_rej, self.tokenizer.pad_token_id,
                         packed=self.cfg.train.packing).to(self.accelerator.device)
-        if self.grit is not None:
-            self.grit.set_token_mask(batch.token_mask())
+        self.optimizer_hooks.set_token_mask(batch.token_mask())
         ref = None
         if self.ref_cache is not None:
             sel = self.ref_cache[torch.tensor(idx)]
@@ -181,11 +177,9 @@ class Trainer:
         stats: SequenceStats = self.policy(batch, need_reference=self.loss_fn.needs_reference,
                                            need_token_kl=self.loss_fn.needs_token_kl, ref_logps=ref)
         loss, metrics = self.loss_fn(stats, progress)
-        if self.grit is not None and hasattr(self.grit, "regularization_loss"):
-            reg = self.grit.regularization_loss()
-            if torch.is_tensor(reg) and reg.requires_grad:
-                loss = loss + reg
-                metrics["loss/grit_reg"] = reg.detach()
+        for name, extra in self.optimizer_hooks.extra_losses().items():  # e.g. GRIT's regularisers
+            loss = loss + extra
+            metrics[name] = extra.detach()
         return loss, metrics, batch.n_real_tokens
 
     def train_step(self, step: int) -> StepResult:
@@ -221,8 +215,7 @@ class Trainer:
         reduced = {k: float(v) for k, v in acc.reduce({k: v.reshape(1) for k, v in sums.items()}, "mean").items()}
         tokens = int(acc.reduce(torch.tensor([tokens], device=acc.device), "sum").item())
         reduced["lr"] = self.scheduler.get_last_lr()[0]
-        if self.grit is not None:
-            reduced.update({k: float(v) for k, v in self.grit.metrics().items()})
+        reduced.update({k: float(v) for k, v in self.optimizer_hooks.metrics().items()})
         return StepResult(reduced["loss"], reduced, tokens)
 
     def _nonfinite(self, step: int, what: str) -> StepResult:
@@ -351,8 +344,7 @@ class Trainer:
             "device_shared_by": int(os.environ.get("ECLIPTICA_DEVICE_SHARED_BY", "1")),
             "versions": _versions(), "git_commit": git_commit(),
         }
-        if self.grit is not None:  # GRIT's rank adaptation: physical vs effective LoRA parameters
-            summary["lora_parameters"] = self.grit.parameter_counts()
+        summary.update(self.optimizer_hooks.summary())  # GRIT: physical vs effective LoRA parameters
         if acc.is_main_process:
             self.peft_model.save_pretrained(self.run_dir / "adapter")
             tmp = self.run_dir / "summary.json.tmp"
