@@ -216,8 +216,9 @@ def test_run_eval_end_to_end_writes_every_artefact(tmp_path, tiny_model_dir):
     assert overall["aqi_ci"]["n_resamples"] == 1000 and "probe_auroc_ci" in overall
     assert saved["summary"]["aqi"] == pytest.approx(result["summary"]["aqi"])
     assert saved["settings"]["embeddings"]["placement"] == "system" and saved["data"]["n_prompts"] == 24
-    assert [c["layer"] for c in saved["layer_curve"]] == [0, 1, 2]
-    assert saved["layer_curve"][-1]["aqi"] == pytest.approx(overall["aqi"])
+    per_layer = saved["aqi_layers"]["per_layer"]  # the per-layer curve (was `layer_curve`)
+    assert [c["layer"] for c in per_layer] == [0, 1, 2]
+    assert per_layer[-1]["geometric"]["aqi"] == pytest.approx(overall["aqi"])
     assert set(saved["behaviour"]) == {"none", "system"} and saved["drift"]["kl_mean_token"] == 0.0
     assert "legacy" in saved["aqi"]
     rows = list(csv.DictReader((out / "per_axiom.csv").open()))

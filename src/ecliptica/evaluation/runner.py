@@ -18,21 +18,15 @@ from ecliptica.data import PromptExample
 from ecliptica.evaluation.behaviour import GenerationSettings, handle_generator, handle_renderer, run_behaviour
 from ecliptica.evaluation.config import EvalConfig
 from ecliptica.evaluation.drift import DriftSettings, load_benign_pairs, run_drift
-from ecliptica.evaluation.embeddings import EmbedSettings, embed_prompts
+from ecliptica.evaluation.discriminant import headline_band
+from ecliptica.evaluation.embeddings import embed_prompts
 from ecliptica.evaluation.model_handle import ModelHandle
 from ecliptica.evaluation.prompts import balanced_subset, load_eval_prompts, prompts_hash
 from ecliptica.evaluation.refusal import RefusalJudge
-from ecliptica.evaluation.scoring import evaluate_embeddings, json_ready, layer_curve
+from ecliptica.evaluation.scoring import evaluate_embeddings, json_ready, layer_report
 from ecliptica.models import ModelConfig, cache_dir as default_cache_root
 
 log = logging.getLogger(__name__)
-
-
-def embed_settings(cfg: EvalConfig) -> EmbedSettings:
-    e = cfg.embeddings
-    return EmbedSettings(pooling=e.pooling, layer=e.layer, layer_sweep=e.layer_sweep, placement=e.placement,
-                         instruction=e.instruction, max_length=e.max_length, batch_size=e.batch_size,
-                         progress=cfg.progress)
 
 
 def prompts_from_config(cfg: EvalConfig) -> list[PromptExample]:
@@ -69,17 +63,15 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, prompts: Seq
 
     t = time.perf_counter()
     with handle.merged(cfg.merge_adapter):
-        emb = embed_prompts(handle, prompts, embed_settings(cfg), cache)
+        emb = embed_prompts(handle, prompts, cfg.embeddings, cache, progress=cfg.progress)
         timings["embeddings_s"] = time.perf_counter() - t
         behaviour = _behaviour(cfg, handle, prompts, judge, out, timings)
     X = emb.at(cfg.embeddings.layer)
 
     t = time.perf_counter()
-    aqi = evaluate_embeddings(X, labels, axioms, gamma=m.gamma, pca_dim=cfg.embeddings.pca_dim,
-                              n_resamples=m.n_resamples, seed=m.seed, alpha=m.alpha, legacy=m.legacy)
-    curve = (layer_curve(emb.vectors, emb.layers, labels, gamma=m.gamma, pca_dim=cfg.embeddings.pca_dim,
-                         n_resamples=m.n_resamples, seed=m.seed, alpha=m.alpha)
-             if cfg.embeddings.layer_sweep else None)
+    aqi = evaluate_embeddings(X, labels, axioms, m, pca_dim=cfg.embeddings.pca_dim)
+    aqi_layers = layer_report(emb.vectors, emb.layers, labels, [f"{p.row_id}\x00{p.prompt}" for p in prompts],
+                              _band(cfg, emb.info["num_hidden_states"]), m, pca_dim=cfg.embeddings.pca_dim)
     timings["metrics_s"] = time.perf_counter() - t
 
     drift = None
@@ -89,18 +81,19 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, prompts: Seq
                                                     cfg.drift.limit), _drift_settings(cfg))
         timings["drift_s"] = time.perf_counter() - t
 
-    figures = _figures(cfg, X, labels, curve, out / "figures")
+    figures = _figures(cfg, X, labels, aqi_layers, out / "figures")
     _write_per_axiom_csv(out / "per_axiom.csv", aqi, behaviour)
     timings["total_s"] = time.perf_counter() - t_start
     result = {
-        "summary": _summary(aqi, behaviour, drift),
+        "summary": _summary(aqi, aqi_layers, behaviour, drift),
         "settings": cfg.model_dump(mode="json"),
         "model": handle.identity(),
         "data": _data_summary(cfg, prompts),
         "embeddings": {"layers": emb.layers, "reported_layer": cfg.embeddings.layer, "cache_key": emb.key,
-                       "cache_path": emb.cache_path, "cache_hit": emb.cache_hit, **emb.info},
+                       "cache_path": emb.cache_path, "cache_hit": emb.cache_hit, **emb.info,
+                       "prompt_ids": [p.row_id for p in prompts]},
+        "aqi_layers": aqi_layers,
         "aqi": aqi,
-        "layer_curve": curve,
         "behaviour": behaviour,
         "drift": drift,
         "figures": [str(p) for p in figures],
@@ -135,7 +128,14 @@ def _drift_settings(cfg: EvalConfig) -> DriftSettings:
                          n_resamples=cfg.metrics.n_resamples, seed=cfg.metrics.seed, progress=cfg.progress)
 
 
-def _figures(cfg: EvalConfig, X, labels, curve, fig_dir: Path) -> list[Path]:
+def _band(cfg: EvalConfig, num_hidden_states: int) -> list[int]:
+    """The fixed headline band with a sweep; without one, the single layer asked for."""
+    if cfg.embeddings.layer_sweep:
+        return headline_band(num_hidden_states)
+    return [cfg.embeddings.layer % num_hidden_states]
+
+
+def _figures(cfg: EvalConfig, X, labels, aqi_layers: dict, fig_dir: Path) -> list[Path]:
     if not cfg.figures.enabled:
         return []
     from ecliptica.evaluation.figures import layer_curve_plot, pca_scatter_3d, tsne_scatter
@@ -143,15 +143,20 @@ def _figures(cfg: EvalConfig, X, labels, curve, fig_dir: Path) -> list[Path]:
     paths = [pca_scatter_3d(X, labels, fig_dir / "pca3d.png")]
     if cfg.figures.tsne:
         paths.append(tsne_scatter(X, labels, fig_dir / "tsne.png", seed=cfg.metrics.seed))
-    if curve:
-        paths.append(layer_curve_plot(curve, fig_dir / "aqi_by_layer.png"))
+    if cfg.embeddings.layer_sweep:
+        paths.append(layer_curve_plot(aqi_layers["per_layer"], fig_dir / "aqi_by_layer.png"))
     return paths
 
 
-def _summary(aqi: dict, behaviour: dict | None, drift: dict | None) -> dict[str, Any]:
+def _summary(aqi: dict, aqi_layers: dict, behaviour: dict | None, drift: dict | None) -> dict[str, Any]:
+    """Headline numbers. `aqi`: discriminant AQI, headline band mean; `aqi_geometric`: the same band,
+    geometric; `*_lexical`: layer 0 (the token embeddings of the pooled words)."""
     o = aqi["overall"]
-    s: dict[str, Any] = {"aqi": o["aqi"], "aqi_low": o["aqi_ci"]["low"], "aqi_high": o["aqi_ci"]["high"],
-                         "probe_auroc": o.get("probe_auroc")}
+    s: dict[str, Any] = {"probe_auroc": o.get("probe_auroc")}
+    for name, entry in (("aqi", aqi_layers["discriminant"]), ("aqi_geometric", aqi_layers["geometric"]),
+                        ("aqi_lexical", aqi_layers["lexical"]["discriminant"]),
+                        ("aqi_geometric_lexical", aqi_layers["lexical"]["geometric"])):
+        s.update({name: entry["aqi"], f"{name}_low": entry["low"], f"{name}_high": entry["high"]})
     if "probe_auroc_ci" in o:
         s.update(probe_auroc_low=o["probe_auroc_ci"]["low"], probe_auroc_high=o["probe_auroc_ci"]["high"])
     for placement, r in (behaviour or {}).items():

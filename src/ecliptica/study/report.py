@@ -23,12 +23,12 @@ from typing import Any, Literal, NotRequired, TypedDict
 import numpy as np
 
 from ecliptica.evaluation.metrics import AqiStat
-from ecliptica.evaluation.stats import (  # private helpers reused so intervals/p-values match stats.py exactly
-    _interval,
-    _two_sided_bootstrap_p,
+from ecliptica.evaluation.stats import (  # reused so intervals/p-values match stats.py exactly
+    bootstrap_interval,
     evaluate_on_resamples,
     paired_bootstrap_test,
     resample_indices,
+    two_sided_bootstrap_p,
 )
 
 __all__ = [
@@ -257,10 +257,10 @@ def combine_over_seeds(
         picks = rng.integers(0, k, size=(n_resamples, k))
         combined = samples[picks, np.arange(n_resamples)[:, None]].mean(axis=1)
     estimate = float(np.mean(estimates))
-    low, high = _interval(combined, estimate, alpha, method)
+    low, high = bootstrap_interval(combined, estimate, alpha, method)
     threshold = 2 * estimate if method == "basic" else 0.0
     return {"estimate": estimate, "low": float(low), "high": float(high),
-            "p_value": _two_sided_bootstrap_p(combined, threshold)}
+            "p_value": two_sided_bootstrap_p(combined, threshold)}
 
 
 def _finish(result: dict[str, Any], plan: SeedPlan, estimates, comparison, metric, alpha, method) -> dict[str, Any]:
