@@ -6,11 +6,11 @@ is first reduced to the one direction that best separates the labels, learned on
 
 1. `fold_assignment`: k folds from a hash of (seed, prompt id, prompt text), stratified by label.
    It depends on the prompts only, so every model of a study is cross-fitted on the same folds.
-2. `cross_fitted_projection`: for each fold, scikit-learn's `LinearDiscriminantAnalysis(solver="lsqr",
-   shrinkage="auto")` (Ledoit-Wolf shrinkage of the within-class covariance) is fitted on the other
-   folds; the held-out prompts are projected on its direction, centred on the midpoint of the
-   training class means and divided by the training within-class SD, so every fold is in the same
-   units. No prompt is projected by a direction that saw it.
+2. `cross_fitted_projection`: for each fold, a shrinkage-LDA direction (`shrinkage_lda_direction`:
+   pooled within-class covariance shrunk toward mu*I by the Ledoit-Wolf amount) is fitted on the
+   other folds; the held-out prompts are projected on it, centred on the midpoint of the training
+   class means and divided by the training within-class SD, so every fold is in the same units.
+   No prompt is projected by a direction that saw it.
 3. The fixed AQI maps (`metrics.AqiStat`) are applied to the 1-D held-out projections.
 
 `headline_band` is the fixed rule for the headline: the mean over the last third of the decoder
@@ -67,17 +67,58 @@ def usable_folds(labels: ArrayLike, folds: int) -> int:
     return int(min(folds, counts.min()))
 
 
+def ledoit_wolf_shrinkage(Xc: np.ndarray) -> float:
+    """Ledoit-Wolf shrinkage of the covariance of centred rows `Xc` toward mu*I (scikit-learn's formula).
+
+    Uses whichever of `Xc'Xc` (d x d) and `Xc Xc'` (n x n) is smaller: both have the same trace and
+    Frobenius norm, and sum_ij (X^2' X^2)_ij = sum_k ||x_k||^4. Equals
+    `sklearn.covariance.ledoit_wolf_shrinkage(Xc, assume_centered=True)` (tested).
+    """
+    n, d = Xc.shape
+    cross = Xc.T @ Xc if d <= n else Xc @ Xc.T
+    row_sq = (Xc**2).sum(axis=1)
+    mu = row_sq.sum() / n / d
+    delta_ = float((cross**2).sum()) / n**2
+    beta = (float((row_sq**2).sum()) / n - delta_) / (d * n)
+    delta = (delta_ - 2.0 * mu * row_sq.sum() / n + d * mu**2) / d
+    beta = min(beta, delta)
+    return 0.0 if beta == 0 else beta / delta
+
+
+def shrinkage_lda_direction(X: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """w = ((1 - a) S + a mu I)^-1 (m_1 - m_0): S the pooled within-class covariance, a its Ledoit-Wolf shrinkage.
+
+    For wide hidden states (d > n) it is solved in the span of the class-centred rows (eigenvectors
+    of their Gram matrix) plus the orthogonal complement, where S is 0 and the shrunk covariance is
+    a*mu*I: exact, O(n^2 d) instead of O(d^3). The target is isotropic, so the direction turns with
+    any rotation of the hidden states.
+    """
+    means = [X[codes == c].mean(axis=0) for c in (0, 1)]
+    Xc = X - np.where((codes == 1)[:, None], means[1], means[0])
+    n, d = Xc.shape
+    shrink = ledoit_wolf_shrinkage(Xc)
+    ridge = shrink * (Xc**2).sum() / n / d  # a * mu
+    gap = means[1] - means[0]
+    if d <= n:
+        return np.linalg.solve((1 - shrink) * (Xc.T @ Xc) / n + ridge * np.eye(d), gap)
+    lam, u = np.linalg.eigh(Xc @ Xc.T)  # lam = squared singular values of Xc
+    keep = lam > max(lam.max(), 0.0) * 1e-10
+    basis = (u[:, keep].T @ Xc) / np.sqrt(lam[keep])[:, None]  # orthonormal rows spanning Xc's rows
+    inside = basis @ gap
+    direction = basis.T @ (inside / ((1 - shrink) * lam[keep] / n + ridge))
+    if ridge > 0:  # the complement of the span: the covariance there is ridge * I
+        direction += (gap - basis.T @ inside) / ridge
+    return direction
+
+
 def cross_fitted_projection(X: ArrayLike, labels: ArrayLike, folds: np.ndarray) -> np.ndarray:
     """(n,) held-out LDA coordinates: positive toward the larger label, in training within-class SD units."""
-    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-
     X = np.asarray(X, dtype=np.float64)
     codes = np.unique(np.asarray(labels), return_inverse=True)[1].reshape(-1)
     z = np.empty(X.shape[0])
     for fold in np.unique(folds):
         train, test = folds != fold, folds == fold
-        lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(X[train], codes[train])
-        direction = lda.coef_[0]
+        direction = shrinkage_lda_direction(X[train], codes[train])
         seen = X[train] @ direction
         means = [seen[codes[train] == c].mean() for c in (0, 1)]
         resid = np.concatenate([seen[codes[train] == c] - means[c] for c in (0, 1)])

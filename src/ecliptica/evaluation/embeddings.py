@@ -82,7 +82,7 @@ def render_prompts(tokenizer, prompts: Sequence[PromptExample], settings: Embedd
 
 def user_char_spans(tokenizer, prompts: Sequence[PromptExample], settings: EmbeddingsSection,
                     texts: Sequence[str]) -> list[tuple[int, int]]:
-    """Character span [start, end) of each prompt's own text inside its rendered form `texts[i]`.
+    """Character span [start, end) of each prompt's own text (surrounding whitespace excluded) in `texts[i]`.
 
     The conversation is rendered once more with PLACEHOLDER as the user's text; the rendered text
     must then be `before + <user text as the template wrote it> + after`. Templates that alter the
@@ -98,7 +98,10 @@ def user_char_spans(tokenizer, prompts: Sequence[PromptExample], settings: Embed
         if not (text.startswith(before) and text.endswith(after) and len(text) >= len(before) + len(after)):
             raise ValueError(f"pooling 'prompt': prompt {p.row_id!r} renders with a template text that differs "
                              "from the placeholder rendering; cannot locate the user's words")
-        spans.append((len(before), len(text) - len(after)))
+        start, end = len(before), len(text) - len(after)
+        words = text[start:end]
+        # surrounding whitespace is layout, not the user's words
+        spans.append((start + len(words) - len(words.lstrip()), end - (len(words) - len(words.rstrip()))))
     return spans
 
 
