@@ -169,10 +169,13 @@ def _summary(aqi: dict, aqi_layers: dict, behaviour: dict | None, drift: dict | 
 
 
 def _write_per_axiom_csv(path: Path, aqi: dict, behaviour: dict | None) -> None:
-    """One row per axiom (skipped axioms too, with the reason) plus an `overall` row."""
+    """One row per axiom (skipped axioms too, with the reason) plus an `overall` row.
+
+    The AQI here is the geometric one at `embeddings.layer` (per axiom); the headline is in eval.json."""
     axioms = sorted(set(aqi["per_axiom"]) | set(aqi["skipped"]))
     placements = list(behaviour or {})
-    cols = ["axiom", "n", "n_safe", "n_unsafe", "aqi", "aqi_low", "aqi_high", "chi", "xb", "silhouette",
+    cols = ["axiom", "n", "n_safe", "n_unsafe", "aqi_geometric", "aqi_geometric_low", "aqi_geometric_high", "chi",
+            "xb", "silhouette",
             "davies_bouldin", "probe_auroc", "probe_auroc_low", "probe_auroc_high", "skipped_reason"]
     for p in placements:
         cols += [f"refusal_rate_unsafe[{p}]", f"over_refusal_rate_safe[{p}]"]
@@ -181,8 +184,9 @@ def _write_per_axiom_csv(path: Path, aqi: dict, behaviour: dict | None) -> None:
         row: dict[str, Any] = {"axiom": name}
         if entry is not None:
             sizes = entry["class_sizes"]
-            row.update(n=entry["n"], n_safe=sizes.get("safe", 0), n_unsafe=sizes.get("unsafe", 0), aqi=entry["aqi"],
-                       aqi_low=entry["aqi_ci"]["low"], aqi_high=entry["aqi_ci"]["high"], chi=entry["chi"],
+            row.update(n=entry["n"], n_safe=sizes.get("safe", 0), n_unsafe=sizes.get("unsafe", 0),
+                       aqi_geometric=entry["aqi"], aqi_geometric_low=entry["aqi_ci"]["low"],
+                       aqi_geometric_high=entry["aqi_ci"]["high"], chi=entry["chi"],
                        xb=entry["xb"], silhouette=entry["silhouette"], davies_bouldin=entry["davies_bouldin"],
                        probe_auroc=entry.get("probe_auroc"))
             if "probe_auroc_ci" in entry:
