@@ -66,7 +66,7 @@ def _ci(stat, X: np.ndarray, y: np.ndarray, metrics: MetricsSection, method: str
 
 def _with_intervals(entry: dict[str, Any], Z: np.ndarray, y: np.ndarray, metrics: MetricsSection) -> dict[str, Any]:
     entry = dict(entry)
-    entry["aqi_ci"] = _ci(AqiStat(metrics.gamma), Z, y, metrics)
+    entry["aqi_ci"] = _ci(AqiStat(metrics.gamma), Z, y, metrics, method=metrics.geometric_interval)
     if entry.get("probe_auroc") is not None:
         stat = FixedScoreAuroc(out_of_fold_scores(Z, y, entry["probe_folds"], metrics.seed))
         # BCa's jackknife would drop a prompt from fixed out-of-fold scores: "basic" as before
@@ -123,14 +123,16 @@ def layer_report(vectors: np.ndarray, layers: Sequence[int], labels: Sequence[st
                  for j, layer in enumerate(layers)]
     cols = [list(layers).index(layer) for layer in band]
     lexical = per_layer[list(layers).index(0)]
-    lexical_geometric = _summarise(_ci(AqiStat(metrics.gamma), geometric[list(layers).index(0)], y, metrics))
+    lexical_geometric = _summarise(_ci(AqiStat(metrics.gamma), geometric[list(layers).index(0)], y, metrics,
+                                       method=metrics.geometric_interval))
     return {
         "band": {"layers": [int(b) for b in band], "rule": HEADLINE_RULE},
         "folds": {"k": k, "seed": metrics.seed, "sizes": np.bincount(folds).tolist(),
                   "assignment": "within each label, prompts ordered by sha256(seed, row id, text), dealt round-robin",
                   "assignment_hash": hashlib.sha256(folds.tobytes()).hexdigest()},
         "discriminant": _summarise(_ci(BandAqiStat(metrics.gamma), projections[:, cols], y, metrics)),
-        "geometric": _summarise(_ci(BandAqiStat(metrics.gamma), geometric[cols].transpose(1, 0, 2), y, metrics)),
+        "geometric": _summarise(_ci(BandAqiStat(metrics.gamma), geometric[cols].transpose(1, 0, 2), y, metrics,
+                                    method=metrics.geometric_interval)),
         "lexical": {"layer": 0, "discriminant": lexical["discriminant"], "geometric": lexical_geometric},
         "per_layer": per_layer,
     }
