@@ -35,6 +35,7 @@ __all__ = [
     "silhouette",
     "davies_bouldin",
     "probe_auroc",
+    "auroc_rows",
     "out_of_fold_scores",
     "auroc_rows",
     "between_share",

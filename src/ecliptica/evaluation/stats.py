@@ -10,6 +10,7 @@ otherwise it calls ``stat(X[idx[r]], y[idx[r]])`` in a loop. Both paths see the 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Callable, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -300,6 +301,26 @@ def two_sided_bootstrap_p(diffs: np.ndarray, threshold: float) -> float:
     below = int((finite <= threshold).sum()) + 1
     above = int((finite >= threshold).sum()) + 1
     return float(min(1.0, 2 * min(below, above) / (finite.size + 1)))
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values for one family of tests (order of the input kept).
+
+    Sorted ascending, ``p_adj(i) = max_{j <= i} min(1, (m - j + 1) * p(j))`` (1-based ``i``); a
+    test is rejected at level alpha exactly when ``p_adj < alpha``, which controls the family-wise
+    error rate at alpha under any dependence between the tests.
+    """
+    p = np.asarray(p_values, dtype=float)
+    if p.size == 0:
+        return []
+    if not np.all(np.isfinite(p)) or np.any((p < 0) | (p > 1)):
+        raise ValueError(f"p-values must lie in [0, 1], got {p.tolist()}")
+    order = np.argsort(p, kind="stable")
+    m = p.size
+    stepped = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
+    adjusted = np.empty(m)
+    adjusted[order] = stepped
+    return adjusted.tolist()
 
 
 # --------------------------------------------------------------------------- proportions
