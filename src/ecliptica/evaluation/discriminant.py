@@ -135,8 +135,10 @@ class BandAqiStat:
     """
 
     bounds = (0.0, 1.0)
+    pca_dim = None  # never reduced: the band's projections are 1-D already
 
     def __init__(self, gamma: float = 0.5):
+        self.gamma = gamma
         self.layer_stat = AqiStat(gamma)
 
     @staticmethod

@@ -73,6 +73,7 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, prompts: Seq
     aqi_layers = layer_report(emb.vectors, emb.layers, labels, [f"{p.row_id}\x00{p.prompt}" for p in prompts],
                               _band(cfg, emb.info["num_hidden_states"]), m, pca_dim=cfg.embeddings.pca_dim)
     timings["metrics_s"] = time.perf_counter() - t
+    _write_band_projections(out / BAND_PROJECTIONS, aqi_layers.pop("band_projections"), prompts, aqi_layers)
 
     drift = None
     if cfg.drift.enabled:
@@ -126,6 +127,17 @@ def _drift_settings(cfg: EvalConfig) -> DriftSettings:
     return DriftSettings(placement=d.placement, max_length=d.max_length, max_prompt_length=d.max_length // 2,
                          batch_size=d.batch_size, collapse_ratio=d.collapse_ratio,
                          n_resamples=cfg.metrics.n_resamples, seed=cfg.metrics.seed, progress=cfg.progress)
+
+
+BAND_PROJECTIONS = "aqi_band_projections.npz"
+
+
+def _write_band_projections(path: Path, Z, prompts: Sequence[PromptExample], aqi_layers: dict) -> None:
+    """The headline's held-out projections (n x band, float64): `BandAqiStat(gamma)(Z, labels)` is `aqi`."""
+    import numpy as np
+
+    np.savez(path, Z=np.asarray(Z, dtype=np.float64), labels=np.array([p.label for p in prompts]),
+             prompt_ids=np.array([p.row_id for p in prompts]), layers=np.asarray(aqi_layers["band"]["layers"]))
 
 
 def _band(cfg: EvalConfig, num_hidden_states: int) -> list[int]:

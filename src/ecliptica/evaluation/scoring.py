@@ -109,6 +109,8 @@ def layer_report(vectors: np.ndarray, layers: Sequence[int], labels: Sequence[st
     `vectors` (len(layers), n, d); `prompt_keys` identify the prompts for the fold assignment (the
     same prompts give the same folds for every model); `band` is the headline band (hidden_states
     indices, all in `layers`). Layer 0 must be in `layers`: it is the lexical baseline.
+    `band_projections` (n x band, held-out LDA coordinates) is an array, not JSON: the caller saves
+    it (`BandAqiStat` of it is the headline, which lets a study pair arms on the same prompts).
     """
     y = np.asarray([str(v) for v in labels])
     k = usable_folds(y, metrics.folds)
@@ -135,6 +137,7 @@ def layer_report(vectors: np.ndarray, layers: Sequence[int], labels: Sequence[st
                                     method=metrics.geometric_interval)),
         "lexical": {"layer": 0, "discriminant": lexical["discriminant"], "geometric": lexical_geometric},
         "per_layer": per_layer,
+        "band_projections": projections[:, cols],
     }
 
 
