@@ -1,4 +1,4 @@
-"""Coverage of the AQI bootstrap intervals in simulation (CPU, about a minute): the numbers in docs/aqi.md.
+"""Coverage of the AQI bootstrap intervals in simulation (CPU, ~20 min; --reps 20 for a quick look): docs/aqi.md.
 
 Two Gaussian classes of n/2 prompts each, unit within-class variance.
 
