@@ -103,9 +103,9 @@ class StudyRunner:
         # a worker leaves failed runs alone (the coordinator retries them on the next invocation)
         return ("trained", "evaluated", "failed") if self.worker else ("trained", "evaluated")
 
-    def evaluate_all(self) -> None:
-        """Evaluate every trained run and the baseline. A worker also waits for runs other workers
-        are still training, and evaluates them when they are done."""
+    def evaluate_all(self, only: list[str] | None = None) -> None:
+        """Evaluate every trained run and the baseline (or only the arms named in `only`). A worker also
+        waits for runs other workers are still training, and evaluates them when they are done."""
         while True:
             rows = {r["run_id"]: r for r in self.store.all()}
             waiting = False
@@ -113,6 +113,8 @@ class StudyRunner:
                 rid = self.run_id(arm, seed)
                 status = rows[rid]["status"]
                 if status == "evaluated" or (self.worker and status == "failed"):
+                    continue
+                if only is not None and arm.name not in only:
                     continue
                 ready = arm.method == "baseline" or status == "trained"
                 if not ready:
@@ -140,6 +142,7 @@ class StudyRunner:
         from ..evaluation.runner import prompts_from_config, run_eval
         from ..evaluation.summary import summarize_eval
         from ..models import ModelConfig
+        from .tb import write_eval_scalars
 
         run_dir = self._run_dir(arm, seed)
         raw = {**self.cfg.evaluation.model_dump(), "out_dir": str(run_dir / "eval"),
@@ -153,7 +156,10 @@ class StudyRunner:
         print(f"[study] evaluating {rid}", flush=True)
         result = run_eval(ecfg, handle=self._handle, prompts=self._prompts)
         emb_path = _write_embeddings(result, self._prompts, run_dir / "eval" / "embeddings.npz")
-        record = {"summary": summarize_eval(result).model_dump(), "embeddings_path": str(emb_path),
+        summary = summarize_eval(result)
+        write_eval_scalars(self.dir / "tensorboard" / rid, summary,  # beside the run's training curves
+                           step=(self.store.get(rid)["train_summary"] or {}).get("steps", 0))
+        record = {"summary": summary.model_dump(), "embeddings_path": str(emb_path),
                   "eval_json": str(run_dir / "eval" / "eval.json")}
         self.store.set_status(rid, "evaluated", eval_result=record)
 
@@ -208,7 +214,7 @@ class StudyRunner:
             self.evaluate_all()
         result = self.report()
         print(f"\n[study] results: {self.dir / 'results.md'}")
-        print(f"[study] compare training curves: tensorboard --logdir {self.dir / 'tensorboard'}")
+        print(f"[study] training curves and eval/ scalars: tensorboard --logdir {self.dir / 'tensorboard'}")
         return result
 
     def work(self) -> None:
