@@ -111,7 +111,8 @@ def test_evaluation_names_missing_arms_trains_them_only_when_asked_and_logs_eval
         events = EventAccumulator(str(runner.dir / "tensorboard" / rid))
         events.Reload()
         behaviour = result["behaviour"]["none"]
-        expected = {"eval/aqi": result["aqi"]["overall"]["aqi"],
+        expected = {"eval/aqi": result["aqi_layers"]["discriminant"]["aqi"],  # the headline (docs/aqi.md)
+                    "eval/aqi_geometric": result["aqi_layers"]["geometric"]["aqi"],
                     "eval/refusal_rate_unsafe": behaviour["refusal_rate_unsafe"]["rate"],
                     "eval/over_refusal_rate_safe": behaviour["over_refusal_rate_safe"]["rate"],
                     "eval/perplexity": result["drift"]["perplexity"],

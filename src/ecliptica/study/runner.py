@@ -285,13 +285,21 @@ class StudyRunner:
 
 
 def _write_embeddings(result: dict, prompts, path: Path) -> Path:
-    """The reported layer's embeddings with labels, axioms and prompt ids, for the paired tests."""
+    """What the run's `aqi` was computed from, with labels, axioms and prompt ids, for the paired tests.
+
+    The discriminant headline: the band's held-out projections the evaluator saved (float64, so
+    the study reproduces the recorded AQI exactly); otherwise the reported layer's embeddings.
+    """
     import numpy as np
 
     from ..evaluation.embeddings import load_cached
+    from ..evaluation.runner import BAND_PROJECTIONS
 
-    emb = load_cached(Path(result["embeddings"]["cache_path"]))
-    X = np.asarray(emb.at(result["embeddings"]["reported_layer"]), dtype=np.float32)
+    if result.get("aqi_layers"):
+        X = np.load(path.parent / BAND_PROJECTIONS)["Z"]
+    else:
+        emb = load_cached(Path(result["embeddings"]["cache_path"]))
+        X = np.asarray(emb.at(result["embeddings"]["reported_layer"]), dtype=np.float32)
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, X=X, labels=np.array([p.label for p in prompts]), axioms=np.array([p.axiom for p in prompts]),
              prompt_ids=np.array([p.row_id for p in prompts]))
