@@ -24,6 +24,16 @@ class SequenceStats:
     ref_logps: torch.Tensor | None = None  # [S] same under the reference (adapter disabled)
     token_kl_sum: torch.Tensor | None = None  # scalar: sum over response tokens of KL(pi_theta || pi_ref)
     nll_sum: torch.Tensor | None = None  # scalar: -sum of chosen-token log-probs (SFT)
+    # What token means divide by (None: this micro-batch's response tokens). The engine sets it to the step's
+    # response tokens x this micro-batch's share of pairs, so a token mean is over the whole step however the
+    # step's pairs are split into micro-batches.
+    token_denominator: float | None = None
+
+    def token_mean(self, total: torch.Tensor) -> torch.Tensor:
+        """`total` (summed over this micro-batch's response tokens) divided by the token denominator."""
+        if self.token_denominator is None:
+            return total / self.n_tokens.sum().clamp(min=1)
+        return total / self.token_denominator
 
     def halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = x.shape[0] // 2
@@ -83,7 +93,7 @@ class SFTLoss(AlignmentLoss):
     uses_rejected = False
 
     def __call__(self, s, progress=0.0):
-        loss = s.nll_sum / s.n_tokens.sum().clamp(min=1)
+        loss = s.token_mean(s.nll_sum)
         return loss, {"loss/nll": loss.detach(), "logps/chosen": s.logps.mean().detach()}
 
 
@@ -146,7 +156,7 @@ class CITALoss(AlignmentLoss):
 
     def kl_term(self, s: SequenceStats) -> torch.Tensor:
         if self.cfg.kl == "token_kl":
-            return s.token_kl_sum / s.n_tokens.sum().clamp(min=1)
+            return s.token_mean(s.token_kl_sum)
         ratio = s.logps - s.ref_logps
         return (ratio ** 2).mean() if self.cfg.kl == "seq_logratio_sq" else ratio.mean()
 
