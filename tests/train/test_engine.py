@@ -224,3 +224,31 @@ def test_micro_batch_tokens_setting_parses():
     for bad in ("0", "-5", "lots"):
         with pytest.raises(ValueError, match="micro_batch_tokens"):
             load_config(None, [f"train.micro_batch_tokens={bad}"])
+
+
+def test_memory_probe_leaves_no_trace(tmp_path, tiny_model_dir, monkeypatch):
+    """The start-up probe (forward + backward of two micro-batches) must not change the run: no gradient,
+    GRIT factor sum or random draw (LoRA dropout here) may leak into step 1. The CUDA memory counters are
+    stubbed so the probe runs on CPU."""
+    import torch
+
+    from ecliptica.train import sizing
+
+    fake = iter([0, 3e6, 0, 7e6])  # memory_allocated / max_memory_allocated, in call order
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: next(fake))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: next(fake))
+    for name in ("probed", "fresh"):  # each run set up and trained in turn: the global random stream is shared
+        cfg = _cfg(tmp_path / name, tiny_model_dir, "cita", max_steps=3, micro_batch_tokens=None)
+        cfg.lora.dropout = 0.1
+        cfg.optimizer.name = "grit"
+        tr = Trainer(cfg).setup()
+        if name == "probed":
+            rng = torch.get_rng_state()
+            assert sizing.probe_memory(tr).bytes_per_token > 0
+            assert all(p.grad is None for p in tr.policy.parameters())
+            assert all(float(b.a_sum.abs().sum() + b.g_sum.abs().sum() + b.count.sum()) == 0 for b in tr.grit.banks)
+            assert torch.equal(torch.get_rng_state(), rng)
+        tr.train()
+    assert _losses(tmp_path / "probed" / "run_cita") == _losses(tmp_path / "fresh" / "run_cita")

@@ -116,6 +116,8 @@ def probe_memory(trainer) -> MemoryFit:
     by_size = sorted(idx, key=size.get)
     small, large = by_size[:1], by_size[-cfg.train.micro_batch_size:]
     points = []
+    was_training = trainer.policy.training
+    trainer.policy.train()  # as in training: checkpointing and dropout act only in train mode
     with _rng_restored():
         for group in (small, large):
             torch.cuda.synchronize()
@@ -128,6 +130,7 @@ def probe_memory(trainer) -> MemoryFit:
             torch.cuda.synchronize()
             points.append((sum(size[i] for i in group), torch.cuda.max_memory_allocated() - base))
             trainer.optimizer.zero_grad(set_to_none=True)  # also clears GRIT's factor sums
+    trainer.policy.train(was_training)
     return fit_memory(points[0], points[1])
 
 
