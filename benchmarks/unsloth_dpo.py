@@ -7,7 +7,7 @@ with its own install target first on PYTHONPATH; bench_throughput.py --unsloth-s
 and reads its `UNSLOTH {json}` line. Any failure (including features that need the network) is reported
 in that line as {"error": ...}.
 
-    PYTHONPATH=/tmp/unsloth_site:benchmarks python benchmarks/unsloth_dpo.py --model-dir M --shape llama3-8b --gc on [--4bit]
+    PYTHONPATH=/tmp/unsloth_site:benchmarks python benchmarks/unsloth_dpo.py --model-dir M --gc on [--4bit]
 """
 from __future__ import annotations
 

@@ -120,7 +120,8 @@ class Trainer:
         model = load_model(model_cfg)
         model = apply_lora(model, LoraSettings(**cfg.lora.model_dump()), cfg.model.gradient_checkpointing)
         self.param_summary = describe_parameters(model)
-        self.packed_attention = resolve_packed_attention(cfg.train.packed_attention, acc.device, cfg.model.attn_implementation)
+        self.packed_attention = resolve_packed_attention(cfg.train.packed_attention, acc.device,
+                                                         cfg.model.attn_implementation)
         self.policy = PolicyModel(model, cfg.train.logp_chunk_size, self.packed_attention)
         if not getattr(model, "is_loaded_in_4bit", False):
             self.policy.to(acc.device)

@@ -102,9 +102,9 @@ def choose(trainer) -> Choice:
     tokens = budget_tokens(avail, opt_state, fit, floor, cap)
     if acc.num_processes > 1:  # every rank splits the same way
         tokens = int(acc.gather(torch.tensor([tokens], device=dev)).min())
-    return Choice(tokens, f"auto: probe {fit.bytes_per_token / 2**20:.3f} MiB/token + {fit.fixed_bytes / 2**30:.2f} GiB, "
-                          f"{avail / 2**30:.1f} GiB available{f' (shared by {shared})' if shared > 1 else ''}, "
-                          f"{HEADROOM:.0%} used; range [{floor}, {cap}]")
+    where = f" (card shared by {shared})" if shared > 1 else ""
+    return Choice(tokens, f"auto: probe {fit.bytes_per_token / 2**20:.3f} MiB/token + {fit.fixed_bytes / 2**30:.2f} "
+                          f"GiB, {avail / 2**30:.1f} GiB available{where}, {HEADROOM:.0%} used; range [{floor}, {cap}]")
 
 
 def probe_memory(trainer) -> MemoryFit:
