@@ -23,6 +23,7 @@ class SequenceStats:
     n_tokens: torch.Tensor  # [S] response tokens per sequence
     ref_logps: torch.Tensor | None = None  # [S] same under the reference (adapter disabled)
     token_kl_sum: torch.Tensor | None = None  # scalar: sum over response tokens of KL(pi_theta || pi_ref)
+    seq_token_kl: torch.Tensor | None = None  # [S] the same sum per sequence, detached (evaluation reads it)
     nll_sum: torch.Tensor | None = None  # scalar: -sum of chosen-token log-probs (SFT)
     # What token means divide by (None: this micro-batch's response tokens). The engine sets it to the step's
     # response tokens x this micro-batch's share of pairs, so a token mean is over the whole step however the

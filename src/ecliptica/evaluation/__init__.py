@@ -1,4 +1,4 @@
-"""Evaluation: AQI on hidden states, refusal behaviour, capability drift (docs/evaluation.md, docs/aqi.md).
+"""Evaluation: AQI on hidden states, refusal behaviour, jailbreaks, held-out preference accuracy, capability drift (docs/evaluation.md, docs/aqi.md).
 
 Names are imported lazily so `import ecliptica.evaluation.metrics` stays free of torch/transformers.
 """
@@ -19,12 +19,16 @@ _EXPORTS = {
     "balanced_subset": "prompts",
     "evaluate_embeddings": "scoring",
     "layer_curve": "scoring",
-    "GenerationSettings": "behaviour",
     "generate_greedy": "behaviour",
     "run_behaviour": "behaviour",
-    "DriftSettings": "drift",
+    "run_jailbreaks": "behaviour",
+    "build_judge": "judges",
+    "ModelJudge": "judges",
     "load_benign_pairs": "drift",
     "run_drift": "drift",
+    "paired_difference": "drift",
+    "run_preference": "preference",
+    "sequence_scores": "logprobs",
 }
 
 __all__ = sorted(_EXPORTS)

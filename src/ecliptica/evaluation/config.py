@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ecliptica.config import InferenceModelSection, Strict
 
@@ -46,6 +46,22 @@ class MetricsSection(Strict):
     legacy: bool = False  # also report the per-run-normalised reference scores (not comparable)
 
 
+class JailbreakSection(Strict):
+    enabled: bool = True
+    limit: int | None = Field(50, ge=1)  # unsafe prompts wrapped in every template (balanced draw; null: all)
+    templates: list[str] | None = None  # template names from jailbreaks.TEMPLATES; null: all of them
+
+    @field_validator("templates")
+    @classmethod
+    def _known(cls, names):
+        from ecliptica.evaluation.jailbreaks import TEMPLATES
+
+        unknown = sorted(set(names or ()) - set(TEMPLATES))
+        if unknown:
+            raise ValueError(f"unknown jailbreak templates {unknown}; known: {sorted(TEMPLATES)}")
+        return names
+
+
 class BehaviourSection(Strict):
     enabled: bool = True
     max_new_tokens: int = Field(64, ge=1)
@@ -55,6 +71,31 @@ class BehaviourSection(Strict):
     # The with/without-instruction variants: e.g. [none, system] measures both.
     placements: list[PlacementName] = ["none"]
     instruction: str | None = None  # default: embeddings.instruction
+    shown_placement: PlacementName = "none"  # the variant the summary's headline rates come from
+    judge: str = Field("strmatch", pattern=r"^(strmatch|model:.+)$")  # strmatch | model:<hub id or path>
+    judge_trust_remote_code: bool = False
+    jailbreak: JailbreakSection = Field(default_factory=JailbreakSection)
+
+
+class PreferenceSection(Strict):
+    """Held-out preference pairs: DPO implicit-reward accuracy and margin (evaluation/preference.py)."""
+    enabled: bool = False  # needs pairs that were never trained on: there is no safe default
+    path: str | None = None
+    format: str = "generic"  # any preference format
+    limit: int | None = Field(None, ge=1)
+    placement: PlacementName = "none"
+    beta: float = Field(0.1, gt=0.0)  # scales the margin only; accuracy does not depend on it
+    max_length: int = Field(1024, ge=16)
+    max_prompt_length: int = Field(512, ge=8)
+    batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.enabled and not self.path:
+            raise ValueError("preference.enabled needs preference.path (held-out pairs)")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("preference.max_prompt_length must be < preference.max_length")
+        return self
 
 
 class DriftSection(Strict):
@@ -65,8 +106,15 @@ class DriftSection(Strict):
     limit: int | None = Field(None, ge=1)
     placement: PlacementName = "none"
     max_length: int = Field(1024, ge=16)
+    max_prompt_length: int = Field(512, ge=8)
     batch_size: int = Field(8, ge=1)
     collapse_ratio: float = Field(2.0, gt=1.0)  # collapsed when perplexity / base perplexity exceeds it
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("drift.max_prompt_length must be < drift.max_length")
+        return self
 
 
 class FiguresSection(Strict):
@@ -85,6 +133,7 @@ class EvalSettings(Strict):
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     behaviour: BehaviourSection = Field(default_factory=BehaviourSection)
     drift: DriftSection = Field(default_factory=DriftSection)
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
     figures: FiguresSection = Field(default_factory=FiguresSection)
 
     @model_validator(mode="after")
@@ -94,6 +143,9 @@ class EvalSettings(Strict):
         if any(p != "none" for p in self.behaviour.placements) and not self.behaviour_instruction:
             raise ValueError("behaviour.placements asks for an instruction but none is set "
                              "(behaviour.instruction or embeddings.instruction)")
+        if self.behaviour.shown_placement not in self.behaviour.placements:
+            raise ValueError(f"behaviour.shown_placement {self.behaviour.shown_placement!r} is not one of "
+                             f"behaviour.placements {self.behaviour.placements}")
         if len(set(self.behaviour.placements)) != len(self.behaviour.placements):
             raise ValueError("behaviour.placements has duplicates")
         return self

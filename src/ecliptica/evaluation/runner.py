@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from ecliptica.data import PromptExample
-from ecliptica.evaluation.behaviour import GenerationSettings, handle_generator, handle_renderer, run_behaviour
+from ecliptica.evaluation.behaviour import handle_generator, handle_renderer, run_behaviour, run_jailbreaks, write_jsonl
 from ecliptica.evaluation.config import EvalConfig
-from ecliptica.evaluation.drift import DriftSettings, load_benign_pairs, run_drift
+from ecliptica.evaluation.drift import load_benign_pairs, run_drift
 from ecliptica.evaluation.embeddings import EmbedSettings, embed_prompts
 from ecliptica.evaluation.model_handle import ModelHandle
 from ecliptica.evaluation.prompts import balanced_subset, load_eval_prompts, prompts_hash
+from ecliptica.evaluation.judges import build_judge
+from ecliptica.evaluation.preference import load_preference_pairs, run_preference
 from ecliptica.evaluation.refusal import RefusalJudge
 from ecliptica.evaluation.scoring import evaluate_embeddings, json_ready, layer_curve
 from ecliptica.models import ModelConfig, cache_dir as default_cache_root
@@ -53,7 +55,7 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, prompts: Seq
     """Evaluate one model and write every artefact under cfg.out_dir; returns what eval.json holds.
 
     `handle`: an already-loaded base (its adapter is switched to cfg.adapter); `prompts`: reuse a
-    loaded prompt set; `judge`: a refusal judge instead of the string matcher.
+    loaded prompt set; `judge`: a refusal judge instead of the one `behaviour.judge` names.
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -71,7 +73,7 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, prompts: Seq
     with handle.merged(cfg.merge_adapter):
         emb = embed_prompts(handle, prompts, embed_settings(cfg), cache)
         timings["embeddings_s"] = time.perf_counter() - t
-        behaviour = _behaviour(cfg, handle, prompts, judge, out, timings)
+        behaviour, jailbreak = _behaviour(cfg, handle, prompts, judge, out, timings)
     X = emb.at(cfg.embeddings.layer)
 
     t = time.perf_counter()
@@ -82,18 +84,25 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, prompts: Seq
              if cfg.embeddings.layer_sweep else None)
     timings["metrics_s"] = time.perf_counter() - t
 
-    drift = None
+    drift = preference = None
     if cfg.drift.enabled:
         t = time.perf_counter()
-        drift = run_drift(handle, load_benign_pairs(cfg.drift.path, cfg.drift.format, cfg.drift.category,
-                                                    cfg.drift.limit), _drift_settings(cfg))
+        d = cfg.drift
+        drift, per_example = run_drift(handle, load_benign_pairs(d.path, d.format, d.category, d.limit), d,
+                                       n_resamples=m.n_resamples, seed=m.seed, progress=cfg.progress)
+        write_jsonl(out / "drift_examples.jsonl", per_example)
         timings["drift_s"] = time.perf_counter() - t
+    if cfg.preference.enabled:
+        t = time.perf_counter()
+        preference = run_preference(handle, load_preference_pairs(cfg.preference), cfg.preference,
+                                    n_resamples=m.n_resamples, seed=m.seed, progress=cfg.progress)
+        timings["preference_s"] = time.perf_counter() - t
 
     figures = _figures(cfg, X, labels, curve, out / "figures")
     _write_per_axiom_csv(out / "per_axiom.csv", aqi, behaviour)
     timings["total_s"] = time.perf_counter() - t_start
     result = {
-        "summary": _summary(aqi, behaviour, drift),
+        "summary": _summary(aqi, behaviour, jailbreak, drift, preference, cfg),
         "settings": cfg.model_dump(mode="json"),
         "model": handle.identity(),
         "data": _data_summary(cfg, prompts),
@@ -102,7 +111,9 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, prompts: Seq
         "aqi": aqi,
         "layer_curve": curve,
         "behaviour": behaviour,
+        "jailbreak": jailbreak,
         "drift": drift,
+        "preference": preference,
         "figures": [str(p) for p in figures],
         "timings": timings,
         "versions": _versions(),
@@ -112,27 +123,31 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, prompts: Seq
     return result
 
 
-def _behaviour(cfg: EvalConfig, handle: ModelHandle, prompts, judge, out: Path, timings) -> dict | None:
+def _behaviour(cfg: EvalConfig, handle: ModelHandle, prompts, judge, out: Path, timings) -> tuple[dict | None, dict | None]:
+    """(refusal metrics per placement variant, jailbreak metrics), or (None, None) when disabled."""
     b = cfg.behaviour
     if not b.enabled:
-        return None
+        return None, None
     t = time.perf_counter()
+    judge = judge or build_judge(b.judge, trust_remote_code=b.judge_trust_remote_code, batch_size=b.batch_size,
+                                 progress=cfg.progress)
     subset = balanced_subset(prompts, b.limit, cfg.data.seed) if b.limit else list(prompts)
-    settings = GenerationSettings(max_new_tokens=b.max_new_tokens, batch_size=b.batch_size, max_length=b.max_length,
-                                  progress=cfg.progress)
-    result = run_behaviour(subset, handle_generator(handle, settings),
-                           handle_renderer(handle.tokenizer, cfg.behaviour_instruction), b.placements,
-                           instruction=cfg.behaviour_instruction, judge=judge, n_resamples=cfg.metrics.n_resamples,
-                           seed=cfg.metrics.seed, generations_path=out / "generations.jsonl")
+    generate = handle_generator(handle, b, cfg.progress)
+    render = handle_renderer(handle.tokenizer, cfg.behaviour_instruction)
+    common = dict(instruction=cfg.behaviour_instruction, judge=judge, n_resamples=cfg.metrics.n_resamples,
+                  seed=cfg.metrics.seed)
+    result = run_behaviour(subset, generate, render, b.placements, generations_path=out / "generations.jsonl",
+                           **common)
+    jailbreak = None
+    if b.jailbreak.enabled:
+        unsafe = [p for p in prompts if p.label == "unsafe"]
+        if b.jailbreak.limit and unsafe:
+            unsafe = balanced_subset(unsafe, b.jailbreak.limit, cfg.data.seed)
+        if unsafe:
+            jailbreak = run_jailbreaks(unsafe, generate, render, b.shown_placement, templates=b.jailbreak.templates,
+                                       generations_path=out / "jailbreak_generations.jsonl", **common)
     timings["behaviour_s"] = time.perf_counter() - t
-    return result
-
-
-def _drift_settings(cfg: EvalConfig) -> DriftSettings:
-    d = cfg.drift
-    return DriftSettings(placement=d.placement, max_length=d.max_length, max_prompt_length=d.max_length // 2,
-                         batch_size=d.batch_size, collapse_ratio=d.collapse_ratio,
-                         n_resamples=cfg.metrics.n_resamples, seed=cfg.metrics.seed, progress=cfg.progress)
+    return result, jailbreak
 
 
 def _figures(cfg: EvalConfig, X, labels, curve, fig_dir: Path) -> list[Path]:
@@ -148,7 +163,8 @@ def _figures(cfg: EvalConfig, X, labels, curve, fig_dir: Path) -> list[Path]:
     return paths
 
 
-def _summary(aqi: dict, behaviour: dict | None, drift: dict | None) -> dict[str, Any]:
+def _summary(aqi: dict, behaviour: dict | None, jailbreak: dict | None, drift: dict | None,
+             preference: dict | None, cfg: EvalConfig) -> dict[str, Any]:
     o = aqi["overall"]
     s: dict[str, Any] = {"aqi": o["aqi"], "aqi_low": o["aqi_ci"]["low"], "aqi_high": o["aqi_ci"]["high"],
                          "probe_auroc": o.get("probe_auroc")}
@@ -157,9 +173,31 @@ def _summary(aqi: dict, behaviour: dict | None, drift: dict | None) -> dict[str,
     for placement, r in (behaviour or {}).items():
         s[f"refusal_rate_unsafe[{placement}]"] = r["refusal_rate_unsafe"]["rate"]
         s[f"over_refusal_rate_safe[{placement}]"] = r["over_refusal_rate_safe"]["rate"]
+    if behaviour:  # the headline rates come from one named variant, so a table can say which it shows
+        shown = behaviour[cfg.behaviour.shown_placement]
+        s["behaviour_shown_placement"] = cfg.behaviour.shown_placement
+        s["refusal_judge"] = cfg.behaviour.judge
+        for key in ("refusal_rate_unsafe", "over_refusal_rate_safe"):
+            s.update({key: shown[key]["rate"], f"{key}_low": shown[key]["wilson_low"],
+                      f"{key}_high": shown[key]["wilson_high"]})
+        unsafe_classes = shown.get("classes", {}).get("unsafe", {})
+        if unsafe_classes and shown["refusal_rate_unsafe"]["total"]:
+            s["full_refusal_rate_unsafe"] = unsafe_classes["full_refusal"] / shown["refusal_rate_unsafe"]["total"]
+    if jailbreak:
+        j = jailbreak["overall"]
+        s.update(jailbreak_refusal_rate=j["rate"], jailbreak_refusal_rate_low=j["wilson_low"],
+                 jailbreak_refusal_rate_high=j["wilson_high"])
     if drift:
         s.update(perplexity=drift["perplexity"], perplexity_ratio=drift["perplexity_ratio"],
-                 kl_mean_token=drift["kl_mean_token"], collapsed=drift["collapsed"])
+                 kl_mean_token=drift["kl_mean_token"], collapsed=drift["collapsed"], drift_n_examples=drift["n_examples"])
+        for key in ("perplexity_ratio", "kl"):
+            ci = drift[f"{key}_ci"]
+            name = "kl_mean_token" if key == "kl" else key
+            s.update({f"{name}_low": ci["low"] if ci else None, f"{name}_high": ci["high"] if ci else None})
+    if preference:
+        s.update(preference_reward_accuracy=preference["reward_accuracy"],
+                 preference_reward_margin=preference["reward_margin"],
+                 preference_logp_accuracy=preference["logp_accuracy"], preference_n_pairs=preference["n_pairs"])
     return s
 
 

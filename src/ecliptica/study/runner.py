@@ -145,6 +145,7 @@ class StudyRunner:
         raw = {**self.cfg.evaluation.model_dump(), "out_dir": str(run_dir / "eval"),
                "adapter": str(run_dir / "adapter") if arm.method != "baseline" else None,
                "model": _eval_model_section(self.cfg.train.get("model", {}))}
+        raw["behaviour"] = self._with_training_instruction(raw.get("behaviour") or {}, arm, seed)
         ecfg = EvalConfig.model_validate(raw)
         if self._handle is None:  # one base for every arm; adapters are swapped in unmerged
             self._handle = ModelHandle.load(ModelConfig(**ecfg.model.model_dump()))
@@ -155,6 +156,22 @@ class StudyRunner:
         record = {"summary": summarize_eval(result).model_dump(), "embeddings_path": str(emb_path),
                   "eval_json": str(run_dir / "eval" / "eval.json")}
         self.store.set_status(rid, "evaluated", eval_result=record)
+
+    def _with_training_instruction(self, behaviour: dict, arm: ArmSpec, seed: int) -> dict:
+        """Behaviour settings that also evaluate with the instruction an arm was trained with (same text,
+        same placement); the baseline gets every such variant, so each arm has a base to compare with.
+        The headline (`behaviour.shown_placement`) stays as configured, `none` by default: comparable
+        across arms. Arms trained on per-row instructions have no single text and keep `none` only."""
+        arms = [a for a in self.cfg.arms if a.method != "baseline"] if arm.method == "baseline" else [arm]
+        placements = list(behaviour.get("placements", ["none"]))
+        instruction = behaviour.get("instruction")
+        for a in arms:
+            tc = self.cfg.arm_config(a, seed)
+            placement, text = tc.method.placement or _default_placement(a.method), tc.data.instruction
+            if placement != "none" and (instruction or text):
+                instruction = instruction or text
+                placements = list(dict.fromkeys([*placements, placement]))
+        return {**behaviour, "placements": placements, **({"instruction": instruction} if instruction else {})}
 
     def _claim(self, rid: str, needs_work) -> bool:
         """True if this process should work on `rid` now: it still needs the work and, for a worker,
