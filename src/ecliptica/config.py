@@ -86,7 +86,14 @@ class TrainSection(Strict):
     grad_accum: int = 4
     # Re-split each step's pairs (micro_batch_size x grad_accum per process, same order) into micro-batches of
     # at most this many packed tokens: fewer, larger forwards for short pairs, bounded memory for long ones.
-    micro_batch_tokens: int | None = Field(default=None, gt=0)
+    # The loss and gradient stay those of the step's pairs. "auto": sized at start-up (train/sizing.py);
+    # null (or off): the plain micro_batch_size x grad_accum split.
+    micro_batch_tokens: int | Literal["auto"] | None = "auto"
+    # auto only: the peak GPU memory to size for (None: this process's share of the card's free memory)
+    memory_budget_gib: float | None = Field(default=None, gt=0)
+    # Attention over packed rows: "flex" = FlexAttention with a document block mask (CUDA; no dense
+    # [tokens x tokens] mask), "dense" = SDPA with transformers' block-diagonal mask; "auto" = flex on CUDA.
+    packed_attention: Literal["auto", "flex", "dense"] = "auto"
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     packing: bool = True
@@ -96,6 +103,18 @@ class TrainSection(Strict):
     keep_checkpoints: int = 2
     on_nonfinite: Literal["error", "skip"] = "error"
     progress: bool = True
+
+    @field_validator("micro_batch_tokens", mode="before")
+    @classmethod
+    def _tokens_off(cls, v):  # YAML reads a bare `off` as false
+        return None if v is False or v == "off" else v
+
+    @field_validator("micro_batch_tokens")
+    @classmethod
+    def _tokens_positive(cls, v):
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("micro_batch_tokens must be a positive number of tokens, 'auto' or null")
+        return v
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

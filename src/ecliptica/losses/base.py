@@ -25,6 +25,16 @@ class SequenceStats:
     token_kl_sum: torch.Tensor | None = None  # scalar: sum over response tokens of KL(pi_theta || pi_ref)
     seq_token_kl: torch.Tensor | None = None  # [S] the same sum per sequence, detached (evaluation reads it)
     nll_sum: torch.Tensor | None = None  # scalar: -sum of chosen-token log-probs (SFT)
+    # What token means divide by (None: this micro-batch's response tokens). The engine sets it to the step's
+    # response tokens x this micro-batch's share of pairs, so a token mean is over the whole step however the
+    # step's pairs are split into micro-batches.
+    token_denominator: float | None = None
+
+    def token_mean(self, total: torch.Tensor) -> torch.Tensor:
+        """`total` (summed over this micro-batch's response tokens) divided by the token denominator."""
+        if self.token_denominator is None:
+            return total / self.n_tokens.sum().clamp(min=1)
+        return total / self.token_denominator
 
     def halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = x.shape[0] // 2

@@ -56,7 +56,7 @@ class CITALoss(AlignmentLoss):
 
     def kl_term(self, s: SequenceStats) -> torch.Tensor:
         if self.cfg.kl == "token_kl":
-            return s.token_kl_sum / s.n_tokens.sum().clamp(min=1)
+            return s.token_mean(s.token_kl_sum)
         ratio = s.logps - s.ref_logps
         return (ratio ** 2).mean() if self.cfg.kl == "seq_logratio_sq" else ratio.mean()
 

@@ -16,5 +16,5 @@ class SFTLoss(AlignmentLoss):
     order = 0
 
     def __call__(self, s, progress=0.0):
-        loss = s.nll_sum / s.n_tokens.sum().clamp(min=1)
+        loss = s.token_mean(s.nll_sum)
         return loss, {"loss/nll": loss.detach(), "logps/chosen": s.logps.mean().detach()}

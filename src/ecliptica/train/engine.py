@@ -26,7 +26,9 @@ from ..data import LoadOptions, load_preferences, resolve_path, save_bad_rows, s
 from ..data.tokenize import TokenizedData, TokenizeSettings
 from ..losses import ReferenceSettings, SequenceStats, build_loss
 from ..models import apply_lora, describe_parameters, load_model, load_tokenizer
-from .batching import collate, pair_tokens, split_by_tokens
+from . import sizing
+from .attention import resolve_packed_attention
+from .batching import collate, pair_tokens, response_tokens, split_by_tokens
 from .optim import build_optimizer, build_scheduler
 from .policy import PolicyModel
 from .reference import reference_logps
@@ -117,7 +119,9 @@ class Trainer:
         model = load_model(cfg.model)
         model = apply_lora(model, cfg.lora, cfg.model.gradient_checkpointing)
         self.param_summary = describe_parameters(model)
-        self.policy = PolicyModel(model, cfg.train.logp_chunk_size)
+        self.packed_attention = resolve_packed_attention(cfg.train.packed_attention, acc.device,
+                                                         cfg.model.attn_implementation)
+        self.policy = PolicyModel(model, cfg.train.logp_chunk_size, self.packed_attention)
         if not getattr(model, "is_loaded_in_4bit", False):
             self.policy.to(acc.device)
         self.ref_cache = None
@@ -130,6 +134,9 @@ class Trainer:
         self.policy, self.optimizer = acc.prepare(self.policy, optimizer)
         self.scheduler = scheduler
         self.peft_model = acc.unwrap_model(self.policy).peft_model
+        self.micro_batches = sizing.choose(self)
+        acc.print(f"[ecliptica] micro_batch_tokens: {self.micro_batches.tokens} ({self.micro_batches.rule}); "
+                  f"packed attention: {self.packed_attention}")
         return self
 
     # ------------------------------------------------------------------ data order
@@ -150,7 +157,7 @@ class Trainer:
         pairs, or, with `micro_batch_tokens`, the same pairs re-split by packed tokens."""
         ga = self.cfg.train.grad_accum
         groups = [self.micro_batch_indices(step * ga + k) for k in range(ga)]
-        budget = self.cfg.train.micro_batch_tokens
+        budget = self.micro_batches.tokens
         if budget is None:
             return groups
         idx = [i for g in groups for i in g]
@@ -165,7 +172,8 @@ class Trainer:
         return self._perm_cache[1]
 
     # ------------------------------------------------------------------ one optimizer step
-    def _micro_step(self, idx: list[int], progress: float) -> tuple[torch.Tensor, dict, int]:
+    def _micro_step(self, idx: list[int], progress: float, token_denominator: float | None = None
+                    ) -> tuple[torch.Tensor, dict, int]:
         uses_rej = self.loss_fn.uses_rejected
         batch = collate([self.data.pairs[i] for i in idx], uses_rej, self.tokenizer.pad_token_id,
                         packed=self.cfg.train.packing).to(self.accelerator.device)
@@ -176,6 +184,7 @@ class Trainer:
             ref = torch.cat([sel[:, 0], sel[:, 1]]).to(self.accelerator.device)
         stats: SequenceStats = self.policy(batch, need_reference=self.loss_fn.needs_reference,
                                            need_token_kl=self.loss_fn.needs_token_kl, ref_logps=ref)
+        stats.token_denominator = token_denominator
         loss, metrics = self.loss_fn(stats, progress)
         for name, extra in self.optimizer_hooks.extra_losses().items():  # e.g. GRIT's regularisers
             loss = loss + extra
@@ -190,11 +199,13 @@ class Trainer:
         tokens = 0
         groups = self.step_micro_batches(step)
         n_pairs = sum(len(g) for g in groups)
+        n_resp = sum(response_tokens(self.data.pairs[i], self.loss_fn.uses_rejected) for g in groups for i in g)
         for k, idx in enumerate(groups):
             w = len(idx) / n_pairs  # each pair counts equally in the step, however the pairs are grouped
             ctx = acc.no_sync(self.policy) if k < len(groups) - 1 else nullcontext()
             with ctx:
-                loss, metrics, ntok = self._micro_step(idx, progress)
+                # token means over the step's response tokens: (sum / (n_resp * w)) * w = sum / n_resp
+                loss, metrics, ntok = self._micro_step(idx, progress, max(n_resp, 1) * w)
                 if not torch.isfinite(loss):
                     return self._nonfinite(step, "loss")
                 acc.backward(loss * w)
@@ -340,6 +351,8 @@ class Trainer:
             "final_metrics": last_metrics, "nonfinite_skipped": self.nonfinite_skipped,
             "config_hash": self.cfg.hash(), "data_hash": self.data.fingerprint(), "data": self.data_report,
             "parameters": self.param_summary, "num_processes": acc.num_processes,
+            "micro_batch_tokens": self.micro_batches.tokens, "micro_batch_rule": self.micro_batches.rule,
+            "packed_attention": self.packed_attention,
             # parallel study workers on one device: its speed here is not a standalone speed
             "device_shared_by": int(os.environ.get("ECLIPTICA_DEVICE_SHARED_BY", "1")),
             "versions": _versions(), "git_commit": git_commit(),
