@@ -248,7 +248,7 @@ def test_memory_probe_leaves_no_trace(tmp_path, tiny_model_dir, monkeypatch):
             rng = torch.get_rng_state()
             assert sizing.probe_memory(tr).bytes_per_token > 0
             assert all(p.grad is None for p in tr.policy.parameters())
-            assert all(float(b.a_sum.abs().sum() + b.g_sum.abs().sum() + b.count.sum()) == 0 for b in tr.grit.banks)
+            assert all(float(b.a_sum.abs().sum() + b.g_sum.abs().sum() + b.count.sum()) == 0 for b in tr.optimizer_hooks.banks)
             assert torch.equal(torch.get_rng_state(), rng)
         tr.train()
     assert _losses(tmp_path / "probed" / "run_cita") == _losses(tmp_path / "fresh" / "run_cita")
