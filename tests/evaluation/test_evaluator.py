@@ -219,8 +219,24 @@ def test_run_eval_end_to_end_writes_every_artefact(tmp_path, tiny_model_dir):
     assert overall["aqi_ci"]["n_resamples"] == 1000 and "probe_auroc_ci" in overall
     assert saved["summary"]["aqi"] == pytest.approx(result["summary"]["aqi"])
     assert saved["settings"]["embeddings"]["placement"] == "system" and saved["data"]["n_prompts"] == 24
-    assert [c["layer"] for c in saved["layer_curve"]] == [0, 1, 2]
-    assert saved["layer_curve"][-1]["aqi"] == pytest.approx(overall["aqi"])
+    per_layer = saved["aqi_layers"]["per_layer"]  # the per-layer curve (was `layer_curve`)
+    assert [c["layer"] for c in per_layer] == [0, 1, 2]
+    assert per_layer[-1]["geometric"]["aqi"] == pytest.approx(overall["aqi"])
+    layers = saved["aqi_layers"]
+    assert layers["band"]["layers"] == [2] and saved["summary"]["aqi"] == pytest.approx(layers["discriminant"]["aqi"])
+    assert saved["summary"]["aqi_lexical"] == pytest.approx(per_layer[0]["discriminant"]["aqi"])
+    assert saved["summary"]["aqi_geometric"] == pytest.approx(per_layer[2]["geometric"]["aqi"])  # band of one
+    from ecliptica.evaluation.discriminant import BandAqiStat
+    from ecliptica.evaluation.summary import summarize_eval
+
+    band = np.load(out / "aqi_band_projections.npz")
+    assert BandAqiStat(0.5)(band["Z"], band["labels"]) == pytest.approx(saved["summary"]["aqi"], abs=1e-12)
+    typed = summarize_eval(saved)  # what a study reads: the headline, not the geometric block
+    assert typed.aqi_statistic == "discriminant_band" and typed.aqi.value == saved["summary"]["aqi"]
+    assert typed.aqi_lexical.value == saved["summary"]["aqi_lexical"]
+    spans, lengths = saved["embeddings"]["spans"], saved["embeddings"]["prompt_tokens"]
+    assert len(spans) == len(saved["embeddings"]["prompt_ids"]) == 24
+    assert all(0 < a < b <= n for (a, b), n in zip(spans, lengths))  # the system instruction is never pooled
     assert set(saved["behaviour"]) == {"none", "system"} and saved["drift"]["kl_mean_token"] == 0.0
     assert "legacy" in saved["aqi"]
     rows = list(csv.DictReader((out / "per_axiom.csv").open()))

@@ -9,8 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ecliptica.config import InferenceModelSection, Strict
-
-PlacementName = Literal["system", "prepend", "none"]
+from ecliptica.data import Placement as PlacementName
+from ecliptica.data import PromptFormat
 
 
 EvalModelSection = InferenceModelSection  # the model fields that matter for inference
@@ -18,9 +18,9 @@ EvalModelSection = InferenceModelSection  # the model fields that matter for inf
 
 class EvalDataSection(Strict):
     path: str = "demo:eval"
-    format: Literal["litmus", "xstest", "donotanswer", "benign", "generic"] = "generic"
+    format: PromptFormat = "generic"
     benign_path: str | None = None  # a second source, e.g. safe prompts next to Do-Not-Answer
-    benign_format: Literal["litmus", "xstest", "donotanswer", "benign", "generic"] = "generic"
+    benign_format: PromptFormat = "generic"
     limit: int | None = Field(None, ge=1)  # balanced subset across (axiom, label)
     per_group: int | None = Field(None, ge=1)  # cap per (axiom, label) group (LITMUS-style balancing)
     seed: int = 0
@@ -28,21 +28,39 @@ class EvalDataSection(Strict):
 
 
 class EmbeddingsSection(Strict):
-    pooling: Literal["mean", "last"] = "mean"
-    layer: int = -1  # hidden_states index: 0 = token embeddings, -1 = last (final-normed for Llama)
-    layer_sweep: bool = False  # embed every layer; AQI per layer as a curve
+    """How prompts become vectors (docs/evaluation.md#embeddings). Passed as is to `embed_prompts`."""
+
+    # prompt: mean over the user's own words only (no template, system prompt or instruction);
+    # mean: every token of the rendered prompt; last: the last token (predicts the reply's first token)
+    pooling: Literal["prompt", "mean", "last"] = "prompt"
+    layer: int = -1  # hidden_states index for the per-axiom table and figures (0 = token embeddings, -1 = last)
+    layer_sweep: bool = True  # every layer (one forward pass gives them all); the headline band needs it
     placement: PlacementName = "none"
     instruction: str | None = None
     max_length: int = Field(512, ge=8)
     batch_size: int = Field(16, ge=1)
     pca_dim: int | None = Field(None, ge=1)
 
+    def numeric_fields(self) -> dict:
+        """The settings that change the embeddings (the cache key); batch size and PCA do not."""
+        d = self.model_dump(mode="json", exclude={"batch_size", "pca_dim"})
+        if d["layer_sweep"]:
+            d["layer"] = None
+        return d
+
 
 class MetricsSection(Strict):
+    """AQI and interval settings (docs/aqi.md). Passed as is to `scoring.layer_report`."""
+
     gamma: float = Field(0.5, ge=0.0, le=1.0)
     n_resamples: int = Field(1000, ge=1000)
-    seed: int = 0
+    seed: int = 0  # bootstrap draws and the cross-fitting fold assignment
     alpha: float = Field(0.05, gt=0.0, lt=1.0)
+    folds: int = Field(5, ge=2)  # cross-fitting folds of the discriminant (LDA) AQI
+    # Bootstrap intervals (coverage simulation in docs/aqi.md): BCa for the discriminant AQI; "basic"
+    # for the geometric AQI, whose resamples are shifted by duplication bias (BCa covers 0-5% there)
+    interval: Literal["bca", "basic", "percentile"] = "bca"
+    geometric_interval: Literal["bca", "basic", "percentile"] = "basic"
     legacy: bool = False  # also report the per-run-normalised reference scores (not comparable)
 
 

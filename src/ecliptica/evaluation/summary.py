@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ecliptica.config import Strict
 
@@ -31,7 +31,13 @@ class Rate(Strict):
 
 
 class EvalSummary(Strict):
-    aqi: Estimate
+    aqi: Estimate  # the headline: discriminant AQI of the headline band (geometric in older eval.json files)
+    # which statistic `aqi` is: "discriminant_band" = BandAqiStat(aqi_gamma) of eval/aqi_band_projections.npz;
+    # "geometric" = AqiStat(aqi_gamma, aqi_pca_dim) of layer `aqi_layer` (eval.json before the discriminant AQI)
+    aqi_statistic: Literal["discriminant_band", "geometric"] = "geometric"
+    aqi_geometric: Estimate | None = None  # geometric AQI of the same band
+    aqi_lexical: Estimate | None = None  # discriminant AQI at layer 0 (the words alone)
+    aqi_geometric_lexical: Estimate | None = None
     aqi_gamma: float = 0.5  # the settings the evaluator computed AQI with (metrics.gamma,
     aqi_pca_dim: int | None = None  # embeddings.pca_dim, embeddings.layer)
     aqi_layer: int = -1
@@ -67,6 +73,14 @@ def summarize_eval(result: dict[str, Any]) -> EvalSummary:
         "aqi_layer": (result.get("embeddings") or {}).get("reported_layer", emb.get("layer", -1)),
         "n_prompts": overall.get("n"),
     }
+    layers = result.get("aqi_layers")
+    if layers:  # the headline and its variants (docs/aqi.md)
+        def estimate(entry: dict) -> dict:
+            return {"value": entry["aqi"], "low": entry.get("low"), "high": entry.get("high")}
+
+        out.update(aqi=estimate(layers["discriminant"]), aqi_statistic="discriminant_band",
+                   aqi_geometric=estimate(layers["geometric"]), aqi_lexical=estimate(layers["lexical"]["discriminant"]),
+                   aqi_geometric_lexical=estimate(layers["lexical"]["geometric"]))
     if "probe_auroc" in overall:
         auroc = overall.get("probe_auroc_ci") or {}
         out["probe_auroc"] = {"value": overall["probe_auroc"], "low": auroc.get("low"), "high": auroc.get("high")}

@@ -14,7 +14,9 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ..config import Strict, TrainConfig, apply_overrides, config_hash
+from ..data.formatting import Placement
 from ..evaluation.config import EvalDataSection, EvalSettings
+from ..losses import registry
 from .design import BASE_METHODS, Question, ReportSettings, default_questions
 
 __all__ = ["ArmSpec", "CalibrationSection", "StudyConfig", "BASE_METHODS", "Question", "ReportSettings",
@@ -24,12 +26,14 @@ __all__ = ["ArmSpec", "CalibrationSection", "StudyConfig", "BASE_METHODS", "Ques
 # (separates "the instruction helps" from "training on it helps").
 UNTRAINED = ("baseline", "prompt_only")
 
+ArmMethod = Literal[(*UNTRAINED, *registry.method_names())]  # type: ignore[valid-type]
+
 
 class ArmSpec(Strict):
     name: str
-    method: Literal["baseline", "prompt_only", "sft", "dpo", "cita"]
+    method: ArmMethod
     optimizer: Literal["adamw", "adamw8bit", "grit"] = "adamw"
-    placement: Literal["system", "prepend", "none"] | None = None  # None = the method's default
+    placement: Placement | None = None  # None = the method's default
     overrides: dict[str, Any] = {}  # dotted TrainConfig keys, e.g. {"optimizer.lr": 1.0e-4}
     instruction: str | None = None  # prompt_only: the system message (default: train.data.instruction)
 
@@ -75,7 +79,9 @@ def default_arms() -> list[ArmSpec]:
 class StudyConfig(Strict):
     study_dir: str = "runs/study"
     seeds: list[int] = [0]
-    train: dict[str, Any] = {}  # TrainConfig fields shared by every arm (model, lora, data, method, optimizer, ...)
+    # TrainConfig fields shared by every arm (model, lora, data, method, optimizer, ...); each arm takes the
+    # `method` settings its method has (registry.settings_for), so one block can hold beta and lambda_kl
+    train: dict[str, Any] = {}
     grit: dict[str, Any] = {}  # GRIT settings used by every +GRIT arm
     evaluation: EvalSettings = Field(default_factory=EvalSettings)  # shared by every arm; model/adapter/out_dir per run
     # Named evaluation prompt sets, e.g. {dev: ..., test: ...}: every run is evaluated on each, and the
@@ -156,7 +162,7 @@ class StudyConfig(Strict):
         raw["seed"] = seed
         raw["tensorboard_dir"] = str(Path(self.study_dir) / "tensorboard")
         raw["run_name"] = self.run_id(arm, seed)
-        raw.setdefault("method", {})["name"] = arm.method
+        raw["method"] = {**registry.settings_for(arm.method, raw.get("method", {})), "name": arm.method}
         if arm.placement is not None:
             raw["method"]["placement"] = arm.placement
         raw.setdefault("optimizer", {})["name"] = arm.optimizer

@@ -137,9 +137,9 @@ class StudyRunner:
         # a worker leaves failed runs alone (the coordinator retries them on the next invocation)
         return ("trained", "evaluated", "failed") if self.worker else ("trained", "evaluated")
 
-    def evaluate_all(self) -> None:
-        """Evaluate every trained run and the baseline. A worker also waits for runs other workers
-        are still training, and evaluates them when they are done."""
+    def evaluate_all(self, only: list[str] | None = None) -> None:
+        """Evaluate every trained run and the baseline (or only the arms named in `only`). A worker also
+        waits for runs other workers are still training, and evaluates them when they are done."""
         while True:
             rows = {r["run_id"]: r for r in self.store.all()}
             waiting = False
@@ -147,6 +147,8 @@ class StudyRunner:
                 rid = self.run_id(arm, seed)
                 status = rows[rid]["status"]
                 if status == "evaluated" or (self.worker and status == "failed"):
+                    continue
+                if only is not None and arm.name not in only:
                     continue
                 ready = not arm.trained or status == "trained"
                 if not ready:
@@ -175,10 +177,10 @@ class StudyRunner:
         from ..evaluation.model_handle import ModelHandle
         from ..evaluation.runner import prompts_from_config, run_eval
         from ..evaluation.summary import summarize_eval
-        from ..models import ModelConfig
+        from .tb import write_eval_scalars
 
         run_dir = self._run_dir(arm, seed)
-        records = {}
+        records, summaries = {}, {}
         for split, data in self.cfg.eval_sets().items():
             out = run_dir / "eval" / split if self.cfg.evaluation_sets else run_dir / "eval"
             raw = {**self.cfg.evaluation.model_dump(), "data": data, "out_dir": str(out),
@@ -190,18 +192,22 @@ class StudyRunner:
                 raw["behaviour"] = self._with_training_instruction(raw.get("behaviour") or {}, arm, seed)
             ecfg = EvalConfig.model_validate(raw)
             if self._handle is None:  # one base for every arm; adapters are swapped in unmerged
-                self._handle = ModelHandle.load(ModelConfig(**ecfg.model.model_dump()))
+                self._handle = ModelHandle.load(ecfg.model)
             if split not in self._prompts:
                 self._prompts = {**self._prompts, split: prompts_from_config(ecfg)}
             prompts = self._prompts[split]
             print(f"[study] evaluating {rid}" + (f" on {split}" if self.cfg.evaluation_sets else ""), flush=True)
             result = run_eval(ecfg, handle=self._handle, prompts=prompts)
             emb_path = _write_embeddings(result, prompts, out / "embeddings.npz")
-            records[split] = {"summary": summarize_eval(result).model_dump(), "embeddings_path": str(emb_path),
+            summaries[split] = summarize_eval(result)
+            records[split] = {"summary": summaries[split].model_dump(), "embeddings_path": str(emb_path),
                               "eval_json": str(out / "eval.json")}
             self.store.record_split(f"eval:{split}", {"n_prompts": result["data"]["n_prompts"],
                                                       "data_hash": result["data"]["data_hash"]})
             self.store.set_evaluation(rid, split, records[split])
+        # beside the run's training curves; like the report, the test set's numbers
+        write_eval_scalars(self.dir / "tensorboard" / rid, summaries["test"],
+                           step=(self.store.get(rid)["train_summary"] or {}).get("steps", 0))
         self.store.set_status(rid, "evaluated", eval_result=records["test"])
 
     def _with_training_instruction(self, behaviour: dict, arm: ArmSpec, seed: int) -> dict:
@@ -263,7 +269,7 @@ class StudyRunner:
             self.evaluate_all()
         result = self.report()
         print(f"\n[study] results: {self.dir / 'results.md'}")
-        print(f"[study] compare training curves: tensorboard --logdir {self.dir / 'tensorboard'}")
+        print(f"[study] training curves and eval/ scalars: tensorboard --logdir {self.dir / 'tensorboard'}")
         return result
 
     def work(self) -> None:
@@ -355,13 +361,21 @@ class StudyRunner:
 
 
 def _write_embeddings(result: dict, prompts, path: Path) -> Path:
-    """The reported layer's embeddings with labels, axioms and prompt ids, for the paired tests."""
+    """What the run's `aqi` was computed from, with labels, axioms and prompt ids, for the paired tests.
+
+    The discriminant headline: the band's held-out projections the evaluator saved (float64, so
+    the study reproduces the recorded AQI exactly); otherwise the reported layer's embeddings.
+    """
     import numpy as np
 
     from ..evaluation.embeddings import load_cached
+    from ..evaluation.runner import BAND_PROJECTIONS
 
-    emb = load_cached(Path(result["embeddings"]["cache_path"]))
-    X = np.asarray(emb.at(result["embeddings"]["reported_layer"]), dtype=np.float32)
+    if result.get("aqi_layers"):
+        X = np.load(path.parent / BAND_PROJECTIONS)["Z"]
+    else:
+        emb = load_cached(Path(result["embeddings"]["cache_path"]))
+        X = np.asarray(emb.at(result["embeddings"]["reported_layer"]), dtype=np.float32)
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, X=X, labels=np.array([p.label for p in prompts]), axioms=np.array([p.axiom for p in prompts]),
              prompt_ids=np.array([p.row_id for p in prompts]))
@@ -422,7 +436,3 @@ def _eval_model_section(model: dict) -> dict:
 
     return {k: v for k, v in model.items() if k in InferenceModelSection.model_fields}
 
-
-def run_study(path: str | Path, overrides: list[str] | None = None, workers: int = 1,
-              devices: list[str] | None = None) -> dict:
-    return StudyRunner(load_study(path, overrides)).run(workers=workers, devices=devices)
