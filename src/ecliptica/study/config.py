@@ -52,7 +52,21 @@ class StudyConfig(Strict):
         for arm in self.arms:  # fail now, not after hours of training, if an arm's config is invalid
             if arm.method != "baseline":
                 self.arm_config(arm, self.seeds[0])
+        self.eval_config(Path(self.study_dir) / "runs", None)  # ... or if the evaluation block is
         return self
+
+    def eval_config(self, out_dir: str | Path, adapter: str | Path | None):
+        """One run's EvalConfig: the shared `evaluation` block + this run's output and adapter."""
+        from ..config import InferenceModelSection
+        from ..evaluation.config import EvalConfig
+
+        model = {k: v for k, v in self.train.get("model", {}).items() if k in InferenceModelSection.model_fields}
+        raw = {**self.evaluation, "out_dir": str(out_dir), "adapter": None if adapter is None else str(adapter),
+               "model": model}
+        try:
+            return EvalConfig.model_validate(raw)
+        except Exception as e:
+            raise ValueError(f"evaluation: invalid evaluation configuration:\n{e}") from None
 
     def run_id(self, arm: ArmSpec, seed: int) -> str:
         return f"{arm.name}-s{seed}"

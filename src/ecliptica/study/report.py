@@ -12,6 +12,7 @@ seed; the same ``resample_indices``/``evaluate_on_resamples`` draws plus a seed 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import zlib
@@ -23,6 +24,7 @@ from typing import Any, Literal, NotRequired, TypedDict
 import numpy as np
 
 from ecliptica.evaluation.metrics import AqiStat
+from ecliptica.runio import atomic_write_text, read_jsonl_tolerant
 from ecliptica.evaluation.stats import (  # private helpers reused so intervals/p-values match stats.py exactly
     _interval,
     _two_sided_bootstrap_p,
@@ -730,7 +732,7 @@ def read_training_curves(by_arm) -> list[dict[str, Any]]:
             path = record.get("metrics_path")
             if not path or not Path(path).exists():
                 continue
-            steps = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+            steps = read_jsonl_tolerant(path)  # a torn last line (killed writer) is dropped
             curves.append({"arm": arm, "seed": seed, "steps": steps})
     return curves
 
@@ -803,11 +805,12 @@ def render_markdown(rows, questions, settings, notes) -> str:
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_COLUMNS})
+    f = io.StringIO(newline="")
+    writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_COLUMNS})
+    atomic_write_text(path, f.getvalue())
 
 
 def _jsonable(obj: Any) -> Any:
@@ -905,9 +908,9 @@ def build_report(
 
     figure_paths = make_figures(ctx, rows, questions, out / "figures") if figures else {}
     paths = {"results_md": out / "results.md", "results_csv": out / "results.csv", "results_json": out / "results.json"}
-    paths["results_md"].write_text(render_markdown(rows, questions, settings, notes))
+    atomic_write_text(paths["results_md"], render_markdown(rows, questions, settings, notes))
     write_csv(rows, paths["results_csv"])
     payload = {"settings": settings, "rows": rows, "questions": questions, "notes": notes, "figures": figure_paths}
-    paths["results_json"].write_text(json.dumps(_jsonable(payload), indent=2, ensure_ascii=False))
+    atomic_write_text(paths["results_json"], json.dumps(_jsonable(payload), indent=2, ensure_ascii=False))
     return {**{k: str(v) for k, v in paths.items()}, "figures": figure_paths, "rows": rows,
             "questions": questions, "notes": notes}

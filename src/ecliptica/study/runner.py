@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from ..config import config_hash, load_config
+from ..runio import DirLock
 from .config import ArmSpec, StudyConfig
 from .store import StudyStore
 
@@ -39,13 +40,13 @@ class StudyRunner:
         self.dir = Path(cfg.study_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.store = StudyStore(self.dir / "study.sqlite")
-        if worker is None:  # workers read this file; only the coordinator writes it
-            tmp = self.dir / "study.yaml.tmp"
-            tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-            tmp.replace(self.dir / "study.yaml")
         self.plan: list[tuple[ArmSpec, int]] = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]
         for arm, seed in self.plan:
             self.store.register(self.run_id(arm, seed), arm.name, seed, self._hash(arm, seed), self._describe(arm, seed))
+        if worker is None:  # workers read this file; only the coordinator writes it, once the store accepted it
+            tmp = self.dir / "study.yaml.tmp"
+            tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            tmp.replace(self.dir / "study.yaml")
 
     def run_id(self, arm: ArmSpec, seed: int) -> str:
         return self.cfg.run_id(arm, seed)
@@ -66,7 +67,9 @@ class StudyRunner:
         """Train one arm (all seeds); returns the training summaries. Used by the per-arm notebooks."""
         if name not in {a.name for a in self.cfg.arms}:
             raise ValueError(f"no arm {name!r} in this study; arms: {[a.name for a in self.cfg.arms]}")
-        self.train_all(only=[name])
+        with self._lock():
+            self.store.release_all()  # claims of a killed earlier invocation (we hold the study)
+            self.train_all(only=[name])
         return [self.store.get(self.run_id(a, s))["train_summary"] for a, s in self.plan if a.name == name]
 
     def train_all(self, only: list[str] | None = None) -> None:
@@ -135,16 +138,12 @@ class StudyRunner:
     _handle = _prompts = None
 
     def _evaluate_one(self, arm: ArmSpec, seed: int, rid: str) -> None:
-        from ..evaluation.config import EvalConfig
         from ..evaluation.model_handle import ModelHandle
         from ..evaluation.runner import prompts_from_config, run_eval
         from ..models import ModelConfig
 
         run_dir = self._run_dir(arm, seed)
-        raw = {**self.cfg.evaluation, "out_dir": str(run_dir / "eval"),
-               "adapter": str(run_dir / "adapter") if arm.method != "baseline" else None,
-               "model": _eval_model_section(self.cfg.train.get("model", {}))}
-        ecfg = EvalConfig.model_validate(raw)
+        ecfg = self.cfg.eval_config(run_dir / "eval", run_dir / "adapter" if arm.method != "baseline" else None)
         if self._handle is None:  # one base for every arm; adapters are swapped in unmerged
             self._handle = ModelHandle.load(ModelConfig(**ecfg.model.model_dump()))
             self._prompts = prompts_from_config(ecfg)
@@ -155,12 +154,19 @@ class StudyRunner:
                   "eval_json": str(run_dir / "eval" / "eval.json")}
         self.store.set_status(rid, "evaluated", eval_result=record)
 
+    @property
+    def _claimant(self) -> str:
+        return self.worker or f"main-{os.getpid()}"
+
+    def _lock(self) -> DirLock:
+        """The coordinator holds the study directory; its workers (started by it) work under that hold."""
+        return DirLock(self.dir, "study") if self.worker is None else _NoLock()
+
     def _claim(self, rid: str, needs_work) -> bool:
-        """True if this process should work on `rid` now: it still needs the work and, for a worker,
-        the store gave us the run (re-read after claiming: another worker may just have finished it)."""
-        if self.worker is None:
-            return needs_work(self.store.get(rid)["status"])
-        if not self.store.claim(rid, self.worker):
+        """True if this process should work on `rid` now: it still needs the work and the store gave us
+        the run (re-read after claiming: another process may just have finished it). The single-process
+        path claims too, so nothing else touches a run while it trains or evaluates it."""
+        if not self.store.claim(rid, self._claimant):
             return False
         if needs_work(self.store.get(rid)["status"]):
             return True
@@ -168,8 +174,7 @@ class StudyRunner:
         return False
 
     def _release(self, rid: str) -> None:
-        if self.worker is not None:
-            self.store.release(rid)
+        self.store.release(rid)
 
     def _run_dir(self, arm: ArmSpec, seed: int) -> Path:
         if arm.method == "baseline":
@@ -204,16 +209,19 @@ class StudyRunner:
         from .report import build_report
 
         rep = self.cfg.report
-        return build_report(self.records(), self.dir, n_resamples=rep.get("n_resamples", 1000),
-                            seed=rep.get("seed", 0), alpha=rep.get("alpha", 0.05))
+        with self._lock():
+            return build_report(self.records(), self.dir, n_resamples=rep.get("n_resamples", 1000),
+                                seed=rep.get("seed", 0), alpha=rep.get("alpha", 0.05))
 
     def run(self, workers: int = 1, devices: list[str] | None = None) -> dict:
-        if workers > 1:
-            self._run_workers(workers, devices)
-        else:
-            self.train_all()
-            self.evaluate_all()
-        result = self.report()
+        with self._lock():  # a second `ecliptica run` on this study stops here, naming this process
+            if workers > 1:
+                self._run_workers(workers, devices)
+            else:
+                self.store.release_all()  # claims left by a killed earlier invocation
+                self.train_all()
+                self.evaluate_all()
+            result = self.report()
         print(f"\n[study] results: {self.dir / 'results.md'}")
         print(f"[study] compare training curves: tensorboard --logdir {self.dir / 'tensorboard'}")
         return result
@@ -286,6 +294,14 @@ class StudyRunner:
                 self.store.release(r["run_id"])
 
 
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
 def _write_embeddings(result: dict, prompts, path: Path) -> Path:
     """The reported layer's embeddings with labels, axioms and prompt ids, for the paired tests."""
     import numpy as np
@@ -322,12 +338,6 @@ def _default_placement(method: str) -> str:
     from ..losses import get_method
 
     return get_method(method).default_placement
-
-
-def _eval_model_section(model: dict) -> dict:
-    from ..config import InferenceModelSection
-
-    return {k: v for k, v in model.items() if k in InferenceModelSection.model_fields}
 
 
 def run_study(path: str | Path, overrides: list[str] | None = None, workers: int = 1,
