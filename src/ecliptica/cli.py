@@ -58,9 +58,10 @@ def cmd_data_check(args) -> int:
         print(f"  {b}")
     if args.save_report:
         D.save_bad_rows(loaded, args.save_report)
-    if not r.kept:
-        print(f"error: {r.file}: no valid {noun} ({r.rows_read} rows read)", file=sys.stderr)
-    return 1 if r.bad_rows or not r.kept else 0
+    no_valid_row = not r.kept and not loaded.filtered  # filtered rows are valid, just unused by this format
+    if no_valid_row:
+        print(f"error: {r.file}: no valid row ({r.rows_read} rows read)", file=sys.stderr)
+    return 1 if r.bad_rows or no_valid_row else 0
 
 
 def cmd_data_preview(args) -> int:

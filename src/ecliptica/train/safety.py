@@ -15,8 +15,9 @@ import torch
 # the new length from the checkpoint's step on), and whether a progress bar is drawn.
 RESUME_MAY_CHANGE = ("train.max_steps", "train.progress")
 
-# What a previous run leaves in its directory; a fresh run must not mix with any of it.
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "adapter", "summary.json", "tb")
+# What a previous run leaves in its directory; a fresh run must not mix with any of it (--overwrite also
+# deletes its TensorBoard events, which alone do not mark a run: setup may create that folder).
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "adapter", "summary.json")
 
 
 class ResumeMismatchError(ValueError):
@@ -39,8 +40,10 @@ def check_fresh_start(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if not overwrite:
         raise RunDirInUseError(f"{run_dir} already holds a run ({', '.join(found)}); pass --resume to continue "
                                f"it, or --overwrite to delete it and start again")
-    for name in found:
+    for name in (*found, "tb"):
         p = run_dir / name
+        if not p.exists():
+            continue
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
