@@ -41,7 +41,7 @@ def test_second_study_process_on_one_study_dir_is_refused(tmp_path, tiny_model_d
         while not metrics.exists() and time.time() < deadline:  # the first one is training sft-s0
             assert first.poll() is None, "the first study ended early"
             time.sleep(0.2)
-        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)  # refused at once
         assert first.poll() is None
         assert json.loads((study_dir / LOCK_NAME).read_text())["pid"] == first.pid
     finally:

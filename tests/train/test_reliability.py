@@ -64,7 +64,7 @@ def test_second_train_process_on_one_run_dir_is_refused(tmp_path, tiny_model_dir
         while not (run / "metrics.jsonl").exists() and time.time() < deadline:  # the first one is training
             assert first.poll() is None, "the first run ended early"
             time.sleep(0.2)
-        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)  # refused at once
         assert first.poll() is None  # still training while the second was refused
     finally:
         os.killpg(first.pid, signal.SIGKILL)
