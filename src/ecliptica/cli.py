@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from collections import Counter
+from pathlib import Path
 
 from . import data as D
 
@@ -109,17 +110,19 @@ def cmd_train(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .study.runner import StudyRunner, load_study
+    from .study.runner import StudyRunner, load_study, report_study
 
+    if args.report_only:  # reads the run directories; needs no store (a copied or committed study works)
+        cfg = load_study(args.study, args.set)
+        report_study(cfg)
+        print((Path(cfg.study_dir) / "results.md").read_text())
+        return 0
     if args.worker:  # started by a coordinator below; it prints the results
         StudyRunner(load_study(args.study, args.set), worker=args.worker).work()
         return 0
     runner = StudyRunner(load_study(args.study, args.set))
-    if args.report_only:
-        runner.report()
-    else:
-        devices = args.devices.split(",") if args.devices else None
-        runner.run(workers=args.workers or (len(devices) if devices else 1), devices=devices)
+    devices = args.devices.split(",") if args.devices else None
+    runner.run(workers=args.workers or (len(devices) if devices else 1), devices=devices)
     print((runner.dir / "results.md").read_text())
     return 0
 
@@ -180,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a study: train all arms, evaluate, write the table and figures")
     run.add_argument("study")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    run.add_argument("--report-only", action="store_true", help="rebuild the report from the results store")
+    run.add_argument("--report-only", action="store_true", help="rebuild the report from the run directories (eval.json, summary.json)")
     run.add_argument("--workers", type=int, default=0,
                      help="worker processes that train and evaluate runs in parallel (default: one per --devices "
                           "entry, else 1); several may share one GPU when a small model leaves it idle")

@@ -119,7 +119,7 @@ def test_vectorised_auroc_matches_sklearn_with_ties():
     scores = rng.integers(0, 5, size=(4, 30)).astype(float)  # many ties
     labels = np.tile(np.repeat([0, 1], 15), (4, 1))
     expected = [roc_auc_score(labels[r], scores[r]) for r in range(4)]
-    assert m._auroc_rows(scores, labels == 1) == pytest.approx(expected)
+    assert m.auroc_rows(scores, labels == 1) == pytest.approx(expected)
 
 
 # --------------------------------------------------------------------------- AQI

@@ -8,8 +8,10 @@ import pytest
 
 from ecliptica.evaluation.metrics import AqiStat
 from ecliptica.evaluation.stats import bootstrap_ci, paired_bootstrap_test
-from ecliptica.study.report import (CSV_COLUMNS, AqiResamples, Embeddings, PromptMismatchError, build_report,
-                                    combine_over_seeds)
+from ecliptica.study.contrasts import AqiResamples, combine_over_seeds
+from ecliptica.study.records import Embeddings, PromptMismatchError
+from ecliptica.study.report import build_report
+from ecliptica.study.table import CSV_COLUMNS
 
 N_PER_CLASS, DIM, R = 60, 16, 200
 FIGURES = ("fig1_aqi_by_method", "fig2_delta_aqi_vs_baseline", "fig3_grit_effect", "fig4_method_pairs",
@@ -55,9 +57,9 @@ def _record(tmp, arm, seed=0, gap_seed_offset=0):
         "train": None, "metrics_path": None, "embeddings_path": str(path),
         "eval": {"aqi": {"value": ci["estimate"], "low": ci["low"], "high": ci["high"]},
                  "probe_auroc": {"value": 0.8, "low": 0.7, "high": 0.9},
-                 "refusal_unsafe": refusal,
-                 "over_refusal_safe": {"rate": 0.1, "low": 0.05, "high": 0.2, "n": N_PER_CLASS},
-                 "benign_ppl": 10.0, "benign_kl": 0.01, "collapsed": False},
+                 "refusal_rate_unsafe": refusal,
+                 "over_refusal_rate_safe": {"rate": 0.1, "low": 0.05, "high": 0.2, "n": N_PER_CLASS},
+                 "perplexity": 10.0, "kl_mean_token": 0.01, "collapsed": False},
     }
     if arm != "baseline":
         on_cpu = method == "sft"
@@ -233,7 +235,7 @@ def test_several_seeds_average_per_seed_deltas(tmp_path):
 def test_rate_interval_over_seeds_is_the_t_interval_clipped_to_0_1():
     from scipy import stats
 
-    from ecliptica.study.report import summarize_over_seeds
+    from ecliptica.study.table import summarize_over_seeds
 
     vals = [0.2, 0.9, 0.95]
     lo, hi = stats.t.interval(0.95, 2, loc=np.mean(vals), scale=stats.sem(vals))

@@ -161,7 +161,7 @@ def test_parallel_workers_reproduce_the_serial_study(tmp_path, tiny_model_dir):
             assert lb == pytest.approx(la, rel=1e-4)
         ea, eb = a[rid]["eval_result"]["summary"], b[rid]["eval_result"]["summary"]
         assert eb["aqi"]["value"] == pytest.approx(ea["aqi"]["value"], rel=1e-3)
-        assert eb["refusal_unsafe"]["rate"] == ea["refusal_unsafe"]["rate"]
+        assert eb["refusal_rate_unsafe"]["rate"] == ea["refusal_rate_unsafe"]["rate"]
     assert a["sft-s0"]["train_summary"]["device_shared_by"] == 1
     assert b["sft-s0"]["train_summary"]["device_shared_by"] == 2  # both workers on this machine's one device
     assert "2 study workers shared each device" in (par / "results.md").read_text()

@@ -74,13 +74,12 @@ class FiguresSection(Strict):
     tsne: bool = False
 
 
-class EvalConfig(Strict):
-    out_dir: str = "runs/eval"
+class EvalSettings(Strict):
+    """Everything but the per-run fields: what a study's `evaluation:` block holds, shared by every arm."""
+
     cache_dir: str | None = None  # embeddings cache; default <ECLIPTICA_CACHE>/embeddings
-    adapter: str | None = None  # LoRA adapter directory; null evaluates the base
     merge_adapter: bool = False  # merge for speed (full-precision base only; never into 4-bit)
     progress: bool = True
-    model: EvalModelSection = Field(default_factory=EvalModelSection)
     data: EvalDataSection = Field(default_factory=EvalDataSection)
     embeddings: EmbeddingsSection = Field(default_factory=EmbeddingsSection)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
@@ -89,7 +88,7 @@ class EvalConfig(Strict):
     figures: FiguresSection = Field(default_factory=FiguresSection)
 
     @model_validator(mode="after")
-    def _check(self):
+    def _check_instructions(self):
         if self.embeddings.placement != "none" and not self.embeddings.instruction:
             raise ValueError("embeddings.placement is not 'none' but embeddings.instruction is empty")
         if any(p != "none" for p in self.behaviour.placements) and not self.behaviour_instruction:
@@ -97,10 +96,22 @@ class EvalConfig(Strict):
                              "(behaviour.instruction or embeddings.instruction)")
         if len(set(self.behaviour.placements)) != len(self.behaviour.placements):
             raise ValueError("behaviour.placements has duplicates")
-        if self.merge_adapter and self.model.load_in_4bit:
-            raise ValueError("merge_adapter with load_in_4bit: never merge into a 4-bit base (see docs)")
         return self
 
     @property
     def behaviour_instruction(self) -> str | None:
         return self.behaviour.instruction or self.embeddings.instruction
+
+
+class EvalConfig(EvalSettings):
+    """One evaluation: the shared settings plus which model and adapter, and where to write."""
+
+    out_dir: str = "runs/eval"
+    adapter: str | None = None  # LoRA adapter directory; null evaluates the base
+    model: EvalModelSection = Field(default_factory=EvalModelSection)
+
+    @model_validator(mode="after")
+    def _check_merge(self):
+        if self.merge_adapter and self.model.load_in_4bit:
+            raise ValueError("merge_adapter with load_in_4bit: never merge into a 4-bit base (see docs)")
+        return self

@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-_COLOURS = {"safe": "tab:blue", "unsafe": "tab:red"}
+LABEL_COLOURS = {"safe": "tab:blue", "unsafe": "tab:red"}
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,13 +26,13 @@ def _pyplot():
 def _colour_groups(labels: Sequence[str]):
     labels = np.asarray([str(v) for v in labels])
     for label in sorted(set(labels.tolist())):
-        yield label, labels == label, _COLOURS.get(label)
+        yield label, labels == label, LABEL_COLOURS.get(label)
 
 
 def pca_scatter_3d(X: np.ndarray, labels: Sequence[str], path: str | Path, title: str = "") -> Path:
     from sklearn.decomposition import PCA
 
-    plt = _pyplot()
+    plt = pyplot()
     dims = min(3, X.shape[0], X.shape[1])
     pca = PCA(n_components=dims).fit(X)
     Z = np.zeros((X.shape[0], 3))
@@ -53,7 +53,7 @@ def pca_scatter_3d(X: np.ndarray, labels: Sequence[str], path: str | Path, title
 def tsne_scatter(X: np.ndarray, labels: Sequence[str], path: str | Path, seed: int = 0, title: str = "") -> Path:
     from sklearn.manifold import TSNE
 
-    plt = _pyplot()
+    plt = pyplot()
     perplexity = float(min(30, max(2, (X.shape[0] - 1) // 3)))
     Z = TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(X)
     fig, ax = plt.subplots(figsize=(6, 5))
@@ -65,7 +65,7 @@ def tsne_scatter(X: np.ndarray, labels: Sequence[str], path: str | Path, seed: i
 
 
 def layer_curve_plot(curve: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     layers = [c["layer"] for c in curve]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(layers, [c["aqi"] for c in curve], marker="o", ms=3)

@@ -35,6 +35,7 @@ __all__ = [
     "silhouette",
     "davies_bouldin",
     "probe_auroc",
+    "auroc_rows",
     "out_of_fold_scores",
     "between_share",
     "chi_to_between_share",
@@ -191,7 +192,7 @@ def probe_auroc(X: ArrayLike, y: ArrayLike, folds: int = 5, seed: int = 0) -> fl
     return float(roc_auc_score(codes, out_of_fold_scores(X, y, folds, seed)))
 
 
-def _auroc_rows(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+def auroc_rows(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
     """AUROC of each row (Mann-Whitney U with average ranks for ties), vectorised over rows."""
     from scipy.stats import rankdata
 
@@ -465,11 +466,11 @@ class ProbeAurocStat:
         if self.refit:
             return np.array([self._refit_once(X, codes, rows) for rows in idx])
         scores = out_of_fold_scores(X, codes, self.folds, self.seed)
-        return _auroc_rows(scores[idx], codes[idx] == 1)
+        return auroc_rows(scores[idx], codes[idx] == 1)
 
     def _refit_once(self, X: np.ndarray, codes: np.ndarray, rows: np.ndarray) -> float:
         scores = out_of_fold_scores(X[rows], codes[rows], self.refit_folds, self.seed, groups=rows)
-        return float(_auroc_rows(scores[None, :], (codes[rows] == 1)[None, :])[0])
+        return float(auroc_rows(scores[None, :], (codes[rows] == 1)[None, :])[0])
 
 
 # --------------------------------------------------------------------------- legacy (reference) scores

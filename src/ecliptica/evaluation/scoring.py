@@ -13,7 +13,7 @@ import numpy as np
 
 from ecliptica.evaluation.metrics import (
     AqiStat,
-    _auroc_rows,
+    auroc_rows,
     aqi_by_axiom,
     bootstrap_ci,
     legacy_chi_sil,
@@ -43,7 +43,7 @@ class FixedScoreAuroc:
 
     def on_resamples(self, rows: np.ndarray, y: np.ndarray, idx: np.ndarray) -> np.ndarray:
         positive = np.unique(y, return_inverse=True)[1].reshape(-1) == 1
-        return _auroc_rows(self.scores[idx], positive[idx])
+        return auroc_rows(self.scores[idx], positive[idx])
 
 
 def _ci(stat, X: np.ndarray, y: np.ndarray, n_resamples: int, seed: int, alpha: float) -> dict[str, Any]:

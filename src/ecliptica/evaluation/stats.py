@@ -10,6 +10,7 @@ otherwise it calls ``stat(X[idx[r]], y[idx[r]])`` in a loop. Both paths see the 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Callable, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -102,7 +103,7 @@ def evaluate_on_resamples(stat_fn: StatFn, X: np.ndarray, y: np.ndarray, idx: np
 IntervalMethod = Literal["percentile", "basic"]
 
 
-def _interval(samples: np.ndarray, estimate: float, alpha: float, method: IntervalMethod):
+def bootstrap_interval(samples: np.ndarray, estimate: float, alpha: float, method: IntervalMethod):
     q_lo, q_hi = percentile_interval(samples, alpha)
     if method == "percentile":
         return q_lo, q_hi
@@ -158,7 +159,7 @@ def bootstrap_ci(
     idx = resample_indices(y, n_resamples, seed, stratified)
     samples = evaluate_on_resamples(stat_fn, X, y, idx)
     estimate = float(stat_fn(X, y))
-    low, high = _clip(_interval(samples, estimate, alpha, method), getattr(stat_fn, "bounds", None))
+    low, high = _clip(bootstrap_interval(samples, estimate, alpha, method), getattr(stat_fn, "bounds", None))
     finite = samples[np.isfinite(samples)]
     result: dict[str, Any] = {
         "estimate": estimate,
@@ -208,7 +209,7 @@ def paired_bootstrap_test(
     diffs = evaluate_on_resamples(stat_fn, XA, y, idx) - evaluate_on_resamples(stat_fn, XB, y, idx)
     estimate_a, estimate_b = float(stat_fn(XA, y)), float(stat_fn(XB, y))
     diff = estimate_a - estimate_b
-    low, high = _interval(diffs, diff, alpha, method)  # differences are not clipped
+    low, high = bootstrap_interval(diffs, diff, alpha, method)  # differences are not clipped
     threshold = 2 * diff if method == "basic" else 0.0
     return {
         "estimate_a": estimate_a,
@@ -216,7 +217,7 @@ def paired_bootstrap_test(
         "diff": diff,
         "low": low,
         "high": high,
-        "p_value": _two_sided_bootstrap_p(diffs, threshold),
+        "p_value": two_sided_bootstrap_p(diffs, threshold),
         "alpha": alpha,
         "n_resamples": n_resamples,
         "seed": seed,
@@ -225,13 +226,33 @@ def paired_bootstrap_test(
     }
 
 
-def _two_sided_bootstrap_p(diffs: np.ndarray, threshold: float) -> float:
+def two_sided_bootstrap_p(diffs: np.ndarray, threshold: float) -> float:
     finite = diffs[np.isfinite(diffs)]
     if finite.size == 0:
         return float("nan")
     below = int((finite <= threshold).sum()) + 1
     above = int((finite >= threshold).sum()) + 1
     return float(min(1.0, 2 * min(below, above) / (finite.size + 1)))
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values for one family of tests (order of the input kept).
+
+    Sorted ascending, ``p_adj(i) = max_{j <= i} min(1, (m - j + 1) * p(j))`` (1-based ``i``); a
+    test is rejected at level alpha exactly when ``p_adj < alpha``, which controls the family-wise
+    error rate at alpha under any dependence between the tests.
+    """
+    p = np.asarray(p_values, dtype=float)
+    if p.size == 0:
+        return []
+    if not np.all(np.isfinite(p)) or np.any((p < 0) | (p > 1)):
+        raise ValueError(f"p-values must lie in [0, 1], got {p.tolist()}")
+    order = np.argsort(p, kind="stable")
+    m = p.size
+    stepped = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
+    adjusted = np.empty(m)
+    adjusted[order] = stepped
+    return adjusted.tolist()
 
 
 # --------------------------------------------------------------------------- proportions

@@ -13,6 +13,10 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ..config import Strict, TrainConfig, apply_overrides, config_hash
+from ..evaluation.config import EvalSettings
+from .design import BASE_METHODS, Question, ReportSettings, default_questions
+
+__all__ = ["ArmSpec", "StudyConfig", "BASE_METHODS", "Question", "ReportSettings", "default_arms"]
 
 
 class ArmSpec(Strict):
@@ -35,9 +39,10 @@ class StudyConfig(Strict):
     seeds: list[int] = [0]
     train: dict[str, Any] = {}  # TrainConfig fields shared by every arm (model, lora, data, method, optimizer, ...)
     grit: dict[str, Any] = {}  # GRIT settings used by every +GRIT arm
-    evaluation: dict[str, Any] = {}  # EvalConfig fields shared by every arm (model/adapter/out_dir are filled in)
+    evaluation: EvalSettings = Field(default_factory=EvalSettings)  # shared by every arm; model/adapter/out_dir per run
     arms: list[ArmSpec] = Field(default_factory=default_arms)
-    report: dict[str, Any] = {"n_resamples": 1000, "seed": 0, "alpha": 0.05}
+    report: ReportSettings = Field(default_factory=ReportSettings)
+    questions: list[Question] = Field(default_factory=default_questions)  # research questions as named contrasts
 
     @model_validator(mode="after")
     def _check(self):
@@ -49,6 +54,14 @@ class StudyConfig(Strict):
         for k in ("run_dir", "seed", "tensorboard_dir", "run_name"):
             if k in self.train:
                 raise ValueError(f"train.{k} is set per run by the study; remove it")
+        ids = [q.id for q in self.questions]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"question ids must be unique, got {ids}")
+        if self.questions != default_questions():  # the defaults may name arms a study leaves out (reported as missing)
+            for q in self.questions:
+                unknown = sorted(q.arms() - set(names))
+                if unknown:
+                    raise ValueError(f"questions: {q.id} names arm(s) {unknown} that are not in arms {names}")
         for arm in self.arms:  # fail now, not after hours of training, if an arm's config is invalid
             if arm.method != "baseline":
                 self.arm_config(arm, self.seeds[0])
@@ -61,7 +74,7 @@ class StudyConfig(Strict):
         from ..evaluation.config import EvalConfig
 
         model = {k: v for k, v in self.train.get("model", {}).items() if k in InferenceModelSection.model_fields}
-        raw = {**self.evaluation, "out_dir": str(out_dir), "adapter": None if adapter is None else str(adapter),
+        raw = {**self.evaluation.model_dump(), "out_dir": str(out_dir), "adapter": None if adapter is None else str(adapter),
                "model": model}
         try:
             return EvalConfig.model_validate(raw)
@@ -93,7 +106,14 @@ class StudyConfig(Strict):
 
     def baseline_hash(self, arm: ArmSpec, seed: int) -> str:
         return config_hash({"arm": arm.model_dump(), "seed": seed, "model": self.train.get("model", {}),
-                            "evaluation": self.evaluation})
+                            "evaluation": self.evaluation_fingerprint()})
+
+    def evaluation_fingerprint(self) -> dict[str, Any]:
+        """The evaluation settings that differ from the defaults: what a run's config hash covers.
+
+        Defaults are left out so that the resolved study.yaml (every value written out) hashes like
+        the sparse YAML it came from, and a new evaluation option with a default changes no hash."""
+        return self.evaluation.model_dump(mode="json", exclude_defaults=True)
 
 
 def _yaml_value(v: Any) -> str:

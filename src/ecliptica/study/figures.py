@@ -12,10 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from ecliptica.evaluation.figures import _COLOURS, _pyplot
+from ecliptica.evaluation.figures import LABEL_COLOURS, pyplot
 
-_BASE_METHODS = ("sft", "dpo", "cita")
-_SIG_COLOUR, _NS_COLOUR = "tab:blue", "tab:gray"  # significance, not direction: blue = CI excludes 0
+_SIG_COLOUR, _NS_COLOUR = "tab:blue", "tab:gray"  # significance, not direction
 
 
 def _save_both(fig, plt, stem: Path) -> dict[str, str]:
@@ -50,7 +49,7 @@ def _bars(ax, labels, values, lows, highs, colours=None) -> None:
 
 
 def aqi_by_arm(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     shown = [r for r in rows if r["aqi"] is not None]
     if shown:
@@ -63,17 +62,17 @@ def aqi_by_arm(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
     return _save_both(fig, plt, stem)
 
 
-def _difference_bars(ax, items, ylabel: str, title: str) -> None:
+def _difference_bars(ax, items, ylabel: str, title: str, blue: str = "CI excludes 0") -> None:
     """Differences with CIs around a zero line; items are (label, estimate, low, high, significant)."""
     labels, values, lows, highs, significant = zip(*items)
     _bars(ax, labels, values, lows, highs, [_SIG_COLOUR if sig else _NS_COLOUR for sig in significant])
     ax.axhline(0, color="black", lw=0.8)
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{title} (blue: CI excludes 0)", fontsize=10)
+    ax.set_title(f"{title} (blue: {blue})", fontsize=10)
 
 
 def delta_aqi(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     shown = [r for r in rows if r["delta_aqi"] is not None]
     if shown:
@@ -86,32 +85,32 @@ def delta_aqi(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
 
 def grit_effect(findings: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
     """Per base method: AQI(X_grit) − AQI(X) with its CI (Q2's AQI findings)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     shown = [f for f in findings if f.get("answerable")]
     if shown:
         _difference_bars(ax, [(f["comparison"], f["estimate"], f["low"], f["high"], f["significant"]) for f in shown],
-                         "AQI with GRIT − without", "GRIT effect per method")
+                         "AQI with GRIT − without", "GRIT effect per method", "significant after Holm")
     else:
         _empty(ax, "no base method has both arms")
     return _save_both(fig, plt, stem)
 
 
-def method_pairs(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
-    """SFT/DPO/CITA, without and with GRIT side by side: AQI and refusal rate on unsafe prompts."""
-    plt = _pyplot()
+def method_pairs(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], stem: Path) -> dict[str, str]:
+    """Each base method without and with GRIT side by side: AQI and refusal rate on unsafe prompts."""
+    plt = pyplot()
     by_arm = {r["arm"]: r for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    x = np.arange(len(_BASE_METHODS))
+    x = np.arange(len(methods))
     width = 0.38
-    for ax, key, label in ((axes[0], "aqi", "AQI"), (axes[1], "refusal_unsafe", "refusal rate (unsafe)")):
+    for ax, key, label in ((axes[0], "aqi", "AQI"), (axes[1], "refusal_rate_unsafe", "refusal rate (unsafe)")):
         for offset, suffix, name in ((-width / 2, "", "without GRIT"), (width / 2, "_grit", "with GRIT")):
-            rs = [by_arm.get(m + suffix) for m in _BASE_METHODS]
+            rs = [by_arm.get(m + suffix) for m in methods]
             vals = [r[key] if r and r[key] is not None else np.nan for r in rs]
             lows = [r[f"{key}_low"] if r else None for r in rs]
             highs = [r[f"{key}_high"] if r else None for r in rs]
             ax.bar(x + offset, np.nan_to_num(vals), width, yerr=_yerr(vals, lows, highs), capsize=3, label=name)
-        ax.set_xticks(x, [m.upper() for m in _BASE_METHODS])
+        ax.set_xticks(x, [m.upper() for m in methods])
         ax.set_ylabel(label)
         ax.legend()
     fig.suptitle("Base methods with and without GRIT (95% CI; missing arms drawn empty)")
@@ -120,7 +119,7 @@ def method_pairs(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str
 
 def efficiency(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
     """AQI against training minutes and peak VRAM (arms without training or GPU data are left out)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     panels = ((axes[0], "train_minutes", "training minutes"), (axes[1], "peak_vram_gib", "peak VRAM (GiB)"))
     for ax, key, label in panels:
@@ -142,7 +141,7 @@ def efficiency(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
 def clusters_3d(best: tuple[str, np.ndarray] | None, baseline: tuple[str, np.ndarray] | None,
                 labels: Sequence[str] | None, stem: Path) -> dict[str, str]:
     """3-D PCA of two arms' embeddings, fitted jointly so both panels share the same axes."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = [p for p in (baseline, best) if p is not None]
     if not panels or labels is None:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -164,7 +163,7 @@ def clusters_3d(best: tuple[str, np.ndarray] | None, baseline: tuple[str, np.nda
         ax.set_xlim(low[0], high[0]), ax.set_ylim(low[1], high[1]), ax.set_zlim(low[2], high[2])  # same scale
         for label in sorted(set(labels.tolist())):
             mask = labels == label
-            ax.scatter(Z[mask, 0], Z[mask, 1], Z[mask, 2], s=8, alpha=0.7, label=label, color=_COLOURS.get(label))
+            ax.scatter(Z[mask, 0], Z[mask, 1], Z[mask, 2], s=8, alpha=0.7, label=label, color=LABEL_COLOURS.get(label))
         ax.set_title(name)
         ax.set_xlabel("PC1")
         ax.set_ylabel("PC2")
@@ -176,7 +175,7 @@ def clusters_3d(best: tuple[str, np.ndarray] | None, baseline: tuple[str, np.nda
 
 def training_curves(curves: Sequence[Mapping[str, Any]], metrics: Sequence[str], stem: Path) -> dict[str, str]:
     """One panel per metric, all arms overlaid (one line per seed, one colour per arm)."""
-    plt = _pyplot()
+    plt = pyplot()
     present = [m for m in metrics if any(m in s for c in curves for s in c["steps"])]
     fig, axes = plt.subplots(1, max(1, len(present)), figsize=(5 * max(1, len(present)), 4), squeeze=False)
     if not present:

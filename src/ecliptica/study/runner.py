@@ -52,7 +52,7 @@ class StudyRunner:
         return self.cfg.run_id(arm, seed)
 
     def _describe(self, arm: ArmSpec, seed: int) -> dict:
-        d = {"arm": arm.model_dump(), "seed": seed, "evaluation": self.cfg.evaluation}
+        d = {"arm": arm.model_dump(), "seed": seed, "evaluation": self.cfg.evaluation_fingerprint()}
         if arm.method != "baseline":
             d["train"] = self.cfg.arm_config(arm, seed).model_dump(mode="json")
         else:
@@ -140,6 +140,7 @@ class StudyRunner:
     def _evaluate_one(self, arm: ArmSpec, seed: int, rid: str) -> None:
         from ..evaluation.model_handle import ModelHandle
         from ..evaluation.runner import prompts_from_config, run_eval
+        from ..evaluation.summary import summarize_eval
         from ..models import ModelConfig
 
         run_dir = self._run_dir(arm, seed)
@@ -150,7 +151,7 @@ class StudyRunner:
         print(f"[study] evaluating {rid}", flush=True)
         result = run_eval(ecfg, handle=self._handle, prompts=self._prompts)
         emb_path = _write_embeddings(result, self._prompts, run_dir / "eval" / "embeddings.npz")
-        record = {"summary": _eval_summary(result), "embeddings_path": str(emb_path),
+        record = {"summary": summarize_eval(result).model_dump(), "embeddings_path": str(emb_path),
                   "eval_json": str(run_dir / "eval" / "eval.json")}
         self.store.set_status(rid, "evaluated", eval_result=record)
 
@@ -182,36 +183,10 @@ class StudyRunner:
         return Path(self.cfg.arm_config(arm, seed).run_dir)
 
     def records(self) -> list[dict]:
-        out = []
-        by_id = {r["run_id"]: r for r in self.store.all()}
-        for arm, seed in self.plan:
-            row = by_id[self.run_id(arm, seed)]
-            ev = row["eval_result"] or {}
-            summary = row["train_summary"]
-            tc = self.cfg.arm_config(arm, seed) if arm.method != "baseline" else None
-            metrics_path = str(Path(tc.run_dir) / "metrics.jsonl") if summary is not None and tc else None
-            out.append({
-                "arm": arm.name, "seed": seed, "method": arm.method,
-                "optimizer": arm.optimizer if arm.method != "baseline" else None,
-                "placement": (tc.method.placement or _default_placement(arm.method)) if tc else "none",
-                "overrides": dict(arm.overrides),
-                "train": None if summary is None else {
-                    k: summary.get(k) for k in ("train_seconds", "tokens_per_s", "peak_gpu_memory_gib", "train_tokens", "num_processes",
-                              "device_shared_by")},
-                "metrics_path": metrics_path,
-                "eval": ev.get("summary", {}),
-                "embeddings_path": ev.get("embeddings_path"),
-                "run_dir": str(self._run_dir(arm, seed)),
-            })
-        return out
+        return study_records(self.cfg)[0]
 
     def report(self) -> dict:
-        from .report import build_report
-
-        rep = self.cfg.report
-        with self._lock():
-            return build_report(self.records(), self.dir, n_resamples=rep.get("n_resamples", 1000),
-                                seed=rep.get("seed", 0), alpha=rep.get("alpha", 0.05))
+        return report_study(self.cfg)
 
     def run(self, workers: int = 1, devices: list[str] | None = None) -> dict:
         with self._lock():  # a second `ecliptica run` on this study stops here, naming this process
@@ -317,21 +292,38 @@ def _write_embeddings(result: dict, prompts, path: Path) -> Path:
     return path
 
 
-def _eval_summary(result: dict) -> dict:
-    """The numbers the study table needs, from one eval.json."""
-    s, aqi = result["summary"], result["aqi"]["overall"]
-    out = {"aqi": {"value": s["aqi"], "low": s["aqi_low"], "high": s["aqi_high"]},
-           "probe_auroc": {"value": s.get("probe_auroc"), "low": s.get("probe_auroc_low"),
-                           "high": s.get("probe_auroc_high")},
-           "benign_ppl": s.get("perplexity"), "benign_kl": s.get("kl_mean_token"), "collapsed": s.get("collapsed"),
-           "n_prompts": aqi.get("n")}
-    behaviour = result.get("behaviour") or {}
-    if behaviour:
-        first = behaviour.get("none") or next(iter(behaviour.values()))
-        for key, name in (("refusal_rate_unsafe", "refusal_unsafe"), ("over_refusal_rate_safe", "over_refusal_safe")):
-            r = first[key]
-            out[name] = {"rate": r["rate"], "low": r["low"], "high": r["high"], "n": r["total"]}
-    return out
+def study_records(cfg: StudyConfig) -> tuple[list[dict], list[str]]:
+    """One record per evaluated (arm, seed), read from the run directories (eval.json, summary.json),
+    and the run ids not evaluated yet."""
+    from .records import read_run
+
+    records, missing = [], []
+    for seed in cfg.seeds:
+        for arm in cfg.arms:
+            tc = cfg.arm_config(arm, seed) if arm.method != "baseline" else None
+            run_dir = Path(tc.run_dir) if tc else Path(cfg.study_dir) / "runs" / cfg.run_id(arm, seed)
+            record = read_run(run_dir, arm=arm.name, seed=seed, method=arm.method,
+                              optimizer=arm.optimizer if tc else None,
+                              placement=(tc.method.placement or _default_placement(arm.method)) if tc else "none",
+                              overrides=arm.overrides)
+            if record is None:
+                missing.append(cfg.run_id(arm, seed))
+            else:
+                records.append(record)
+    return records, missing
+
+
+def report_study(cfg: StudyConfig) -> dict:
+    """Build the report from the run directories alone (no store needed: works on a copied study)."""
+    from .report import build_report
+
+    records, missing = study_records(cfg)
+    notes = [f"Not evaluated yet, so left out: {', '.join(missing)}."] if missing else []
+    rep = cfg.report
+    with DirLock(cfg.study_dir, "study report"):  # no report while another process runs or reports this study
+        return build_report(records, cfg.study_dir, n_resamples=rep.n_resamples, seed=rep.seed, alpha=rep.alpha,
+                            questions=cfg.questions, min_effect=rep.min_effect,
+                            arm_order=[a.name for a in cfg.arms], notes=notes)
 
 
 def _default_placement(method: str) -> str:

@@ -1,0 +1,145 @@
+"""Report statistics: Holm within a question, equivalence / inconclusive / different, seed signs,
+AQI read with each run's recorded settings, and the across-seed fallback without embeddings."""
+import numpy as np
+import pytest
+from scipy import stats
+
+from ecliptica.evaluation.metrics import AqiStat
+from ecliptica.evaluation.stats import holm_adjust, paired_bootstrap_test
+from ecliptica.study.contrasts import AqiMismatchError, decide
+from ecliptica.study.design import Contrast, Question
+from ecliptica.study.report import build_report
+
+N, DIM, R = 40, 8, 200
+
+
+def test_holm_matches_a_hand_computation():
+    # sorted: 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06
+    assert holm_adjust([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm_adjust([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # 0.5 x 2 caps at 1, and the max carries over
+    assert holm_adjust([0.04]) == [0.04]  # a family of one is not adjusted
+    with pytest.raises(ValueError, match="must lie in"):
+        holm_adjust([0.1, 1.2])
+
+
+@pytest.mark.parametrize("low, high, p_adj, expected", [
+    (0.02, 0.05, 0.001, "different"),  # significant after correction
+    (0.001, 0.004, 0.01, "different"),  # significant, even though inside the margin (flagged in the text)
+    (-0.004, 0.006, 0.30, "equivalent"),  # not significant and the whole CI inside ±0.01
+    (-0.02, 0.005, 0.30, "inconclusive"),  # CI reaches beyond -0.01
+    (-0.01, 0.0, 0.90, "inconclusive"),  # touching the margin is not inside it
+    (0.001, 0.009, 0.06, "equivalent"),  # CI excludes 0 but adjusted p > alpha: equivalence still holds
+])
+def test_decisions_on_constructed_intervals(low, high, p_adj, expected):
+    assert decide(low, high, p_adj, 0.05, 0.01) == expected
+
+
+def _emb(gap, seed):
+    X = np.random.default_rng(seed).normal(size=(2 * N, DIM)).astype(np.float32)
+    X[N:] += gap
+    return X
+
+
+def _record(tmp, arm, seed, X, gamma=0.5, with_embeddings=True, recorded=None):
+    labels = np.array(["safe"] * N + ["unsafe"] * N)
+    path = tmp / f"{arm}_{seed}.npz"
+    np.savez(path, X=X, labels=labels, axioms=np.array(["a"] * labels.size),
+             prompt_ids=np.array([f"p{i}" for i in range(labels.size)]))
+    value = float(AqiStat(gamma=gamma)(X, labels)) if recorded is None else recorded
+    return {"arm": arm, "seed": seed, "method": "baseline" if arm == "baseline" else "dpo",
+            "optimizer": None if arm == "baseline" else ("grit" if "grit" in arm else "adamw"),
+            "placement": "none", "overrides": {}, "train": None, "metrics_path": None,
+            "embeddings_path": str(path) if with_embeddings else None,
+            "eval": {"aqi": {"value": value}, "aqi_gamma": gamma,
+                     "refusal_rate_unsafe": {"rate": 0.2, "n": N}, "over_refusal_rate_safe": {"rate": 0.1, "n": N}}}
+
+
+def _finding(out, qid, comparison, metric="AQI"):
+    return next(f for f in out["questions"][qid]["findings"] if f["comparison"] == comparison and f["metric"] == metric)
+
+
+def test_holm_is_applied_within_each_question_and_decides_significance(tmp_path):
+    records = [_record(tmp_path, a, 0, _emb(g, s)) for a, g, s in
+               (("baseline", 0.1, 1), ("a", 0.9, 2), ("b", 0.6, 3), ("c", 0.15, 4))]
+    questions = [Question(id="Q", title="three contrasts", contrasts=[
+        Contrast(terms={x: 1.0, "baseline": -1.0}, metrics=["aqi"]) for x in ("a", "b", "c")])]
+    out = build_report(records, tmp_path / "out", n_resamples=R, questions=questions, figures=False)
+    findings = out["questions"]["Q"]["findings"]
+    raw = [f["p_value"] for f in findings]
+    # Holm by its definition: the i-th smallest p times (m - i + 1), made monotone from the smallest up
+    order = sorted(range(3), key=lambda i: raw[i])
+    expected, running = [0.0] * 3, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (3 - rank) * raw[i]))
+        expected[i] = running
+    assert [f["p_holm"] for f in findings] == pytest.approx(expected)
+    assert all(f["significant"] == (f["p_holm"] < 0.05) for f in findings)
+    assert all(f["family_size"] == 3 for f in findings)
+    assert "Holm-adjusted p" in findings[0]["text"]
+
+
+def test_seed_sign_disagreement_is_reported(tmp_path):
+    records = [_record(tmp_path, "baseline", 0, _emb(0.1, 1))]
+    # seed 0: dpo_grit separates more than dpo; seed 1: the other way round
+    for seed, (g_dpo, g_grit) in enumerate(((0.3, 0.8), (0.8, 0.3))):
+        records += [_record(tmp_path, "dpo", seed, _emb(g_dpo, 10 + seed)),
+                    _record(tmp_path, "dpo_grit", seed, _emb(g_grit, 20 + seed))]
+    out = build_report(records, tmp_path / "out", n_resamples=50, figures=False)
+    f = _finding(out, "Q2", "dpo_grit − dpo")
+    assert f["seeds_disagree"] and f["per_seed"]["0"] > 0 > f["per_seed"]["1"]
+    assert "Seeds disagree in sign" in f["text"]
+    same = _finding(out, "Q2", "dpo_grit − dpo", "refusal rate (unsafe)")  # negative control: identical rates
+    assert not same["seeds_disagree"] and "Seeds disagree" not in same["text"]
+
+
+def test_aqi_contrast_uses_each_runs_recorded_settings(tmp_path):
+    records = [_record(tmp_path, "baseline", 0, _emb(0.1, 1), gamma=0.3),
+               _record(tmp_path, "dpo", 0, _emb(0.7, 2), gamma=0.3)]
+    out = build_report(records, tmp_path / "out", n_resamples=R, figures=False)
+    row = next(r for r in out["rows"] if r["arm"] == "dpo")
+    labels = np.array(["safe"] * N + ["unsafe"] * N)
+    ref = paired_bootstrap_test(AqiStat(gamma=0.3), _emb(0.7, 2), _emb(0.1, 1), labels, n_resamples=R, seed=0)
+    assert (row["delta_aqi"], row["delta_aqi_low"], row["delta_aqi_high"]) == (ref["diff"], ref["low"], ref["high"])
+    assert row["aqi"] == records[1]["eval"]["aqi"]["value"]  # read, not recomputed
+
+
+def test_embeddings_that_do_not_reproduce_the_recorded_aqi_are_an_error(tmp_path):
+    records = [_record(tmp_path, "baseline", 0, _emb(0.1, 1)),
+               _record(tmp_path, "dpo", 0, _emb(0.7, 2), gamma=0.5, recorded=0.9)]
+    with pytest.raises(AqiMismatchError, match="arm 'dpo' seed 0.*recorded 0.900000"):
+        build_report(records, tmp_path / "out", n_resamples=20, figures=False)
+
+
+def test_different_aqi_settings_are_not_compared(tmp_path):
+    records = [_record(tmp_path, "baseline", 0, _emb(0.1, 1), gamma=0.3),
+               _record(tmp_path, "dpo", 0, _emb(0.7, 2), gamma=0.5)]
+    questions = [Question(id="Q", title="t", contrasts=[Contrast(terms={"dpo": 1.0, "baseline": -1.0}, metrics=["aqi"])])]
+    out = build_report(records, tmp_path / "out", n_resamples=20, figures=False, questions=questions)
+    assert next(r for r in out["rows"] if r["arm"] == "dpo")["delta_aqi"] is None
+    finding = _finding(out, "Q", "dpo − baseline")
+    assert not finding["answerable"] and "AQI settings differ" in finding["reason"]
+
+
+def test_without_embeddings_aqi_contrasts_are_t_intervals_over_seeds(tmp_path):
+    records = [_record(tmp_path, "baseline", 0, _emb(0.1, 1), with_embeddings=False)]
+    for seed in range(3):
+        records += [_record(tmp_path, "dpo", seed, _emb(0.3 + 0.1 * seed, 10 + seed), with_embeddings=False),
+                    _record(tmp_path, "dpo_grit", seed, _emb(0.5, 20 + seed), with_embeddings=False)]
+    out = build_report(records, tmp_path / "out", n_resamples=50, figures=False)
+    f = _finding(out, "Q2", "dpo_grit − dpo")
+    aqi = {(r["arm"], r["seed"]): r["eval"]["aqi"]["value"] for r in records}
+    diffs = np.array([aqi[("dpo_grit", s)] - aqi[("dpo", s)] for s in range(3)])
+    low, high = stats.t.interval(0.95, 2, loc=diffs.mean(), scale=stats.sem(diffs))
+    assert (f["estimate"], f["low"], f["high"]) == pytest.approx((diffs.mean(), low, high))
+    assert f["p_value"] == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue)
+    assert "t-interval over seeds" in f["method"]
+    one_seed = build_report(records[:3], tmp_path / "one", n_resamples=50, figures=False)
+    assert not _finding(one_seed, "Q2", "dpo_grit − dpo")["answerable"]
+
+
+def test_optional_section_hook_renders_only_when_it_has_content(tmp_path):
+    records = [_record(tmp_path, "baseline", 0, _emb(0.1, 1)), _record(tmp_path, "dpo", 0, _emb(0.7, 2))]
+    out = build_report(records, tmp_path / "out", n_resamples=20, figures=False,
+                       sections=[lambda by_arm: ["## Calibration", "", f"{len(by_arm)} arms"], lambda by_arm: None])
+    md = open(out["results_md"]).read()
+    assert "## Calibration\n\n2 arms" in md and md.index("## Calibration") < md.index("## Research questions")
