@@ -78,5 +78,5 @@ def test_single_process_study_claims_each_run_while_working_on_it(tmp_path, tiny
 @pytest.mark.parametrize("override, key", [("evaluation.nonsense=1", "nonsense"),
                                            ("evaluation.metrics.n_resamples=lots", "n_resamples")])
 def test_bad_evaluation_block_fails_when_the_study_loads(tmp_path, override, key):
-    with pytest.raises(ValueError, match=rf"(?s)evaluation: invalid evaluation configuration.*{key}"):
+    with pytest.raises(ValueError, match=rf"(?s)invalid.*configuration.*evaluation.*{key}"):
         load_study(STUDY, [f"study_dir={tmp_path}", override])
