@@ -1,8 +1,9 @@
-# Two entry points for a fresh machine: `make demo` and `make test`. Both build .venv when missing.
+# Two entry points for a fresh machine: `make demo` and `make test`. Both build .venv when missing
+# (so does `make lab`, which opens the notebooks).
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test venv clean
+.PHONY: demo test lab venv clean
 
 venv: $(STAMP)
 
@@ -22,6 +23,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest tests
+
+lab: $(STAMP)  # Jupyter refuses root unless told (root is common in containers)
+	$(PY) -m jupyterlab --notebook-dir=comparative_study $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean:
 	rm -rf .venv

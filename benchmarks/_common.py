@@ -79,6 +79,32 @@ def build_model(shape: str, vocab: int, seed: int = 0, attn: str = "sdpa"):
     return model
 
 
+def shape_flop_params(shape: str, vocab: int) -> int:
+    """flop_params of a shape, counted on the meta device (a 4-bit model's packed weights would miscount)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        return flop_params(LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **SHAPES[shape])))
+
+
+def save_random_model(shape: str, vocab: int, tok_dir: str, out: str) -> str:
+    """The random-init bf16 model of build_model saved once (with the tokenizer), for paths that load from
+    disk: bitsandbytes 4-bit (ours and TRL) and Unsloth."""
+    import shutil
+
+    path = Path(out)
+    if not (path / "config.json").exists():
+        model = build_model(shape, vocab)
+        tmp = path.with_name(path.name + ".tmp")
+        model.save_pretrained(tmp)
+        for f in Path(tok_dir).iterdir():
+            shutil.copy(f, tmp / f.name)
+        del model
+        free()
+        tmp.rename(path)
+    return str(path)
+
+
 def flop_params(model) -> int:
     n = sum(p.numel() for p in model.parameters())
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
@@ -129,7 +155,11 @@ def summarize(stamps: list[float], cum_tokens: list[float], peak: float, n_flop:
 # ---------------------------------------------------------------- ecliptica
 def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: str, vocab: int,
              mb: int = 2, ga: int = 4, optimizer: str = "adamw", grit: dict | None = None,
-             chunk: int | None = None, tag: str = "", attn: str = "sdpa", tokens: int | None = None) -> dict:
+             chunk: int | None = None, tag: str = "", attn: str = "sdpa", tokens: int | None = None,
+             train_extra: dict | None = None, model_dir: str | None = None, hooks=None) -> dict:
+    """The engine with its defaults (micro_batch_tokens auto, packed_attention auto) unless `tokens` or
+    `train_extra` (train-section keys) say otherwise. `model_dir`: a saved random-init model loaded in 4-bit
+    through the real path instead of the bf16 model built in memory. `hooks(trainer)`: called after setup."""
     import ecliptica.train.engine as E
     from ecliptica.config import TrainConfig
 
@@ -139,13 +169,14 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
         train["logp_chunk_size"] = chunk
     if tokens:  # same 8 pairs per step, re-split into micro-batches of at most `tokens` packed tokens
         train["micro_batch_tokens"] = tokens
+    train.update(train_extra or {})
     opt = {"name": optimizer, "lr": 5e-6}
     if grit:
         opt["grit"] = grit
     cfg = TrainConfig.model_validate({
         "run_dir": f"/tmp/ecl_bench/{method}_{shape}_{int(gc_on)}_{optimizer}{tag}", "seed": 3407,
-        "model": {"name": tok, "dtype": "bf16" if CUDA else "fp32", "gradient_checkpointing": gc_on,
-                  "attn_implementation": "sdpa"},
+        "model": {"name": model_dir or tok, "dtype": "bf16" if CUDA else "fp32", "gradient_checkpointing": gc_on,
+                  "attn_implementation": "sdpa", "load_in_4bit": bool(model_dir)},
         "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS},
         "data": {"path": data, "format": "hh-rlhf", "on_bad_row": "skip", "limit": 400, "max_length": 1024,
                  "max_prompt_length": 512},
@@ -159,12 +190,15 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
         return built["m"]
 
     saved = E.load_model
-    E.load_model = fake_load_model
+    if not model_dir:
+        E.load_model = fake_load_model
     try:
         tr = E.Trainer(cfg).setup()
     finally:
         E.load_model = saved
-    n_flop = flop_params(built.pop("m"))
+    n_flop = flop_params(built.pop("m")) if not model_dir else shape_flop_params(shape, vocab)
+    if hooks:
+        hooks(tr)
     stamps, cum = [], [0.0]
     inner = {"step": tr.train_step}  # a dict, not a name: cleared below so the bound method frees the Trainer
 
@@ -180,6 +214,8 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
     tr.train()  # resets the peak-memory counter right before the loop
     peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0
     res = summarize(stamps, cum[1:], peak, n_flop)
+    res.update({"micro_batch_tokens": tr.micro_batches.tokens, "micro_batch_rule": tr.micro_batches.rule,
+                "packed_attention": tr.packed_attention})
     inner.clear()  # the bound method holds the Trainer and its model; a leak here inflated later runs' peaks
     del tr, timed
     free()
@@ -188,8 +224,9 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
 
 # ---------------------------------------------------------------- TRL
 def run_trl(method: str, shape: str, gc_on: bool, steps: int, rows: list[dict], tok_dir: str, vocab: int,
-            mb: int = 2, ga: int = 4) -> dict:
-    """TRL DPOTrainer (method dpo) or SFTTrainer (method sft), configured as /work/shared/bench/trl_dpo_anchor.py."""
+            mb: int = 2, ga: int = 4, model_dir: str | None = None) -> dict:
+    """TRL DPOTrainer (method dpo) or SFTTrainer (method sft), configured as /work/shared/bench/trl_dpo_anchor.py.
+    `model_dir`: the saved random-init model loaded in bitsandbytes NF4 (TRL prepares it for k-bit training)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoTokenizer, TrainerCallback
@@ -206,8 +243,11 @@ def run_trl(method: str, shape: str, gc_on: bool, steps: int, rows: list[dict], 
                 torch.cuda.synchronize()
             self.t.append(time.perf_counter())
 
-    model = build_model(shape, vocab)
-    n_flop = flop_params(model)
+    if model_dir:
+        model, n_flop = load_4bit(model_dir), shape_flop_params(shape, vocab)
+    else:
+        model = build_model(shape, vocab)
+        n_flop = flop_params(model)
     peft = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
     common = dict(output_dir=f"/tmp/trl_bench/{method}_{shape}_{int(gc_on)}", per_device_train_batch_size=mb,
                   gradient_accumulation_steps=ga, max_steps=steps, learning_rate=5e-6, bf16=CUDA, use_cpu=not CUDA,
@@ -239,17 +279,28 @@ def run_trl(method: str, shape: str, gc_on: bool, steps: int, rows: list[dict], 
     return res
 
 
+def load_4bit(model_dir: str):
+    """NF4 + double quantisation, bf16 compute: the settings of ecliptica.models for load_in_4bit."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=torch.bfloat16,
+                                                 device_map={"": 0}, attn_implementation="sdpa")
+    model.config.use_cache = False
+    return model
+
+
 def versions() -> dict:
     import peft
     import transformers
 
     out = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
-    try:
-        import trl
-
-        out["trl"] = trl.__version__
-    except ImportError:
-        out["trl"] = None
+    for name in ("trl", "bitsandbytes"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
     return out
 
 

@@ -14,7 +14,8 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from ecliptica.data import load_prompts
-from ecliptica.evaluation.embeddings import EmbedSettings, compute_embeddings, render_prompts
+from ecliptica.evaluation.config import EmbeddingsSection
+from ecliptica.evaluation.embeddings import compute_embeddings, render_prompts, user_char_spans
 
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
@@ -37,17 +38,18 @@ def main():
     tok.pad_token = tok.pad_token or tok.eos_token
     prompts = load_prompts(a.prompts, a.format).examples
     prompts = [prompts[i % len(prompts)] for i in range(a.n)]
-    settings = EmbedSettings(batch_size=a.batch_size, progress=False)
+    settings = EmbeddingsSection(batch_size=a.batch_size)
     texts = render_prompts(tok, prompts, settings)
+    chars = user_char_spans(tok, prompts, settings, texts)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=False, **SHAPES[a.shape])
     with torch.device(dev):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16 if dev == "cuda" else torch.float32).eval()
-    compute_embeddings(model, tok, texts[: a.batch_size], settings)  # warm-up (kernels, allocator)
+    compute_embeddings(model, tok, texts[: a.batch_size], settings, chars[: a.batch_size], progress=False)  # warm-up
     if dev == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    emb = compute_embeddings(model, tok, texts, settings)
+    emb = compute_embeddings(model, tok, texts, settings, chars, progress=False)
     if dev == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t

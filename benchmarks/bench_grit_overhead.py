@@ -65,7 +65,7 @@ def main(argv=None):
     from ecliptica.grit import GritConfig
 
     obj = {"card": card, "shape": a.shape, "method": a.method, **head,
-           "grit_config": GritConfig().to_dict(), "steps": a.steps, "timed_steps": a.steps - 2,
+           "grit_config": GritConfig().model_dump(), "steps": a.steps, "timed_steps": a.steps - 2,
            "setup": "LoRA r16/a16 on q,k,v,o,gate,up,down; bf16; 2 pairs x grad-accum 4; HH-RLHF harmless; SDPA",
            "targets": {"step_time_ratio": 1.10, "peak_memory_ratio": 1.02}, "versions": C.versions(),
            "variants": {f"gc_{g}": block(g) for g in gcs[1:]}}

@@ -6,15 +6,23 @@
 Setup (both sides): LoRA r16/alpha16 on q,k,v,o,gate,up,down; bf16; 2 pairs x grad-accum 4 (8 pairs per optimizer
 step); max length 1024; SDPA; the first 400 usable HH-RLHF harmless test pairs rendered with the SmolLM2 chat
 template; gradient checkpointing on and off. Comparisons: DPO vs TRL DPOTrainer, CITA (token_kl) vs TRL DPOTrainer
-(TRL has no CITA: the anchor), SFT vs TRL SFTTrainer. Extra rows for ours only: one micro-batch of 8 pairs
-(train.micro_batch_size=8, grad_accum=1: the same 8 pairs per step). Definitions: see benchmarks/_common.py.
+(TRL has no CITA: the anchor), SFT vs TRL SFTTrainer. The plain `dpo`/`cita`/`sft` rows are the engine's DEFAULT
+settings (micro_batch_tokens auto, packed_attention auto: flex on CUDA); each row records what they chose.
+Extra rows (--variants): mb8 (one micro-batch of 8 pairs), plain (the old default: micro_batch_size x grad_accum,
+dense mask), dense (auto sizing, dense mask), memG (auto sized to G GiB), tokN / tokNcM (fixed budget N [+ chunk M]),
+chunkM, 4bit (ours default vs TRL, both on the saved random-init model in bitsandbytes NF4; needs bitsandbytes).
+--unsloth-site DIR: Unsloth (FastLanguageModel + TRL DPOTrainer) in its own process and install target
+(benchmarks/unsloth_dpo.py), 16-bit and 4-bit, recorded as `unsloth_dpo` / `unsloth_dpo_4bit` rows.
+Definitions: see benchmarks/_common.py.
 Writes benchmarks/results/throughput_{method}_{shape}_gc{0,1}.json (and copies to $OUT when set).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -30,7 +38,10 @@ def main(argv=None):
     ap.add_argument("--shapes", default="llama3-8b,llama3.2-1b")
     ap.add_argument("--gc", default="off,on")
     ap.add_argument("--methods", default="dpo,cita,sft")
-    ap.add_argument("--variants", default="mb8", help="extra ours-only rows: mb8, tokN (micro_batch_tokens=N), tokNcM (+ logp_chunk_size=M), chunk4096, none")
+    ap.add_argument("--variants", default="plain", help="extra rows: mb8, plain, dense, memG, tokN, tokNcM, chunkM, 4bit, none")
+    ap.add_argument("--unsloth-site", help="an install target holding unsloth (and its own trl/transformers pins)")
+    ap.add_argument("--unsloth", default="16bit,4bit", help="with --unsloth-site: which Unsloth precisions")
+    ap.add_argument("--model-cache", default="/tmp/ecl_bench_models", help="saved random-init models (4bit, unsloth)")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--from-log", help="rebuild the result files and the table from a log's RESULT lines (no runs)")
     ap.add_argument("--card", help="with --from-log: the card name the log was made on")
@@ -82,7 +93,8 @@ def main(argv=None):
                        "ours": d[m], "trl": d.get(trl_name), "steps": a.steps, "timed_steps": a.steps - 2,
                        "pairs_per_step": 8, "versions": vers,
                        "ours_variants": {k.split("_", 1)[1]: v for k, v in d.items() if k.startswith(m + "_")},
-                       "trl_variants": {k[len(trl_name) + 1:]: v for k, v in d.items() if k.startswith(trl_name + "_")}}
+                       "trl_variants": {k[len(trl_name) + 1:]: v for k, v in d.items() if k.startswith(trl_name + "_")},
+                       "unsloth": {k: v for k, v in d.items() if k.startswith("unsloth") and m != "sft"}}
                 o, t = d[m], d.get(trl_name) or {}
                 if "tok_per_s" in o and "tok_per_s" in t:
                     obj["tok_per_s_ratio"] = round(o["tok_per_s"] / t["tok_per_s"], 3)
@@ -116,11 +128,26 @@ def main(argv=None):
                 if not a.no_trl:
                     attempt(key, "trl_sft", lambda: C.run_trl("sft", rows=rows, tok_dir=a.tok, **common))
                 attempt(key, "sft", lambda: C.run_ours("sft", data=a.data, tok=a.tok, **common))
+    def saved(shape):
+        return C.save_random_model(shape, a.vocab, a.tok, f"{a.model_cache}/{shape}_{a.vocab}")
+
     for v in variants:
         for shape in shapes:
             for gc_on in gcs:
                 key = (shape, gc_on)
                 common = dict(shape=shape, gc_on=gc_on, steps=a.steps, vocab=a.vocab, data=a.data, tok=a.tok)
+                if v == "4bit":
+                    if importlib.util.find_spec("bitsandbytes") is None:
+                        print("SKIP 4bit: bitsandbytes is not importable", flush=True)
+                        continue
+                    trl_common = {k: x for k, x in common.items() if k not in ("data", "tok")}
+                    if not a.no_trl and ("dpo" in methods or "cita" in methods):
+                        attempt(key, "trl_dpo_4bit", lambda trl_common=trl_common, shape=shape: C.run_trl(
+                            "dpo", rows=rows, tok_dir=a.tok, model_dir=saved(shape), **trl_common))
+                    for m in [m for m in methods if m != "sft"]:
+                        attempt(key, f"{m}_4bit", lambda m=m, common=common, shape=shape: C.run_ours(
+                            m, model_dir=saved(shape), tag="_4bit", **common))
+                    continue
                 if v == "mb8" and not a.no_trl and ("dpo" in methods or "cita" in methods):
                     attempt(key, "trl_dpo_mb8", lambda common=common: C.run_trl(
                         "dpo", rows=rows, tok_dir=a.tok, mb=8, ga=1,
@@ -133,11 +160,40 @@ def main(argv=None):
                         kw = dict(tokens=int(tok), chunk=int(chunk) if chunk else None, tag="_" + v)
                     elif v.startswith("chunk"):
                         kw = dict(chunk=int(v[5:]), tag="_" + v)
+                    elif v == "plain":  # the old default: micro_batch_size x grad_accum, dense block mask
+                        kw = dict(train_extra={"micro_batch_tokens": None, "packed_attention": "dense"}, tag="_plain")
+                    elif v == "dense":  # auto sizing, dense block mask: what the flex kernel adds
+                        kw = dict(train_extra={"packed_attention": "dense"}, tag="_dense")
+                    elif v.startswith("mem"):  # auto sizing to a peak budget, e.g. TRL's peak
+                        kw = dict(train_extra={"memory_budget_gib": float(v[3:])}, tag="_" + v)
                     else:
                         raise ValueError(v)
                     attempt(key, f"{m}_{v}", lambda m=m, kw=kw: C.run_ours(m, **common, **kw))
+    if a.unsloth_site:
+        for shape in shapes:
+            for gc_on in gcs:
+                for prec in a.unsloth.split(","):
+                    name = "unsloth_dpo" + ("_4bit" if prec == "4bit" else "")
+                    attempt((shape, gc_on), name, lambda shape=shape, gc_on=gc_on, prec=prec: run_unsloth(
+                        a, saved(shape), shape, gc_on, prec == "4bit"))
     print_table(res, card)
     print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def run_unsloth(a, model_dir: str, shape: str, gc_on: bool, four_bit: bool) -> dict:
+    """benchmarks/unsloth_dpo.py in a child process whose PYTHONPATH puts Unsloth's install target first."""
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([a.unsloth_site, str(here)]), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(here / "unsloth_dpo.py"), "--model-dir", model_dir, "--shape", shape,
+           "--vocab", str(a.vocab), "--data", a.data, "--steps", str(a.steps), "--gc", "on" if gc_on else "off"]
+    if four_bit:
+        cmd.append("--4bit")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    sys.stdout.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("UNSLOTH "):
+            return json.loads(line[len("UNSLOTH "):])
+    return {"error": f"unsloth child exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
 
 
 def print_table(res, card):
@@ -153,6 +209,8 @@ def print_table(res, card):
         for name, r in d.items():
             trl_name = "trl_sft" if name.startswith("sft") else "trl_dpo"
             suffix = name.split("_", 1)[1] if "_" in name and not name.startswith("trl") else ""
+            if name.startswith("unsloth"):  # against TRL at the same precision
+                suffix = "4bit" if name.endswith("_4bit") else ""
             base = d.get(f"{trl_name}_{suffix}") if suffix and f"{trl_name}_{suffix}" in d else d.get(trl_name)
             ratio = mem = "-"
             if not name.startswith("trl") and base and "tok_per_s" in base and "tok_per_s" in r:

@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--arms", default="", help="comma-separated arm names (default: every trained arm)")
     ap.add_argument("--out", default="plan7_memory_fit.json")
+    ap.add_argument("--memory-budget-gib", type=float, default=20.4,
+                    help="micro_batch_tokens auto sizes to this peak, as it would on the 22 GB card itself")
     a = ap.parse_args()
 
     from ecliptica.study.runner import load_study
@@ -80,7 +82,7 @@ def main() -> None:
         f"study_dir={work / 'study'}", f"train.model.name={work / 'llama3-8b-random'}",
         f"train.data.path={data}", "train.data.format=generic", "train.data.on_bad_row=error",
         f"train.train.max_steps={a.steps}", "train.train.save_every=1000", "train.train.log_every=1",
-        "train.train.progress=false", "grit.reproject_warmup=1", f"grit.reproject_steps={max(a.steps - 2, 1)}"])
+        "train.train.progress=false", f"train.train.memory_budget_gib={a.memory_budget_gib}", "grit.reproject_warmup=1", f"grit.reproject_steps={max(a.steps - 2, 1)}"])
     wanted = set(a.arms.split(",")) if a.arms else None
     results = []
     for arm in study.arms:

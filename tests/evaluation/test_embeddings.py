@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from ecliptica.data import PromptExample
+from ecliptica.evaluation.config import EmbeddingsSection
 from ecliptica.evaluation.embeddings import (
-    EmbedSettings,
     cache_key,
     compute_embeddings,
     embed_prompts,
     render_prompts,
+    user_char_spans,
 )
 from ecliptica.evaluation.model_handle import ModelHandle, adapter_hash
 
@@ -70,10 +71,11 @@ def _by_hand(model, tokenizer, text: str, layer: int = -1):
 @pytest.mark.parametrize("layer", [-1, 1])
 def test_pooling_matches_single_unpadded_forwards(tiny, layer):
     model, tok = tiny
-    settings = EmbedSettings(layer=layer, progress=False, batch_size=3)
+    settings = EmbeddingsSection(layer=layer, pooling="mean", batch_size=3)
     texts = render_prompts(tok, PROMPTS, settings)
-    mean = compute_embeddings(model, tok, texts, settings).at(layer)
-    last = compute_embeddings(model, tok, texts, dataclasses.replace(settings, pooling="last")).at(layer)
+    mean = compute_embeddings(model, tok, texts, settings, progress=False).at(layer)
+    last = compute_embeddings(model, tok, texts, settings.model_copy(update={"pooling": "last"}),
+                              progress=False).at(layer)
     for i, text in enumerate(texts):
         hand_mean, hand_last = _by_hand(model, tok, text, layer)
         np.testing.assert_allclose(mean[i], hand_mean, atol=1e-5)
@@ -83,16 +85,17 @@ def test_pooling_matches_single_unpadded_forwards(tiny, layer):
 
 def test_batching_and_padding_do_not_change_embeddings(tiny):
     model, tok = tiny
-    texts = render_prompts(tok, PROMPTS, EmbedSettings())
-    one = compute_embeddings(model, tok, texts, EmbedSettings(batch_size=1, progress=False)).vectors
-    all_ = compute_embeddings(model, tok, texts, EmbedSettings(batch_size=len(texts), progress=False)).vectors
+    texts = render_prompts(tok, PROMPTS, EmbeddingsSection())
+    chars = user_char_spans(tok, PROMPTS, EmbeddingsSection(), texts)  # default pooling: the user's words
+    one = compute_embeddings(model, tok, texts, EmbeddingsSection(batch_size=1), chars, progress=False).vectors
+    all_ = compute_embeddings(model, tok, texts, EmbeddingsSection(batch_size=len(texts)), chars, progress=False).vectors
     assert np.abs(one - all_).max() < 1e-5
 
 
 def test_layer_sweep_returns_every_hidden_state_and_last_is_final_normed(tiny):
     model, tok = tiny
-    texts = render_prompts(tok, PROMPTS[:2], EmbedSettings())
-    sweep = compute_embeddings(model, tok, texts, EmbedSettings(layer_sweep=True, pooling="last", progress=False))
+    texts = render_prompts(tok, PROMPTS[:2], EmbeddingsSection())
+    sweep = compute_embeddings(model, tok, texts, EmbeddingsSection(layer_sweep=True, pooling="last"), progress=False)
     assert sweep.layers == [0, 1, 2] and sweep.vectors.shape == (3, 2, 32)
     captured = {}
     hook = model.model.layers[-1].register_forward_hook(
@@ -107,25 +110,26 @@ def test_layer_sweep_returns_every_hidden_state_and_last_is_final_normed(tiny):
 
 def test_cache_key_changes_with_every_input(tmp_path):
     identity = {"model": "m", "model_fingerprint": "f", "dtype": "float32", "adapter_hash": None}
-    base, _ = cache_key(identity, PROMPTS, EmbedSettings())
+    base, _ = cache_key(identity, PROMPTS, EmbeddingsSection())
     changed = [
-        cache_key({**identity, "adapter_hash": "abc"}, PROMPTS, EmbedSettings()),
-        cache_key({**identity, "model_fingerprint": "g"}, PROMPTS, EmbedSettings()),
-        cache_key({**identity, "dtype": "bfloat16"}, PROMPTS, EmbedSettings()),
-        cache_key(identity, PROMPTS[:-1], EmbedSettings()),
-        cache_key(identity, [dataclasses.replace(PROMPTS[0], prompt="Hi!")] + PROMPTS[1:], EmbedSettings()),
-        cache_key(identity, [dataclasses.replace(PROMPTS[0], label="unsafe")] + PROMPTS[1:], EmbedSettings()),
-        cache_key(identity, PROMPTS, EmbedSettings(pooling="last")),
-        cache_key(identity, PROMPTS, EmbedSettings(layer=1)),
-        cache_key(identity, PROMPTS, EmbedSettings(layer_sweep=True)),
-        cache_key(identity, PROMPTS, EmbedSettings(placement="system", instruction="Be safe.")),
-        cache_key(identity, PROMPTS, EmbedSettings(placement="system", instruction="Be kind.")),
-        cache_key(identity, PROMPTS, EmbedSettings(max_length=64)),
-        cache_key(identity, PROMPTS, EmbedSettings(), tokenizer_id="other template"),
+        cache_key({**identity, "adapter_hash": "abc"}, PROMPTS, EmbeddingsSection()),
+        cache_key({**identity, "model_fingerprint": "g"}, PROMPTS, EmbeddingsSection()),
+        cache_key({**identity, "dtype": "bfloat16"}, PROMPTS, EmbeddingsSection()),
+        cache_key(identity, PROMPTS[:-1], EmbeddingsSection()),
+        cache_key(identity, [dataclasses.replace(PROMPTS[0], prompt="Hi!")] + PROMPTS[1:], EmbeddingsSection()),
+        cache_key(identity, [dataclasses.replace(PROMPTS[0], label="unsafe")] + PROMPTS[1:], EmbeddingsSection()),
+        cache_key(identity, PROMPTS, EmbeddingsSection(pooling="last")),
+        cache_key(identity, PROMPTS, EmbeddingsSection(pooling="mean")),
+        cache_key(identity, PROMPTS, EmbeddingsSection(layer=1, layer_sweep=False)),
+        cache_key(identity, PROMPTS, EmbeddingsSection(layer_sweep=False)),
+        cache_key(identity, PROMPTS, EmbeddingsSection(placement="system", instruction="Be safe.")),
+        cache_key(identity, PROMPTS, EmbeddingsSection(placement="system", instruction="Be kind.")),
+        cache_key(identity, PROMPTS, EmbeddingsSection(max_length=64)),
+        cache_key(identity, PROMPTS, EmbeddingsSection(), tokenizer_id="other template"),
     ]
     keys = [k for k, _ in changed]
     assert base not in keys and len(set(keys)) == len(keys)
-    assert cache_key(identity, PROMPTS, EmbedSettings(batch_size=1, progress=False))[0] == base
+    assert cache_key(identity, PROMPTS, EmbeddingsSection(batch_size=1))[0] == base
 
 
 def test_adapter_hash_follows_the_bytes(tmp_path, tiny_model_dir):
@@ -139,7 +143,7 @@ def test_adapter_hash_follows_the_bytes(tmp_path, tiny_model_dir):
 
 def test_cache_hit_is_identical_and_changed_inputs_recompute(tmp_path, handle, tiny_model_dir):
     cache = tmp_path / "cache"
-    settings = EmbedSettings(progress=False)
+    settings = EmbeddingsSection()
     first = embed_prompts(handle, PROMPTS, settings, cache)
     again = embed_prompts(handle, PROMPTS, settings, cache)
     assert not first.cache_hit and again.cache_hit and again.key == first.key

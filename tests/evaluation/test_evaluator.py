@@ -12,9 +12,9 @@ import torch
 
 from ecliptica.config import load_config
 from ecliptica.data import PromptExample, TokenizeSettings, tokenize_pairs
-from ecliptica.evaluation.behaviour import GenerationSettings, generate_greedy, run_behaviour
-from ecliptica.evaluation.config import EvalConfig
-from ecliptica.evaluation.drift import DriftSettings, load_benign_pairs, run_drift
+from ecliptica.evaluation.behaviour import generate_greedy, run_behaviour
+from ecliptica.evaluation.config import BehaviourSection, DriftSection, EvalConfig
+from ecliptica.evaluation.drift import load_benign_pairs, run_drift
 from ecliptica.evaluation.inputs import render_user_prompt
 from ecliptica.evaluation.model_handle import ModelHandle
 from ecliptica.evaluation.prompts import balanced_subset, load_eval_prompts
@@ -45,9 +45,9 @@ def test_batched_generation_equals_unbatched_greedy(tiny_model_dir):
     handle = _tiny_handle(tiny_model_dir, scrambled=True)
     texts = [render_user_prompt(handle.tokenizer, p, "none", None)
              for p in ["Hi", "How do I bake a loaf of sourdough bread at home?", "Tell me a joke about cats"]]
-    settings = GenerationSettings(max_new_tokens=8, batch_size=3, progress=False)
-    batched = generate_greedy(handle.base, handle.tokenizer, texts, settings)
-    alone = [generate_greedy(handle.base, handle.tokenizer, [t], settings)[0] for t in texts]
+    settings = BehaviourSection(max_new_tokens=8, batch_size=3)
+    batched = generate_greedy(handle.base, handle.tokenizer, texts, settings, progress=False)
+    alone = [generate_greedy(handle.base, handle.tokenizer, [t], settings, progress=False)[0] for t in texts]
     assert batched == alone
     assert len(set(batched)) == 3 and all(batched)  # non-trivial completions
 
@@ -77,7 +77,8 @@ def test_refusal_metrics_and_generations_file_with_stubbed_generator(tmp_path):
         assert r["per_axiom"]["ax2"]["refusal_rate_unsafe"] == 0.5
     records = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
     assert len(records) == 2 * len(prompts)
-    fields = {"id", "axiom", "label", "placement", "prompt", "completion", "refused", "instruction", "rendered_prompt"}
+    fields = {"id", "axiom", "label", "placement", "prompt", "completion", "refused", "instruction", "rendered_prompt",
+              "refusal_class"}
     assert all(set(r) == fields for r in records)
     first = records[0]
     assert (first["id"], first["axiom"], first["label"], first["placement"], first["refused"]) == \
@@ -92,7 +93,7 @@ def test_refusal_metrics_and_generations_file_with_stubbed_generator(tmp_path):
 def test_perplexity_equals_hand_computed_exp_mean_nll(tiny_model_dir):
     handle = _tiny_handle(tiny_model_dir)
     pairs = load_benign_pairs(limit=1)
-    out = run_drift(handle, pairs, DriftSettings(progress=False))
+    out, _ = run_drift(handle, pairs, DriftSection(), progress=False)
     tp = tokenize_pairs(handle.tokenizer, pairs, "none", TokenizeSettings(1024, 512), progress=False).pairs[0]
     ids = torch.tensor([list(tp.prompt_ids) + list(tp.chosen_ids)])
     with torch.no_grad():
@@ -108,12 +109,12 @@ def test_perplexity_equals_hand_computed_exp_mean_nll(tiny_model_dir):
 def test_kl_is_zero_for_zero_initialised_adapter_and_positive_otherwise(tmp_path, tiny_model_dir):
     handle = _tiny_handle(tiny_model_dir)
     pairs = load_benign_pairs(limit=3)
-    settings = DriftSettings(progress=False, batch_size=2, n_resamples=1000)
+    settings = DriftSection(batch_size=2)
     handle.set_adapter(save_adapter(tiny_model_dir, tmp_path / "zero", b_scale=0.0))
-    zero = run_drift(handle, pairs, settings)
+    zero, _ = run_drift(handle, pairs, settings, progress=False)
     assert abs(zero["kl_mean_token"]) < 1e-6 and zero["perplexity_ratio"] == pytest.approx(1.0, abs=1e-6)
     handle.set_adapter(save_adapter(tiny_model_dir, tmp_path / "real", b_scale=2.0))
-    moved = run_drift(handle, pairs, settings)
+    moved, _ = run_drift(handle, pairs, settings, progress=False)
     assert moved["kl_mean_token"] > 1e-4 and moved["perplexity"] != pytest.approx(zero["perplexity"])
     assert moved["base_perplexity"] == pytest.approx(zero["perplexity"], rel=1e-5)  # base = adapter disabled
     assert moved["collapsed"] == (moved["perplexity_ratio"] > 2.0)
@@ -199,8 +200,10 @@ def _cfg(tmp_path, tiny_model_dir, **over) -> EvalConfig:
     raw = {"out_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"), "progress": False,
            "model": {"name": str(tiny_model_dir), "dtype": "fp32"}, "data": {"limit": 24},
            "embeddings": {"layer_sweep": True, "placement": "system", "instruction": "Refuse harmful requests."},
-           "behaviour": {"limit": 6, "max_new_tokens": 4, "placements": ["none", "system"]},
-           "drift": {"limit": 4}, "metrics": {"legacy": True}}
+           "behaviour": {"limit": 6, "max_new_tokens": 4, "placements": ["none", "system"],
+                         "jailbreak": {"limit": 2, "templates": ["role_play", "fiction"]}},
+           "drift": {"limit": 4}, "metrics": {"legacy": True},
+           "preference": {"enabled": True, "path": "demo:preferences", "limit": 3}}
     for k, v in over.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
     return EvalConfig.model_validate(raw)
@@ -216,14 +219,48 @@ def test_run_eval_end_to_end_writes_every_artefact(tmp_path, tiny_model_dir):
     assert overall["aqi_ci"]["n_resamples"] == 1000 and "probe_auroc_ci" in overall
     assert saved["summary"]["aqi"] == pytest.approx(result["summary"]["aqi"])
     assert saved["settings"]["embeddings"]["placement"] == "system" and saved["data"]["n_prompts"] == 24
-    assert [c["layer"] for c in saved["layer_curve"]] == [0, 1, 2]
-    assert saved["layer_curve"][-1]["aqi"] == pytest.approx(overall["aqi"])
+    per_layer = saved["aqi_layers"]["per_layer"]  # the per-layer curve (was `layer_curve`)
+    assert [c["layer"] for c in per_layer] == [0, 1, 2]
+    assert per_layer[-1]["geometric"]["aqi"] == pytest.approx(overall["aqi"])
+    layers = saved["aqi_layers"]
+    assert layers["band"]["layers"] == [2] and saved["summary"]["aqi"] == pytest.approx(layers["discriminant"]["aqi"])
+    assert saved["summary"]["aqi_lexical"] == pytest.approx(per_layer[0]["discriminant"]["aqi"])
+    assert saved["summary"]["aqi_geometric"] == pytest.approx(per_layer[2]["geometric"]["aqi"])  # band of one
+    from ecliptica.evaluation.discriminant import BandAqiStat
+    from ecliptica.evaluation.summary import summarize_eval
+
+    band = np.load(out / "aqi_band_projections.npz")
+    assert BandAqiStat(0.5)(band["Z"], band["labels"]) == pytest.approx(saved["summary"]["aqi"], abs=1e-12)
+    typed = summarize_eval(saved)  # what a study reads: the headline, not the geometric block
+    assert typed.aqi_statistic == "discriminant_band" and typed.aqi.value == saved["summary"]["aqi"]
+    assert typed.aqi_lexical.value == saved["summary"]["aqi_lexical"]
+    spans, lengths = saved["embeddings"]["spans"], saved["embeddings"]["prompt_tokens"]
+    assert len(spans) == len(saved["embeddings"]["prompt_ids"]) == 24
+    assert all(0 < a < b <= n for (a, b), n in zip(spans, lengths))  # the system instruction is never pooled
     assert set(saved["behaviour"]) == {"none", "system"} and saved["drift"]["kl_mean_token"] == 0.0
     assert "legacy" in saved["aqi"]
     rows = list(csv.DictReader((out / "per_axiom.csv").open()))
     assert rows[0]["axiom"] == "overall" and len(rows) == 1 + len(saved["data"]["groups"]) // 2
     assert "refusal_rate_unsafe[system]" in rows[0]
     assert len((out / "generations.jsonl").read_text().splitlines()) == 12
+    assert len((out / "jailbreak_generations.jsonl").read_text().splitlines()) == 2 * 3  # control + 2 templates
+    assert set(saved["jailbreak"]["per_template"]) == {"plain", "role_play", "fiction"}
+    assert len((out / "drift_examples.jsonl").read_text().splitlines()) == 4
+    assert saved["preference"]["n_pairs"] == 3 and saved["preference"]["reward_accuracy"] is None  # the base
+    summary = saved["summary"]
+    assert summary["behaviour_shown_placement"] == "none" and summary["refusal_judge"] == "strmatch"
+    assert summary["refusal_rate_unsafe"] == saved["behaviour"]["none"]["refusal_rate_unsafe"]["rate"]
+    for key in ("jailbreak_refusal_rate", "preference_logp_accuracy", "refusal_rate_unsafe[system]", "drift_n_examples"):
+        assert key in summary
+    from ecliptica.evaluation.summary import summarize_eval
+
+    typed = summarize_eval(saved)  # what a study reads: the same numbers under the same names
+    assert typed.behaviour_placement == "none" and typed.refusal_judge == "strmatch"
+    assert set(typed.refusal_rate_unsafe_by_placement) == {"none", "system"}
+    assert typed.refusal_rate_unsafe_by_placement["system"].rate == summary["refusal_rate_unsafe[system]"]
+    assert typed.jailbreak_refusal_rate.rate == summary["jailbreak_refusal_rate"]
+    assert typed.preference_logp_accuracy.value == summary["preference_logp_accuracy"]
+    assert typed.preference_reward_accuracy is None  # the base: no implicit reward
     for name in ("pca3d.png", "aqi_by_layer.png"):
         assert (out / "figures" / name).stat().st_size > 1000
     assert Path(saved["embeddings"]["cache_path"]).is_file() and not saved["embeddings"]["cache_hit"]

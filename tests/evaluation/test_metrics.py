@@ -374,3 +374,16 @@ def test_legacy_scores_are_run_relative():
     first = m.legacy_xb_chi({"a": 10.0, "b": 20.0}, {"a": 0.5, "b": 0.2})["a"]
     second = m.legacy_xb_chi({"a": 10.0, "b": 5.0}, {"a": 0.5, "b": 0.9})["a"]
     assert first != second
+
+
+def test_wilson_interval_matches_the_closed_form():
+    from scipy.stats import norm
+
+    from ecliptica.evaluation.stats import wilson_interval
+
+    for k, n in ((7, 20), (1, 50), (49, 50)):
+        z, p = norm.ppf(0.975), k / n
+        centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+        half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
+        assert wilson_interval(k, n) == pytest.approx((centre - half, centre + half), rel=1e-12)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0

@@ -165,3 +165,23 @@ def test_parallel_workers_reproduce_the_serial_study(tmp_path, tiny_model_dir):
     assert a["sft-s0"]["train_summary"]["device_shared_by"] == 1
     assert b["sft-s0"]["train_summary"]["device_shared_by"] == 2  # both workers on this machine's one device
     assert "2 study workers shared each device" in (par / "results.md").read_text()
+
+
+def test_arms_with_an_instruction_are_evaluated_with_and_without_it(tmp_path):
+    from ecliptica.evaluation.config import EvalConfig
+
+    arms = ("[{name: baseline, method: baseline}, {name: sft, method: sft}, {name: cita, method: cita}, "
+            "{name: dpo_pre, method: dpo, placement: prepend}]")
+    cfg = load_study(ROOT / "configs" / "study_demo.yaml",
+                     [f"study_dir={tmp_path}", f"arms={arms}", "train.data.instruction=Refuse harm."])
+    runner = StudyRunner(cfg)
+    by_name = {a.name: a for a in cfg.arms}
+    variants = {n: runner._with_training_instruction({}, by_name[n], 0) for n in by_name}
+    assert variants["sft"] == {"placements": ["none"]}  # trained without an instruction
+    assert variants["cita"] == {"placements": ["none", "system"], "instruction": "Refuse harm."}
+    assert variants["dpo_pre"] == {"placements": ["none", "prepend"], "instruction": "Refuse harm."}
+    assert variants["baseline"]["placements"] == ["none", "system", "prepend"]  # a base for every variant
+    ecfg = EvalConfig.model_validate({"behaviour": variants["cita"]})
+    assert ecfg.behaviour.shown_placement == "none"  # the headline stays comparable across arms
+    per_row = load_study(ROOT / "configs" / "study_demo.yaml", [f"study_dir={tmp_path / 'b'}", f"arms={arms}"])
+    assert StudyRunner(per_row)._with_training_instruction({}, by_name["cita"], 0) == {"placements": ["none"]}

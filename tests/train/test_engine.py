@@ -11,7 +11,7 @@ def _cfg(tmp_path, model_dir, method="dpo", **train):
     t = {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "progress": False, **train}
     return TrainConfig.model_validate({
         "run_dir": str(tmp_path / f"run_{method}"), "seed": 3, "model": {"name": str(model_dir)},
-        "lora": {"r": 4, "alpha": 8}, "method": {"name": method, "lambda_kl": 0.05},
+        "lora": {"r": 4, "alpha": 8}, "method": {"name": method, **({"lambda_kl": 0.05} if method == "cita" else {})},
         "data": {"limit": 24, "max_length": 160, "max_prompt_length": 96},
         "optimizer": {"lr": 5e-3}, "schedule": {"name": "linear", "warmup_steps": 1}, "train": t})
 
@@ -178,3 +178,77 @@ def test_token_budget_micro_batches_equal_one_big_batch(tmp_path, tiny_model_dir
     b = load_file(str(tmp_path / "split" / f"run_{method}" / "adapter" / "adapter_model.safetensors"))
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.parametrize("method,optimizer", [("dpo", "adamw"), ("cita", "adamw"), ("sft", "adamw"), ("cita", "grit")])
+def test_auto_micro_batches_equal_plain_split(tmp_path, tiny_model_dir, method, optimizer):
+    """The default (`micro_batch_tokens: auto`; on CPU the configured worst case, 2 pairs x 160 tokens) re-splits
+    each step's 8 pairs into unequal packed micro-batches. Since every micro-batch is weighted by its share of
+    pairs and token means (SFT's NLL, CITA's KL) are over the step's tokens, the per-step losses and the adapter
+    equal the plain 2 x 4 split's, GRIT's K-FAC factors and reprojection included."""
+    import torch
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, tokens in (("plain", None), ("auto", "auto")):
+        cfg = _cfg(tmp_path / name, tiny_model_dir, method, max_steps=3, micro_batch_size=2, grad_accum=4,
+                   micro_batch_tokens=tokens)
+        if optimizer == "grit":
+            cfg.optimizer.name = "grit"
+            cfg.optimizer.grit = {"reproject_steps": 2, "reproject_warmup": 1}
+        runs[name] = Trainer(cfg).setup()
+    auto, plain = runs["auto"], runs["plain"]
+    assert auto.micro_batches.tokens == 2 * 160 * (1 if method == "sft" else 2)
+    for step in range(3):
+        a, p = auto.step_micro_batches(step), plain.step_micro_batches(step)
+        assert [i for g in a for i in g] == [i for g in p for i in g]  # same pairs, same order
+        assert [len(g) for g in p] == [2, 2, 2, 2]
+    assert any([len(g) for g in auto.step_micro_batches(s)] != [2, 2, 2, 2] for s in range(3))  # really re-split
+    summaries = {name: tr.train() for name, tr in runs.items()}
+    assert _losses(tmp_path / "auto" / f"run_{method}") == pytest.approx(
+        _losses(tmp_path / "plain" / f"run_{method}"), rel=1e-5)
+    if optimizer == "grit":
+        fa, fp = (summaries[n]["final_metrics"] for n in ("auto", "plain"))
+        assert fa["grit/reprojections"] == fp["grit/reprojections"] == 1
+        assert fa["grit/precond_grad_ratio"] == pytest.approx(fp["grit/precond_grad_ratio"], rel=1e-4)
+    a = load_file(str(tmp_path / "auto" / f"run_{method}" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "plain" / f"run_{method}" / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_micro_batch_tokens_setting_parses():
+    assert TrainConfig().train.micro_batch_tokens == "auto"  # every config gets sizing with no knob set
+    for text, expected in (("off", None), ("null", None), ("2048", 2048), ("auto", "auto")):
+        assert load_config(None, [f"train.micro_batch_tokens={text}"]).train.micro_batch_tokens == expected
+    for bad in ("0", "-5", "lots"):
+        with pytest.raises(ValueError, match="micro_batch_tokens"):
+            load_config(None, [f"train.micro_batch_tokens={bad}"])
+
+
+def test_memory_probe_leaves_no_trace(tmp_path, tiny_model_dir, monkeypatch):
+    """The start-up probe (forward + backward of two micro-batches) must not change the run: no gradient,
+    GRIT factor sum or random draw (LoRA dropout here) may leak into step 1. The CUDA memory counters are
+    stubbed so the probe runs on CPU."""
+    import torch
+
+    from ecliptica.train import sizing
+
+    fake = iter([0, 3e6, 0, 7e6])  # memory_allocated / max_memory_allocated, in call order
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: next(fake))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: next(fake))
+    for name in ("probed", "fresh"):  # each run set up and trained in turn: the global random stream is shared
+        cfg = _cfg(tmp_path / name, tiny_model_dir, "cita", max_steps=3, micro_batch_tokens=None)
+        cfg.lora.dropout = 0.1
+        cfg.optimizer.name = "grit"
+        tr = Trainer(cfg).setup()
+        if name == "probed":
+            rng = torch.get_rng_state()
+            assert sizing.probe_memory(tr).bytes_per_token > 0
+            assert all(p.grad is None for p in tr.policy.parameters())
+            assert all(float(b.a_sum.abs().sum() + b.g_sum.abs().sum() + b.count.sum()) == 0 for b in tr.optimizer_hooks.banks)
+            assert torch.equal(torch.get_rng_state(), rng)
+        tr.train()
+    assert _losses(tmp_path / "probed" / "run_cita") == _losses(tmp_path / "fresh" / "run_cita")

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ecliptica.losses import CITALoss, DPOLoss, MethodConfig, SequenceStats, SFTLoss
+from ecliptica.losses import CITAConfig, CITALoss, DPOConfig, DPOLoss, SequenceStats, SFTConfig, SFTLoss
 from ecliptica.train.batching import collate
 from ecliptica.train.policy import PolicyModel
 
@@ -27,7 +27,7 @@ def test_dpo_matches_trl(tiny_model_dir, tmp_path):
     datasets = pytest.importorskip("datasets")
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig as TRLDPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     pairs = toy_pairs(3)
@@ -36,7 +36,7 @@ def test_dpo_matches_trl(tiny_model_dir, tmp_path):
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2
-    args = DPOConfig(output_dir=str(tmp_path), beta=0.1, report_to="none", use_cpu=True)
+    args = TRLDPOConfig(output_dir=str(tmp_path), beta=0.1, report_to="none", use_cpu=True)
     # TRL creates the adapter, so its reference is the disabled adapter, as ours is.
     trainer = DPOTrainer(model=base, args=args, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tok, peft_config=lora)
@@ -50,7 +50,7 @@ def test_dpo_matches_trl(tiny_model_dir, tmp_path):
     inputs = DataCollatorForPreference(pad_token_id=2)(examples)
     with torch.no_grad():
         trl_loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
-        ours, metrics = DPOLoss(MethodConfig(name="dpo", beta=0.1))(_stats(trainer.model, pairs))
+        ours, metrics = DPOLoss(DPOConfig(beta=0.1))(_stats(trainer.model, pairs))
     assert float(trl_loss) != pytest.approx(math.log(2), abs=1e-3)  # policy != reference: a real comparison
     assert abs(float(trl_loss) - float(ours)) < 1e-5
 
@@ -60,7 +60,7 @@ def test_dpo_closed_form_with_label_smoothing():
     ref = torch.tensor([-3.5, -4.0, -4.2, -4.0])
     s = SequenceStats(lp, torch.tensor([3, 3, 3, 3]), ref)
     beta, eps = 0.5, 0.2
-    loss, m = DPOLoss(MethodConfig(name="dpo", beta=beta, label_smoothing=eps))(s)
+    loss, m = DPOLoss(DPOConfig(beta=beta, label_smoothing=eps))(s)
     expected = []
     for i in range(2):
         z = beta * ((lp[i] - ref[i]) - (lp[i + 2] - ref[i + 2]))
@@ -78,7 +78,7 @@ def test_cita_lambda0_equals_closed_form(peft_model):
     beta = 0.3
     expected = sum(-math.log(1 / (1 + math.exp(-beta * (seq[i] - seq[i + 3])))) for i in range(3)) / 3
     with torch.no_grad():
-        loss, _ = CITALoss(MethodConfig(name="cita", beta=beta, lambda_kl=0.0))(_stats(peft_model, pairs, ref=False))
+        loss, _ = CITALoss(CITAConfig(beta=beta, lambda_kl=0.0))(_stats(peft_model, pairs, ref=False))
     assert float(loss) == pytest.approx(expected, abs=1e-5)
 
 
@@ -93,7 +93,7 @@ def test_token_kl_equals_dense_reference(peft_model):
         count += lp.shape[0]
     with torch.no_grad():
         s = _stats(peft_model, pairs, kl=True, chunk=5)
-        cfg = MethodConfig(name="cita", beta=0.1, lambda_kl=0.7)
+        cfg = CITAConfig(beta=0.1, lambda_kl=0.7)
         loss, m = CITALoss(cfg)(s)
     assert float(m["kl"]) == pytest.approx(total / count, rel=1e-5)
     assert float(m["kl"]) > 0
@@ -113,20 +113,20 @@ def test_seq_logratio_proxies():
     lp, ref = torch.tensor([-2.0, -3.0, -5.0, -1.0]), torch.tensor([-2.5, -2.0, -4.0, -1.5])
     s = SequenceStats(lp, torch.tensor([2, 2, 2, 2]), ref)
     ratios = [0.5, -1.0, -1.0, 0.5]
-    sq = CITALoss(MethodConfig(kl="seq_logratio_sq")).kl_term(s)
+    sq = CITALoss(CITAConfig(kl="seq_logratio_sq")).kl_term(s)
     assert float(sq) == pytest.approx(sum(r * r for r in ratios) / 4)
     with pytest.raises(ValueError, match="unbounded"):
-        CITALoss(MethodConfig(kl="seq_logratio"))
-    signed = CITALoss(MethodConfig(kl="seq_logratio", allow_unbounded_kl=True)).kl_term(s)
+        CITALoss(CITAConfig(kl="seq_logratio"))
+    signed = CITALoss(CITAConfig(kl="seq_logratio", allow_unbounded_kl=True)).kl_term(s)
     assert float(signed) == pytest.approx(sum(ratios) / 4)
 
 
 def test_cita_lambda_anneal_and_length_normalisation():
-    loss = CITALoss(MethodConfig(lambda_kl=0.1, lambda_kl_end=0.0))
+    loss = CITALoss(CITAConfig(lambda_kl=0.1, lambda_kl_end=0.0))
     assert [loss.lambda_at(p) for p in (0, 0.5, 1)] == pytest.approx([0.1, 0.05, 0.0])
     s = SequenceStats(torch.tensor([-4.0, -9.0]), torch.tensor([2, 3]), torch.tensor([-4.0, -9.0]),
                       token_kl_sum=torch.tensor(0.0))
-    val, _ = CITALoss(MethodConfig(beta=1.0, lambda_kl=0.0, length_normalize=True))(s)
+    val, _ = CITALoss(CITAConfig(beta=1.0, lambda_kl=0.0, length_normalize=True))(s)
     assert float(val) == pytest.approx(-math.log(1 / (1 + math.exp(-(-2.0 + 3.0)))), abs=1e-6)
 
 
@@ -144,7 +144,7 @@ def test_sft_matches_hf_loss(peft_model):
         labels[i, len(p.prompt_ids):len(s)] = torch.tensor(p.chosen_ids)
     with torch.no_grad():
         hf = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        ours, _ = SFTLoss(MethodConfig(name="sft"))(_stats(peft_model, pairs, with_rejected=False, ref=False))
+        ours, _ = SFTLoss(SFTConfig())(_stats(peft_model, pairs, with_rejected=False, ref=False))
     assert float(ours) == pytest.approx(float(hf), rel=1e-5)
 
 

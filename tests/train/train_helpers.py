@@ -39,3 +39,30 @@ def dense_token_logps(peft_model, pairs, with_rejected=True):
         pos = torch.arange(len(prompt) - 1, len(prompt) + len(resp) - 1)
         out.append((logprobs[pos], torch.tensor(resp)))
     return out
+
+
+def policy_stats(peft_model, pairs, with_rejected=True, ref=True, kl=False, chunk=7):
+    """Our engine's SequenceStats for `pairs` (one packed micro-batch)."""
+    from ecliptica.train.batching import collate
+    from ecliptica.train.policy import PolicyModel
+
+    batch = collate(pairs, with_rejected, pad_id=2, packed=True)
+    return PolicyModel(peft_model, chunk_size=chunk)(batch, need_reference=ref, need_token_kl=kl)
+
+
+def padded_batch(pairs, with_rejected=True, pad_id=2):
+    """HF-style right-padded [chosen..., rejected...] sequences: input ids, attention mask, and labels with the
+    prompt and the padding at -100 (the layout TRL's trainers feed their log-prob and NLL functions)."""
+    seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs]
+    if with_rejected:
+        seqs += [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    width = max(len(p) + len(r) for p, r in seqs)
+    ids = torch.full((len(seqs), width), pad_id)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100)
+    for i, (prompt, resp) in enumerate(seqs):
+        n = len(prompt) + len(resp)
+        ids[i, :n] = torch.tensor(list(prompt) + list(resp))
+        mask[i, :n] = 1
+        labels[i, len(prompt):n] = torch.tensor(resp)
+    return ids, mask, labels

@@ -8,12 +8,12 @@ Placement is its own setting so the instruction effect can be separated from the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from .schema import Message, PreferenceExample
 
 Placement = Literal["system", "prepend", "none"]
-PLACEMENTS = ("system", "prepend", "none")
+PLACEMENTS: tuple[str, ...] = get_args(Placement)
 
 # Used only for tokenizers without a chat template (base models). Documented in docs/data.md.
 FALLBACK_TEMPLATE = (

@@ -257,6 +257,18 @@ def _generic_prompt(row: dict, opts: LoadOptions, src: str) -> PromptExample:
                          text_field(row, cols["axiom"]), src, _row_id(row, cols["id"]))
 
 
+def format_names(kind: str | None = None) -> tuple[str, ...]:
+    """The format names a user writes for `kind` data (all when None), in registration order. `generic`
+    holds either kind; `generic-prompts` is only its prompt side, which `load(kind="prompt")` picks."""
+    names = [n for n, f in FORMATS.items() if n != "generic-prompts" and kind in (None, f.kind)]
+    return (*names, "generic") if kind == "prompt" else tuple(names)
+
+
+# Config field types, derived from the registered formats so a new format is one `@register` above.
+PreferenceFormat = Literal[format_names("preference")]  # type: ignore[valid-type]
+PromptFormat = Literal[format_names("prompt")]  # type: ignore[valid-type]
+
+
 def _row_id(row: dict, column: str) -> str:
     """The row's own id, or '' (then the driver assigns file:row); a null id must not become 'None'."""
     v = row.get(column)

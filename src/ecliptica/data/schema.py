@@ -74,9 +74,3 @@ class LoadReport:
     rows_read: int = 0
     kept: int = 0
     bad_rows: list[BadRow] = field(default_factory=list)
-
-    def summary(self) -> str:
-        s = f"{self.file} [{self.format}]: {self.rows_read} rows read, {self.kept} kept"
-        if self.bad_rows:
-            s += f", {len(self.bad_rows)} skipped"
-        return s

@@ -1,4 +1,4 @@
-"""Evaluation: AQI on hidden states, refusal behaviour, capability drift (docs/evaluation.md, docs/aqi.md).
+"""Evaluation: AQI on hidden states, refusal behaviour, jailbreaks, held-out preference accuracy, capability drift (docs/evaluation.md, docs/aqi.md).
 
 Names are imported lazily so `import ecliptica.evaluation.metrics` stays free of torch/transformers.
 """
@@ -11,20 +11,26 @@ _EXPORTS = {
     "EvalConfig": "config",
     "run_eval": "runner",
     "ModelHandle": "model_handle",
-    "EmbedSettings": "embeddings",
+    "EmbeddingsSection": "config",
+    "MetricsSection": "config",
     "Embeddings": "embeddings",
     "embed_prompts": "embeddings",
     "compute_embeddings": "embeddings",
     "load_eval_prompts": "prompts",
     "balanced_subset": "prompts",
     "evaluate_embeddings": "scoring",
-    "layer_curve": "scoring",
-    "GenerationSettings": "behaviour",
+    "layer_report": "scoring",
+    "headline_band": "discriminant",
     "generate_greedy": "behaviour",
     "run_behaviour": "behaviour",
-    "DriftSettings": "drift",
+    "run_jailbreaks": "behaviour",
+    "build_judge": "judges",
+    "ModelJudge": "judges",
     "load_benign_pairs": "drift",
     "run_drift": "drift",
+    "paired_difference": "drift",
+    "run_preference": "preference",
+    "sequence_scores": "logprobs",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,17 +1,18 @@
-"""Behaviour: greedy completions, refusal verdicts and refusal / over-refusal rates with intervals.
+"""Behaviour: greedy completions, refusal verdicts and refusal / over-refusal rates with intervals,
+and the same on unsafe prompts wrapped in jailbreak templates.
 
 Generation is batched with left padding (every row must end where generation starts; generate()
 derives position ids from the attention mask, so a padded row decodes exactly like an unpadded one,
-which the tests check). Refusal is decided by `refusal.py` (string matcher by default, or any
-`RefusalJudge`). The generator and the renderer are plain callables so the metric wiring can be
-tested with stubs and reused with any backend.
+which the tests check). Each completion gets an XSTest class from a `RefusalJudge` (`refusal.py`'s
+rules by default, a guard model through `judges.py`); a rate counts full and partial refusals. The
+generator and the renderer are plain callables so the metric wiring can be tested with stubs and
+reused with any backend.
 """
 from __future__ import annotations
 
 import json
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +20,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ecliptica.data import Placement, PromptExample
+from ecliptica.evaluation.config import BehaviourSection
 from ecliptica.evaluation.inputs import encode, length_sorted_batches, model_device, pad_batch, render_user_prompt
-from ecliptica.evaluation.refusal import RefusalJudge, judge_refusals, refusal_metrics
+from ecliptica.evaluation.jailbreaks import jailbreak_metrics, jailbreak_prompts
+from ecliptica.evaluation.refusal import RefusalJudge, judge_labels, refusal_metrics
 
 Generate = Callable[[Sequence[str]], list[str]]  # rendered prompts -> completions
 Render = Callable[[str, Placement], str]  # (user prompt, placement) -> rendered prompt
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    max_new_tokens: int = 64
-    batch_size: int = 8
-    max_length: int = 512  # prompt tokens kept (the end)
-    progress: bool = True
 
 
 def _cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
@@ -42,7 +37,8 @@ def _cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
 
 
 @torch.inference_mode()
-def generate_greedy(model, tokenizer, texts: Sequence[str], settings: GenerationSettings) -> list[str]:
+def generate_greedy(model, tokenizer, texts: Sequence[str], settings: BehaviourSection,
+                    progress: bool = True) -> list[str]:
     """Greedy completions of rendered prompts, batched by length with left padding, in input order."""
     from transformers import GenerationConfig
 
@@ -54,7 +50,7 @@ def generate_greedy(model, tokenizer, texts: Sequence[str], settings: Generation
     device = model_device(model)
     completions: list[str] = [""] * len(seqs)
     batches = list(length_sorted_batches([len(s) for s in seqs], settings.batch_size))
-    for batch in tqdm(batches, desc="generating", disable=not settings.progress, leave=False):
+    for batch in tqdm(batches, desc="generating", disable=not progress, leave=False):
         ids, mask = pad_batch([seqs[i] for i in batch], tokenizer.pad_token_id, "left", device)
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
         for row, i in enumerate(batch):
@@ -63,11 +59,11 @@ def generate_greedy(model, tokenizer, texts: Sequence[str], settings: Generation
     return completions
 
 
-def handle_generator(handle, settings: GenerationSettings) -> Generate:
+def handle_generator(handle, settings: BehaviourSection, progress: bool = True) -> Generate:
     """A `Generate` callable running the handle's current model (adapter or base)."""
     def generate(texts: Sequence[str]) -> list[str]:
         with handle.active() as model:
-            return generate_greedy(model, handle.tokenizer, texts, settings)
+            return generate_greedy(model, handle.tokenizer, texts, settings, progress)
 
     return generate
 
@@ -89,6 +85,18 @@ def per_axiom_refusals(prompts: Sequence[PromptExample], refused: Sequence[bool]
             for a, c in sorted(counts.items())}
 
 
+def judged_completions(prompts: Sequence[PromptExample], generate: Generate, render: Render, placement: Placement,
+                       *, instruction: str | None = None, judge: RefusalJudge | None = None) -> list[dict[str, Any]]:
+    """One record per prompt: rendered prompt, completion, XSTest class and `refused` (full or partial)."""
+    texts = [render(p.prompt, placement) for p in prompts]
+    completions = generate(texts)
+    classes = judge_labels([p.prompt for p in prompts], completions, judge)
+    return [{"id": p.row_id, "axiom": p.axiom, "label": p.label, "placement": placement,
+             "instruction": instruction if placement != "none" else None, "prompt": p.prompt,
+             "rendered_prompt": text, "completion": c, "refusal_class": k, "refused": k != "full_compliance"}
+            for p, text, c, k in zip(prompts, texts, completions, classes)]
+
+
 def run_behaviour(prompts: Sequence[PromptExample], generate: Generate, render: Render,
                   placements: Sequence[Placement] = ("none",), *, instruction: str | None = None,
                   judge: RefusalJudge | None = None, n_resamples: int = 1000, seed: int = 0,
@@ -101,20 +109,32 @@ def run_behaviour(prompts: Sequence[PromptExample], generate: Generate, render: 
     results: dict[str, Any] = {}
     records: list[dict[str, Any]] = []
     for placement in placements:
-        texts = [render(p.prompt, placement) for p in prompts]
-        completions = generate(texts)
-        refused = judge_refusals([p.prompt for p in prompts], completions, judge)
-        metrics = refusal_metrics([p.label for p in prompts], refused, n_resamples=n_resamples, seed=seed)
-        metrics["per_axiom"] = per_axiom_refusals(prompts, refused)
+        recs = judged_completions(prompts, generate, render, placement, instruction=instruction, judge=judge)
+        metrics = refusal_metrics([p.label for p in prompts], [r["refusal_class"] for r in recs],
+                                  n_resamples=n_resamples, seed=seed)
+        metrics["per_axiom"] = per_axiom_refusals(prompts, [r["refused"] for r in recs])
         metrics["n_prompts"] = len(prompts)
         results[placement] = metrics
-        records += [{"id": p.row_id, "axiom": p.axiom, "label": p.label, "placement": placement,
-                     "instruction": instruction if placement != "none" else None, "prompt": p.prompt,
-                     "rendered_prompt": text, "completion": c, "refused": r}
-                    for p, text, c, r in zip(prompts, texts, completions, refused)]
+        records += recs
     if generations_path is not None:
         write_jsonl(generations_path, records)
     return results
+
+
+def run_jailbreaks(unsafe: Sequence[PromptExample], generate: Generate, render: Render, placement: Placement, *,
+                   templates: Sequence[str] | None = None, instruction: str | None = None,
+                   judge: RefusalJudge | None = None, n_resamples: int = 1000, seed: int = 0,
+                   generations_path: str | Path | None = None) -> dict[str, Any]:
+    """Refusal rate on `unsafe` prompts wrapped in each jailbreak template (and unwrapped, as control)."""
+    wrapped = jailbreak_prompts(unsafe, templates)
+    records = judged_completions(wrapped, generate, render, placement, instruction=instruction, judge=judge)
+    for rec, p in zip(records, wrapped):
+        rec["template"] = p.axiom
+    if generations_path is not None:
+        write_jsonl(generations_path, records)
+    result = jailbreak_metrics(records, n_resamples, seed)
+    result["placement"] = placement
+    return result
 
 
 def write_jsonl(path: str | Path, records: Sequence[dict[str, Any]]) -> None:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ecliptica.config import InferenceModelSection, Strict
-
-PlacementName = Literal["system", "prepend", "none"]
+from ecliptica.data import Placement as PlacementName
+from ecliptica.data import PromptFormat
 
 
 EvalModelSection = InferenceModelSection  # the model fields that matter for inference
@@ -18,9 +18,9 @@ EvalModelSection = InferenceModelSection  # the model fields that matter for inf
 
 class EvalDataSection(Strict):
     path: str = "demo:eval"
-    format: Literal["litmus", "xstest", "donotanswer", "generic"] = "generic"
+    format: PromptFormat = "generic"
     benign_path: str | None = None  # a second source, e.g. safe prompts next to Do-Not-Answer
-    benign_format: Literal["litmus", "xstest", "donotanswer", "generic"] = "generic"
+    benign_format: PromptFormat = "generic"
     limit: int | None = Field(None, ge=1)  # balanced subset across (axiom, label)
     per_group: int | None = Field(None, ge=1)  # cap per (axiom, label) group (LITMUS-style balancing)
     seed: int = 0
@@ -28,22 +28,56 @@ class EvalDataSection(Strict):
 
 
 class EmbeddingsSection(Strict):
-    pooling: Literal["mean", "last"] = "mean"
-    layer: int = -1  # hidden_states index: 0 = token embeddings, -1 = last (final-normed for Llama)
-    layer_sweep: bool = False  # embed every layer; AQI per layer as a curve
+    """How prompts become vectors (docs/evaluation.md#embeddings). Passed as is to `embed_prompts`."""
+
+    # prompt: mean over the user's own words only (no template, system prompt or instruction);
+    # mean: every token of the rendered prompt; last: the last token (predicts the reply's first token)
+    pooling: Literal["prompt", "mean", "last"] = "prompt"
+    layer: int = -1  # hidden_states index for the per-axiom table and figures (0 = token embeddings, -1 = last)
+    layer_sweep: bool = True  # every layer (one forward pass gives them all); the headline band needs it
     placement: PlacementName = "none"
     instruction: str | None = None
     max_length: int = Field(512, ge=8)
     batch_size: int = Field(16, ge=1)
     pca_dim: int | None = Field(None, ge=1)
 
+    def numeric_fields(self) -> dict:
+        """The settings that change the embeddings (the cache key); batch size and PCA do not."""
+        d = self.model_dump(mode="json", exclude={"batch_size", "pca_dim"})
+        if d["layer_sweep"]:
+            d["layer"] = None
+        return d
+
 
 class MetricsSection(Strict):
+    """AQI and interval settings (docs/aqi.md). Passed as is to `scoring.layer_report`."""
+
     gamma: float = Field(0.5, ge=0.0, le=1.0)
     n_resamples: int = Field(1000, ge=1000)
-    seed: int = 0
+    seed: int = 0  # bootstrap draws and the cross-fitting fold assignment
     alpha: float = Field(0.05, gt=0.0, lt=1.0)
+    folds: int = Field(5, ge=2)  # cross-fitting folds of the discriminant (LDA) AQI
+    # Bootstrap intervals (coverage simulation in docs/aqi.md): BCa for the discriminant AQI; "basic"
+    # for the geometric AQI, whose resamples are shifted by duplication bias (BCa covers 0-5% there)
+    interval: Literal["bca", "basic", "percentile"] = "bca"
+    geometric_interval: Literal["bca", "basic", "percentile"] = "basic"
     legacy: bool = False  # also report the per-run-normalised reference scores (not comparable)
+
+
+class JailbreakSection(Strict):
+    enabled: bool = True
+    limit: int | None = Field(50, ge=1)  # unsafe prompts wrapped in every template (balanced draw; null: all)
+    templates: list[str] | None = None  # template names from jailbreaks.TEMPLATES; null: all of them
+
+    @field_validator("templates")
+    @classmethod
+    def _known(cls, names):
+        from ecliptica.evaluation.jailbreaks import TEMPLATES
+
+        unknown = sorted(set(names or ()) - set(TEMPLATES))
+        if unknown:
+            raise ValueError(f"unknown jailbreak templates {unknown}; known: {sorted(TEMPLATES)}")
+        return names
 
 
 class BehaviourSection(Strict):
@@ -55,6 +89,31 @@ class BehaviourSection(Strict):
     # The with/without-instruction variants: e.g. [none, system] measures both.
     placements: list[PlacementName] = ["none"]
     instruction: str | None = None  # default: embeddings.instruction
+    shown_placement: PlacementName = "none"  # the variant the summary's headline rates come from
+    judge: str = Field("strmatch", pattern=r"^(strmatch|model:.+)$")  # strmatch | model:<hub id or path>
+    judge_trust_remote_code: bool = False
+    jailbreak: JailbreakSection = Field(default_factory=JailbreakSection)
+
+
+class PreferenceSection(Strict):
+    """Held-out preference pairs: DPO implicit-reward accuracy and margin (evaluation/preference.py)."""
+    enabled: bool = False  # needs pairs that were never trained on: there is no safe default
+    path: str | None = None
+    format: str = "generic"  # any preference format
+    limit: int | None = Field(None, ge=1)
+    placement: PlacementName = "none"
+    beta: float = Field(0.1, gt=0.0)  # scales the margin only; accuracy does not depend on it
+    max_length: int = Field(1024, ge=16)
+    max_prompt_length: int = Field(512, ge=8)
+    batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.enabled and not self.path:
+            raise ValueError("preference.enabled needs preference.path (held-out pairs)")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("preference.max_prompt_length must be < preference.max_length")
+        return self
 
 
 class DriftSection(Strict):
@@ -65,8 +124,15 @@ class DriftSection(Strict):
     limit: int | None = Field(None, ge=1)
     placement: PlacementName = "none"
     max_length: int = Field(1024, ge=16)
+    max_prompt_length: int = Field(512, ge=8)
     batch_size: int = Field(8, ge=1)
     collapse_ratio: float = Field(2.0, gt=1.0)  # collapsed when perplexity / base perplexity exceeds it
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("drift.max_prompt_length must be < drift.max_length")
+        return self
 
 
 class FiguresSection(Strict):
@@ -85,6 +151,7 @@ class EvalSettings(Strict):
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     behaviour: BehaviourSection = Field(default_factory=BehaviourSection)
     drift: DriftSection = Field(default_factory=DriftSection)
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
     figures: FiguresSection = Field(default_factory=FiguresSection)
 
     @model_validator(mode="after")
@@ -94,6 +161,9 @@ class EvalSettings(Strict):
         if any(p != "none" for p in self.behaviour.placements) and not self.behaviour_instruction:
             raise ValueError("behaviour.placements asks for an instruction but none is set "
                              "(behaviour.instruction or embeddings.instruction)")
+        if self.behaviour.shown_placement not in self.behaviour.placements:
+            raise ValueError(f"behaviour.shown_placement {self.behaviour.shown_placement!r} is not one of "
+                             f"behaviour.placements {self.behaviour.placements}")
         if len(set(self.behaviour.placements)) != len(self.behaviour.placements):
             raise ValueError("behaviour.placements has duplicates")
         return self

@@ -1,42 +1,32 @@
-"""Capability drift: perplexity of held-out benign responses and token KL(model || base).
+"""Capability drift: perplexity of held-out benign responses and token KL(model || base), paired
+with the base on the same examples.
 
-Default data: the chosen answers of the `benign` pairs in the bundled `demo:preferences`. Pairs are
-tokenised by the training code (`data.tokenize_pairs`: same chat template, prompt and response
-tokenised separately, response ends with EOS), and only response tokens are scored.
+Default data: the chosen answers of the `benign` pairs in the bundled `demo:preferences` (51; point
+`drift.path` at a larger held-out set for a study). Pairs are tokenised by the training code
+(`data.tokenize_pairs`) and scored by the training engine's `PolicyModel` (`logprobs.py`), so only
+response tokens count and "KL to the base" is the quantity CITA's loss uses:
 
-  perplexity = exp(sum of response-token NLL / number of response tokens)   (token-weighted)
-  kl         = mean over response-predicting positions of KL(p_model || p_base), full vocabulary
+  perplexity       = exp(sum of response-token NLL / number of response tokens)   (token-weighted)
+  perplexity_ratio = perplexity / base perplexity = exp(sum (NLL - base NLL) / tokens)
+  kl_mean_token    = sum of token KL(p_model || p_base) / tokens, full vocabulary
 
-The base is the same network with the adapter disabled; without an adapter the model *is* the base,
-so KL = 0 and the ratio is 1 by definition (no second pass). `collapsed` is set when
-perplexity / base perplexity exceeds `collapse_ratio` (default 2: the model finds ordinary benign
-answers twice as surprising as before training, a level far beyond run-to-run noise).
+Intervals are **paired**: one bootstrap resamples examples, and each resample recomputes the
+model's and the base's numbers on the same examples, so example difficulty cancels out of the
+ratio and of the KL. Per-example values go to `drift_examples.jsonl` (ids included) so two arms can
+be compared paired too (`paired_difference`).
+Without an adapter the model is the base: KL = 0 and the ratio is 1 by definition (no second pass).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from ecliptica.data import Placement, PreferenceExample, TokenizeSettings, load_preferences, resolve_path, tokenize_pairs
-from ecliptica.evaluation.inputs import length_sorted_batches, model_device, pad_batch
+from ecliptica.data import PreferenceExample, TokenizeSettings, load_preferences, resolve_path, tokenize_pairs
+from ecliptica.evaluation.config import DriftSection
+from ecliptica.evaluation.logprobs import sequence_scores
 from ecliptica.evaluation.stats import percentile_interval
-
-
-@dataclass(frozen=True)
-class DriftSettings:
-    placement: Placement = "none"
-    max_length: int = 1024
-    max_prompt_length: int = 512
-    batch_size: int = 8
-    collapse_ratio: float = 2.0
-    n_resamples: int = 1000
-    seed: int = 0
-    progress: bool = True
 
 
 def load_benign_pairs(path: str = "demo:preferences", format: str = "generic", category: str | None = "benign",
@@ -53,75 +43,41 @@ def load_benign_pairs(path: str = "demo:preferences", format: str = "generic", c
     return examples
 
 
-def _sequences(tokenizer, examples: Sequence[PreferenceExample], s: DriftSettings):
-    data = tokenize_pairs(tokenizer, list(examples), s.placement,
+def token_scores(handle, examples: Sequence[PreferenceExample], s: DriftSection,
+                 progress: bool = True) -> dict[str, np.ndarray]:
+    """Per example: summed response NLL under the model and the base, summed token KL, token count."""
+    data = tokenize_pairs(handle.tokenizer, list(examples), s.placement,
                           TokenizeSettings(max_length=s.max_length, max_prompt_length=s.max_prompt_length),
                           progress=False)
-    return [(list(p.prompt_ids), list(p.chosen_ids)) for p in data.pairs]
+    sc = sequence_scores(handle, data.pairs, with_rejected=False, batch_size=s.batch_size, token_kl=True,
+                         progress=progress, desc="drift")
+    return {"id": np.array([e.row_id for e in examples]), "nll": -sc["logp_chosen"],
+            "ref_nll": -sc["ref_logp_chosen"], "kl": sc["kl_chosen"], "tokens": sc["n_chosen"]}
 
 
-def _response_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log-softmax (fp32) at every position that predicts a response token: (n_tokens, vocab)."""
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-    return torch.log_softmax(logits[targets].float(), dim=-1)
+def _paired_resamples(scores: dict[str, np.ndarray], n_resamples: int, seed: int) -> dict[str, np.ndarray]:
+    """Token-weighted sums over the same resampled examples for model and base."""
+    idx = np.random.default_rng(seed).integers(0, scores["tokens"].size, size=(n_resamples, scores["tokens"].size))
+    tokens = scores["tokens"][idx].sum(1)
+    return {k: scores[k][idx].sum(1) / tokens for k in ("nll", "ref_nll", "kl")}
 
 
-@torch.inference_mode()
-def token_scores(handle, examples: Sequence[PreferenceExample], s: DriftSettings,
-                 with_reference: bool) -> dict[str, np.ndarray]:
-    """Per example: summed response NLL under the model (and the base) and summed token KL."""
-    tok = handle.tokenizer
-    seqs = _sequences(tok, examples, s)
-    n = len(seqs)
-    nll, ref_nll, kl = np.zeros(n), np.zeros(n), np.zeros(n)
-    tokens = np.array([len(r) for _, r in seqs], dtype=float)
-    batches = list(length_sorted_batches([len(p) + len(r) for p, r in seqs], s.batch_size))
-    for batch in tqdm(batches, desc="drift", disable=not s.progress, leave=False):
-        with handle.active() as model:
-            device = model_device(model)
-            ids, mask = pad_batch([seqs[i][0] + seqs[i][1] for i in batch], tok.pad_token_id, "right", device)
-            is_response = torch.zeros_like(mask, dtype=torch.bool)
-            for row, i in enumerate(batch):
-                p, r = seqs[i]
-                is_response[row, len(p):len(p) + len(r)] = True
-            targets = is_response[:, 1:]  # position t predicts token t + 1
-            labels = ids[:, 1:][targets]
-            row_of = torch.arange(len(batch), device=device)[:, None].expand_as(targets)[targets].cpu().numpy()
-            logp = _response_logprobs(model, ids, mask, targets)
-        token_nll = -logp.gather(-1, labels[:, None]).squeeze(-1)
-        np.add.at(nll, np.asarray(batch)[row_of], token_nll.cpu().double().numpy())
-        if with_reference:
-            with handle.reference() as base:
-                ref_logp = _response_logprobs(base, ids, mask, targets)
-            ref_token_nll = -ref_logp.gather(-1, labels[:, None]).squeeze(-1)
-            token_kl = (logp.exp() * (logp - ref_logp)).sum(-1)
-            np.add.at(ref_nll, np.asarray(batch)[row_of], ref_token_nll.cpu().double().numpy())
-            np.add.at(kl, np.asarray(batch)[row_of], token_kl.cpu().double().numpy())
-    if not with_reference:
-        ref_nll = nll.copy()
-    return {"nll": nll, "ref_nll": ref_nll, "kl": kl, "tokens": tokens}
-
-
-def _ratio_ci(num: np.ndarray, den: np.ndarray, transform, n_resamples: int, seed: int) -> tuple[float, float]:
-    """Percentile bootstrap over examples of transform(sum num / sum den)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, num.size, size=(n_resamples, num.size))
-    return percentile_interval(transform(num[idx].sum(1) / den[idx].sum(1)), 0.05)
-
-
-def drift_metrics(scores: dict[str, np.ndarray], s: DriftSettings, has_adapter: bool) -> dict[str, Any]:
+def drift_metrics(scores: dict[str, np.ndarray], s: DriftSection, has_adapter: bool, *, n_resamples: int = 1000,
+                  seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
     nll, ref_nll, kl, tokens = scores["nll"], scores["ref_nll"], scores["kl"], scores["tokens"]
     total = tokens.sum()
     ppl, base_ppl = float(np.exp(nll.sum() / total)), float(np.exp(ref_nll.sum() / total))
-    ratio = ppl / base_ppl
-    low, high = _ratio_ci(nll, tokens, np.exp, s.n_resamples, s.seed)
-    k_low, k_high = _ratio_ci(kl, tokens, lambda x: x, s.n_resamples, s.seed)
+    ratio = float(np.exp((nll.sum() - ref_nll.sum()) / total))
+    boot = _paired_resamples(scores, n_resamples, seed)
+    ci = lambda x: dict(zip(("low", "high"), percentile_interval(x, alpha)))  # noqa: E731
     result = {
         "n_examples": int(tokens.size), "n_response_tokens": int(total),
-        "perplexity": ppl, "perplexity_ci": {"low": low, "high": high, "method": "percentile bootstrap over examples"},
+        "perplexity": ppl, "perplexity_ci": ci(np.exp(boot["nll"])),
         "base_perplexity": base_ppl, "perplexity_ratio": ratio,
+        "perplexity_ratio_ci": ci(np.exp(boot["nll"] - boot["ref_nll"])) if has_adapter else None,
         "kl_mean_token": float(kl.sum() / total) if has_adapter else 0.0,
-        "kl_ci": {"low": k_low, "high": k_high} if has_adapter else None,
+        "kl_ci": ci(boot["kl"]) if has_adapter else None,
+        "ci_method": "percentile bootstrap over examples, model and base resampled together (paired)",
         "collapse_ratio": s.collapse_ratio, "collapsed": bool(ratio > s.collapse_ratio),
         "placement": s.placement,
     }
@@ -130,6 +86,28 @@ def drift_metrics(scores: dict[str, np.ndarray], s: DriftSettings, has_adapter: 
     return result
 
 
-def run_drift(handle, examples: Sequence[PreferenceExample], s: DriftSettings) -> dict[str, Any]:
-    has_adapter = handle.adapter_path is not None
-    return drift_metrics(token_scores(handle, examples, s, with_reference=has_adapter), s, has_adapter)
+def run_drift(handle, examples: Sequence[PreferenceExample], s: DriftSection, *, n_resamples: int = 1000,
+              seed: int = 0, progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(metrics, per-example records) for the handle's current model against its base."""
+    scores = token_scores(handle, examples, s, progress)
+    metrics = drift_metrics(scores, s, handle.adapter_path is not None, n_resamples=n_resamples, seed=seed)
+    records = [{"id": str(i), "tokens": int(t), "nll": float(a), "base_nll": float(b), "kl": float(k)}
+               for i, t, a, b, k in zip(scores["id"], scores["tokens"], scores["nll"], scores["ref_nll"], scores["kl"])]
+    return metrics, records
+
+
+def paired_difference(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], key: str = "nll",
+                      n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+    """Token-weighted mean of `key` (nll or kl) for arm a minus arm b, on the same examples (matched by
+    id; `drift_examples.jsonl` records), with a paired percentile bootstrap interval over examples."""
+    by_id = {r["id"]: r for r in b}
+    missing = [r["id"] for r in a if r["id"] not in by_id]
+    if missing or len(a) != len(b):
+        raise ValueError(f"paired drift comparison needs the same examples; {len(missing)} ids of a are not in b "
+                         f"(e.g. {missing[:3]}), sizes {len(a)} and {len(b)}")
+    tokens = np.array([r["tokens"] for r in a], dtype=float)
+    diff = np.array([r[key] - by_id[r["id"]][key] for r in a])
+    idx = np.random.default_rng(seed).integers(0, tokens.size, size=(n_resamples, tokens.size))
+    low, high = percentile_interval(diff[idx].sum(1) / tokens[idx].sum(1), alpha)
+    return {"key": key, "difference": float(diff.sum() / tokens.sum()), "low": low, "high": high,
+            "n_examples": int(tokens.size)}

@@ -64,14 +64,18 @@ def tsne_scatter(X: np.ndarray, labels: Sequence[str], path: str | Path, seed: i
     return _save(fig, plt, path)
 
 
-def layer_curve_plot(curve: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+def layer_curve_plot(per_layer: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Discriminant AQI (with its interval) and geometric AQI per layer (`aqi_layers.per_layer` of eval.json)."""
     plt = pyplot()
-    layers = [c["layer"] for c in curve]
+    layers = [c["layer"] for c in per_layer]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(layers, [c["aqi"] for c in curve], marker="o", ms=3)
-    ax.fill_between(layers, [c["low"] for c in curve], [c["high"] for c in curve], alpha=0.25, label="95% CI")
+    for kind in ("discriminant", "geometric"):
+        ax.plot(layers, [c[kind]["aqi"] for c in per_layer], marker="o", ms=3, label=f"{kind} AQI")
+        if "low" in per_layer[0][kind]:  # per-layer intervals: discriminant only
+            ax.fill_between(layers, [c[kind]["low"] for c in per_layer], [c[kind]["high"] for c in per_layer],
+                            alpha=0.2)
     ax.set_xlabel("hidden-state index (0 = token embeddings)")
-    ax.set_ylabel("AQI")
+    ax.set_ylabel("AQI (shaded: interval)")
     ax.set_title(title or "AQI by layer")
     ax.legend()
     return _save(fig, plt, path)

@@ -37,7 +37,7 @@ __all__ = [
     "probe_auroc",
     "auroc_rows",
     "out_of_fold_scores",
-    "between_share",
+    "auroc_rows",
     "chi_to_between_share",
     "xb_term",
     "aqi_from_terms",
@@ -97,15 +97,13 @@ def _min_centroid_sqdist(centroids: np.ndarray) -> float:
 
 
 def calinski_harabasz(X: ArrayLike, y: ArrayLike) -> float:
-    """CHI = [B / (k - 1)] / [W / (n - k)]; higher = better separated. Matches scikit-learn."""
+    """CHI = [B / (k - 1)] / [W / (n - k)]; higher = better separated. scikit-learn's implementation."""
+    from sklearn.metrics import calinski_harabasz_score
+
     X, codes, classes = _prepare(X, y)
-    n, k = X.shape[0], classes.size
-    if n <= k:
-        raise ValueError(f"CHI needs more points than clusters (n={n}, k={k})")
-    _, _, within, between = _scatter(X, codes, k)
-    if within == 0.0:
-        return 1.0  # scikit-learn's convention for zero within-cluster spread
-    return between * (n - k) / (within * (k - 1))
+    if X.shape[0] <= classes.size:
+        raise ValueError(f"CHI needs more points than clusters (n={X.shape[0]}, k={classes.size})")
+    return float(calinski_harabasz_score(X, codes))  # 1.0 for zero within-cluster spread, as sklearn
 
 
 def xie_beni(X: ArrayLike, y: ArrayLike) -> float:
@@ -133,20 +131,12 @@ def silhouette(X: ArrayLike, y: ArrayLike) -> float:
 def davies_bouldin(X: ArrayLike, y: ArrayLike) -> float:
     """DB = mean_i max_{j != i} (s_i + s_j) / ||c_i - c_j||, s_i = mean distance to own centroid.
 
-    Lower = better separated. Matches scikit-learn (including its 0.0 for coincident centroids).
+    Lower = better separated. scikit-learn's implementation (0.0 for coincident centroids).
     """
-    X, codes, classes = _prepare(X, y)
-    k = classes.size
-    centroids = np.stack([X[codes == c].mean(axis=0) for c in range(k)])
-    spread = np.array([np.linalg.norm(X[codes == c] - centroids[c], axis=1).mean() for c in range(k)])
-    dist = np.linalg.norm(centroids[:, None, :] - centroids[None, :, :], axis=-1)
-    if np.allclose(spread, 0) or np.allclose(dist, 0):
-        return 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = (spread[:, None] + spread[None, :]) / dist
-    ratio[~np.isfinite(ratio)] = 0.0  # same handling as scikit-learn
-    np.fill_diagonal(ratio, -np.inf)
-    return float(ratio.max(axis=1).mean())
+    from sklearn.metrics import davies_bouldin_score
+
+    X, codes, _ = _prepare(X, y)
+    return float(davies_bouldin_score(X, codes))
 
 
 # --------------------------------------------------------------------------- linear probe
@@ -210,14 +200,6 @@ def auroc_rows(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
 def chi_to_between_share(chi: float, n: int, k: int = 2) -> float:
     """f(CHI) = CHI / (CHI + (n - k)/(k - 1)), which equals B / (B + W) exactly."""
     return chi / (chi + (n - k) / (k - 1))
-
-
-def between_share(X: ArrayLike, y: ArrayLike) -> float:
-    """B / (B + W): share of total sum of squares explained by the labels (0 if all points equal)."""
-    X, codes, classes = _prepare(X, y)
-    _, _, within, between = _scatter(X, codes, classes.size)
-    total = between + within
-    return between / total if total > 0 else 0.0
 
 
 def xb_term(xb: float | np.ndarray) -> float | np.ndarray:

@@ -14,7 +14,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
-from ecliptica.models import ModelConfig, load_model, load_tokenizer, resolve_model_path
+from ecliptica.config import InferenceModelSection
+from ecliptica.models import load_model, load_tokenizer, resolve_model_path
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -80,7 +81,7 @@ class ModelHandle:
         self.adapter_hash: str | None = None
 
     @classmethod
-    def load(cls, cfg: ModelConfig) -> "ModelHandle":
+    def load(cls, cfg: InferenceModelSection) -> "ModelHandle":
         return cls(load_model(cfg), load_tokenizer(cfg), cfg.name)
 
     @property

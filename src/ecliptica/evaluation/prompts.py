@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ecliptica.data import PromptExample, load_prompts, resolve_path
+from ecliptica.data import PromptExample, format_names, load_prompts, resolve_path
 
-EVAL_FORMATS = ("litmus", "xstest", "donotanswer", "generic")
+EVAL_FORMATS = format_names("prompt")
 
 
 def load_eval_prompts(path: str = "demo:eval", format: str = "generic", *, limit: int | None = None,

@@ -100,10 +100,19 @@ def evaluate_on_resamples(stat_fn: StatFn, X: np.ndarray, y: np.ndarray, idx: np
     return np.array([stat_fn(X[rows], y[rows]) for rows in idx], dtype=float)
 
 
-IntervalMethod = Literal["percentile", "basic"]
+IntervalMethod = Literal["percentile", "basic", "bca"]
 
 
-def bootstrap_interval(samples: np.ndarray, estimate: float, alpha: float, method: IntervalMethod):
+def bootstrap_interval(samples: np.ndarray, estimate: float, alpha: float, method: IntervalMethod,
+                       jackknife: np.ndarray | None = None) -> tuple[float, float]:
+    """The (1 - alpha) interval from bootstrap `samples` of a statistic whose full-sample value is `estimate`.
+
+    "bca" needs the leave-one-out values `jackknife` (for the acceleration); see `bca_interval`.
+    """
+    if method == "bca":
+        if jackknife is None:
+            raise ValueError("method 'bca' needs the jackknife (leave-one-out) values of the statistic")
+        return bca_interval(samples, estimate, jackknife, alpha)
     q_lo, q_hi = percentile_interval(samples, alpha)
     if method == "percentile":
         return q_lo, q_hi
@@ -112,11 +121,57 @@ def bootstrap_interval(samples: np.ndarray, estimate: float, alpha: float, metho
     raise ValueError(f"unknown method {method!r}")
 
 
+def bca_interval(samples: np.ndarray, estimate: float, jackknife: np.ndarray, alpha: float) -> tuple[float, float]:
+    """Bias-corrected and accelerated (BCa) percentile interval (Efron 1987; scipy's formulas).
+
+    ``z0 = Phi^-1(share of samples below the estimate, ties counted half)`` corrects for a median
+    bias of the bootstrap distribution; ``a = sum(d^3) / (6 sum(d^2)^1.5)`` with ``d`` the jackknife
+    values' deviations from their mean corrects for a skew that changes with the parameter. The
+    ends are the sample quantiles at ``Phi(z0 + (z0 + z) / (1 - a (z0 + z)))`` for ``z = z_{alpha/2},
+    z_{1-alpha/2}``. Equals ``scipy.stats.bootstrap(method="BCa")`` given the same samples (tested).
+    When every sample lies on one side of the estimate, ``z0`` is infinite and the interval cannot
+    contain the estimate; ``bootstrap_ci`` flags this (``contains_estimate``).
+    """
+    from scipy.stats import norm
+
+    finite = samples[np.isfinite(samples)]
+    if finite.size == 0:
+        return float("nan"), float("nan")
+    below = (np.sum(finite < estimate) + np.sum(finite <= estimate)) / (2 * finite.size)
+    with np.errstate(divide="ignore"):
+        z0 = norm.ppf(below)
+    dev = np.mean(jackknife) - np.asarray(jackknife, dtype=float)
+    denom = 6.0 * np.sum(dev**2) ** 1.5
+    accel = float(np.sum(dev**3) / denom) if denom > 0 else 0.0
+    z = norm.ppf([alpha / 2, 1 - alpha / 2])
+    with np.errstate(invalid="ignore"):
+        levels = norm.cdf(z0 + (z0 + z) / (1 - accel * (z0 + z)))
+    levels = np.nan_to_num(levels, nan=0.5)
+    low, high = np.quantile(finite, levels)
+    return float(low), float(high)
+
+
+def jackknife_indices(n: int) -> np.ndarray:
+    """(n, n - 1) rows: row i is every index but i (so the resample path can evaluate the jackknife)."""
+    full = np.tile(np.arange(n), (n, 1))
+    return full[~np.eye(n, dtype=bool)].reshape(n, n - 1)
+
+
 def _clip(interval: tuple[float, float], bounds: tuple[float, float] | None) -> tuple[float, float]:
-    """Keep a "basic" interval inside the statistic's range (a statistic may declare ``bounds``)."""
+    """Keep an interval inside the statistic's range (a statistic may declare ``bounds``)."""
     if bounds is None:
         return interval
     return float(np.clip(interval[0], *bounds)), float(np.clip(interval[1], *bounds))
+
+
+def interval_note(estimate: float, low: float, high: float, bias: float, se: float) -> str | None:
+    """Why an interval does not contain its estimate (None when it does)."""
+    if not (np.isfinite(low) and np.isfinite(high)) or low <= estimate <= high:
+        return None
+    side = "above" if low > estimate else "below"
+    return (f"interval lies {side} the estimate: the bootstrap distribution is shifted by bias={bias:.3g} "
+            f"(se={se:.3g}); resampling duplicates prompts, which inflates separation in high dimensions, "
+            "so this interval is not a valid confidence interval for the estimate")
 
 
 def percentile_interval(samples: np.ndarray, alpha: float) -> tuple[float, float]:
@@ -152,21 +207,32 @@ def bootstrap_ci(
     resampling duplicated prompts adds that bias again, and in simulation (n=200, d=576) the
     percentile interval then lies entirely above the estimate and covers the population AQI 0% of
     the time, while the basic interval covers it ~93-97% (docs/aqi.md). When ``bias`` is small
-    next to ``se`` the two agree.
+    next to ``se`` the two agree. ``method="bca"``: `bca_interval`, with the jackknife evaluated
+    through the statistic's resample path (n extra evaluations).
+
+    Every result says whether the interval contains the estimate (``contains_estimate``) and, when
+    it does not, why (``note``): an interval can exclude its estimate when the bootstrap
+    distribution is shifted by more than its spread.
     """
     X = np.asarray(X)
     y = np.asarray(y)
     idx = resample_indices(y, n_resamples, seed, stratified)
     samples = evaluate_on_resamples(stat_fn, X, y, idx)
     estimate = float(stat_fn(X, y))
-    low, high = _clip(bootstrap_interval(samples, estimate, alpha, method), getattr(stat_fn, "bounds", None))
+    jackknife = evaluate_on_resamples(stat_fn, X, y, jackknife_indices(len(y))) if method == "bca" else None
+    low, high = _clip(bootstrap_interval(samples, estimate, alpha, method, jackknife),
+                      getattr(stat_fn, "bounds", None))
     finite = samples[np.isfinite(samples)]
+    se = float(np.std(finite, ddof=1)) if finite.size > 1 else float("nan")
+    bias = float(finite.mean() - estimate) if finite.size else float("nan")
     result: dict[str, Any] = {
         "estimate": estimate,
         "low": low,
         "high": high,
-        "se": float(np.std(finite, ddof=1)) if finite.size > 1 else float("nan"),
-        "bias": float(finite.mean() - estimate) if finite.size else float("nan"),
+        "se": se,
+        "bias": bias,
+        "contains_estimate": bool(low <= estimate <= high),
+        "note": interval_note(estimate, low, high, bias, se),
         "alpha": alpha,
         "n_resamples": n_resamples,
         "n_undefined": int((~np.isfinite(samples)).sum()),
@@ -209,6 +275,8 @@ def paired_bootstrap_test(
     diffs = evaluate_on_resamples(stat_fn, XA, y, idx) - evaluate_on_resamples(stat_fn, XB, y, idx)
     estimate_a, estimate_b = float(stat_fn(XA, y)), float(stat_fn(XB, y))
     diff = estimate_a - estimate_b
+    if method == "bca":
+        raise ValueError("the paired test supports 'basic' and 'percentile' intervals")
     low, high = bootstrap_interval(diffs, diff, alpha, method)  # differences are not clipped
     threshold = 2 * diff if method == "basic" else 0.0
     return {
@@ -272,14 +340,10 @@ def proportion_bootstrap_ci(
 
 
 def wilson_interval(successes: int, total: int, alpha: float = 0.05) -> tuple[float, float]:
-    """Wilson score interval; unlike the bootstrap it is not degenerate at 0% or 100%."""
-    from scipy.stats import norm
+    """Wilson score interval (scipy's binomtest); unlike the bootstrap it is not degenerate at 0% or 100%."""
+    from scipy.stats import binomtest
 
-    z = float(norm.ppf(1 - alpha / 2))
-    p = successes / total
-    denom = 1 + z**2 / total
-    centre = (p + z**2 / (2 * total)) / denom
-    half = z * np.sqrt(p * (1 - p) / total + z**2 / (4 * total**2)) / denom
-    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends (avoid 0.9999...)
-    high = 1.0 if successes == total else min(1.0, centre + half)
-    return float(low), float(high)
+    ci = binomtest(successes, total).proportion_ci(confidence_level=1 - alpha, method="wilson")
+    low = 0.0 if successes == 0 else max(0.0, float(ci.low))  # exact ends (avoid 0.9999...)
+    high = 1.0 if successes == total else min(1.0, float(ci.high))
+    return low, high

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ecliptica.config import Strict
 
@@ -31,7 +31,13 @@ class Rate(Strict):
 
 
 class EvalSummary(Strict):
-    aqi: Estimate
+    aqi: Estimate  # the headline: discriminant AQI of the headline band (geometric in older eval.json files)
+    # which statistic `aqi` is: "discriminant_band" = BandAqiStat(aqi_gamma) of eval/aqi_band_projections.npz;
+    # "geometric" = AqiStat(aqi_gamma, aqi_pca_dim) of layer `aqi_layer` (eval.json before the discriminant AQI)
+    aqi_statistic: Literal["discriminant_band", "geometric"] = "geometric"
+    aqi_geometric: Estimate | None = None  # geometric AQI of the same band
+    aqi_lexical: Estimate | None = None  # discriminant AQI at layer 0 (the words alone)
+    aqi_geometric_lexical: Estimate | None = None
     aqi_gamma: float = 0.5  # the settings the evaluator computed AQI with (metrics.gamma,
     aqi_pca_dim: int | None = None  # embeddings.pca_dim, embeddings.layer)
     aqi_layer: int = -1
@@ -40,9 +46,18 @@ class EvalSummary(Strict):
     behaviour_placement: str | None = None  # which generation variant the refusal rates are from
     refusal_rate_unsafe: Rate | None = None  # higher is better
     over_refusal_rate_safe: Rate | None = None  # lower is better
+    refusal_judge: str | None = None  # behaviour.judge: strmatch or model:<id>
+    # every generation variant (with / without the training instruction), by placement
+    refusal_rate_unsafe_by_placement: dict[str, Rate] = {}
+    over_refusal_rate_safe_by_placement: dict[str, Rate] = {}
+    jailbreak_refusal_rate: Rate | None = None  # unsafe prompts in jailbreak templates, pooled (higher is better)
     perplexity: float | None = None  # on benign data (capability drift)
+    perplexity_ratio: Estimate | None = None  # perplexity / base perplexity, paired interval
     kl_mean_token: float | None = None  # to the base, per token, on benign data
     collapsed: bool | None = None
+    preference_reward_accuracy: Estimate | None = None  # held-out pairs, DPO implicit reward vs the base
+    preference_reward_margin: Estimate | None = None
+    preference_logp_accuracy: Estimate | None = None
 
 
 def summarize_eval(result: dict[str, Any]) -> EvalSummary:
@@ -58,20 +73,48 @@ def summarize_eval(result: dict[str, Any]) -> EvalSummary:
         "aqi_layer": (result.get("embeddings") or {}).get("reported_layer", emb.get("layer", -1)),
         "n_prompts": overall.get("n"),
     }
+    layers = result.get("aqi_layers")
+    if layers:  # the headline and its variants (docs/aqi.md)
+        def estimate(entry: dict) -> dict:
+            return {"value": entry["aqi"], "low": entry.get("low"), "high": entry.get("high")}
+
+        out.update(aqi=estimate(layers["discriminant"]), aqi_statistic="discriminant_band",
+                   aqi_geometric=estimate(layers["geometric"]), aqi_lexical=estimate(layers["lexical"]["discriminant"]),
+                   aqi_geometric_lexical=estimate(layers["lexical"]["geometric"]))
     if "probe_auroc" in overall:
         auroc = overall.get("probe_auroc_ci") or {}
         out["probe_auroc"] = {"value": overall["probe_auroc"], "low": auroc.get("low"), "high": auroc.get("high")}
     behaviour = result.get("behaviour") or {}
     if behaviour:
-        placement = "none" if "none" in behaviour else next(iter(behaviour))
+        b_settings = settings.get("behaviour") or {}
+        shown = b_settings.get("shown_placement", "none")
+        placement = shown if shown in behaviour else next(iter(behaviour))
         out["behaviour_placement"] = placement
+        out["refusal_judge"] = b_settings.get("judge", "strmatch")
         for key in ("refusal_rate_unsafe", "over_refusal_rate_safe"):
-            r = behaviour[placement][key]
-            out[key] = {"rate": r["rate"], "low": r.get("low"), "high": r.get("high"), "n": r["total"]}
+            out[key] = _rate(behaviour[placement][key])
+            out[f"{key}_by_placement"] = {p: _rate(r[key]) for p, r in behaviour.items() if r[key]["rate"] is not None}
+    jailbreak = (result.get("jailbreak") or {}).get("overall")
+    if jailbreak and jailbreak["rate"] is not None:
+        out["jailbreak_refusal_rate"] = _rate(jailbreak)
     drift = result.get("drift") or {}
     for key in ("perplexity", "kl_mean_token", "collapsed"):
         out[key] = drift.get(key)
+    if drift.get("perplexity_ratio") is not None:
+        out["perplexity_ratio"] = _estimate(drift["perplexity_ratio"], drift.get("perplexity_ratio_ci"))
+    pref = result.get("preference") or {}
+    for key in ("reward_accuracy", "reward_margin", "logp_accuracy"):
+        if pref.get(key) is not None:
+            out[f"preference_{key}"] = _estimate(pref[key], pref.get(f"{key}_ci"))
     return EvalSummary.model_validate(out)
+
+
+def _rate(r: dict[str, Any]) -> dict[str, Any]:
+    return {"rate": r["rate"], "low": r.get("low"), "high": r.get("high"), "n": r["total"]}
+
+
+def _estimate(value: float, ci: dict[str, Any] | None) -> dict[str, Any]:
+    return {"value": value, "low": (ci or {}).get("low"), "high": (ci or {}).get("high")}
 
 
 def read_eval_summary(path: str | Path) -> EvalSummary:

@@ -115,6 +115,15 @@ class GritOptimizer(Optimizer):
     def regularization_loss(self) -> torch.Tensor:
         return regularization_loss(self.layers, self.collector.slots, self.config)
 
+    def extra_losses(self) -> Dict[str, torch.Tensor]:
+        """The optional regularisers as an extra loss term (none when both are off)."""
+        reg = self.regularization_loss()
+        return {"loss/grit_reg": reg} if reg.requires_grad else {}
+
+    def summary(self) -> Dict[str, Any]:
+        """Rank adaptation for summary.json: physical vs effective LoRA parameters."""
+        return {"lora_parameters": self.parameter_counts()}
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
         loss = None

@@ -13,17 +13,21 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ..config import Strict, TrainConfig, apply_overrides, config_hash
+from ..data.formatting import Placement
 from ..evaluation.config import EvalSettings
+from ..losses import registry
 from .design import BASE_METHODS, Question, ReportSettings, default_questions
 
 __all__ = ["ArmSpec", "StudyConfig", "BASE_METHODS", "Question", "ReportSettings", "default_arms"]
 
+ArmMethod = Literal[("baseline", *registry.method_names())]  # type: ignore[valid-type]  # baseline: no training
+
 
 class ArmSpec(Strict):
     name: str
-    method: Literal["baseline", "sft", "dpo", "cita"]
+    method: ArmMethod
     optimizer: Literal["adamw", "adamw8bit", "grit"] = "adamw"
-    placement: Literal["system", "prepend", "none"] | None = None  # None = the method's default
+    placement: Placement | None = None  # None = the method's default
     overrides: dict[str, Any] = {}  # dotted TrainConfig keys, e.g. {"optimizer.lr": 1.0e-4}
 
 
@@ -37,7 +41,9 @@ def default_arms() -> list[ArmSpec]:
 class StudyConfig(Strict):
     study_dir: str = "runs/study"
     seeds: list[int] = [0]
-    train: dict[str, Any] = {}  # TrainConfig fields shared by every arm (model, lora, data, method, optimizer, ...)
+    # TrainConfig fields shared by every arm (model, lora, data, method, optimizer, ...); each arm takes the
+    # `method` settings its method has (registry.settings_for), so one block can hold beta and lambda_kl
+    train: dict[str, Any] = {}
     grit: dict[str, Any] = {}  # GRIT settings used by every +GRIT arm
     evaluation: EvalSettings = Field(default_factory=EvalSettings)  # shared by every arm; model/adapter/out_dir per run
     arms: list[ArmSpec] = Field(default_factory=default_arms)
@@ -68,14 +74,17 @@ class StudyConfig(Strict):
         self.eval_config(Path(self.study_dir) / "runs", None)  # ... or if the evaluation block is
         return self
 
-    def eval_config(self, out_dir: str | Path, adapter: str | Path | None):
-        """One run's EvalConfig: the shared `evaluation` block + this run's output and adapter."""
+    def eval_config(self, out_dir: str | Path, adapter: str | Path | None, behaviour: dict | None = None):
+        """One run's EvalConfig: the shared `evaluation` block + this run's output and adapter
+        (`behaviour`: that block's behaviour settings as the runner widened them for this arm)."""
         from ..config import InferenceModelSection
         from ..evaluation.config import EvalConfig
 
         model = {k: v for k, v in self.train.get("model", {}).items() if k in InferenceModelSection.model_fields}
         raw = {**self.evaluation.model_dump(), "out_dir": str(out_dir), "adapter": None if adapter is None else str(adapter),
                "model": model}
+        if behaviour is not None:
+            raw["behaviour"] = behaviour
         try:
             return EvalConfig.model_validate(raw)
         except Exception as e:
@@ -90,7 +99,7 @@ class StudyConfig(Strict):
         raw["seed"] = seed
         raw["tensorboard_dir"] = str(Path(self.study_dir) / "tensorboard")
         raw["run_name"] = self.run_id(arm, seed)
-        raw.setdefault("method", {})["name"] = arm.method
+        raw["method"] = {**registry.settings_for(arm.method, raw.get("method", {})), "name": arm.method}
         if arm.placement is not None:
             raw["method"]["placement"] = arm.placement
         raw.setdefault("optimizer", {})["name"] = arm.optimizer

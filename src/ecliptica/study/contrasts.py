@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ecliptica.evaluation.discriminant import BandAqiStat
 from ecliptica.evaluation.metrics import AqiStat
 from ecliptica.evaluation.stats import (
     bootstrap_interval,
@@ -39,9 +40,15 @@ class AqiMismatchError(ValueError):
     """A run's embeddings do not reproduce the AQI its evaluation recorded."""
 
 
-def aqi_stat_of(record: Mapping[str, Any]) -> AqiStat:
-    """The evaluator's AQI statistic with the settings this run was scored with."""
+def aqi_stat_of(record: Mapping[str, Any]) -> AqiStat | BandAqiStat:
+    """The evaluator's AQI statistic with the settings this run was scored with.
+
+    For the discriminant headline the run's embeddings are its band projections
+    (eval/aqi_band_projections.npz): their folds depend on the prompts only, so arms pair.
+    """
     s = record["eval"]
+    if s.aqi_statistic == "discriminant_band":
+        return BandAqiStat(gamma=s.aqi_gamma)
     return AqiStat(gamma=s.aqi_gamma, pca_dim=s.aqi_pca_dim)
 
 

@@ -106,9 +106,9 @@ class StudyRunner:
         # a worker leaves failed runs alone (the coordinator retries them on the next invocation)
         return ("trained", "evaluated", "failed") if self.worker else ("trained", "evaluated")
 
-    def evaluate_all(self) -> None:
-        """Evaluate every trained run and the baseline. A worker also waits for runs other workers
-        are still training, and evaluates them when they are done."""
+    def evaluate_all(self, only: list[str] | None = None) -> None:
+        """Evaluate every trained run and the baseline (or only the arms named in `only`). A worker also
+        waits for runs other workers are still training, and evaluates them when they are done."""
         while True:
             rows = {r["run_id"]: r for r in self.store.all()}
             waiting = False
@@ -116,6 +116,8 @@ class StudyRunner:
                 rid = self.run_id(arm, seed)
                 status = rows[rid]["status"]
                 if status == "evaluated" or (self.worker and status == "failed"):
+                    continue
+                if only is not None and arm.name not in only:
                     continue
                 ready = arm.method == "baseline" or status == "trained"
                 if not ready:
@@ -141,17 +143,22 @@ class StudyRunner:
         from ..evaluation.model_handle import ModelHandle
         from ..evaluation.runner import prompts_from_config, run_eval
         from ..evaluation.summary import summarize_eval
-        from ..models import ModelConfig
+        from .tb import write_eval_scalars
 
         run_dir = self._run_dir(arm, seed)
-        ecfg = self.cfg.eval_config(run_dir / "eval", run_dir / "adapter" if arm.method != "baseline" else None)
+        behaviour = self._with_training_instruction(self.cfg.evaluation.behaviour.model_dump(), arm, seed)
+        ecfg = self.cfg.eval_config(run_dir / "eval", run_dir / "adapter" if arm.method != "baseline" else None,
+                                    behaviour=behaviour)
         if self._handle is None:  # one base for every arm; adapters are swapped in unmerged
-            self._handle = ModelHandle.load(ModelConfig(**ecfg.model.model_dump()))
+            self._handle = ModelHandle.load(ecfg.model)
             self._prompts = prompts_from_config(ecfg)
         print(f"[study] evaluating {rid}", flush=True)
         result = run_eval(ecfg, handle=self._handle, prompts=self._prompts)
         emb_path = _write_embeddings(result, self._prompts, run_dir / "eval" / "embeddings.npz")
-        record = {"summary": summarize_eval(result).model_dump(), "embeddings_path": str(emb_path),
+        summary = summarize_eval(result)
+        write_eval_scalars(self.dir / "tensorboard" / rid, summary,  # beside the run's training curves
+                           step=(self.store.get(rid)["train_summary"] or {}).get("steps", 0))
+        record = {"summary": summary.model_dump(), "embeddings_path": str(emb_path),
                   "eval_json": str(run_dir / "eval" / "eval.json")}
         self.store.set_status(rid, "evaluated", eval_result=record)
 
@@ -162,6 +169,22 @@ class StudyRunner:
     def _lock(self) -> DirLock:
         """The coordinator holds the study directory; its workers (started by it) work under that hold."""
         return DirLock(self.dir, "study") if self.worker is None else _NoLock()
+
+    def _with_training_instruction(self, behaviour: dict, arm: ArmSpec, seed: int) -> dict:
+        """Behaviour settings that also evaluate with the instruction an arm was trained with (same text,
+        same placement); the baseline gets every such variant, so each arm has a base to compare with.
+        The headline (`behaviour.shown_placement`) stays as configured, `none` by default: comparable
+        across arms. Arms trained on per-row instructions have no single text and keep `none` only."""
+        arms = [a for a in self.cfg.arms if a.method != "baseline"] if arm.method == "baseline" else [arm]
+        placements = list(behaviour.get("placements", ["none"]))
+        instruction = behaviour.get("instruction")
+        for a in arms:
+            tc = self.cfg.arm_config(a, seed)
+            placement, text = tc.method.placement or _default_placement(a.method), tc.data.instruction
+            if placement != "none" and (instruction or text):
+                instruction = instruction or text
+                placements = list(dict.fromkeys([*placements, placement]))
+        return {**behaviour, "placements": placements, **({"instruction": instruction} if instruction else {})}
 
     def _claim(self, rid: str, needs_work) -> bool:
         """True if this process should work on `rid` now: it still needs the work and the store gave us
@@ -198,7 +221,7 @@ class StudyRunner:
                 self.evaluate_all()
             result = self.report()
         print(f"\n[study] results: {self.dir / 'results.md'}")
-        print(f"[study] compare training curves: tensorboard --logdir {self.dir / 'tensorboard'}")
+        print(f"[study] training curves and eval/ scalars: tensorboard --logdir {self.dir / 'tensorboard'}")
         return result
 
     def work(self) -> None:
@@ -278,13 +301,21 @@ class _NoLock:
 
 
 def _write_embeddings(result: dict, prompts, path: Path) -> Path:
-    """The reported layer's embeddings with labels, axioms and prompt ids, for the paired tests."""
+    """What the run's `aqi` was computed from, with labels, axioms and prompt ids, for the paired tests.
+
+    The discriminant headline: the band's held-out projections the evaluator saved (float64, so
+    the study reproduces the recorded AQI exactly); otherwise the reported layer's embeddings.
+    """
     import numpy as np
 
     from ..evaluation.embeddings import load_cached
+    from ..evaluation.runner import BAND_PROJECTIONS
 
-    emb = load_cached(Path(result["embeddings"]["cache_path"]))
-    X = np.asarray(emb.at(result["embeddings"]["reported_layer"]), dtype=np.float32)
+    if result.get("aqi_layers"):
+        X = np.load(path.parent / BAND_PROJECTIONS)["Z"]
+    else:
+        emb = load_cached(Path(result["embeddings"]["cache_path"]))
+        X = np.asarray(emb.at(result["embeddings"]["reported_layer"]), dtype=np.float32)
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, X=X, labels=np.array([p.label for p in prompts]), axioms=np.array([p.axiom for p in prompts]),
              prompt_ids=np.array([p.row_id for p in prompts]))
@@ -330,8 +361,3 @@ def _default_placement(method: str) -> str:
     from ..losses import get_method
 
     return get_method(method).default_placement
-
-
-def run_study(path: str | Path, overrides: list[str] | None = None, workers: int = 1,
-              devices: list[str] | None = None) -> dict:
-    return StudyRunner(load_study(path, overrides)).run(workers=workers, devices=devices)

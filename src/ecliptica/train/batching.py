@@ -69,6 +69,11 @@ def pair_tokens(pair: TokenizedPair, with_rejected: bool) -> int:
     return n + len(pair.prompt_ids) + len(pair.rejected_ids) if with_rejected else n
 
 
+def response_tokens(pair: TokenizedPair, with_rejected: bool) -> int:
+    """Response tokens this pair adds to the loss's token means (chosen, plus rejected when used)."""
+    return len(pair.chosen_ids) + (len(pair.rejected_ids) if with_rejected else 0)
+
+
 def split_by_tokens(idx: list[int], sizes: list[int], budget: int) -> list[list[int]]:
     """Consecutive groups of `idx` whose summed `sizes` stay within `budget` (a pair larger than the
     budget gets a micro-batch of its own). Order is kept, so the step sees the same pairs."""

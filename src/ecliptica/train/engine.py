@@ -25,9 +25,11 @@ from .. import __version__
 from ..config import TrainConfig, save_config
 from ..data import LoadOptions, load_preferences, resolve_path, save_bad_rows, split_train_val, tokenize_pairs
 from ..data.tokenize import TokenizedData, TokenizeSettings
-from ..losses import MethodConfig, SequenceStats, build_loss
-from ..models import LoraSettings, ModelConfig, apply_lora, describe_parameters, load_model, load_tokenizer
-from .batching import collate, pair_tokens, split_by_tokens
+from ..losses import ReferenceSettings, SequenceStats, build_loss
+from ..models import apply_lora, describe_parameters, load_model, load_tokenizer
+from . import sizing
+from .attention import resolve_packed_attention
+from .batching import collate, pair_tokens, response_tokens, split_by_tokens
 from .optim import build_optimizer, build_scheduler
 from .policy import PolicyModel
 from .reference import reference_logps
@@ -144,10 +146,9 @@ class Trainer:
             # cuDNN attention builds a plan per new sequence length; with packed, variable-length batches that
             # cost dominated step time in our H200 measurements (docs/benchmarks.md). Flash/efficient SDPA don't.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        self.loss_fn = build_loss(MethodConfig(**cfg.method.model_dump(exclude={"precompute_reference"})))
+        self.loss_fn = build_loss(cfg.method)
         self.placement = cfg.method.placement or self.loss_fn.default_placement
-        model_cfg = ModelConfig(**cfg.model.model_dump())
-        self.tokenizer = load_tokenizer(model_cfg)
+        self.tokenizer = load_tokenizer(cfg.model)
         skipped = self.run_dir / "skipped_rows.json" if cfg.data.on_bad_row == "skip" and acc.is_main_process else None
         if skipped is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -156,24 +157,27 @@ class Trainer:
         self.data_report = info["report"]
         self.data_hash = self.data.fingerprint()
 
-        model = load_model(model_cfg)
-        model = apply_lora(model, LoraSettings(**cfg.lora.model_dump()), cfg.model.gradient_checkpointing)
+        model = load_model(cfg.model)
+        model = apply_lora(model, cfg.lora, cfg.model.gradient_checkpointing)
         self.param_summary = describe_parameters(model)
-        self.policy = PolicyModel(model, cfg.train.logp_chunk_size)
+        self.packed_attention = resolve_packed_attention(cfg.train.packed_attention, acc.device,
+                                                         cfg.model.attn_implementation)
+        self.policy = PolicyModel(model, cfg.train.logp_chunk_size, self.packed_attention)
         if not getattr(model, "is_loaded_in_4bit", False):
             self.policy.to(acc.device)
         self.ref_cache = None
-        if cfg.method.precompute_reference and self.loss_fn.needs_reference:
+        precompute = isinstance(cfg.method, ReferenceSettings) and cfg.method.precompute_reference
+        if precompute and self.loss_fn.needs_reference:
             self.ref_cache = reference_logps(self.policy, self.data, self.tokenizer.pad_token_id, cfg,
                                              acc.device, progress=acc.is_main_process)
-        optimizer = build_optimizer(model, cfg)
+        optimizer, self.optimizer_hooks = build_optimizer(model, cfg)
         scheduler = build_scheduler(optimizer, cfg)
         self.policy, self.optimizer = acc.prepare(self.policy, optimizer)
         self.scheduler = scheduler
         self.peft_model = acc.unwrap_model(self.policy).peft_model
-        self.grit = getattr(self.optimizer, "optimizer", self.optimizer)
-        if not hasattr(self.grit, "set_token_mask"):
-            self.grit = None
+        self.micro_batches = sizing.choose(self)
+        acc.print(f"[ecliptica] micro_batch_tokens: {self.micro_batches.tokens} ({self.micro_batches.rule}); "
+                  f"packed attention: {self.packed_attention}")
         return self
 
     # ------------------------------------------------------------------ data order
@@ -194,7 +198,7 @@ class Trainer:
         pairs, or, with `micro_batch_tokens`, the same pairs re-split by packed tokens."""
         ga = self.cfg.train.grad_accum
         groups = [self.micro_batch_indices(step * ga + k) for k in range(ga)]
-        budget = self.cfg.train.micro_batch_tokens
+        budget = self.micro_batches.tokens
         if budget is None:
             return groups
         idx = [i for g in groups for i in g]
@@ -209,24 +213,23 @@ class Trainer:
         return self._perm_cache[1]
 
     # ------------------------------------------------------------------ one optimizer step
-    def _micro_step(self, idx: list[int], progress: float) -> tuple[torch.Tensor, dict, int]:
+    def _micro_step(self, idx: list[int], progress: float, token_denominator: float | None = None
+                    ) -> tuple[torch.Tensor, dict, int]:
         uses_rej = self.loss_fn.uses_rejected
         batch = collate([self.data.pairs[i] for i in idx], uses_rej, self.tokenizer.pad_token_id,
                         packed=self.cfg.train.packing).to(self.accelerator.device)
-        if self.grit is not None:
-            self.grit.set_token_mask(batch.token_mask())
+        self.optimizer_hooks.set_token_mask(batch.token_mask())
         ref = None
         if self.ref_cache is not None:
             sel = self.ref_cache[torch.tensor(idx)]
             ref = torch.cat([sel[:, 0], sel[:, 1]]).to(self.accelerator.device)
         stats: SequenceStats = self.policy(batch, need_reference=self.loss_fn.needs_reference,
                                            need_token_kl=self.loss_fn.needs_token_kl, ref_logps=ref)
+        stats.token_denominator = token_denominator
         loss, metrics = self.loss_fn(stats, progress)
-        if self.grit is not None and hasattr(self.grit, "regularization_loss"):
-            reg = self.grit.regularization_loss()
-            if torch.is_tensor(reg) and reg.requires_grad:
-                loss = loss + reg
-                metrics["loss/grit_reg"] = reg.detach()
+        for name, extra in self.optimizer_hooks.extra_losses().items():  # e.g. GRIT's regularisers
+            loss = loss + extra
+            metrics[name] = extra.detach()
         return loss, metrics, batch.n_real_tokens
 
     def train_step(self, step: int) -> StepResult:
@@ -237,11 +240,13 @@ class Trainer:
         tokens = 0
         groups = self.step_micro_batches(step)
         n_pairs = sum(len(g) for g in groups)
+        n_resp = sum(response_tokens(self.data.pairs[i], self.loss_fn.uses_rejected) for g in groups for i in g)
         for k, idx in enumerate(groups):
             w = len(idx) / n_pairs  # each pair counts equally in the step, however the pairs are grouped
             ctx = acc.no_sync(self.policy) if k < len(groups) - 1 else nullcontext()
             with ctx:
-                loss, metrics, ntok = self._micro_step(idx, progress)
+                # token means over the step's response tokens: (sum / (n_resp * w)) * w = sum / n_resp
+                loss, metrics, ntok = self._micro_step(idx, progress, max(n_resp, 1) * w)
                 if not torch.isfinite(loss):
                     return self._nonfinite(step, "loss")
                 acc.backward(loss * w)
@@ -268,8 +273,7 @@ class Trainer:
         reduced = {k: float(v) for k, v in acc.reduce({k: v.reshape(1) for k, v in sums.items()}, "mean").items()}
         tokens = int(acc.reduce(torch.tensor([tokens], device=acc.device), "sum").item())
         reduced["lr"] = self.scheduler.get_last_lr()[0]
-        if self.grit is not None:
-            reduced.update({k: float(v) for k, v in self.grit.metrics().items()})
+        reduced.update({k: float(v) for k, v in self.optimizer_hooks.metrics().items()})
         return StepResult(reduced["loss"], reduced, tokens)
 
     def _nonfinite(self, step: int, what: str) -> StepResult:
@@ -439,12 +443,13 @@ class Trainer:
             "final_metrics": last_metrics, "nonfinite_skipped": self.nonfinite_skipped,
             "config_hash": self.cfg.hash(), "data_hash": self.data.fingerprint(), "data": self.data_report,
             "parameters": self.param_summary, "num_processes": acc.num_processes,
+            "micro_batch_tokens": self.micro_batches.tokens, "micro_batch_rule": self.micro_batches.rule,
+            "packed_attention": self.packed_attention,
             # parallel study workers on one device: its speed here is not a standalone speed
             "device_shared_by": int(os.environ.get("ECLIPTICA_DEVICE_SHARED_BY", "1")),
             "versions": _versions(), "git_commit": git_commit(),
         }
-        if self.grit is not None:  # GRIT's rank adaptation: physical vs effective LoRA parameters
-            summary["lora_parameters"] = self.grit.parameter_counts()
+        summary.update(self.optimizer_hooks.summary())  # GRIT: physical vs effective LoRA parameters
         if self.nonfinite_skipped and self.nonfinite_skipped >= self.cfg.train.max_steps and acc.is_main_process:
             warnings.warn(f"all {self.nonfinite_skipped} steps were skipped as non-finite: the adapter in "
                           f"{self.run_dir / 'adapter'} is untrained; lower optimizer.lr", RuntimeWarning, stacklevel=2)

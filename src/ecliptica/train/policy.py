@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..losses import SequenceStats
+from .attention import document_block_mask, use_packed_flex
 from .batching import ModelBatch
 
 
@@ -122,26 +123,32 @@ def chunked_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 class PolicyModel(torch.nn.Module):
     """Wraps a peft causal LM; forward(batch) -> SequenceStats for the loss."""
 
-    def __init__(self, peft_model, chunk_size: int = 1024):
+    def __init__(self, peft_model, chunk_size: int = 1024, packed_attention: str = "dense"):
         super().__init__()
         self.peft_model = peft_model
         self.chunk_size = chunk_size
+        self.flex = packed_attention == "flex"  # train/attention.py
+        if self.flex:
+            use_packed_flex(peft_model.get_base_model())
 
-    def _hidden(self, batch: ModelBatch) -> torch.Tensor:
+    def _hidden(self, batch: ModelBatch, mask) -> torch.Tensor:
         lm = self.peft_model.get_base_model()
         out = lm.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                               attention_mask=batch.attention_mask, use_cache=False)
+                               attention_mask=mask, use_cache=False)
         h = out.last_hidden_state
         return h.reshape(-1, h.shape[-1]).index_select(0, batch.predictor_index)
 
     def forward(self, batch: ModelBatch, need_reference: bool = False, need_token_kl: bool = False,
                 ref_logps: torch.Tensor | None = None) -> SequenceStats:
         weight = self.peft_model.get_base_model().get_output_embeddings().weight
+        mask = batch.attention_mask
+        if mask is None and self.flex:  # packed: one block mask serves both passes
+            mask = document_block_mask(batch.position_ids)
         ref_hidden = None
         if need_token_kl or (need_reference and ref_logps is None):
             with torch.no_grad(), self.peft_model.disable_adapter():
-                ref_hidden = self._hidden(batch)
-        hidden = self._hidden(batch)
+                ref_hidden = self._hidden(batch, mask)
+        hidden = self._hidden(batch, mask)
         tok_logp, tok_ref, tok_kl = chunked_logps(hidden, weight, batch.targets, self.chunk_size,
                                                   ref_hidden, with_kl=need_token_kl)
         n = batch.n_sequences
@@ -150,6 +157,8 @@ class PolicyModel(torch.nn.Module):
         n_tokens = torch.bincount(seq, minlength=n)
         if tok_ref is not None and ref_logps is None:
             ref_logps = torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, seq, tok_ref)
+        seq_kl = (torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, seq, tok_kl.detach())
+                  if tok_kl is not None else None)
         return SequenceStats(logps=logps, n_tokens=n_tokens, ref_logps=ref_logps,
-                             token_kl_sum=tok_kl.sum() if tok_kl is not None else None,
+                             token_kl_sum=tok_kl.sum() if tok_kl is not None else None, seq_token_kl=seq_kl,
                              nll_sum=-tok_logp.sum())

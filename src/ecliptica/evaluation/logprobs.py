@@ -1,0 +1,64 @@
+"""Sequence log-probs, reference log-probs and token KL for evaluation, computed by the training
+engine's own machinery (`train.policy.PolicyModel`: response tokens only, summed, chunked LM head,
+reference = the same network with the adapter disabled), so "log-prob" and "KL to the base" mean
+the same thing in training, in drift and in preference accuracy.
+
+Batches are padded (`collate(packed=False)`) rather than packed: evaluation runs under any attention
+implementation, and packed rows are only isolated from each other by flash-attention kernels.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ecliptica.data import TokenizedPair
+from ecliptica.evaluation.inputs import length_sorted_batches, model_device
+from ecliptica.train.batching import collate, pair_tokens
+from ecliptica.train.policy import PolicyModel
+
+
+class _NoAdapter:
+    """The plain base in the shape PolicyModel expects of a peft model (nothing to disable)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def get_base_model(self):
+        return self.model
+
+    def disable_adapter(self):
+        return nullcontext()
+
+
+@torch.inference_mode()
+def sequence_scores(handle, pairs: Sequence[TokenizedPair], *, with_rejected: bool, batch_size: int = 8,
+                    token_kl: bool = False, progress: bool = True, desc: str = "scoring") -> dict[str, np.ndarray]:
+    """Per pair: `logp_chosen` (and `logp_rejected`), summed over response tokens, under the evaluated
+    model; with an adapter set, the same under the base (`ref_*`) and, with `token_kl`, the summed
+    token KL(model || base) of the chosen response (`kl_chosen`); `n_chosen` response tokens.
+    Without an adapter the model is the base: `ref_*` equal the model's and the KL is 0 (no second pass)."""
+    has_adapter = handle.adapter_path is not None
+    n = len(pairs)
+    keys = ["logp_chosen"] + (["logp_rejected"] if with_rejected else [])
+    out = {k: np.zeros(n) for k in keys + [f"ref_{k}" for k in keys] + ["kl_chosen"]}
+    out["n_chosen"] = np.array([len(p.chosen_ids) for p in pairs], dtype=float)
+    batches = list(length_sorted_batches([pair_tokens(p, with_rejected) for p in pairs], batch_size))
+    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        with handle.active() as model:
+            policy = PolicyModel(model if has_adapter else _NoAdapter(model))
+            batch = collate([pairs[i] for i in idx], with_rejected, handle.tokenizer.pad_token_id,
+                            packed=False).to(model_device(model))
+            stats = policy(batch, need_reference=has_adapter, need_token_kl=has_adapter and token_kl)
+        logps = stats.logps.double().cpu().numpy()
+        ref = stats.ref_logps.double().cpu().numpy() if has_adapter else logps
+        b = len(idx)
+        for k, (lo, hi) in zip(keys, [(0, b), (b, 2 * b)]):
+            out[k][idx] = logps[lo:hi]
+            out[f"ref_{k}"][idx] = ref[lo:hi]
+        if stats.seq_token_kl is not None:
+            out["kl_chosen"][idx] = stats.seq_token_kl[:b].double().cpu().numpy()
+    return out

@@ -1,0 +1,147 @@
+"""How many packed tokens one micro-batch holds when `train.micro_batch_tokens: auto`.
+
+The split never changes what a step computes (the same pairs in the same order, each micro-batch weighted by
+its share of pairs, token means taken over the whole step), so the budget is only a speed/memory choice:
+
+- CUDA: a start-up probe runs two real micro-batches of different sizes (forward and backward, nothing
+  stepped, random state restored), fits `peak = fixed + bytes_per_token x tokens`, and takes the largest
+  budget whose predicted peak fits in `HEADROOM` of the memory this process may use: its share of the card
+  (`ECLIPTICA_DEVICE_SHARED_BY` study workers split it), or `train.memory_budget_gib`, less the optimizer
+  state the first step will allocate.
+- Anywhere else (CPU): the configured worst case, `micro_batch_size` pairs of `max_length` tokens (x2 with
+  rejected responses). Memory never exceeds what the plain split could need; short pairs share one forward.
+
+Either way the budget is at least one worst-case pair and at most the step's worst case (the whole step in one
+micro-batch: a larger budget cannot help).
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from .batching import pair_tokens
+
+# Share of the available memory the fitted peak may use: the allocator's rounding and fragmentation, and the
+# dense mask's tokens^2 term, which a straight-line fit through two small probes does not see.
+HEADROOM = 0.85
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    """Peak memory of one micro-batch above what is allocated before it: fixed + per_token x tokens."""
+
+    fixed_bytes: float
+    bytes_per_token: float
+
+
+@dataclass(frozen=True)
+class Choice:
+    tokens: int | None  # None: the plain micro_batch_size x grad_accum split
+    rule: str  # how it was chosen, for the log and summary.json
+
+
+def fit_memory(small: tuple[int, float], large: tuple[int, float]) -> MemoryFit:
+    """Line through two (tokens, peak bytes) probes. When they are too close in size, or the slope is not
+    positive (noise), all memory counts as per-token: that over-estimates larger batches, never under."""
+    (n1, p1), (n2, p2) = sorted([small, large])
+    whole = MemoryFit(0.0, p2 / n2)
+    if n2 - n1 < 0.25 * n2 or p2 <= p1:
+        return whole
+    slope = (p2 - p1) / (n2 - n1)
+    return MemoryFit(max(p2 - slope * n2, 0.0), slope)
+
+
+def available_bytes(free: int, total: int, reserved: int, allocated: int, shared_by: int = 1,
+                    budget_bytes: float | None = None) -> float:
+    """Memory a micro-batch may still use. With a budget: the budget less what is allocated now. Otherwise
+    the card's free memory (capped by this process's 1/shared_by share of the card, less what its allocator
+    holds), plus what the allocator holds but is not using."""
+    if budget_bytes is not None:
+        return budget_bytes - allocated
+    return min(free, total / shared_by - reserved) + (reserved - allocated)
+
+
+def budget_tokens(available: float, optimizer_state_bytes: float, fit: MemoryFit, floor: int, cap: int) -> int:
+    """Largest token count whose predicted peak fits in HEADROOM of (available - optimizer state)."""
+    room = (available - optimizer_state_bytes) * HEADROOM - fit.fixed_bytes
+    return max(floor, min(cap, int(room // fit.bytes_per_token)))
+
+
+def worst_case_tokens(pairs: int, max_length: int, with_rejected: bool) -> int:
+    return pairs * max_length * (2 if with_rejected else 1)
+
+
+def choose(trainer) -> Choice:
+    """The budget for this run (`trainer` is a set-up engine Trainer)."""
+    cfg, acc = trainer.cfg, trainer.accelerator
+    setting = cfg.train.micro_batch_tokens
+    if setting is None:
+        return Choice(None, "off (micro_batch_size x grad_accum)")
+    if setting != "auto":
+        return Choice(int(setting), "set in the config")
+    rej = trainer.loss_fn.uses_rejected
+    floor = worst_case_tokens(1, cfg.data.max_length, rej)
+    configured = worst_case_tokens(cfg.train.micro_batch_size, cfg.data.max_length, rej)
+    cap = configured * cfg.train.grad_accum
+    if acc.device.type != "cuda":
+        return Choice(configured, f"auto: {acc.device.type}, the configured worst case "
+                                  f"({cfg.train.micro_batch_size} pairs x {cfg.data.max_length} tokens)")
+    fit = probe_memory(trainer)
+    dev = acc.device
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(dev)
+    shared = int(os.environ.get("ECLIPTICA_DEVICE_SHARED_BY", "1"))
+    budget = cfg.train.memory_budget_gib * 2**30 if cfg.train.memory_budget_gib else None
+    avail = available_bytes(free, total, torch.cuda.memory_reserved(dev), torch.cuda.memory_allocated(dev),
+                            shared, budget)
+    # AdamW's two moments per trainable parameter (fp32), allocated by the first optimizer step
+    opt_state = 2 * sum(p.numel() * 4 for p in trainer.policy.parameters() if p.requires_grad)
+    tokens = budget_tokens(avail, opt_state, fit, floor, cap)
+    if acc.num_processes > 1:  # every rank splits the same way
+        tokens = int(acc.gather(torch.tensor([tokens], device=dev)).min())
+    where = f" (card shared by {shared})" if shared > 1 else ""
+    return Choice(tokens, f"auto: probe {fit.bytes_per_token / 2**20:.3f} MiB/token + {fit.fixed_bytes / 2**30:.2f} "
+                          f"GiB, {avail / 2**30:.1f} GiB available{where}, {HEADROOM:.0%} used; range [{floor}, {cap}]")
+
+
+def probe_memory(trainer) -> MemoryFit:
+    """Peak memory above the current allocation of two micro-batches of step 0's pairs: its shortest pair,
+    and its micro_batch_size longest pairs (a size the configuration already asks the card to hold)."""
+    cfg, acc = trainer.cfg, trainer.accelerator
+    idx = [i for k in range(cfg.train.grad_accum) for i in trainer.micro_batch_indices(k)]
+    size = {i: pair_tokens(trainer.data.pairs[i], trainer.loss_fn.uses_rejected) for i in idx}
+    by_size = sorted(idx, key=size.get)
+    small, large = by_size[:1], by_size[-cfg.train.micro_batch_size:]
+    points = []
+    was_training = trainer.policy.training
+    trainer.policy.train()  # as in training: checkpointing and dropout act only in train mode
+    with _rng_restored():
+        for group in (small, large):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            with acc.no_sync(trainer.policy):  # nothing is synchronised or stepped
+                loss, _, _ = trainer._micro_step(group, 0.0)
+                acc.backward(loss)
+            del loss
+            torch.cuda.synchronize()
+            points.append((sum(size[i] for i in group), torch.cuda.max_memory_allocated() - base))
+            trainer.optimizer.zero_grad(set_to_none=True)  # also clears GRIT's factor sums
+    trainer.policy.train(was_training)
+    return fit_memory(points[0], points[1])
+
+
+@contextmanager
+def _rng_restored():
+    """Dropout in the probe must not shift the random stream the run then sees."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)

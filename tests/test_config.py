@@ -1,0 +1,57 @@
+"""Every block of a run config is typed: a typo or an out-of-range value fails when the config loads,
+naming the key, instead of being ignored during hours of training."""
+import pytest
+
+from ecliptica.config import load_config
+from ecliptica.data import format_names
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.dtyp=fp32", "dtyp"),
+    ("lora.rank=8", "rank"),
+    ("data.max_len=64", "max_len"),
+    ("method.lamda_kl=0.1", "lamda_kl"),
+    ("optimizer.betas1=0.9", "betas1"),
+    ("optimizer.grit={reproject_step: 3}", "reproject_step"),
+    ("schedule.warmup=3", "warmup"),
+    ("train.max_stepz=3", "max_stepz"),
+])
+def test_a_typo_in_any_block_is_an_error_naming_it(override, key):
+    section = override.split(".")[0]
+    grit = ["optimizer.name=grit"] if "grit" in override else []
+    with pytest.raises(ValueError, match=rf"{section}\..*{key}"):
+        load_config(None, [*grit, override])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optimizer.grit={ema_decay: 1.0}", "ema_decay"),
+    ("optimizer.grit={min_rank: 0}", "min_rank"),
+    ("method.lambda_kl=-0.1", "lambda_kl"),
+    ("method.kl=seq_logratio", "unbounded"),
+    ("data.format=hh_rlhf", "format"),
+])
+def test_out_of_range_settings_fail_at_load(override, key):
+    with pytest.raises(ValueError, match=key):
+        load_config(None, ["optimizer.name=grit", override])
+
+
+def test_grit_settings_need_the_grit_optimizer():
+    with pytest.raises(ValueError, match="optimizer.name is not 'grit'"):
+        load_config(None, ["optimizer.grit={reproject_steps: 3}"])
+    cfg = load_config(None, ["optimizer.name=grit", "optimizer.lr=3e-4", "optimizer.grit={reproject_steps: 3}"])
+    g = cfg.optimizer.grit_config()  # the inner optimizer takes the section's lr unless the grit block sets one
+    assert (g.lr, g.reproject_steps, g.reproject_warmup) == (3e-4, 3, 100)
+
+
+def test_format_lists_come_from_the_registered_formats():
+    from ecliptica.evaluation.config import EvalDataSection
+    from ecliptica.evaluation.prompts import EVAL_FORMATS
+
+    assert EVAL_FORMATS == format_names("prompt") == ("litmus", "xstest", "donotanswer", "generic")
+    assert "generic-prompts" not in format_names()
+    for fmt in format_names("prompt"):
+        assert EvalDataSection(format=fmt, benign_format=fmt).format == fmt
+    for fmt in format_names("preference"):
+        assert load_config(None, [f"data.format={fmt}"]).data.format == fmt
+    with pytest.raises(ValueError):
+        EvalDataSection(format="hh-rlhf")  # a preference format holds no evaluation prompts

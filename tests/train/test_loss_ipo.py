@@ -1,0 +1,57 @@
+"""IPO against TRL's DPOTrainer(loss_type="ipo") on the same model and token ids, and a closed form."""
+import pytest
+import torch
+
+from ecliptica.losses.base import SequenceStats
+from ecliptica.losses.ipo import IPOConfig, IPOLoss
+
+from train_helpers import policy_stats, toy_pairs
+
+
+def test_ipo_matches_trl(tiny_model_dir, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    pairs = toy_pairs(3, seed=2)  # chosen and rejected of different lengths: the per-token averaging matters
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2
+    args = DPOConfig(output_dir=str(tmp_path), beta=0.3, loss_type="ipo", report_to="none", use_cpu=True)
+    trainer = DPOTrainer(model=base, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tok, peft_config=lora)
+    g = torch.Generator().manual_seed(1)
+    for name, p in trainer.model.named_parameters():
+        if "lora_B" in name:  # move the policy away from the reference (the disabled adapter)
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+    trainer.model.eval()
+    examples = [{"prompt_ids": list(p.prompt_ids), "chosen_ids": list(p.chosen_ids),
+                 "rejected_ids": list(p.rejected_ids)} for p in pairs]
+    inputs = DataCollatorForPreference(pad_token_id=2)(examples)
+    with torch.no_grad():
+        trl_loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
+        s = policy_stats(trainer.model, pairs)
+        ours, _ = IPOLoss(IPOConfig(beta=0.3))(s)
+    assert float(trl_loss) != pytest.approx((1 / 0.6) ** 2, rel=1e-3)  # policy != reference: a real comparison
+    rc, rr = s.halves(s.logps - s.ref_logps)
+    summed = float(((rc - rr - 1 / 0.6) ** 2).mean())  # without the per-token averaging: must differ
+    assert float(trl_loss) != pytest.approx(summed, rel=1e-2)
+    assert float(ours) == pytest.approx(float(trl_loss), abs=1e-5)
+
+
+def test_ipo_closed_form_and_zero_at_the_target_margin():
+    beta = 0.25  # target margin of the per-token log-ratios: 1 / (2 beta) = 2
+    ref = torch.tensor([-6.0, -8.0, -6.0, -8.0])
+    n = torch.tensor([2, 4, 3, 1])
+    # pair 1: chosen ratio +4 over 2 tokens = 2, rejected 0 -> margin 2 = target: no loss
+    # pair 2: chosen ratio 0, rejected -1 over 1 token -> margin 1, loss (1 - 2)^2 = 1
+    lp = ref + torch.tensor([4.0, 0.0, 0.0, -1.0])
+    loss, m = IPOLoss(IPOConfig(beta=beta))(SequenceStats(lp, n, ref))
+    assert float(loss) == pytest.approx((0.0 + 1.0) / 2)
+    assert float(m["rewards/accuracies"]) == 1.0
+    with pytest.raises(ValueError, match="greater than 0"):
+        IPOConfig(beta=0.0)

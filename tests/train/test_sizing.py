@@ -1,0 +1,91 @@
+"""`micro_batch_tokens: auto`: the sizing rule against hand computations, with the card mocked."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ecliptica.train import sizing
+from ecliptica.train.sizing import MemoryFit
+
+GiB, MiB = 2**30, 2**20
+
+
+def test_fit_memory_through_two_probes():
+    # peak = 1 GiB + 2 MiB/token, probed at 1000 and 3000 tokens
+    fit = sizing.fit_memory((1000, GiB + 1000 * 2 * MiB), (3000, GiB + 3000 * 2 * MiB))
+    assert fit.bytes_per_token == pytest.approx(2 * MiB)
+    assert fit.fixed_bytes == pytest.approx(GiB)
+
+
+def test_fit_memory_is_conservative_when_probes_cannot_separate_fixed_from_per_token():
+    # sizes within 25% of each other, or a non-increasing peak: all memory counts as per-token (3 MiB/token here)
+    close = sizing.fit_memory((900, 2700 * MiB), (1000, 3000 * MiB))
+    noisy = sizing.fit_memory((500, 3100 * MiB), (1000, 3000 * MiB))
+    for fit in (close, noisy):
+        assert fit == MemoryFit(0.0, 3 * MiB)
+
+
+def test_available_bytes_by_hand():
+    # alone on an 80 GiB card: 60 GiB free, the allocator holds 18 GiB of which 16 are in use -> 60 + 2
+    assert sizing.available_bytes(60 * GiB, 80 * GiB, 18 * GiB, 16 * GiB) == 62 * GiB
+    # four study workers share it: 80/4 - 18 = 2 GiB of this worker's share left, + 2 cached
+    assert sizing.available_bytes(60 * GiB, 80 * GiB, 18 * GiB, 16 * GiB, shared_by=4) == 4 * GiB
+    # an explicit peak budget of 24 GiB with 16 allocated
+    assert sizing.available_bytes(60 * GiB, 80 * GiB, 18 * GiB, 16 * GiB, budget_bytes=24 * GiB) == 8 * GiB
+
+
+def test_budget_tokens_by_hand_with_floor_and_cap():
+    fit = MemoryFit(fixed_bytes=2 * GiB, bytes_per_token=4 * MiB)
+    # (62 GiB - 1 GiB optimizer state) * 0.85 - 2 GiB = 49.85 GiB -> 49.85 * 1024 / 4 = 12761.6 -> 12761 tokens
+    assert sizing.budget_tokens(62 * GiB, GiB, fit, floor=2048, cap=16384) == 12761
+    assert sizing.budget_tokens(62 * GiB, GiB, fit, floor=2048, cap=8192) == 8192  # never past the whole step
+    assert sizing.budget_tokens(4 * GiB, GiB, fit, floor=2048, cap=16384) == 2048  # at least one worst-case pair
+
+
+def _trainer(device, micro_batch_tokens="auto", memory_budget_gib=None, trainable=1_000_000):
+    train = SimpleNamespace(micro_batch_tokens=micro_batch_tokens, micro_batch_size=2, grad_accum=4,
+                            memory_budget_gib=memory_budget_gib)
+    cfg = SimpleNamespace(train=train, data=SimpleNamespace(max_length=1024))
+    acc = SimpleNamespace(device=torch.device(device), num_processes=1)
+    policy = torch.nn.Linear(trainable, 1, bias=False)  # `trainable` trainable fp32 parameters
+    return SimpleNamespace(cfg=cfg, accelerator=acc, loss_fn=SimpleNamespace(uses_rejected=True), policy=policy)
+
+
+def test_choose_on_cpu_is_the_configured_worst_case():
+    assert sizing.choose(_trainer("cpu")).tokens == 2 * 2 * 1024  # 2 pairs x (chosen + rejected) x max_length
+    assert sizing.choose(_trainer("cpu", micro_batch_tokens=None)).tokens is None
+    assert sizing.choose(_trainer("cpu", micro_batch_tokens=3000)).tokens == 3000
+
+
+@pytest.mark.parametrize("shared_by,budget_gib,expected", [
+    # 40 GiB free of 80, allocator 20 reserved / 18 allocated: 40 + 2 = 42 GiB;
+    # optimizer state 2 x 4 B x 2^20 params = 8 MiB; (42 GiB - 8 MiB) * 0.85 - 1 GiB = 34.6932 GiB
+    # / 2.5 MiB per token = 14210.3 -> 14210 tokens
+    (1, None, 14210),
+    # two workers share the card: min(40, 80/2 - 20) + 2 = 22 GiB -> ((22 GiB - 8 MiB) * 0.85 - 1 GiB) / 2.5 MiB
+    (2, None, 7247),
+    # an explicit 24 GiB peak budget: 24 - 18 = 6 GiB -> ((6 GiB - 8 MiB) * 0.85 - 1 GiB) / 2.5 MiB = 1676.6,
+    # below one worst-case pair (2 x 1024 tokens): the floor
+    (1, 24, 2048),
+])
+def test_choose_on_cuda_by_hand(monkeypatch, shared_by, budget_gib, expected):
+    fit = MemoryFit(fixed_bytes=GiB, bytes_per_token=2.5 * MiB)
+    monkeypatch.setattr(sizing, "probe_memory", lambda trainer: fit)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (40 * GiB, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: 20 * GiB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: 18 * GiB)
+    monkeypatch.setenv("ECLIPTICA_DEVICE_SHARED_BY", str(shared_by))
+    choice = sizing.choose(_trainer("cuda", memory_budget_gib=budget_gib, trainable=2**20))
+    assert choice.tokens == expected
+    assert "2.500 MiB/token" in choice.rule
+
+
+def test_choose_on_cuda_caps_at_the_whole_step(monkeypatch):
+    monkeypatch.setattr(sizing, "probe_memory", lambda trainer: MemoryFit(0.0, 0.25 * MiB))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (120 * GiB, 140 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: 16 * GiB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: 16 * GiB)
+    monkeypatch.delenv("ECLIPTICA_DEVICE_SHARED_BY", raising=False)
+    assert sizing.choose(_trainer("cuda")).tokens == 2 * 4 * 2 * 1024  # micro_batch_size x grad_accum pairs
