@@ -143,3 +143,13 @@ def test_optional_section_hook_renders_only_when_it_has_content(tmp_path):
                        sections=[lambda by_arm: ["## Calibration", "", f"{len(by_arm)} arms"], lambda by_arm: None])
     md = open(out["results_md"]).read()
     assert "## Calibration\n\n2 arms" in md and md.index("## Calibration") < md.index("## Research questions")
+
+
+def test_grit_pairs_in_the_figure_come_from_the_registry_and_the_arms():
+    """fig4 pairs every registered method the study ran with and without GRIT, in registry order, and nothing else."""
+    from ecliptica.losses import registry
+    from ecliptica.study.report import grit_paired_methods
+
+    rows = [{"arm": a} for a in ("baseline", "ipo", "ipo_grit", "dpo", "dpo_grit", "cita", "sft_grit", "custom")]
+    expected = [m for m in registry.method_names() if m in ("dpo", "ipo")]
+    assert grit_paired_methods(rows) == expected and set(expected) == {"dpo", "ipo"}

@@ -214,3 +214,16 @@ def test_trained_lm_head_falls_back_to_autograd():
     p, q = F.log_softmax(h @ w.T, -1), F.log_softmax(ref_h @ w.T, -1).detach()  # the reference is frozen
     (p.gather(-1, t[:, None]).sum() + (p.exp() * (p - q)).sum()).backward()
     assert torch.allclose(gh, h.grad, atol=1e-4) and torch.allclose(gw, w.grad, atol=1e-4)
+
+
+def test_per_sequence_kl_under_bf16_autocast(tiny_model_dir):
+    """Under bf16 autocast (the GPU default) the per-sequence KL is accumulated into fp32 like the log-probs.
+    Regression: index_add_ of bf16 token KLs into an fp32 buffer raised on the H200 and stopped every CITA run."""
+    from train_helpers import policy_stats, tiny_peft, toy_pairs
+
+    model, pairs = tiny_peft(tiny_model_dir), toy_pairs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = policy_stats(model, pairs, kl=True)
+    assert s.seq_token_kl.dtype == torch.float32
+    # the per-sequence sums add up to the micro-batch total the loss uses (hand identity, bf16 tolerance)
+    assert float(s.seq_token_kl.sum()) == pytest.approx(float(s.token_kl_sum), rel=2e-2, abs=1e-3)

@@ -60,6 +60,13 @@ class StudyConfig(Strict):
         for k in ("run_dir", "seed", "tensorboard_dir", "run_name"):
             if k in self.train:
                 raise ValueError(f"train.{k} is set per run by the study; remove it")
+        if self.grit:  # typed even when no arm uses GRIT, so a typo fails at load, not silently
+            from ..grit.config import GritConfig
+
+            try:
+                GritConfig.model_validate(self.grit)
+            except ValueError as e:
+                raise ValueError(f"grit: invalid GRIT settings:\n{e}") from None
         ids = [q.id for q in self.questions]
         if len(set(ids)) != len(ids):
             raise ValueError(f"question ids must be unique, got {ids}")

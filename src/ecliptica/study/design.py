@@ -14,7 +14,8 @@ from pydantic import Field, model_validator
 
 from ..config import Strict
 
-# The trained methods whose ±GRIT arms the default questions and the figures pair up.
+# The methods the default research questions (Q2, Q4) are about: question content, not the method list
+# (that is ecliptica.losses.registry). A study that asks about other methods declares its own `questions:`.
 BASE_METHODS = ("sft", "dpo", "cita")
 
 MetricName = Literal["aqi", "refusal_rate_unsafe", "over_refusal_rate_safe"]

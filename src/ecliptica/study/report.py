@@ -16,7 +16,7 @@ from typing import Any
 
 from ..runio import atomic_write_text
 from .contrasts import StudyContext, aqi_resamples
-from .design import BASE_METHODS, MinEffect, Question, default_questions
+from .design import MinEffect, Question, default_questions
 from .questions import answer_questions
 from .records import BASELINE, group_by_arm, load_embeddings, read_training_curves
 from .render import Section, jsonable, optional_sections, render_markdown, write_csv
@@ -105,6 +105,15 @@ def _recorded_prompts(ctx: StudyContext) -> int | None:
     return counts.pop() if len(counts) == 1 else None
 
 
+def grit_paired_methods(rows) -> list[str]:
+    """Registered methods (ecliptica.losses.registry, in its order) that the study ran both without and with GRIT
+    as arms named `m` and `m_grit`: a new method gets its pair in the figure with no edit here."""
+    from ecliptica.losses import registry
+
+    arms = {r["arm"] for r in rows}
+    return [m for m in registry.method_names() if m in arms and f"{m}_grit" in arms]
+
+
 def make_figures(ctx: StudyContext, rows, answers, fig_dir: Path) -> dict[str, dict[str, str]]:
     from ecliptica.study import figures as F
 
@@ -114,7 +123,7 @@ def make_figures(ctx: StudyContext, rows, answers, fig_dir: Path) -> dict[str, d
         "fig1_aqi_by_method": F.aqi_by_arm(rows, fig_dir / "fig1_aqi_by_method"),
         "fig2_delta_aqi_vs_baseline": F.delta_aqi(rows, fig_dir / "fig2_delta_aqi_vs_baseline"),
         "fig3_grit_effect": F.grit_effect(grit, fig_dir / "fig3_grit_effect"),
-        "fig4_method_pairs": F.method_pairs(rows, BASE_METHODS, fig_dir / "fig4_method_pairs"),
+        "fig4_method_pairs": F.method_pairs(rows, grit_paired_methods(rows), fig_dir / "fig4_method_pairs"),
         "fig5_efficiency": F.efficiency(rows, fig_dir / "fig5_efficiency"),
         "fig6_clusters_3d": F.clusters_3d(best, base, ctx.aqi.emb.labels if ctx.aqi else None,
                                           fig_dir / "fig6_clusters_3d"),

@@ -157,7 +157,7 @@ class PolicyModel(torch.nn.Module):
         n_tokens = torch.bincount(seq, minlength=n)
         if tok_ref is not None and ref_logps is None:
             ref_logps = torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, seq, tok_ref)
-        seq_kl = (torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, seq, tok_kl.detach())
+        seq_kl = (torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, seq, tok_kl.detach().float())
                   if tok_kl is not None else None)
         return SequenceStats(logps=logps, n_tokens=n_tokens, ref_logps=ref_logps,
                              token_kl_sum=tok_kl.sum() if tok_kl is not None else None, seq_token_kl=seq_kl,
