@@ -13,11 +13,13 @@ from .losses import registry
 
 
 def _generic_kind(path: str) -> str:
-    """`generic` holds either pairs or prompts: a first row with a `chosen` column means pairs."""
+    """`generic` holds either pairs or prompts: a first valid row with a `chosen` column means pairs
+    (a broken first line must not decide it: it is reported as a bad row like any other)."""
     from .data.readers import iter_rows
 
     for _, row in iter_rows(path):
-        return "preference" if isinstance(row, dict) and "chosen" in row else "prompt"
+        if isinstance(row, dict):
+            return "preference" if "chosen" in row else "prompt"
     return "preference"
 
 
@@ -58,7 +60,10 @@ def cmd_data_check(args) -> int:
         print(f"  {b}")
     if args.save_report:
         D.save_bad_rows(loaded, args.save_report)
-    return 1 if r.bad_rows else 0
+    no_valid_row = not r.kept and not loaded.filtered  # filtered rows are valid, just unused by this format
+    if no_valid_row:
+        print(f"error: {r.file}: no valid row ({r.rows_read} rows read)", file=sys.stderr)
+    return 1 if r.bad_rows or no_valid_row else 0
 
 
 def cmd_data_preview(args) -> int:
@@ -96,7 +101,7 @@ def cmd_train(args) -> int:
     from .train import Trainer
 
     cfg = load_config(args.config, args.set)
-    summary = Trainer(cfg).setup().train(resume=args.resume)
+    summary = Trainer(cfg, resume=args.resume, overwrite=args.overwrite).setup().train()
     if int(os.environ.get("RANK", "0")) != 0:  # one report per run, not one per process
         return 0
     fm = summary.get("final_metrics", {})
@@ -165,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train one method from a YAML config")
     tr.add_argument("config")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    tr.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    mode = tr.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint "
+                      "(refused if the config or data differ; only train.max_steps may change)")
+    mode.add_argument("--overwrite", action="store_true", help="delete an earlier run in run_dir and start again")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a model (+adapter): AQI, refusal behaviour, capability drift")
@@ -191,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: names the file (disk full, permissions, ...)
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -35,9 +35,9 @@ class ModelSection(InferenceModelSection):
 
 
 class LoraSection(Strict):
-    r: int = 16
-    alpha: int = 16
-    dropout: float = 0.0
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=16, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     use_rslora: bool = False
 
@@ -48,19 +48,19 @@ class DataSection(Strict):
     on_bad_row: Literal["error", "skip"] = "error"
     instruction: str | None = None  # for formats without a per-row instruction
     column_map: dict[str, str] = {}
-    limit: int | None = None
-    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # held-out validation pairs (never trained on)
+    limit: int | None = Field(default=None, ge=1)
+    val_fraction: float = Field(default=0.0, ge=0, lt=1)  # held-out validation pairs (never trained on)
     split_seed: int = 0  # the split's own seed: every arm and training seed sees the same train/val pairs
-    max_length: int = 1024
-    max_prompt_length: int = 512
+    max_length: int = Field(default=1024, ge=2)
+    max_prompt_length: int = Field(default=512, ge=1)
 
 
 class OptimizerSection(Strict):
     name: Literal["adamw", "adamw8bit", "grit"] = "adamw"
-    lr: float = 5e-5
-    weight_decay: float = 0.0
+    lr: float = Field(default=5e-5, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    eps: float = Field(default=1e-8, gt=0, allow_inf_nan=False)
     # GritConfig fields that differ from its defaults (docs/grit.md); only with name: grit. The inner
     # optimizer's lr, weight_decay, betas and eps come from this section unless set here.
     grit: dict[str, Any] = {}
@@ -78,13 +78,14 @@ class OptimizerSection(Strict):
 
 class ScheduleSection(Strict):
     name: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_steps: int = 0
+    warmup_steps: int = Field(default=0, ge=0)
 
 
 class TrainSection(Strict):
-    max_steps: int = 10
-    micro_batch_size: int = 2  # pairs per micro-batch
-    grad_accum: int = 4
+    # Numbers are checked when the config loads: a zero or negative count would train nothing (or divide by zero).
+    max_steps: int = Field(default=10, ge=1)
+    micro_batch_size: int = Field(default=2, ge=1)  # pairs per micro-batch
+    grad_accum: int = Field(default=4, ge=1)
     # Re-split each step's pairs (micro_batch_size x grad_accum per process, same order) into micro-batches of
     # at most this many packed tokens: fewer, larger forwards for short pairs, bounded memory for long ones.
     # The loss and gradient stay those of the step's pairs. "auto": sized at start-up (train/sizing.py);
@@ -97,13 +98,13 @@ class TrainSection(Strict):
     # Default dense: on the H200 (torch 2.11) auto sizing + flex failed in Inductor lowering at the 1B shape
     # (docs/benchmarks.md), so flex stays opt-in until that path is verified.
     packed_attention: Literal["auto", "flex", "dense"] = "dense"
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = Field(default=1.0, ge=0)  # 0 or null: no clipping
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     packing: bool = True
-    logp_chunk_size: int = 1024
-    log_every: int = 1
-    save_every: int = 0  # 0 = only at the end
-    keep_checkpoints: int = 2
+    logp_chunk_size: int = Field(default=1024, ge=1)
+    log_every: int = Field(default=1, ge=1)
+    save_every: int = Field(default=0, ge=0)  # 0 = only at the end
+    keep_checkpoints: int = Field(default=2, ge=1)
     on_nonfinite: Literal["error", "skip"] = "error"
     progress: bool = True
 
@@ -161,7 +162,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like key.sub=value")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    try:
+        return key.strip().split("."), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -177,10 +181,19 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def load_yaml(path: str | Path) -> dict:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ValueError(f"{where}: YAML syntax error: {_yaml_problem(e)}; fix the file at that line") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: top level must be a mapping")
     return data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    return " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, cls=TrainConfig):

@@ -93,3 +93,12 @@ def test_report_only_reads_the_run_directories_without_a_store(tmp_path):
     assert [r["aqi"] for r in out["rows"]] == [0.1, 0.2] and out["rows"][1]["train_minutes"] == 1.0
     assert "left out: sft-s0, sft_grit-s0, dpo_grit-s0, cita-s0, cita_grit-s0" in out["notes"][0]
     assert not (tmp_path / "study.sqlite").exists()
+
+
+def test_a_grit_typo_fails_even_when_no_arm_uses_grit(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text((ROOT / "configs" / "study_demo.yaml").read_text())
+    arms = "arms=[{name: baseline, method: baseline}, {name: dpo, method: dpo}]"
+    load_study(path, [arms])  # control: the same study without the typo loads
+    with pytest.raises(ValueError, match=r"grit: invalid GRIT settings(.|\n)*reproject_stpes"):
+        load_study(path, [arms, "grit.reproject_stpes=5"])

@@ -10,6 +10,7 @@ import csv
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,10 +28,15 @@ def _base_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
+def _gunzip(path: Path) -> bytes:
+    try:
+        return gzip.decompress(path.read_bytes())
+    except (EOFError, OSError, zlib.error) as e:  # a truncated download ends mid-stream (EOFError)
+        raise ValueError(f"{path}: truncated or corrupt gzip file ({e}); download or compress it again") from None
+
+
 def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    if path.suffix.lower() == ".gz":
-        raw = gzip.decompress(raw)
+    raw = _gunzip(path) if path.suffix.lower() == ".gz" else path.read_bytes()
     # utf-8-sig: a leading byte-order mark (Excel CSVs) must not become part of the first column name.
     return raw.decode("utf-8-sig", errors="surrogateescape")
 
@@ -92,7 +98,7 @@ def _iter_file(path: Path) -> Iterator[Row]:
         if path.suffix.lower() == ".gz":
             import pyarrow as pa
 
-            table = pq.read_table(pa.BufferReader(gzip.decompress(path.read_bytes())))
+            table = pq.read_table(pa.BufferReader(_gunzip(path)))
         else:
             table = pq.read_table(path)
         for i, obj in enumerate(table.to_pylist(), start=1):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
@@ -39,6 +40,7 @@ class TokenizedPair:
 class TokenizeStats:
     pairs: int = 0
     prompts_truncated: int = 0
+    instructions_truncated: int = 0  # truncation removed part of the instruction
     responses_truncated: int = 0
     boundary_merges_avoided: int = 0
     prompt_tokens: int = 0
@@ -85,6 +87,9 @@ def tokenize_pairs(tokenizer, examples: list[PreferenceExample], placement: Plac
             if len(p) > settings.max_prompt_length:
                 p = p[-settings.max_prompt_length:]
                 stats.prompts_truncated += 1
+                # the prompt keeps its end, so an instruction at its start is the first thing cut
+                if ex.instruction and placement != "none" and ex.instruction.strip() not in tokenizer.decode(p):
+                    stats.instructions_truncated += 1
             budget = settings.max_length - len(p)
             c, r = c + [eos], r + [eos]
             for resp in (c, r):
@@ -94,6 +99,10 @@ def tokenize_pairs(tokenizer, examples: list[PreferenceExample], placement: Plac
             stats.prompt_tokens += len(p)
             stats.response_tokens += len(c) + len(r)
             out.append(TokenizedPair(tuple(p), tuple(c), tuple(r), ex.row_id))
+    if stats.instructions_truncated:
+        warnings.warn(f"truncation removed part of the instruction in {stats.instructions_truncated} of {stats.pairs} "
+                      f"prompts (max_prompt_length={settings.max_prompt_length}); the model will not see it whole. "
+                      f"Raise max_prompt_length (and max_length) or shorten the context", RuntimeWarning, stacklevel=2)
     return TokenizedData(out, stats)
 
 

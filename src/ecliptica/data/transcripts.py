@@ -18,6 +18,7 @@ def parse_transcript(text: str) -> list[Message]:
 
     The final assistant turn may be empty in the raw data; that is reported, not guessed around.
     """
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # Windows line ends: same turns, same text
     text = text if text.startswith("\n\n") else "\n\n" + text.lstrip()
     parts = _TURN.split(text)
     if parts[0].strip():

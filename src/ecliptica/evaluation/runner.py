@@ -27,6 +27,7 @@ from ecliptica.evaluation.preference import load_preference_pairs, run_preferenc
 from ecliptica.evaluation.refusal import RefusalJudge
 from ecliptica.evaluation.scoring import evaluate_embeddings, json_ready, layer_report
 from ecliptica.models import cache_dir as default_cache_root
+from ecliptica.runio import DirLock, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,15 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, prompts: Seq
     """Evaluate one model and write every artefact under cfg.out_dir; returns what eval.json holds.
 
     `handle`: an already-loaded base (its adapter is switched to cfg.adapter); `prompts`: reuse a
-    loaded prompt set; `judge`: a refusal judge instead of the one `behaviour.judge` names.
+    loaded prompt set; `judge`: a refusal judge instead of the one `behaviour.judge` names. out_dir is
+    locked (one evaluation writes it at a time) before the model loads.
     """
+    with DirLock(cfg.out_dir, "eval"):
+        return _run_eval(cfg, handle=handle, prompts=prompts, judge=judge)
+
+
+def _run_eval(cfg: EvalConfig, *, handle: ModelHandle | None, prompts: Sequence[PromptExample] | None,
+              judge: RefusalJudge | None) -> dict[str, Any]:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(cfg.out_dir)
@@ -113,7 +121,7 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, prompts: Seq
         "versions": _versions(),
     }
     result = json_ready(result)
-    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    atomic_write_text(out / "eval.json", json.dumps(result, indent=1))
     return result
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from pydantic import ConfigDict
 
 from ..data.formatting import Placement
 from ..strict import Strict
@@ -48,6 +49,8 @@ class SequenceStats:
 class MethodSettings(Strict):
     """Settings every method has. A method's config extends this with `name: Literal["<name>"]`."""
 
+    # every method's numbers (beta, lambda, gamma, ...) must be finite; each field states its own range
+    model_config = ConfigDict(allow_inf_nan=False)
     name: str  # each method narrows it to its own Literal name (the union's discriminator)
     placement: Placement | None = None  # None = the method's default
 

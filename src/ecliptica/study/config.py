@@ -102,6 +102,13 @@ class StudyConfig(Strict):
         for k in ("run_dir", "seed", "tensorboard_dir", "run_name"):
             if k in self.train:
                 raise ValueError(f"train.{k} is set per run by the study; remove it")
+        if self.grit:  # typed even when no arm uses GRIT, so a typo fails at load, not silently
+            from ..grit.config import GritConfig
+
+            try:
+                GritConfig.model_validate(self.grit)
+            except ValueError as e:
+                raise ValueError(f"grit: invalid GRIT settings:\n{e}") from None
         ids = [q.id for q in self.questions]
         if len(set(ids)) != len(ids):
             raise ValueError(f"question ids must be unique, got {ids}")
@@ -134,6 +141,7 @@ class StudyConfig(Strict):
             if self.evaluation.data != EvalDataSection():  # (a default block written out in study.yaml is fine)
                 raise ValueError("evaluation.data and evaluation_sets are both set: name the prompt sets "
                                  "in evaluation_sets only")
+        self.eval_config(Path(self.study_dir) / "runs", None)  # ... or if the evaluation block is
         return self
 
     def calibrated_arms(self) -> list[ArmSpec]:
@@ -151,6 +159,30 @@ class StudyConfig(Strict):
         if self.evaluation_sets:
             return {k: v.model_dump() for k, v in self.evaluation_sets.items()}
         return {"test": self.evaluation.data.model_dump()}
+
+    def eval_config(self, out_dir: str | Path, adapter: str | Path | None, behaviour: dict | None = None,
+                    data: dict | None = None, system_instruction: str | None = None):
+        """One run's EvalConfig: the shared `evaluation` block + this run's output and adapter
+        (`behaviour`: that block's behaviour settings as the runner widened them for this arm; `data`: one
+        of `eval_sets()`; `system_instruction`: a prompt-only arm's system message)."""
+        from ..config import InferenceModelSection
+        from ..evaluation.config import EvalConfig
+
+        model = {k: v for k, v in self.train.get("model", {}).items() if k in InferenceModelSection.model_fields}
+        raw = {**self.evaluation.model_dump(), "out_dir": str(out_dir), "adapter": None if adapter is None else str(adapter),
+               "model": model}
+        if behaviour is not None:
+            raw["behaviour"] = behaviour
+        if data is not None:
+            raw["data"] = data
+        if system_instruction is not None:  # for embeddings and generations
+            raw = {**raw, "embeddings": {**raw["embeddings"], "placement": "system", "instruction": system_instruction},
+                   "behaviour": {**raw["behaviour"], "placements": ["system"], "shown_placement": "system",
+                                 "instruction": system_instruction}}
+        try:
+            return EvalConfig.model_validate(raw)
+        except Exception as e:
+            raise ValueError(f"evaluation: invalid evaluation configuration:\n{e}") from None
 
     def run_id(self, arm: ArmSpec, seed: int) -> str:
         return f"{arm.name}-s{seed}"

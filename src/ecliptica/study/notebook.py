@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..config import TrainConfig
+from ..runio import read_jsonl_tolerant
 from .config import ArmSpec
 from .runner import StudyRunner, load_study
 
@@ -82,7 +83,7 @@ def training_curves(runner: StudyRunner, arm: str, keys=("loss", "rewards/margin
     series = {}
     for seed in runner.cfg.seeds:
         path = Path(runner.cfg.arm_config(spec, seed).run_dir) / "metrics.jsonl"
-        rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        rows = read_jsonl_tolerant(path) if path.exists() else []
         series[seed] = rows
         present += [k for k in keys if rows and k in rows[-1] and k not in present]
     fig, axes = plt.subplots(1, max(len(present), 1), figsize=(4 * max(len(present), 1), 3), squeeze=False)

@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from ecliptica.evaluation.summary import EvalSummary, read_eval_summary
+from ecliptica.runio import read_jsonl_tolerant
 
 __all__ = ["StudyRecord", "TrainInfo", "PromptMismatchError", "Embeddings", "group_by_arm", "load_embeddings",
            "read_run", "Run", "BASELINE"]
@@ -173,6 +174,6 @@ def read_training_curves(by_arm: Mapping[str, Mapping[int, dict]]) -> list[dict[
             path = record.get("metrics_path")
             if not path or not Path(path).exists():
                 continue
-            steps = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+            steps = read_jsonl_tolerant(path)  # a torn last line (a killed writer) is dropped
             curves.append({"arm": arm, "seed": seed, "steps": steps})
     return curves

@@ -7,6 +7,7 @@ questions, e.g. a calibration section once the records carry a calibration sweep
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runio import atomic_write_text
 from .questions import num, p_text
 from .records import BASELINE
 from .table import CSV_COLUMNS
@@ -102,11 +104,12 @@ def render_markdown(rows, questions, settings, notes, sections: Sequence[str] = 
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_COLUMNS})
+    f = io.StringIO(newline="")
+    writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_COLUMNS})
+    atomic_write_text(path, f.getvalue())  # a reader never sees half a table
 
 
 def jsonable(obj: Any) -> Any:

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..runio import atomic_write_text
 from .contrasts import StudyContext, aqi_resamples
 from .design import MinEffect, Question, default_questions
 from .questions import answer_questions
@@ -64,10 +65,11 @@ def build_report(
 
     figure_paths = make_figures(ctx, rows, answers, out / "figures") if figures else {}
     paths = {"results_md": out / "results.md", "results_csv": out / "results.csv", "results_json": out / "results.json"}
-    paths["results_md"].write_text(render_markdown(rows, answers, settings, notes, optional_sections(by_arm, sections)))
+    atomic_write_text(paths["results_md"],
+                      render_markdown(rows, answers, settings, notes, optional_sections(by_arm, sections)))
     write_csv(rows, paths["results_csv"])
     payload = {"settings": settings, "rows": rows, "questions": answers, "notes": notes, "figures": figure_paths}
-    paths["results_json"].write_text(json.dumps(jsonable(payload), indent=2, ensure_ascii=False))
+    atomic_write_text(paths["results_json"], json.dumps(jsonable(payload), indent=2, ensure_ascii=False))
     return {**{k: str(v) for k, v in paths.items()}, "figures": figure_paths, "rows": rows,
             "questions": answers, "notes": notes}
 

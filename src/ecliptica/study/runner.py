@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from ..config import config_hash, load_config
+from ..runio import DirLock
 from .calibration import calibrate, calibration_rows, chosen_settings, register_points, write_calibration
 from .config import ArmSpec, StudyConfig
 from .store import StudyStore
@@ -45,10 +46,6 @@ class StudyRunner:
         self.dir = Path(cfg.study_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.store = StudyStore(self.dir / "study.sqlite")
-        if worker is None:  # workers read this file; only the coordinator writes it
-            tmp = self.dir / "study.yaml.tmp"
-            tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-            tmp.replace(self.dir / "study.yaml")
         self.plan: list[tuple[ArmSpec, int]] = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]
         if cfg.calibration.enabled:  # now, so a changed setting is refused before any work
             register_points(cfg, self.store)
@@ -56,6 +53,12 @@ class StudyRunner:
         self.calibrated = chosen_settings(cfg, self.store)
         if self.calibrated is not None:
             self._register_plan()
+        # workers read this file; only the coordinator writes it, once the store accepted the calibration points
+        # and (with the sweep done) the final runs; workers share the sweep, so it cannot wait for the choice
+        if worker is None:
+            tmp = self.dir / "study.yaml.tmp"
+            tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            tmp.replace(self.dir / "study.yaml")
 
     def _register_plan(self) -> None:
         for arm, seed in self.plan:
@@ -98,7 +101,9 @@ class StudyRunner:
         """Train one arm (all seeds); returns the training summaries. Used by the per-arm notebooks."""
         if name not in {a.name for a in self.cfg.arms}:
             raise ValueError(f"no arm {name!r} in this study; arms: {[a.name for a in self.cfg.arms]}")
-        self.train_all(only=[name])
+        with self._lock():
+            self.store.release_all()  # claims of a killed earlier invocation (we hold the study)
+            self.train_all(only=[name])
         return [self.store.get(self.run_id(a, s))["train_summary"] for a, s in self.plan if a.name == name]
 
     def train_all(self, only: list[str] | None = None) -> None:
@@ -173,7 +178,6 @@ class StudyRunner:
 
     def _evaluate_one(self, arm: ArmSpec, seed: int, rid: str) -> None:
         """Evaluate one run on every named prompt set; the `test` set's record is the one the report reads."""
-        from ..evaluation.config import EvalConfig
         from ..evaluation.model_handle import ModelHandle
         from ..evaluation.runner import prompts_from_config, run_eval
         from ..evaluation.summary import summarize_eval
@@ -183,14 +187,12 @@ class StudyRunner:
         records, summaries = {}, {}
         for split, data in self.cfg.eval_sets().items():
             out = run_dir / "eval" / split if self.cfg.evaluation_sets else run_dir / "eval"
-            raw = {**self.cfg.evaluation.model_dump(), "data": data, "out_dir": str(out),
-                   "adapter": str(run_dir / "adapter") if arm.trained else None,
-                   "model": _eval_model_section(self.cfg.train.get("model", {}))}
             if arm.method == "prompt_only":
-                raw = _with_system_instruction(raw, self.cfg.prompt_instruction(arm))
+                ecfg = self.cfg.eval_config(out, None, data=data, system_instruction=self.cfg.prompt_instruction(arm))
             else:
-                raw["behaviour"] = self._with_training_instruction(raw.get("behaviour") or {}, arm, seed)
-            ecfg = EvalConfig.model_validate(raw)
+                behaviour = self._with_training_instruction(self.cfg.evaluation.behaviour.model_dump(), arm, seed)
+                ecfg = self.cfg.eval_config(out, run_dir / "adapter" if arm.trained else None, behaviour=behaviour,
+                                            data=data)
             if self._handle is None:  # one base for every arm; adapters are swapped in unmerged
                 self._handle = ModelHandle.load(ecfg.model)
             if split not in self._prompts:
@@ -210,6 +212,14 @@ class StudyRunner:
                            step=(self.store.get(rid)["train_summary"] or {}).get("steps", 0))
         self.store.set_status(rid, "evaluated", eval_result=records["test"])
 
+    @property
+    def _claimant(self) -> str:
+        return self.worker or f"main-{os.getpid()}"
+
+    def _lock(self) -> DirLock:
+        """The coordinator holds the study directory; its workers (started by it) work under that hold."""
+        return DirLock(self.dir, "study") if self.worker is None else _NoLock()
+
     def _with_training_instruction(self, behaviour: dict, arm: ArmSpec, seed: int) -> dict:
         """Behaviour settings that also evaluate with the instruction an arm was trained with (same text,
         same placement); the baseline gets every such variant, so each arm has a base to compare with.
@@ -227,11 +237,10 @@ class StudyRunner:
         return {**behaviour, "placements": placements, **({"instruction": instruction} if instruction else {})}
 
     def _claim(self, rid: str, needs_work) -> bool:
-        """True if this process should work on `rid` now: it still needs the work and, for a worker,
-        the store gave us the run (re-read after claiming: another worker may just have finished it)."""
-        if self.worker is None:
-            return needs_work(self.store.get(rid)["status"])
-        if not self.store.claim(rid, self.worker):
+        """True if this process should work on `rid` now: it still needs the work and the store gave us
+        the run (re-read after claiming: another process may just have finished it). The single-process
+        path claims too, so nothing else touches a run while it trains or evaluates it."""
+        if not self.store.claim(rid, self._claimant):
             return False
         if needs_work(self.store.get(rid)["status"]):
             return True
@@ -239,8 +248,7 @@ class StudyRunner:
         return False
 
     def _release(self, rid: str) -> None:
-        if self.worker is not None:
-            self.store.release(rid)
+        self.store.release(rid)
 
     def _run_dir(self, arm: ArmSpec, seed: int) -> Path:
         if not arm.trained:
@@ -259,15 +267,17 @@ class StudyRunner:
         return result
 
     def run(self, workers: int = 1, devices: list[str] | None = None) -> dict:
-        if workers > 1:
-            if self.calibrated is None:  # workers score the sweep points; the choice is made here
-                self._run_workers(workers, devices, phase="calibration")
-            self.calibrate()
-            self._run_workers(workers, devices)
-        else:
-            self.train_all()
-            self.evaluate_all()
-        result = self.report()
+        with self._lock():  # a second `ecliptica run` on this study stops here, naming this process
+            if workers > 1:
+                if self.calibrated is None:  # workers score the sweep points; the choice is made here
+                    self._run_workers(workers, devices, phase="calibration")
+                self.calibrate()
+                self._run_workers(workers, devices)
+            else:
+                self.store.release_all()  # claims left by a killed earlier invocation
+                self.train_all()
+                self.evaluate_all()
+            result = self.report()
         print(f"\n[study] results: {self.dir / 'results.md'}")
         print(f"[study] training curves and eval/ scalars: tensorboard --logdir {self.dir / 'tensorboard'}")
         return result
@@ -360,6 +370,14 @@ class StudyRunner:
                 self.store.release_point(p["point_id"])
 
 
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
 def _write_embeddings(result: dict, prompts, path: Path) -> Path:
     """What the run's `aqi` was computed from, with labels, axioms and prompt ids, for the paired tests.
 
@@ -412,27 +430,13 @@ def report_study(cfg: StudyConfig) -> dict:
     records, missing = study_records(cfg)
     notes = [f"Not evaluated yet, so left out: {', '.join(missing)}."] if missing else []
     rep = cfg.report
-    return build_report(records, cfg.study_dir, n_resamples=rep.n_resamples, seed=rep.seed, alpha=rep.alpha,
-                        questions=cfg.questions, min_effect=rep.min_effect, arm_order=[a.name for a in cfg.arms],
-                        notes=notes)
-
-
-def _with_system_instruction(raw: dict, instruction: str) -> dict:
-    """A prompt-only arm's evaluation: the instruction as system message for embeddings and generations."""
-    raw = {**raw, "embeddings": {**raw.get("embeddings", {}), "placement": "system", "instruction": instruction},
-           "behaviour": {**raw.get("behaviour", {}), "placements": ["system"], "shown_placement": "system",
-                         "instruction": instruction}}
-    return raw
+    with DirLock(cfg.study_dir, "study report"):  # no report while another process runs or reports this study
+        return build_report(records, cfg.study_dir, n_resamples=rep.n_resamples, seed=rep.seed, alpha=rep.alpha,
+                            questions=cfg.questions, min_effect=rep.min_effect,
+                            arm_order=[a.name for a in cfg.arms], notes=notes)
 
 
 def _default_placement(method: str) -> str:
     from ..losses import get_method
 
     return get_method(method).default_placement
-
-
-def _eval_model_section(model: dict) -> dict:
-    from ..config import InferenceModelSection
-
-    return {k: v for k, v in model.items() if k in InferenceModelSection.model_fields}
-

@@ -13,6 +13,7 @@ import random
 import shutil
 import subprocess
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,9 @@ from .batching import collate, pair_tokens, response_tokens, split_by_tokens
 from .optim import build_optimizer, build_scheduler
 from .policy import PolicyModel
 from .reference import reference_logps
+from .safety import UpdateSnapshot, TrainingWatch, check_fresh_start, check_resume, nonfinite_names
 from .state_io import load_state, save_state
+from ..runio import DirLock, atomic_dir, atomic_write_text, read_jsonl_tolerant, write_jsonl
 
 
 class NonFiniteError(RuntimeError):
@@ -72,18 +75,27 @@ def _mixed_precision(cfg: TrainConfig) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def prepare_data(cfg: TrainConfig, tokenizer, placement: str, progress: bool = True) -> tuple[TokenizedData, dict]:
+def prepare_data(cfg: TrainConfig, tokenizer, placement: str, progress: bool = True,
+                 bad_rows_path: Path | None = None) -> tuple[TokenizedData, dict]:
     """Load, validate, split and tokenise the training pairs and report what happened. Only the train part
     is trained on; the validation part (`data.val_fraction`, split by `data.split_seed`) is tokenised the
-    same way and returned in info["val"] for held-out scoring (None without a validation part)."""
+    same way and returned in info["val"] for held-out scoring (None without a validation part).
+    With `bad_rows_path` (on_bad_row: skip) the skipped rows are written there and counted on the console,
+    even when none or all were bad."""
     opts = LoadOptions(instruction=cfg.data.instruction, column_map=cfg.data.column_map)
     loaded = load_preferences(resolve_path(cfg.data.path), cfg.data.format, on_bad_row=cfg.data.on_bad_row,
                               options=opts, limit=cfg.data.limit)
+    if bad_rows_path is not None:
+        save_bad_rows(loaded, bad_rows_path)
+        print(f"[data] {cfg.data.path}: {loaded.report.rows_read} rows read, {len(loaded.report.bad_rows)} skipped "
+              f"as bad (listed in {bad_rows_path})", flush=True)
     train, val = split_train_val(loaded.examples, lambda e: e.row_id, cfg.data.val_fraction, cfg.data.split_seed)
     settings = TokenizeSettings(cfg.data.max_length, cfg.data.max_prompt_length)
     tokenized = tokenize_pairs(tokenizer, train, placement, settings, progress=progress)
     if not tokenized.pairs:
-        raise ValueError(f"{cfg.data.path}: no training pairs left after validation and split")
+        raise ValueError(f"{cfg.data.path}: no training pairs left after validation and split "
+                         f"({loaded.report.rows_read} rows read, {len(loaded.report.bad_rows)} bad, "
+                         f"{len(val)} in validation)")
     val_tokenized = tokenize_pairs(tokenizer, val, placement, settings, progress=False) if val else None
     split_ids = {"train": [e.row_id for e in train], "val": [e.row_id for e in val]}
     split = describe_split(split_ids["train"], split_ids["val"], cfg.data.val_fraction, cfg.data.split_seed)
@@ -96,12 +108,39 @@ def prepare_data(cfg: TrainConfig, tokenizer, placement: str, progress: bool = T
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, resume: bool | None = None, overwrite: bool = False):
+        """`resume`/`overwrite` given here are checked in setup(), before the model loads; `resume`
+        may instead be passed to train()."""
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        self.resume, self.overwrite = resume, overwrite
+        self._lock: DirLock | None = None
+        self._start_checked = False
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
+        """Take the run directory (exclusive; proves it writable) before any slow work, then build."""
+        if int(os.environ.get("RANK", "0")) == 0:  # one lock per run, held by the main process
+            self._lock = DirLock(self.run_dir, "train").acquire()
+        try:
+            if self.resume is not None:
+                self._check_start(self.resume)
+            return self._setup()
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _check_start(self, resume: bool) -> None:
+        if int(os.environ.get("RANK", "0")) == 0 and not self._start_checked:
+            check_fresh_start(self.run_dir, resume, self.overwrite)
+        self._start_checked = True
+
+    def _setup(self) -> "Trainer":
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -118,14 +157,17 @@ class Trainer:
         self.loss_fn = build_loss(cfg.method)
         self.placement = cfg.method.placement or self.loss_fn.default_placement
         self.tokenizer = load_tokenizer(cfg.model)
-        self.data, info = prepare_data(cfg, self.tokenizer, self.placement, progress=acc.is_main_process)
+        skipped = self.run_dir / "skipped_rows.json" if cfg.data.on_bad_row == "skip" and acc.is_main_process else None
+        if skipped is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.data, info = prepare_data(cfg, self.tokenizer, self.placement, progress=acc.is_main_process,
+                                       bad_rows_path=skipped)
         self.data_report = info["report"]
+        self.data_hash = self.data.fingerprint()
         self.val_data: TokenizedData | None = info["val"]
         if acc.is_main_process:  # the split's ids, so a reader can rebuild exactly what was held out
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "split.json").write_text(json.dumps(info["split_ids"]))
-        if cfg.data.on_bad_row == "skip" and acc.is_main_process and info["loaded"].report.bad_rows:
-            save_bad_rows(info["loaded"], self.run_dir / "skipped_rows.json")
 
         model = load_model(cfg.model)
         model = apply_lora(model, cfg.lora, cfg.model.gradient_checkpointing)
@@ -229,7 +271,13 @@ class Trainer:
         grad_norm = acc.clip_grad_norm_(params, max_norm)
         if not torch.isfinite(grad_norm):
             return self._nonfinite(step, "gradient norm")
+        snapshot = UpdateSnapshot(params, self.optimizer) if cfg.train.on_nonfinite == "skip" else None
         self.optimizer.step()
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one sync per step
+            bad = nonfinite_names([(n, p) for n, p in self.policy.named_parameters() if p.requires_grad])
+            if snapshot is not None:  # skip means the update is undone, not that the check is skipped
+                snapshot.restore(params, self.optimizer)
+            return self._nonfinite(step, f"parameters after the optimizer update ({len(bad)} tensors, e.g. {bad[0]})")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         sums["loss"] = loss_total
@@ -259,11 +307,21 @@ class Trainer:
                       key=lambda p: int(p.name.split("-")[1]))
         return done[-1] if done else None
 
+    def _finite_adapter(self, where: str) -> None:
+        """Never write non-finite weights: the step checks should make this unreachable."""
+        from peft import get_peft_model_state_dict
+
+        bad = nonfinite_names(get_peft_model_state_dict(self.peft_model))
+        if bad:
+            raise NonFiniteError(f"refusing to write {where}: {len(bad)} adapter tensors are not finite "
+                                 f"(e.g. {bad[0]}). Last good checkpoint: {self.latest_checkpoint() or 'none'}")
+
     def save_checkpoint(self, step: int) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
             final = self.ckpt_root / f"step-{step}"
+            self._finite_adapter(str(final))
             tmp = self.ckpt_root / f".tmp-step-{step}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -273,7 +331,11 @@ class Trainer:
             save_state(_rng_state(), tmp / "rng")
             (tmp / "trainer.json").write_text(json.dumps({"step": step, "nonfinite_skipped": self.nonfinite_skipped,
                                                           "train_tokens": self.train_tokens,
-                                                          "train_seconds": self.train_seconds}))
+                                                          "train_seconds": self.train_seconds,
+                                                          # what resume checks against (safety.check_resume)
+                                                          "config": self.cfg.model_dump(mode="json"),
+                                                          "config_hash": self.cfg.hash(),
+                                                          "data_hash": self.data_hash}))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)  # a checkpoint exists only once it is complete
             for old in sorted(self.ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-self.cfg.train.keep_checkpoints]:
@@ -281,32 +343,61 @@ class Trainer:
         acc.wait_for_everyone()
 
     def load_checkpoint(self, path: Path) -> int:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+        return self._apply_checkpoint(_read_checkpoint(path))
 
-        weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
-        set_peft_model_state_dict(self.peft_model, weights)
-        self.optimizer.load_state_dict(load_state(path / "optimizer"))
-        self.scheduler.load_state_dict(load_state(path / "scheduler"))
-        _set_rng_state(load_state(path / "rng"))
-        meta = json.loads((path / "trainer.json").read_text())
+    def resume_latest(self) -> int:
+        """Load the newest checkpoint that reads back whole and finite (older ones are tried, with a
+        warning, when it does not); it must match this run's config and data. Returns its step (0: none)."""
+        ckpts = sorted((p for p in self.ckpt_root.glob("step-*") if (p / "trainer.json").is_file()),
+                       key=lambda p: int(p.name.split("-")[1]), reverse=True)
+        for path in ckpts:
+            try:
+                ckpt = _read_checkpoint(path)
+            except Exception as e:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
+                warnings.warn(f"{path}: cannot be loaded ({type(e).__name__}: {e}); trying the previous checkpoint",
+                              RuntimeWarning, stacklevel=2)
+                continue
+            check_resume(path, ckpt["meta"], self.cfg.model_dump(mode="json"), self.data_hash, self.cfg.train.max_steps)
+            return self._apply_checkpoint(ckpt)
+        if ckpts:
+            raise RuntimeError(f"{self.ckpt_root}: no checkpoint could be loaded (see the warnings above); "
+                               f"start again with --overwrite")
+        return 0
+
+    def _apply_checkpoint(self, ckpt: dict) -> int:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.peft_model, ckpt["weights"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"])
+        meta = ckpt["meta"]
         self.nonfinite_skipped = meta["nonfinite_skipped"]
         self.train_tokens = meta["train_tokens"]
         self.train_seconds = meta["train_seconds"]
         return meta["step"]
 
     # ------------------------------------------------------------------ the loop
-    def train(self, resume: bool = False, stop_after: int | None = None) -> dict:
-        """Train to max_steps (or stop after `stop_after` steps, for tests); returns the summary."""
+    def train(self, resume: bool | None = None, stop_after: int | None = None) -> dict:
+        """Train to max_steps (or stop after `stop_after` steps, for tests); returns the summary.
+        The run directory's lock is released when this returns or raises."""
+        try:
+            return self._train(bool(self.resume) if resume is None else resume, stop_after)
+        finally:
+            self._release()
+
+    def _train(self, resume: bool, stop_after: int | None) -> dict:
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.accelerator
+        self._check_start(resume)
         self.nonfinite_skipped, self.train_tokens, self.train_seconds = 0, 0, 0.0
+        self.watch = TrainingWatch()
         start = 0
         metrics_path = self.run_dir / "metrics.jsonl"
-        if resume and (last := self.latest_checkpoint()) is not None:
-            start = self.load_checkpoint(last)
-        elif acc.is_main_process and metrics_path.exists():
+        if resume:
+            start = self.resume_latest()
+        if start == 0 and acc.is_main_process and metrics_path.exists():
             metrics_path.unlink()
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -333,6 +424,8 @@ class Trainer:
             if torch.cuda.is_available():
                 m["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             last_metrics = m
+            if acc.is_main_process:
+                self.watch.update(step + 1, result.loss, result.metrics.get("grad_norm"))
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == end:
                 acc.log(m, step=step + 1)
                 if acc.is_main_process:
@@ -375,12 +468,29 @@ class Trainer:
             "versions": _versions(), "git_commit": git_commit(),
         }
         summary.update(self.optimizer_hooks.summary())  # GRIT: physical vs effective LoRA parameters
+        if self.nonfinite_skipped and self.nonfinite_skipped >= self.cfg.train.max_steps and acc.is_main_process:
+            warnings.warn(f"all {self.nonfinite_skipped} steps were skipped as non-finite: the adapter in "
+                          f"{self.run_dir / 'adapter'} is untrained; lower optimizer.lr", RuntimeWarning, stacklevel=2)
         if acc.is_main_process:
-            self.peft_model.save_pretrained(self.run_dir / "adapter")
-            tmp = self.run_dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=1))
-            os.replace(tmp, self.run_dir / "summary.json")
+            self._finite_adapter(str(self.run_dir / "adapter"))
+            with atomic_dir(self.run_dir / "adapter") as tmp:
+                self.peft_model.save_pretrained(tmp)
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return summary
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """Every file of a checkpoint, read before anything is applied: a corrupt file cannot leave the
+    model half-restored. Non-finite weights make a checkpoint unusable, like a corrupt file."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+    bad = nonfinite_names(weights)
+    if bad:
+        raise ValueError(f"{len(bad)} adapter tensors are not finite (e.g. {bad[0]})")
+    return {"meta": json.loads((path / "trainer.json").read_text()), "weights": weights,
+            "optimizer": load_state(path / "optimizer"), "scheduler": load_state(path / "scheduler"),
+            "rng": load_state(path / "rng")}
 
 
 def _rng_state() -> dict:
@@ -403,8 +513,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop lines logged after the checkpoint so the file has each step once."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    write_jsonl(path, [row for row in read_jsonl_tolerant(path) if row["step"] <= step])  # a torn last line is dropped
 
 
 def _flat_hparams(cfg: TrainConfig) -> dict:

@@ -1,0 +1,135 @@
+"""What keeps a run directory honest: fresh-or-resume decisions, resume checks, finite weights, and
+warnings for training that has visibly gone wrong. The engine calls these; each is small and pure
+enough to test on its own. docs/reliability.md states the guarantees.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+# Keys a resume may change: extending a finished or interrupted run (the schedule is recomputed for
+# the new length from the checkpoint's step on), and whether a progress bar is drawn.
+RESUME_MAY_CHANGE = ("train.max_steps", "train.progress")
+
+# What a previous run leaves in its directory; a fresh run must not mix with any of it (--overwrite also
+# deletes its TensorBoard events, which alone do not mark a run: setup may create that folder).
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "adapter", "summary.json")
+
+
+class ResumeMismatchError(ValueError):
+    pass
+
+
+class RunDirInUseError(ValueError):
+    pass
+
+
+def previous_run_outputs(run_dir: Path) -> list[str]:
+    return [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+
+
+def check_fresh_start(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """A fresh run into a directory holding another run's outputs stops, unless told which to do."""
+    found = previous_run_outputs(run_dir)
+    if resume or not found:
+        return
+    if not overwrite:
+        raise RunDirInUseError(f"{run_dir} already holds a run ({', '.join(found)}); pass --resume to continue "
+                               f"it, or --overwrite to delete it and start again")
+    for name in (*found, "tb"):
+        p = run_dir / name
+        if not p.exists():
+            continue
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(old: dict, new: dict, allowed=RESUME_MAY_CHANGE) -> dict[str, tuple]:
+    a, b = flatten(old), flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in allowed and a.get(k) != b.get(k)}
+
+
+def check_resume(ckpt: Path, meta: dict, config: dict, data_hash: str, max_steps: int) -> None:
+    """Refuse to continue a checkpoint under a different configuration or different data."""
+    if "config" not in meta:
+        warnings.warn(f"{ckpt}: written before resume checks existed; its config and data cannot be verified",
+                      RuntimeWarning, stacklevel=2)
+        return
+    diff = config_differences(meta["config"], config)
+    if diff:
+        shown = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in ((k, *v) for k, v in diff.items()))
+        raise ResumeMismatchError(f"{ckpt}: cannot resume, the configuration differs from the checkpoint's in "
+                                  f"{shown}. Restore those values, or start again with --overwrite "
+                                  f"(only {', '.join(RESUME_MAY_CHANGE)} may change on resume)")
+    if meta.get("data_hash") != data_hash:
+        raise ResumeMismatchError(f"{ckpt}: cannot resume, the training data differs from the checkpoint's "
+                                  f"(rows, split or tokenisation; data hash {meta.get('data_hash')} vs {data_hash}); "
+                                  f"restore the data or start again with --overwrite")
+    if meta["step"] > max_steps:
+        raise ResumeMismatchError(f"{ckpt}: the checkpoint is at step {meta['step']}, past train.max_steps="
+                                  f"{max_steps}; raise train.max_steps to at least {meta['step']}")
+
+
+def nonfinite_names(named: dict[str, torch.Tensor] | list[tuple[str, torch.Tensor]]) -> list[str]:
+    items = named.items() if isinstance(named, dict) else named
+    return [name for name, t in items if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+class UpdateSnapshot:
+    """Trainable parameters and optimizer state before an optimizer step, so a non-finite update can be
+    undone (`on_nonfinite: skip` then really skips it). Costs one copy of the trainable (LoRA) weights
+    and their optimizer state; only taken when skipping is enabled."""
+
+    def __init__(self, params: list[torch.Tensor], optimizer):
+        self.params = [p.detach().clone() for p in params]
+        self.optimizer_state = copy.deepcopy(optimizer.state_dict())
+
+    def restore(self, params: list[torch.Tensor], optimizer) -> None:
+        with torch.no_grad():
+            for p, saved in zip(params, self.params):
+                p.copy_(saved)
+        optimizer.load_state_dict(self.optimizer_state)
+
+
+class TrainingWatch:
+    """Warns (once each) when training visibly diverges: the loss rises tenfold over its first logged
+    value, or the gradient norm is exactly 0 for `zero_grad_steps` steps in a row."""
+
+    def __init__(self, zero_grad_steps: int = 3, rise: float = 10.0):
+        self.zero_grad_steps, self.rise = zero_grad_steps, rise
+        self.first_loss: float | None = None
+        self.zero_run = 0
+        self.warned: set[str] = set()
+
+    def update(self, step: int, loss: float, grad_norm: float | None) -> list[str]:
+        said = []
+        if loss == loss and abs(loss) != float("inf"):  # skipped steps (nan) say nothing about divergence
+            if self.first_loss is None:
+                self.first_loss = loss
+            elif self.first_loss > 0 and loss > self.rise * self.first_loss and "loss" not in self.warned:
+                said.append(f"loss rose from {self.first_loss:.4g} to {loss:.4g} by step {step} (over "
+                            f"{self.rise:g}x): training is diverging; lower optimizer.lr")
+                self.warned.add("loss")
+        if grad_norm is not None:
+            self.zero_run = self.zero_run + 1 if grad_norm == 0 else 0
+            if self.zero_run >= self.zero_grad_steps and "grad" not in self.warned:
+                said.append(f"gradient norm has been 0 for {self.zero_run} steps (to step {step}): nothing is "
+                            f"being learned (saturated loss or a too-large optimizer.lr)")
+                self.warned.add("grad")
+        for msg in said:
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return said
