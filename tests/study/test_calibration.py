@@ -107,15 +107,18 @@ def test_tiny_calibrated_study_with_prompt_only_arm_and_dev_test_sets(tmp_path, 
             f"evaluation_sets={sets}", "evaluation.behaviour.limit=8", "evaluation.behaviour.max_new_tokens=4",
             "evaluation.drift.limit=4", f"evaluation.cache_dir={study_dir}/cache", "evaluation.progress=false",
             "arms=[{name: baseline, method: baseline}, {name: po, method: prompt_only, instruction: 'Be safe.'}, "
-            "{name: dpo, method: dpo}]"]
+            "{name: dpo, method: dpo}, {name: sft, method: sft}]"]
     cfg = _load_without_eval_data(args)
     runner = StudyRunner(cfg)
     assert runner.calibrated is None and runner.store.all() == []  # final runs wait for the choice
     runner.run()
     store = runner.store
 
-    points = store.calibration()
-    assert [p["lr"] for p in points] == [1e-4, 5e-2] and all(p["status"] == "scored" for p in points)
+    # SFT has no beta of its own: its points are scored with calibration.reward_beta like every other arm's
+    assert all(p["status"] == "scored" for p in store.calibration())
+    assert {p["scores"]["val"]["beta"] for p in store.calibration()} == {cfg.calibration.reward_beta}
+    points = [p for p in store.calibration() if p["arm"] == "dpo"]
+    assert [p["lr"] for p in points] == [1e-4, 5e-2]
     rows = [{"point_id": p["point_id"], "lr": p["lr"], "val_accuracy": p["scores"]["val"]["rewards/accuracies"],
              "benign_kl": p["scores"]["benign"]["kl_mean_token"]} for p in points]
     want = max(rows, key=lambda r: (r["val_accuracy"], -r["lr"]))  # the rule by hand (every KL is inside 1000)
@@ -133,7 +136,7 @@ def test_tiny_calibrated_study_with_prompt_only_arm_and_dev_test_sets(tmp_path, 
 
     # every run evaluated on dev and test; the report reads test
     evals = store.evaluations()
-    assert {(e["run_id"], e["split"]) for e in evals} == {(r, s) for r in ("baseline-s0", "po-s0", "dpo-s0")
+    assert {(e["run_id"], e["split"]) for e in evals} == {(r, s) for r in ("baseline-s0", "po-s0", "dpo-s0", "sft-s0")
                                                           for s in ("dev", "test")}
     test_rows = {e["run_id"]: e["eval_result"] for e in store.evaluations("test")}
     assert all(store.get(r)["eval_result"] == test_rows[r] for r in test_rows)

@@ -22,6 +22,12 @@ ADAPTER_CONFIG = "adapter_config.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
+def inference_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -81,8 +87,13 @@ class ModelHandle:
         self.adapter_hash: str | None = None
 
     @classmethod
-    def load(cls, cfg: InferenceModelSection) -> "ModelHandle":
-        return cls(load_model(cfg), load_tokenizer(cfg), cfg.name)
+    def load(cls, cfg: InferenceModelSection, device: str | None = None) -> "ModelHandle":
+        """Load the base onto `device` (default: the first visible GPU, else the CPU; a study worker sees
+        only its own card). A 4-bit base is already placed by bitsandbytes and is not moved."""
+        model = load_model(cfg)
+        if not getattr(model, "is_loaded_in_4bit", False):
+            model = model.to(device or inference_device())
+        return cls(model, load_tokenizer(cfg), cfg.name)
 
     @property
     def is_4bit(self) -> bool:

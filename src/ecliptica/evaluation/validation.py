@@ -51,7 +51,7 @@ def preference_scores(policy: PolicyModel, pairs: Sequence[TokenizedPair], pad_t
         policy.train(was_training)
     m = torch.cat(margins)
     return {"rewards/accuracies": float((m > 0).float().mean()), "rewards/margins": float(m.mean()),
-            "n_pairs": int(m.numel())}
+            "n_pairs": int(m.numel()), "beta": beta}
 
 
 @torch.no_grad()

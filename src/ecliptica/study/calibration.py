@@ -174,7 +174,7 @@ def _train_and_score(tc: TrainConfig, benign, cfg: StudyConfig) -> dict:
         summary = trainer.train(resume=True)
         policy = trainer.accelerator.unwrap_model(trainer.policy)
         pad, bs = trainer.tokenizer.pad_token_id, cfg.calibration.batch_size
-        val = preference_scores(policy, trainer.val_data.pairs, pad, beta=tc.method.beta, batch_size=bs)
+        val = preference_scores(policy, trainer.val_data.pairs, pad, beta=cfg.calibration.reward_beta, batch_size=bs)
         benign_tok = tokenize_pairs(trainer.tokenizer, examples, drift.placement,
                                     TokenizeSettings(drift.max_length, drift.max_length // 2), progress=False)
         kl = response_kl(policy, benign_tok.pairs, pad, batch_size=bs)

@@ -59,6 +59,9 @@ class CalibrationSection(Strict):
     kl_bound: float = Field(0.05, gt=0)
     accuracy_tolerance: float = Field(0.0, ge=0)
     batch_size: int = Field(8, ge=1)  # validation and benign pairs per scoring forward
+    # beta of the implicit reward r = beta * (log pi - log pi_base) the validation pairs are scored with: one
+    # value for every arm (SFT has no beta of its own), so margins compare; accuracy does not depend on it
+    reward_beta: float = Field(0.1, gt=0)
 
     @model_validator(mode="after")
     def _check(self):
