@@ -200,20 +200,30 @@ def training_curves(curves: Sequence[Mapping[str, Any]], metrics: Sequence[str],
 
 def calibration_sweep(rows: Sequence[Mapping[str, Any]], kl_bound: float, stem: Path) -> dict[str, str]:
     """Calibration: validation preference accuracy vs benign KL to the base, one panel per arm, each sweep
-    point labelled by its lr (and damping); the chosen point ringed, the KL bound dashed."""
+    point labelled by its lr (and damping) with its 95% Wilson interval over the validation pairs; the chosen
+    point ringed, the KL bound dashed, 0.5 (chance) dotted. One accuracy axis for every panel, so a
+    difference within noise does not fill a panel."""
+    from ..evaluation.stats import wilson_interval
+
     plt = pyplot()
     scored = [r for r in rows if r["val_accuracy"] is not None and r["benign_kl"] is not None]
     arms = list(dict.fromkeys(r["arm"] for r in scored))
     cols = min(4, max(1, len(arms)))
     n_rows = max(1, -(-len(arms) // cols))
-    fig, axes = plt.subplots(n_rows, cols, figsize=(3.4 * cols, 3.0 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(3.4 * cols, 3.0 * n_rows), squeeze=False, sharey=True)
     for ax in axes.flat[len(arms):]:
         ax.set_axis_off()
     if not arms:
         _empty(axes.flat[0], "no scored calibration points")
     for ax, arm in zip(axes.flat, arms):
         pts = [r for r in scored if r["arm"] == arm]
+        for r in pts:
+            n = r.get("n_val_pairs")
+            if n:  # accuracy is a fraction of n pairs: its binomial interval shows what the sweep can resolve
+                lo, hi = wilson_interval(round(r["val_accuracy"] * n), n)
+                ax.plot([r["benign_kl"]] * 2, [lo, hi], color="tab:blue", lw=0.8, alpha=0.5)
         ax.plot([r["benign_kl"] for r in pts], [r["val_accuracy"] for r in pts], "o", color="tab:blue")
+        ax.axhline(0.5, color="gray", ls=":", lw=0.8)
         for r in pts:
             label = f"{r['lr']:g}" + (f"/d{r['damping']:g}" if r["damping"] is not None else "")
             ax.annotate(label, (r["benign_kl"], r["val_accuracy"]), fontsize=7, xytext=(3, 3),
@@ -224,5 +234,6 @@ def calibration_sweep(rows: Sequence[Mapping[str, Any]], kl_bound: float, stem: 
         ax.set_title(arm, fontsize=10)
         ax.set_xlabel("benign KL to base (per token)", fontsize=8)
         ax.set_ylabel("validation accuracy", fontsize=8)
-    fig.suptitle("Calibration sweep (label: lr[/damping]; ring: chosen; dashed: KL bound)", fontsize=10)
+    fig.suptitle("Calibration sweep (label: lr[/damping]; bar: 95% Wilson interval; ring: chosen; dashed: KL bound; "
+                 "dotted: chance)", fontsize=10)
     return _save_both(fig, plt, stem)
