@@ -5,36 +5,14 @@ import torch
 from ecliptica.losses.base import SequenceStats
 from ecliptica.losses.ipo import IPOConfig, IPOLoss
 
-from train_helpers import policy_stats, toy_pairs
+from train_helpers import policy_stats, toy_pairs, trl_dpo_loss
 
 
 def test_ipo_matches_trl(tiny_model_dir, tmp_path):
-    datasets = pytest.importorskip("datasets")
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-
     pairs = toy_pairs(3, seed=2)  # chosen and rejected of different lengths: the per-token averaging matters
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2
-    args = DPOConfig(output_dir=str(tmp_path), beta=0.3, loss_type="ipo", report_to="none", use_cpu=True)
-    trainer = DPOTrainer(model=base, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tok, peft_config=lora)
-    g = torch.Generator().manual_seed(1)
-    for name, p in trainer.model.named_parameters():
-        if "lora_B" in name:  # move the policy away from the reference (the disabled adapter)
-            p.data = torch.randn(p.shape, generator=g) * 0.5
-    trainer.model.eval()
-    examples = [{"prompt_ids": list(p.prompt_ids), "chosen_ids": list(p.chosen_ids),
-                 "rejected_ids": list(p.rejected_ids)} for p in pairs]
-    inputs = DataCollatorForPreference(pad_token_id=2)(examples)
+    trl_loss, model = trl_dpo_loss(tiny_model_dir, tmp_path, pairs, beta=0.3, loss_type="ipo")
     with torch.no_grad():
-        trl_loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
-        s = policy_stats(trainer.model, pairs)
+        s = policy_stats(model, pairs)
         ours, _ = IPOLoss(IPOConfig(beta=0.3))(s)
     assert float(trl_loss) != pytest.approx((1 / 0.6) ** 2, rel=1e-3)  # policy != reference: a real comparison
     rc, rr = s.halves(s.logps - s.ref_logps)

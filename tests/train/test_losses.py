@@ -9,7 +9,7 @@ from ecliptica.losses import CITAConfig, CITALoss, DPOConfig, DPOLoss, SequenceS
 from ecliptica.train.batching import collate
 from ecliptica.train.policy import PolicyModel
 
-from train_helpers import dense_token_logps, tiny_peft, toy_pairs
+from train_helpers import dense_token_logps, tiny_peft, toy_pairs, trl_dpo_loss
 
 
 @pytest.fixture(scope="module")
@@ -24,33 +24,10 @@ def _stats(peft_model, pairs, packed=True, with_rejected=True, ref=True, kl=Fals
 
 def test_dpo_matches_trl(tiny_model_dir, tmp_path):
     """Same model, same token ids: TRL 1.16's DPOTrainer loss and ours agree to 1e-5."""
-    datasets = pytest.importorskip("datasets")
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig as TRLDPOConfig, DPOTrainer
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-
     pairs = toy_pairs(3)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2
-    args = TRLDPOConfig(output_dir=str(tmp_path), beta=0.1, report_to="none", use_cpu=True)
-    # TRL creates the adapter, so its reference is the disabled adapter, as ours is.
-    trainer = DPOTrainer(model=base, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tok, peft_config=lora)
-    g = torch.Generator().manual_seed(1)
-    for name, p in trainer.model.named_parameters():
-        if "lora_B" in name:  # move the policy away from the reference
-            p.data = torch.randn(p.shape, generator=g) * 0.5
-    trainer.model.eval()
-    examples = [{"prompt_ids": list(p.prompt_ids), "chosen_ids": list(p.chosen_ids),
-                 "rejected_ids": list(p.rejected_ids)} for p in pairs]
-    inputs = DataCollatorForPreference(pad_token_id=2)(examples)
+    trl_loss, model = trl_dpo_loss(tiny_model_dir, tmp_path, pairs, beta=0.1)
     with torch.no_grad():
-        trl_loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
-        ours, metrics = DPOLoss(DPOConfig(beta=0.1))(_stats(trainer.model, pairs))
+        ours, metrics = DPOLoss(DPOConfig(beta=0.1))(_stats(model, pairs))
     assert float(trl_loss) != pytest.approx(math.log(2), abs=1e-3)  # policy != reference: a real comparison
     assert abs(float(trl_loss) - float(ours)) < 1e-5
 

@@ -66,3 +66,35 @@ def padded_batch(pairs, with_rejected=True, pad_id=2):
         mask[i, :n] = 1
         labels[i, len(prompt):n] = torch.tensor(resp)
     return ids, mask, labels
+
+
+def trl_dpo_loss(model_dir, out_dir, pairs, **dpo_args):
+    """TRL's DPOTrainer loss on `pairs` (our token ids) and the LoRA model it was computed with (the same
+    model scores ours). TRL creates the adapter, so its reference is the disabled adapter, as ours is; the
+    adapter's B matrices are randomised so the policy differs from the reference (a real comparison)."""
+    import pytest
+
+    datasets = pytest.importorskip("datasets")
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2  # TRL wants a dataset; our ids are scored below
+    args = DPOConfig(output_dir=str(out_dir), report_to="none", use_cpu=True, **dpo_args)
+    trainer = DPOTrainer(model=base, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tok, peft_config=lora)
+    g = torch.Generator().manual_seed(1)
+    for name, p in trainer.model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+    trainer.model.eval()
+    examples = [{"prompt_ids": list(p.prompt_ids), "chosen_ids": list(p.chosen_ids),
+                 "rejected_ids": list(p.rejected_ids)} for p in pairs]
+    inputs = DataCollatorForPreference(pad_token_id=2)(examples)
+    with torch.no_grad():
+        loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
+    return float(loss), trainer.model
