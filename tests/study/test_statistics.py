@@ -153,3 +153,58 @@ def test_grit_pairs_in_the_figure_come_from_the_registry_and_the_arms():
     rows = [{"arm": a} for a in ("baseline", "ipo", "ipo_grit", "dpo", "dpo_grit", "cita", "sft_grit", "custom")]
     expected = [m for m in registry.method_names() if m in ("dpo", "ipo")]
     assert grit_paired_methods(rows) == expected and set(expected) == {"dpo", "ipo"}
+
+
+def test_rate_draws_are_the_jeffreys_posterior():
+    from ecliptica.study.contrasts import jeffreys_draws
+
+    rng = np.random.default_rng(0)
+    for k, n in ((0, 8), (3, 40), (40, 40)):
+        draws = jeffreys_draws(k, n, 200_000, rng)
+        want = stats.beta.ppf([0.025, 0.5, 0.975], k + 0.5, n - k + 0.5)  # scipy's quantiles, not ours
+        assert np.quantile(draws, [0.025, 0.5, 0.975]) == pytest.approx(want, abs=3e-3)
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        jeffreys_draws(9, 8, 10, rng)
+
+
+def _refusal_record(tmp, arm, refused, n):
+    record = _record(tmp, arm, 0, _emb(0.3, 7))
+    record["eval"]["refusal_rate_unsafe"] = {"rate": refused / n, "n": n}
+    return record
+
+
+def test_no_refusals_on_few_prompts_is_not_equivalence(tmp_path):
+    # 0 of 8 refusals in both arms: the plug-in redraw gave [0, 0] and "equivalent"; 8 prompts cannot
+    # show that two refusal rates differ by less than 0.05
+    records = [_refusal_record(tmp_path, "baseline", 0, 8), _refusal_record(tmp_path, "dpo", 0, 8)]
+    questions = [Question(id="Q", title="t", contrasts=[
+        Contrast(terms={"dpo": 1.0, "baseline": -1.0}, metrics=["refusal_rate_unsafe"])])]
+    out = build_report(records, tmp_path / "out", n_resamples=2000, questions=questions, figures=False)
+    f = _finding(out, "Q", "dpo − baseline", "refusal rate (unsafe)")
+    assert f["estimate"] == 0.0 and f["low"] < -0.1 and f["high"] > 0.1
+    assert f["decision"] == "inconclusive"
+    # positive control: 0 of 400 against 0 of 400 does establish a difference below 0.05
+    many = [_refusal_record(tmp_path, "baseline", 0, 400), _refusal_record(tmp_path, "dpo", 0, 400)]
+    out = build_report(many, tmp_path / "many", n_resamples=2000, questions=questions, figures=False)
+    assert _finding(out, "Q", "dpo − baseline", "refusal rate (unsafe)")["decision"] == "equivalent"
+
+
+def test_rate_difference_interval_covers_near_zero_rates():
+    """Coverage by simulation: true refusal rates 8% and 0% on 40 prompts. The Jeffreys draws' 95% interval
+    of the difference covers 0.08 about 95% of the time; the old plug-in redraw covered it ~80% of the time."""
+    from ecliptica.study.contrasts import jeffreys_draws
+
+    rng = np.random.default_rng(1)
+    n, p1, sims, size = 40, 0.08, 400, 2000
+
+    def coverage(draw):
+        hits = 0
+        for _ in range(sims):
+            k1, k2 = rng.binomial(n, p1), 0
+            low, high = np.quantile(draw(k1) - draw(k2), [0.025, 0.975])
+            hits += low <= p1 <= high
+        return hits / sims
+
+    jeffreys = coverage(lambda k: jeffreys_draws(k, n, size, rng))
+    plug_in = coverage(lambda k: rng.binomial(n, k / n, size) / n)
+    assert jeffreys >= 0.91 and plug_in <= 0.86  # binomial SE of a coverage over 400 studies: ~0.011

@@ -110,7 +110,10 @@ def summarize_eval(result: dict[str, Any]) -> EvalSummary:
 
 
 def _rate(r: dict[str, Any]) -> dict[str, Any]:
-    return {"rate": r["rate"], "low": r.get("low"), "high": r.get("high"), "n": r["total"]}
+    # the Wilson interval: the bootstrap's collapses to [0, 0] at 0% (and [1, 1] at 100%), which a table reads
+    # as certainty; eval.json files from before the Wilson keys keep their bootstrap interval
+    low, high = (r["wilson_low"], r["wilson_high"]) if "wilson_low" in r else (r.get("low"), r.get("high"))
+    return {"rate": r["rate"], "low": low, "high": high, "n": r["total"]}
 
 
 def _estimate(value: float, ci: dict[str, Any] | None) -> dict[str, Any]:

@@ -256,9 +256,14 @@ def _paired_aqi(ctx: StudyContext, plan: SeedPlan, terms, comparison) -> dict[st
 
 def rate_contrast(ctx: StudyContext, key: str, terms: Mapping[str, float], comparison: str) -> dict[str, Any]:
     """Σ w·rate for a refusal metric. The summary holds rates and counts, not per-prompt outcomes, so
-    this cannot pair prompts: each run's rate is redrawn as Binomial(n, rate)/n (what
-    ``proportion_bootstrap_ci`` draws), independently per run. When the arms' refusals on the same
-    prompts are positively correlated this overstates the variance (conservative)."""
+    this cannot pair prompts: each run's rate is drawn from Beta(k + 1/2, n - k + 1/2) (Jeffreys),
+    independently per run. When the arms' refusals on the same prompts are positively correlated this
+    overstates the variance (conservative).
+
+    Why not the plug-in Binomial(n, k/n)/n redraw: at k = 0 or k = n it has no spread at all, so two arms
+    that each refused 0 of 8 prompts got the interval [0, 0] and an "equivalent" verdict; near 0 its
+    interval of a difference covered the truth in ~80% of simulated studies, not 95%
+    (tests/study/test_statistics.py)."""
     metric = METRIC_LABELS[key]
     plan, reason = pair_runs_by_seed(ctx.by_arm, list(terms))
     if reason:
@@ -271,7 +276,7 @@ def rate_contrast(ctx: StudyContext, key: str, terms: Mapping[str, float], compa
     samples = np.stack([sum(w * _rate_draws(ctx, a, p[a], entries[(a, p[a])]) for a, w in terms.items())
                         for _, p in plan])
     result = combine_over_seeds(estimates, samples, ctx.alpha, "percentile", np.random.default_rng(ctx.seed + 2))
-    method = "unpaired binomial bootstrap (per-prompt outcomes not recorded; conservative)"
+    method = "independent Jeffreys Beta(k+1/2, n-k+1/2) draws per run (per-prompt outcomes not recorded; conservative)"
     if len(plan) > 1:
         method += ", seeds resampled"
     return _finish(result, plan, estimates, comparison, metric, ctx.alpha, method)
@@ -279,7 +284,15 @@ def rate_contrast(ctx: StudyContext, key: str, terms: Mapping[str, float], compa
 
 def _rate_draws(ctx, arm: str, seed: int, entry) -> np.ndarray:
     rng = np.random.default_rng([ctx.seed, zlib.crc32(arm.encode()), seed & 0xFFFFFFFF])
-    return rng.binomial(int(entry.n), float(entry.rate), size=ctx.n_resamples) / int(entry.n)
+    return jeffreys_draws(round(float(entry.rate) * int(entry.n)), int(entry.n), ctx.n_resamples, rng)
+
+
+def jeffreys_draws(k: int, n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Draws of a proportion after k successes in n trials: Beta(k + 1/2, n - k + 1/2), the Jeffreys
+    posterior, whose equal-tailed interval is the Jeffreys interval (Brown, Cai & DasGupta 2001)."""
+    if not 0 <= k <= n or n < 1:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    return rng.beta(k + 0.5, n - k + 0.5, size=size)
 
 
 def decide(low: float, high: float, p_adjusted: float, alpha: float, margin: float | None) -> Decision:
