@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -143,7 +144,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", newline="") as f:  # the text exactly as given
+        with open(tmp, "w", newline="", encoding="utf-8") as f:  # the text exactly as given
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -194,5 +195,7 @@ def read_jsonl_tolerant(path: str | Path) -> list[dict]:
     return rows
 
 
-def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+def write_jsonl(path: str | Path, rows: Sequence[dict]) -> None:
+    """One JSON object per line, written atomically (its folder is created); text stays readable (UTF-8)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -10,7 +10,6 @@ reused with any backend.
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from ecliptica.evaluation.config import BehaviourSection
 from ecliptica.evaluation.inputs import encode, length_sorted_batches, model_device, pad_batch, render_user_prompt
 from ecliptica.evaluation.jailbreaks import jailbreak_metrics, jailbreak_prompts
 from ecliptica.evaluation.refusal import RefusalJudge, judge_labels, refusal_metrics
+from ecliptica.runio import write_jsonl
 
 Generate = Callable[[Sequence[str]], list[str]]  # rendered prompts -> completions
 Render = Callable[[str, Placement], str]  # (user prompt, placement) -> rendered prompt
@@ -136,10 +136,3 @@ def run_jailbreaks(unsafe: Sequence[PromptExample], generate: Generate, render: 
     result["placement"] = placement
     return result
 
-
-def write_jsonl(path: str | Path, records: Sequence[dict[str, Any]]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")

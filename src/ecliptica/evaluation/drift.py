@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from ecliptica.data import PreferenceExample, TokenizeSettings, load_preferences, resolve_path, tokenize_pairs
+from ecliptica.data import PreferenceExample, load_preferences, resolve_path
 from ecliptica.evaluation.config import DriftSection
+from ecliptica.evaluation.inputs import tokenize_scored_pairs
 from ecliptica.evaluation.logprobs import sequence_scores
-from ecliptica.evaluation.stats import percentile_interval
+from ecliptica.evaluation.stats import iid_indices, percentile_interval
 
 
 def load_benign_pairs(path: str = "demo:preferences", format: str = "generic", category: str | None = "benign",
@@ -46,10 +47,8 @@ def load_benign_pairs(path: str = "demo:preferences", format: str = "generic", c
 def token_scores(handle, examples: Sequence[PreferenceExample], s: DriftSection,
                  progress: bool = True) -> dict[str, np.ndarray]:
     """Per example: summed response NLL under the model and the base, summed token KL, token count."""
-    data = tokenize_pairs(handle.tokenizer, list(examples), s.placement,
-                          TokenizeSettings(max_length=s.max_length, max_prompt_length=s.max_prompt_length),
-                          progress=False)
-    sc = sequence_scores(handle, data.pairs, with_rejected=False, batch_size=s.batch_size, token_kl=True,
+    pairs = tokenize_scored_pairs(handle.tokenizer, examples, s)
+    sc = sequence_scores(handle, pairs, with_rejected=False, batch_size=s.batch_size, token_kl=True,
                          progress=progress, desc="drift")
     return {"id": np.array([e.row_id for e in examples]), "nll": -sc["logp_chosen"],
             "ref_nll": -sc["ref_logp_chosen"], "kl": sc["kl_chosen"], "tokens": sc["n_chosen"]}
@@ -57,7 +56,7 @@ def token_scores(handle, examples: Sequence[PreferenceExample], s: DriftSection,
 
 def _paired_resamples(scores: dict[str, np.ndarray], n_resamples: int, seed: int) -> dict[str, np.ndarray]:
     """Token-weighted sums over the same resampled examples for model and base."""
-    idx = np.random.default_rng(seed).integers(0, scores["tokens"].size, size=(n_resamples, scores["tokens"].size))
+    idx = iid_indices(scores["tokens"].size, n_resamples, seed)
     tokens = scores["tokens"][idx].sum(1)
     return {k: scores[k][idx].sum(1) / tokens for k in ("nll", "ref_nll", "kl")}
 
@@ -107,7 +106,7 @@ def paired_difference(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], 
                          f"(e.g. {missing[:3]}), sizes {len(a)} and {len(b)}")
     tokens = np.array([r["tokens"] for r in a], dtype=float)
     diff = np.array([r[key] - by_id[r["id"]][key] for r in a])
-    idx = np.random.default_rng(seed).integers(0, tokens.size, size=(n_resamples, tokens.size))
+    idx = iid_indices(tokens.size, n_resamples, seed)
     low, high = percentile_interval(diff[idx].sum(1) / tokens[idx].sum(1), alpha)
     return {"key": key, "difference": float(diff.sum() / tokens.sum()), "low": low, "high": high,
             "n_examples": int(tokens.size)}

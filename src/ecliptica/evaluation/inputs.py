@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ecliptica.data import Message, Placement, place_instruction, render_prompt
+from ecliptica.data import Message, Placement, TokenizeSettings, place_instruction, render_prompt, tokenize_pairs
 
 
 def render_user_prompt(tokenizer, prompt: str, placement: Placement, instruction: str | None) -> str:
@@ -56,3 +56,16 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right",
 
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def inference_device() -> str:
+    """Where an evaluated model goes: the first visible GPU (a study worker sees only its own), else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tokenize_scored_pairs(tokenizer, examples: Sequence, s) -> list:
+    """Preference examples tokenised as the drift and preference sections say (`s.placement`,
+    `s.max_length`, `s.max_prompt_length`), for scoring their responses; the one place both (and the
+    study's calibration) turn those settings into token ids."""
+    settings = TokenizeSettings(max_length=s.max_length, max_prompt_length=s.max_prompt_length)
+    return tokenize_pairs(tokenizer, list(examples), s.placement, settings, progress=False).pairs

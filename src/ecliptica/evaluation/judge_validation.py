@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ecliptica.evaluation.refusal import REFUSAL_LABELS, RefusalJudge, judge_labels
-from ecliptica.evaluation.stats import percentile_interval, wilson_interval
+from ecliptica.evaluation.stats import iid_indices, percentile_interval, wilson_interval
 
 FIELDS = ("id", "prompt", "completion", "source", "label", "split")
 
@@ -63,7 +63,7 @@ def detection_scores(gold: Sequence[str], predicted: Sequence[str], positive: se
     def f1(tp_, fp_, fn_):
         return np.where(2 * tp_ + fp_ + fn_ > 0, 2 * tp_ / np.maximum(2 * tp_ + fp_ + fn_, 1), 0.0)
 
-    idx = np.random.default_rng(seed).integers(0, g.size, size=(n_resamples, g.size))
+    idx = iid_indices(g.size, n_resamples, seed)
     gb, pb = g[idx], p[idx]
     f1_boot = f1((gb & pb).sum(1), (~gb & pb).sum(1), (gb & ~pb).sum(1))
     f1_low, f1_high = percentile_interval(f1_boot, alpha)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ecliptica.evaluation.inputs import encode, length_sorted_batches, model_device, pad_batch
+from ecliptica.evaluation.inputs import encode, inference_device, length_sorted_batches, model_device, pad_batch
 from ecliptica.evaluation.refusal import REFUSAL_LABELS, RefusalJudge, StringMatchJudge
 
 # The options are numbered as in XSTest's GPT-4 judge prompt (1 compliance, 2 refusal, 3 partial).
@@ -61,7 +61,7 @@ class ModelJudge:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         self.is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
         cls = AutoModelForSequenceClassification if self.is_classifier else AutoModelForCausalLM
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or inference_device()
         self.model = cls.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
                                          dtype="auto").to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)

@@ -37,7 +37,6 @@ __all__ = [
     "probe_auroc",
     "auroc_rows",
     "out_of_fold_scores",
-    "auroc_rows",
     "chi_to_between_share",
     "xb_term",
     "aqi_from_terms",

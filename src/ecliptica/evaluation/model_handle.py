@@ -15,17 +15,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ecliptica.config import InferenceModelSection
+from ecliptica.evaluation.inputs import inference_device
 from ecliptica.models import load_model, load_tokenizer, resolve_model_path
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
-
-
-def inference_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -130,15 +125,6 @@ class ModelHandle:
                 yield self._peft
         else:
             yield self._peft if self._peft is not None else self.base
-
-    @contextmanager
-    def reference(self) -> Iterator[Any]:
-        """The base model (adapter disabled), for drift baselines."""
-        if self._peft is None:
-            yield self.base
-        else:
-            with self._peft.disable_adapter():
-                yield self._peft
 
     def merged(self, enabled: bool = True):
         """Temporarily merge the adapter into full-precision weights (speed only); unmerged on exit."""

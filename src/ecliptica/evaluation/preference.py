@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from ecliptica.data import PreferenceExample, TokenizeSettings, load_preferences, resolve_path, tokenize_pairs
+from ecliptica.data import PreferenceExample, load_preferences, resolve_path
 from ecliptica.evaluation.config import PreferenceSection
+from ecliptica.evaluation.inputs import tokenize_scored_pairs
 from ecliptica.evaluation.logprobs import sequence_scores
-from ecliptica.evaluation.stats import percentile_interval, wilson_interval
+from ecliptica.evaluation.stats import iid_indices, percentile_interval, wilson_interval
 
 
 def load_preference_pairs(s: PreferenceSection) -> list[PreferenceExample]:
@@ -41,7 +42,7 @@ def preference_metrics(logp_c: np.ndarray, logp_r: np.ndarray, ref_c: np.ndarray
     n = logp_c.size
     margins = beta * ((logp_c - ref_c) - (logp_r - ref_r))
     wins, logp_wins = margins > 0, logp_c > logp_r
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    idx = iid_indices(n, n_resamples, seed)
     interval = lambda x: dict(zip(("low", "high"), percentile_interval(x[idx].mean(1), alpha)))  # noqa: E731
     wilson = lambda k: dict(zip(("wilson_low", "wilson_high"), wilson_interval(int(k), n, alpha)))  # noqa: E731
     out: dict[str, Any] = {
@@ -61,10 +62,8 @@ def preference_metrics(logp_c: np.ndarray, logp_r: np.ndarray, ref_c: np.ndarray
 
 def run_preference(handle, examples: Sequence[PreferenceExample], s: PreferenceSection, *, n_resamples: int = 1000,
                    seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    data = tokenize_pairs(handle.tokenizer, list(examples), s.placement,
-                          TokenizeSettings(max_length=s.max_length, max_prompt_length=s.max_prompt_length),
-                          progress=False)
-    sc = sequence_scores(handle, data.pairs, with_rejected=True, batch_size=s.batch_size, progress=progress,
+    pairs = tokenize_scored_pairs(handle.tokenizer, examples, s)
+    sc = sequence_scores(handle, pairs, with_rejected=True, batch_size=s.batch_size, progress=progress,
                          desc="preference")
     out = preference_metrics(sc["logp_chosen"], sc["logp_rejected"], sc["ref_logp_chosen"], sc["ref_logp_rejected"],
                              s.beta, handle.adapter_path is not None, n_resamples=n_resamples, seed=seed)

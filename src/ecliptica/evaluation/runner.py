@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ecliptica.data import PromptExample
-from ecliptica.evaluation.behaviour import handle_generator, handle_renderer, run_behaviour, run_jailbreaks, write_jsonl
+from ecliptica.evaluation.behaviour import handle_generator, handle_renderer, run_behaviour, run_jailbreaks
 from ecliptica.evaluation.config import EvalConfig
 from ecliptica.evaluation.discriminant import headline_band
 from ecliptica.evaluation.drift import load_benign_pairs, run_drift
@@ -27,7 +27,7 @@ from ecliptica.evaluation.preference import load_preference_pairs, run_preferenc
 from ecliptica.evaluation.refusal import RefusalJudge
 from ecliptica.evaluation.scoring import evaluate_embeddings, json_ready, layer_report
 from ecliptica.models import cache_dir as default_cache_root
-from ecliptica.runio import DirLock, atomic_write_text
+from ecliptica.runio import DirLock, atomic_write_text, write_jsonl
 
 log = logging.getLogger(__name__)
 

@@ -53,6 +53,12 @@ def resample_indices(
     return _iid_indices_all_labels(labels, n_resamples, rng)
 
 
+def iid_indices(n: int, n_resamples: int, seed: int = 0) -> np.ndarray:
+    """``(n_resamples, n)`` plain i.i.d. bootstrap index rows (one draw of the seeded generator): for
+    statistics of unlabelled items (examples, pairs, completions)."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+
+
 def _stratified_indices(labels: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
     idx = np.empty((n_resamples, labels.shape[0]), dtype=np.int64)
     start = 0

@@ -118,7 +118,8 @@ def calibrate(cfg: StudyConfig, store: StudyStore, worker: str | None = None) ->
     benign = None
     for arm, p, tc in plan:
         pid = p["point_id"]
-        if store.point(pid)["status"] == "scored" or (worker and store.point(pid)["status"] == "failed"):
+        status = store.point(pid)["status"]
+        if status == "scored" or (worker and status == "failed"):
             continue
         if worker and not store.claim_point(pid, worker):
             continue
@@ -139,10 +140,11 @@ def calibrate(cfg: StudyConfig, store: StudyStore, worker: str | None = None) ->
                 store.release_point(pid)
     if worker:
         return None
+    points = {q["point_id"]: q for q in store.calibration()}  # one read: every worker has finished
     for arm in arms:
-        rows = [flat_row(q) for q in store.calibration() if q["arm"] == arm.name and q["status"] == "scored"]
+        rows = [flat_row(q) for q in points.values() if q["arm"] == arm.name and q["status"] == "scored"]
         best, why = choose(rows, cfg.calibration)
-        point = store.point(best["point_id"])
+        point = points[best["point_id"]]
         point["scores"].update({"why": why, "feasible": best["benign_kl"] <= cfg.calibration.kl_bound})
         store.set_point(best["point_id"], "scored", scores=point["scores"])
         store.set_chosen(arm.name, best["point_id"])
@@ -161,7 +163,7 @@ def _benign_pairs(cfg: StudyConfig):
 
 
 def _train_and_score(tc: TrainConfig, benign, cfg: StudyConfig) -> dict:
-    from ..data import TokenizeSettings, tokenize_pairs
+    from ..evaluation.inputs import tokenize_scored_pairs
     from ..evaluation.validation import preference_scores, response_kl
     from ..train import Trainer
 
@@ -175,9 +177,8 @@ def _train_and_score(tc: TrainConfig, benign, cfg: StudyConfig) -> dict:
         policy = trainer.accelerator.unwrap_model(trainer.policy)
         pad, bs = trainer.tokenizer.pad_token_id, cfg.calibration.batch_size
         val = preference_scores(policy, trainer.val_data.pairs, pad, beta=cfg.calibration.reward_beta, batch_size=bs)
-        benign_tok = tokenize_pairs(trainer.tokenizer, examples, drift.placement,
-                                    TokenizeSettings(drift.max_length, drift.max_length // 2), progress=False)
-        kl = response_kl(policy, benign_tok.pairs, pad, batch_size=bs)
+        # tokenised exactly as the evaluation's drift check does, so benign_kl and eval kl_mean_token compare
+        kl = response_kl(policy, tokenize_scored_pairs(trainer.tokenizer, examples, drift), pad, batch_size=bs)
     finally:
         del trainer
         gc.collect()

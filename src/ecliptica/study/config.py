@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import Strict, TrainConfig, apply_overrides, config_hash
+from ..config import Strict, TrainConfig, apply_overrides
 from ..data.formatting import Placement
 from ..evaluation.config import EvalDataSection, EvalSettings
 from ..losses import registry
@@ -211,10 +211,6 @@ class StudyConfig(Strict):
             return TrainConfig.model_validate(raw)
         except Exception as e:
             raise ValueError(f"arm {arm.name!r}: invalid training configuration:\n{e}") from None
-
-    def baseline_hash(self, arm: ArmSpec, seed: int) -> str:
-        return config_hash({"arm": arm.model_dump(), "seed": seed, "model": self.train.get("model", {}),
-                            "evaluation": self.evaluation_fingerprint()})
 
     def evaluation_fingerprint(self) -> dict[str, Any]:
         """The evaluation settings that differ from the defaults: what a run's config hash covers.

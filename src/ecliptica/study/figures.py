@@ -217,14 +217,12 @@ def calibration_sweep(rows: Sequence[Mapping[str, Any]], kl_bound: float, stem: 
         _empty(axes.flat[0], "no scored calibration points")
     for ax, arm in zip(axes.flat, arms):
         pts = [r for r in scored if r["arm"] == arm]
-        for r in pts:
-            n = r.get("n_val_pairs")
-            if n:  # accuracy is a fraction of n pairs: its binomial interval shows what the sweep can resolve
-                lo, hi = wilson_interval(round(r["val_accuracy"] * n), n)
-                ax.plot([r["benign_kl"]] * 2, [lo, hi], color="tab:blue", lw=0.8, alpha=0.5)
         ax.plot([r["benign_kl"] for r in pts], [r["val_accuracy"] for r in pts], "o", color="tab:blue")
         ax.axhline(0.5, color="gray", ls=":", lw=0.8)
         for r in pts:
+            if n := r.get("n_val_pairs"):  # accuracy is a fraction of n pairs: the interval shows what can be resolved
+                lo, hi = wilson_interval(round(r["val_accuracy"] * n), n)
+                ax.plot([r["benign_kl"]] * 2, [lo, hi], color="tab:blue", lw=0.8, alpha=0.5)
             label = f"{r['lr']:g}" + (f"/d{r['damping']:g}" if r["damping"] is not None else "")
             ax.annotate(label, (r["benign_kl"], r["val_accuracy"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")

@@ -6,7 +6,6 @@ and `evaluate`, which never train an arm unless asked to.
 """
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys

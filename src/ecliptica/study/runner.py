@@ -185,12 +185,13 @@ class StudyRunner:
 
         run_dir = self._run_dir(arm, seed)
         records, summaries = {}, {}
+        behaviour = (None if arm.method == "prompt_only"  # the same for every evaluation set
+                     else self._with_training_instruction(self.cfg.evaluation.behaviour.model_dump(), arm, seed))
         for split, data in self.cfg.eval_sets().items():
             out = run_dir / "eval" / split if self.cfg.evaluation_sets else run_dir / "eval"
             if arm.method == "prompt_only":
                 ecfg = self.cfg.eval_config(out, None, data=data, system_instruction=self.cfg.prompt_instruction(arm))
             else:
-                behaviour = self._with_training_instruction(self.cfg.evaluation.behaviour.model_dump(), arm, seed)
                 ecfg = self.cfg.eval_config(out, run_dir / "adapter" if arm.trained else None, behaviour=behaviour,
                                             data=data)
             if self._handle is None:  # one base for every arm; adapters are swapped in unmerged

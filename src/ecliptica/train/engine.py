@@ -302,9 +302,13 @@ class Trainer:
     def ckpt_root(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def latest_checkpoint(self) -> Path | None:
-        done = sorted((p for p in self.ckpt_root.glob("step-*") if (p / "trainer.json").is_file()),
+    def _checkpoints(self) -> list[Path]:
+        """Complete checkpoints (trainer.json is written last), oldest first."""
+        return sorted((p for p in self.ckpt_root.glob("step-*") if (p / "trainer.json").is_file()),
                       key=lambda p: int(p.name.split("-")[1]))
+
+    def latest_checkpoint(self) -> Path | None:
+        done = self._checkpoints()
         return done[-1] if done else None
 
     def _finite_adapter(self, where: str) -> None:
@@ -342,15 +346,11 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
 
-    def load_checkpoint(self, path: Path) -> int:
-        return self._apply_checkpoint(_read_checkpoint(path))
-
     def resume_latest(self) -> int:
         """Load the newest checkpoint that reads back whole and finite (older ones are tried, with a
         warning, when it does not); it must match this run's config and data. Returns its step (0: none)."""
-        ckpts = sorted((p for p in self.ckpt_root.glob("step-*") if (p / "trainer.json").is_file()),
-                       key=lambda p: int(p.name.split("-")[1]), reverse=True)
-        for path in ckpts:
+        ckpts = self._checkpoints()
+        for path in reversed(ckpts):
             try:
                 ckpt = _read_checkpoint(path)
             except Exception as e:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
@@ -459,7 +459,7 @@ class Trainer:
             "tokens_per_s": self.train_tokens / self.train_seconds if self.train_seconds else 0.0,
             "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "final_metrics": last_metrics, "nonfinite_skipped": self.nonfinite_skipped,
-            "config_hash": self.cfg.hash(), "data_hash": self.data.fingerprint(), "data": self.data_report,
+            "config_hash": self.cfg.hash(), "data_hash": self.data_hash, "data": self.data_report,
             "parameters": self.param_summary, "num_processes": acc.num_processes,
             "micro_batch_tokens": self.micro_batches.tokens, "micro_batch_rule": self.micro_batches.rule,
             "packed_attention": self.packed_attention,
