@@ -78,6 +78,38 @@ def test_grit_arms_sweep_damping_too():
     assert (tc.optimizer.lr, tc.optimizer.grit["damping"]) == (3e-4, 0.1)
 
 
+def test_a_choice_made_before_the_sweep_grew_is_not_reused(tmp_path):
+    """Adding an lr to the sweep must score it and choose again: the stored choice never saw it."""
+    from ecliptica.study.calibration import calibrate, chosen_settings
+    from ecliptica.study.store import StudyStore
+
+    base = ["calibration.enabled=true", "train.data.val_fraction=0.25", "calibration.arms=[dpo]",
+            f"study_dir={tmp_path}"]
+    old = load_study(DEMO, base + ["calibration.lrs=[1.0e-4, 3.0e-4]"])
+    grown = load_study(DEMO, base + ["calibration.lrs=[3.0e-5, 1.0e-4, 3.0e-4]"])
+    store = StudyStore(tmp_path / "study.sqlite")
+
+    def score(pid, acc, kl):
+        store.set_point(pid, "scored", scores={"val": {"rewards/accuracies": acc}, "benign": {"kl_mean_token": kl}})
+
+    from ecliptica.study.calibration import register_points
+    register_points(old, store)
+    score("dpo-lr0.0001", 0.60, 0.01)
+    score("dpo-lr0.0003", 0.55, 0.02)
+    assert calibrate(old, store)["dpo"] == {"optimizer.lr": 1e-4}  # all scored: chooses without training
+    assert chosen_settings(old, store)["dpo"] == {"optimizer.lr": 1e-4}
+
+    register_points(grown, store)
+    assert chosen_settings(grown, store) is None  # 3e-5 is not scored yet: the old choice is not reused
+    score("dpo-lr3e-05", 0.65, 0.005)
+    assert chosen_settings(grown, store) is None  # scored, but the stored flag is on the old choice
+    assert calibrate(grown, store)["dpo"] == {"optimizer.lr": 3e-5}
+    assert [p["point_id"] for p in store.calibration() if p["chosen"]] == ["dpo-lr3e-05"]
+    # control: the old sweep ignores the better point outside it and chooses 1e-4 again
+    assert chosen_settings(old, store) is None
+    assert calibrate(old, store)["dpo"] == {"optimizer.lr": 1e-4}
+
+
 @pytest.mark.parametrize("override, message", [
     ("calibration.lr_grid=[0.1]", "lr_grid"),
     ("calibration.kl_bound=0", "kl_bound"),

@@ -89,15 +89,21 @@ def calibration_rows(store: StudyStore) -> list[dict]:
 
 
 def chosen_settings(cfg: StudyConfig, store: StudyStore) -> dict[str, dict] | None:
-    """{arm: dotted settings} once every trained arm has a chosen point; None while the sweep is unfinished.
+    """{arm: dotted settings} once every point of every calibrated arm's *current* sweep is scored and the
+    stored choice is the rule's choice over those points; None otherwise, so calibration runs (again).
+    A choice stored before the sweep grew (a new lr in the config) is not reused: it never saw the new points.
     Arms not calibrated (calibration off, or not in calibration.arms) use the shared settings ({})."""
     out: dict[str, dict] = {a.name: {} for a in cfg.arms if a.trained}
-    chosen = {p["arm"]: p for p in store.calibration() if p["chosen"]}
+    stored = {p["point_id"]: p for p in store.calibration()}
     for arm in cfg.calibrated_arms():
-        if arm.name not in chosen:
+        points = sweep(cfg, arm)
+        current = [stored.get(q["point_id"]) for q in points]
+        if any(p is None or p["status"] != "scored" for p in current):
             return None
-        p = next(q for q in sweep(cfg, arm) if q["point_id"] == chosen[arm.name]["point_id"])
-        out[arm.name] = p["settings"]
+        best, _ = choose([flat_row(p) for p in current], cfg.calibration)
+        if [p["point_id"] for p in current if p["chosen"]] != [best["point_id"]]:
+            return None  # chosen over another sweep (or not yet): calibrate() chooses again, training nothing
+        out[arm.name] = next(q for q in points if q["point_id"] == best["point_id"])["settings"]
     return out
 
 
@@ -142,7 +148,9 @@ def calibrate(cfg: StudyConfig, store: StudyStore, worker: str | None = None) ->
         return None
     points = {q["point_id"]: q for q in store.calibration()}  # one read: every worker has finished
     for arm in arms:
-        rows = [flat_row(q) for q in points.values() if q["arm"] == arm.name and q["status"] == "scored"]
+        # this config's sweep only: points a previous config left in the store do not compete
+        ids = [p["point_id"] for a, p, _ in plan if a.name == arm.name]
+        rows = [flat_row(points[i]) for i in ids if points[i]["status"] == "scored"]
         best, why = choose(rows, cfg.calibration)
         point = points[best["point_id"]]
         point["scores"].update({"why": why, "feasible": best["benign_kl"] <= cfg.calibration.kl_bound})
