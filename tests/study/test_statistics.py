@@ -208,3 +208,47 @@ def test_rate_difference_interval_covers_near_zero_rates():
     jeffreys = coverage(lambda k: jeffreys_draws(k, n, size, rng))
     plug_in = coverage(lambda k: rng.binomial(n, k / n, size) / n)
     assert jeffreys >= 0.91 and plug_in <= 0.86  # binomial SE of a coverage over 400 studies: ~0.011
+
+
+def _rate_ctx(by_arm_counts, n, seed=0, n_resamples=4000):
+    """A StudyContext holding only refusal counts: {arm: [k per seed]} on n prompts."""
+    from types import SimpleNamespace
+
+    from ecliptica.study.contrasts import StudyContext
+
+    by_arm = {arm: {s: {"method": "dpo", "train": {"steps": 1},
+                        "eval": SimpleNamespace(refusal_rate_unsafe=SimpleNamespace(rate=k / n, n=n))}
+                    for s, k in enumerate(ks)} for arm, ks in by_arm_counts.items()}
+    return StudyContext(by_arm=by_arm, aqi=None, n_resamples=n_resamples, seed=seed, alpha=0.05)
+
+
+def test_identical_seeds_do_not_shrink_the_prompt_sampling_interval():
+    """Three seeds scored on the same 40 prompts that refuse the same 12: there is one sample of prompts,
+    so the arm's interval is one run's Jeffreys interval (scipy), not a third of its variance."""
+    from ecliptica.study.table import seed_and_prompt_interval
+
+    ctx = _rate_ctx({"dpo": [12, 12, 12]}, n=40)
+    mean, sd, low, high = seed_and_prompt_interval(ctx, "dpo", "refusal_rate_unsafe")
+    want = stats.beta.ppf([0.025, 0.975], 12.5, 28.5)
+    assert mean == pytest.approx(0.3) and sd == 0.0
+    assert (low, high) == pytest.approx(tuple(want), abs=0.01)  # the t-interval over seeds was [0.3, 0.3]
+    # control: seeds that disagree widen it beyond any one run's interval
+    _, _, low2, high2 = seed_and_prompt_interval(_rate_ctx({"dpo": [4, 12, 20]}, n=40), "dpo", "refusal_rate_unsafe")
+    assert high2 - low2 > (want[1] - want[0]) + 0.05
+
+
+def test_rate_contrast_over_seeds_on_shared_prompts_covers():
+    """Coverage by simulation: two arms, three seeds each, all seeds scored on one sample of 40 prompts, the
+    seeds agreeing (deterministic arms). The true difference is 0.35 - 0.20. Independent draws per seed
+    treated the three seeds as three prompt samples and covered ~75% of the time; shared uniforms cover ~95%."""
+    from ecliptica.study.contrasts import rate_contrast
+
+    rng = np.random.default_rng(2)
+    n, pa, pb, sims = 40, 0.35, 0.20, 300
+    hits = 0
+    for i in range(sims):
+        ka, kb = rng.binomial(n, pa), rng.binomial(n, pb)
+        ctx = _rate_ctx({"a": [ka] * 3, "b": [kb] * 3}, n=n, seed=i, n_resamples=1000)
+        c = rate_contrast(ctx, "refusal_rate_unsafe", {"a": 1.0, "b": -1.0}, "a − b")
+        hits += c["low"] <= pa - pb <= c["high"]
+    assert hits / sims >= 0.92  # binomial SE of a coverage over 300 studies: ~0.013

@@ -6,8 +6,9 @@ difficulty cancels (``paired_bootstrap_test`` for two arms and one seed; the sam
 stage otherwise). Recomputing a run's AQI from its embeddings must give the recorded value; a
 mismatch means the embeddings are not what the evaluator scored and is an error. Without
 embeddings (e.g. a committed result that kept only eval.json), AQI contrasts fall back to a
-t-interval over seeds of the recorded values. Refusal contrasts redraw each run's rate from its
-recorded count (per-prompt outcomes are not in the summary).
+t-interval over seeds of the recorded values. Refusal contrasts draw each run's rate from the
+Jeffreys posterior of its recorded count (per-prompt outcomes are not in the summary); an arm's seeds
+share their draws' uniforms, because they were scored on the same prompts.
 """
 from __future__ import annotations
 
@@ -256,9 +257,14 @@ def _paired_aqi(ctx: StudyContext, plan: SeedPlan, terms, comparison) -> dict[st
 
 def rate_contrast(ctx: StudyContext, key: str, terms: Mapping[str, float], comparison: str) -> dict[str, Any]:
     """Σ w·rate for a refusal metric. The summary holds rates and counts, not per-prompt outcomes, so
-    this cannot pair prompts: each run's rate is drawn from Beta(k + 1/2, n - k + 1/2) (Jeffreys),
-    independently per run. When the arms' refusals on the same prompts are positively correlated this
-    overstates the variance (conservative).
+    this cannot pair prompts: each run's rate is drawn from Beta(k + 1/2, n - k + 1/2) (Jeffreys).
+
+    Arms are drawn independently. When the arms' refusals on the same prompts are positively correlated
+    this overstates the variance (conservative). An arm's seeds share one uniform per draw (each seed's
+    rate is the same quantile of its own posterior): every seed was scored on the *same* prompts, so their
+    prompt-sampling errors are not independent and do not average out over seeds. Independent draws per
+    seed shrank that error by ~sqrt(seeds): an untrained arm (three identical seeds) got a third of a
+    run's variance. The shared uniform is the most correlated coupling, so again conservative.
 
     Why not the plug-in Binomial(n, k/n)/n redraw: at k = 0 or k = n it has no spread at all, so two arms
     that each refused 0 of 8 prompts got the interval [0, 0] and an "equivalent" verdict; near 0 its
@@ -273,26 +279,39 @@ def rate_contrast(ctx: StudyContext, key: str, terms: Mapping[str, float], compa
     if lacking:
         return not_answerable(comparison, metric, f"not answerable: no {metric} for {', '.join(lacking)}")
     estimates = np.array([sum(w * entries[(a, p[a])].rate for a, w in terms.items()) for _, p in plan])
-    samples = np.stack([sum(w * _rate_draws(ctx, a, p[a], entries[(a, p[a])]) for a, w in terms.items())
+    uniforms = {a: _arm_uniforms(ctx, a, key) for a in terms}
+    samples = np.stack([sum(w * _rate_draws(entries[(a, p[a])], uniforms[a]) for a, w in terms.items())
                         for _, p in plan])
     result = combine_over_seeds(estimates, samples, ctx.alpha, "percentile", np.random.default_rng(ctx.seed + 2))
-    method = "independent Jeffreys Beta(k+1/2, n-k+1/2) draws per run (per-prompt outcomes not recorded; conservative)"
+    method = "Jeffreys Beta(k+1/2, n-k+1/2) draws, independent between arms (per-prompt outcomes not recorded; conservative)"
     if len(plan) > 1:
-        method += ", seeds resampled"
+        method += ", one shared uniform per arm across its seeds (same prompts), seeds resampled"
     return _finish(result, plan, estimates, comparison, metric, ctx.alpha, method)
 
 
-def _rate_draws(ctx, arm: str, seed: int, entry) -> np.ndarray:
-    rng = np.random.default_rng([ctx.seed, zlib.crc32(arm.encode()), seed & 0xFFFFFFFF])
-    return jeffreys_draws(round(float(entry.rate) * int(entry.n)), int(entry.n), ctx.n_resamples, rng)
+def _arm_uniforms(ctx, arm: str, key: str) -> np.ndarray:
+    rng = np.random.default_rng([ctx.seed, zlib.crc32(arm.encode()), zlib.crc32(key.encode())])
+    return rng.random(ctx.n_resamples)
+
+
+def _rate_draws(entry, uniforms: np.ndarray) -> np.ndarray:
+    return jeffreys_quantiles(round(float(entry.rate) * int(entry.n)), int(entry.n), uniforms)
+
+
+def jeffreys_quantiles(k: int, n: int, u: np.ndarray) -> np.ndarray:
+    """Quantiles `u` of the Jeffreys posterior of a proportion after k successes in n trials,
+    Beta(k + 1/2, n - k + 1/2), whose equal-tailed interval is the Jeffreys interval (Brown, Cai &
+    DasGupta 2001). With u uniform these are draws; one u for several runs couples them."""
+    from scipy.stats import beta
+
+    if not 0 <= k <= n or n < 1:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    return beta.ppf(u, k + 0.5, n - k + 0.5)
 
 
 def jeffreys_draws(k: int, n: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Draws of a proportion after k successes in n trials: Beta(k + 1/2, n - k + 1/2), the Jeffreys
-    posterior, whose equal-tailed interval is the Jeffreys interval (Brown, Cai & DasGupta 2001)."""
-    if not 0 <= k <= n or n < 1:
-        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
-    return rng.beta(k + 0.5, n - k + 0.5, size=size)
+    """`size` independent draws of the Jeffreys posterior (see jeffreys_quantiles)."""
+    return jeffreys_quantiles(k, n, rng.random(size))
 
 
 def decide(low: float, high: float, p_adjusted: float, alpha: float, margin: float | None) -> Decision:

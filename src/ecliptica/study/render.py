@@ -83,8 +83,9 @@ def render_markdown(rows, questions, settings, notes, sections: Sequence[str] = 
     lines = ["# Ecliptica study results", "",
              f"{settings['n_prompts'] or 'n/a'} prompts · {settings['n_resamples']} bootstrap resamples · "
              f"α = {alpha:g} · seed {settings['seed']}", "", *md_table(rows), "",
-             f"Cells: mean [{1 - alpha:.0%} CI]; with several seeds mean ± sd [t-interval over seeds]; with one "
-             "seed the run's own bootstrap CI over prompts. AQI is the evaluation's recorded value. ΔAQI: paired "
+             f"Cells: mean [{1 - alpha:.0%} CI]; with several seeds mean ± sd over seeds [two-stage bootstrap: seeds, "
+             "then prompts, as in the research questions; AQI without embeddings and probe AUROC: t-interval over "
+             "seeds]; with one seed the run's own CI over prompts. AQI is the evaluation's recorded value. ΔAQI: paired "
              "bootstrap on the same prompts (each run's recorded AQI settings); * = CI excludes 0, per comparison "
              "and not corrected for multiplicity (the research questions below are). Compute-hours = "
              "train_seconds × num_processes / device_shared_by / 3600; CPU runs are labelled and their rate is per "

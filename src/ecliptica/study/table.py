@@ -59,6 +59,25 @@ def _interval_of(runs: Sequence[dict], key: str, alpha: float):
     return summarize_over_seeds(values, run_ci, alpha, bounds=(0.0, 1.0) if key in RATES else None)
 
 
+def seed_and_prompt_interval(ctx: StudyContext, arm: str, key: str):
+    """(mean, sd, low, high) of an arm with several seeds: the interval is the two-stage bootstrap that
+    the contrasts use (seeds, then prompts; `contrast` with the arm alone), so it includes the
+    prompt-sampling error. A t-interval over seeds has none: three identical seeds of an untrained
+    arm gave [x, x]. Falls back to the t-interval where the contrast has no prompt stage (AQI without
+    embeddings) or cannot be made; one seed keeps the run's own CI."""
+    runs = list(ctx.by_arm[arm].values())
+    mean, sd, low, high = _interval_of(runs, key, ctx.alpha)
+    if len(runs) < 2 or mean is None:
+        return mean, sd, low, high
+    c = contrast(ctx, key, {arm: 1.0}, arm)
+    if not c.get("answerable") or c["method"].startswith("t-interval"):
+        return mean, sd, low, high
+    low, high = c["low"], c["high"]
+    if key in RATES:
+        low, high = max(low, 0.0), min(high, 1.0)
+    return mean, sd, low, high
+
+
 def _scalar_of(runs: Sequence[dict], key: str) -> tuple[float | None, float | None]:
     vals = [float(v) for r in runs if (v := getattr(r["eval"], key)) is not None]
     if not vals:
@@ -129,14 +148,14 @@ def arm_row(ctx: StudyContext, arm: str) -> dict[str, Any]:
         "arm": arm, "method": first["method"], "optimizer": first.get("optimizer"),
         "placement": first.get("placement"), "n_seeds": len(runs),
         "seeds": " ".join(str(s) for s in ctx.by_arm[arm]),
-        "ci_over": "prompts (run bootstrap)" if len(runs) == 1 else "seeds (t-interval)",
+        "ci_over": "prompts (run bootstrap)" if len(runs) == 1 else "seeds, then prompts (two-stage bootstrap)",
     }
-    row.update(dict(zip(("aqi", "aqi_sd", "aqi_low", "aqi_high"), _interval_of(runs, "aqi", ctx.alpha))))
+    row.update(dict(zip(("aqi", "aqi_sd", "aqi_low", "aqi_high"), seed_and_prompt_interval(ctx, arm, "aqi"))))
     auroc = _interval_of(runs, "probe_auroc", ctx.alpha)
     row.update({"probe_auroc": auroc[0], "probe_auroc_low": auroc[2], "probe_auroc_high": auroc[3]})
     row.update(_delta_columns(delta))
     for key in RATES:
-        row.update(dict(zip((key, f"{key}_sd", f"{key}_low", f"{key}_high"), _interval_of(runs, key, ctx.alpha))))
+        row.update(dict(zip((key, f"{key}_sd", f"{key}_low", f"{key}_high"), seed_and_prompt_interval(ctx, arm, key))))
     row["perplexity"], row["perplexity_sd"] = _scalar_of(runs, "perplexity")
     row["kl_mean_token"], _ = _scalar_of(runs, "kl_mean_token")
     row["collapsed"] = _collapse_flag(runs)
