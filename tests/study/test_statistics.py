@@ -135,6 +135,16 @@ def test_without_embeddings_aqi_contrasts_are_t_intervals_over_seeds(tmp_path):
     assert "t-interval over seeds" in f["method"]
     one_seed = build_report(records[:3], tmp_path / "one", n_resamples=50, figures=False)
     assert not _finding(one_seed, "Q2", "dpo_grit − dpo")["answerable"]
+    # identical seeds (e.g. deterministic arms) used to give p = 0 and a "significant" contrast from nothing
+    same = [_record(tmp_path, "baseline", 0, _emb(0.1, 1), with_embeddings=False)]
+    for seed in range(3):
+        same += [_record(tmp_path, "dpo", seed, _emb(0.3, 10), with_embeddings=False),
+                 _record(tmp_path, "dpo_grit", seed, _emb(0.5, 20), with_embeddings=False)]
+    out = build_report(same, tmp_path / "same", n_resamples=50, figures=False)
+    f = _finding(out, "Q2", "dpo_grit − dpo")
+    assert not f["answerable"] and "same contrast" in f["reason"]
+    row = next(r for r in out["rows"] if r["arm"] == "dpo")  # and its cell shows no [x, x] interval
+    assert row["aqi_sd"] == 0.0 and row["aqi_low"] is None and row["aqi_high"] is None
 
 
 def test_optional_section_hook_renders_only_when_it_has_content(tmp_path):

@@ -183,8 +183,8 @@ def t_over_seeds(estimates: np.ndarray, alpha: float) -> dict[str, Any]:
 
     k = estimates.size
     mean, sd = float(estimates.mean()), float(estimates.std(ddof=1))
-    if sd == 0.0:  # every seed gives the same contrast: no spread to test against
-        return {"estimate": mean, "low": mean, "high": mean, "p_value": 1.0 if mean == 0.0 else 0.0}
+    if sd == 0.0:  # a t-test needs spread: p would be 0 (or 1) from nothing; the caller says why it can't answer
+        raise ValueError("t_over_seeds: every seed gives the same value; there is no spread to test against")
     se = sd / math.sqrt(k)
     half = float(stats.t.ppf(1 - alpha / 2, k - 1)) * se
     p = float(2 * stats.t.sf(abs(mean) / se, k - 1))
@@ -230,6 +230,10 @@ def aqi_contrast(ctx: StudyContext, terms: Mapping[str, float], comparison: str)
     if len(plan) > 1:
         estimates = np.array([sum(w * ctx.by_arm[a][p[a]]["eval"].aqi.value for a, w in terms.items())
                               for _, p in plan])
+        if np.ptp(estimates) == 0.0:  # e.g. two untrained arms: no seed spread and no prompt-level data to test
+            return not_answerable(comparison, "AQI", f"not answerable: every seed gives the same contrast "
+                                  f"({estimates[0]:+.4g}) and without embeddings there is no prompt-level "
+                                  "uncertainty to test it against")
         return _finish(t_over_seeds(estimates, ctx.alpha), plan, estimates, comparison, "AQI", ctx.alpha,
                        "t-interval over seeds of the recorded AQI (no embeddings: prompt sampling not included)")
     lacking = list(dict.fromkeys(f"{a} seed {s}" for a, s in runs if ctx.aqi is None or not ctx.aqi.has((a, s))))

@@ -71,7 +71,8 @@ def seed_and_prompt_interval(ctx: StudyContext, arm: str, key: str):
         return mean, sd, low, high
     c = contrast(ctx, key, {arm: 1.0}, arm)
     if not c.get("answerable") or c["method"].startswith("t-interval"):
-        return mean, sd, low, high
+        # identical seeds and no prompt stage: a t-interval would be [x, x]; show no interval rather than that
+        return (mean, sd, low, high) if sd else (mean, sd, None, None)
     low, high = c["low"], c["high"]
     if key in RATES:
         low, high = max(low, 0.0), min(high, 1.0)
