@@ -176,8 +176,35 @@ def test_tiny_calibrated_study_with_prompt_only_arm_and_dev_test_sets(tmp_path, 
     po = json.loads((study_dir / "runs" / "po-s0" / "eval" / "test" / "eval.json").read_text())
     assert po["settings"]["embeddings"]["placement"] == "system" and po["settings"]["adapter"] is None
     assert po["settings"]["embeddings"]["instruction"] == "Be safe."
-    assert "## Calibration" in (study_dir / "results.md").read_text()
+    md = (study_dir / "results.md").read_text()
+    assert "## Calibration" in md and md.index("## Calibration") < md.index("## Research questions")
     assert (study_dir / "calibration.csv").exists() and (study_dir / "figures" / "calibration_sweep.png").exists()
+
+    # a copied study without its store (e.g. a committed result): --report-only rebuilds the same section
+    from ecliptica.study.runner import report_study
+
+    section = md[md.index("## Calibration"):md.index("## Research questions")]
+    (study_dir / "study.sqlite").rename(tmp_path / "moved.sqlite")
+    report_study(cfg)
+    assert section in (study_dir / "results.md").read_text()
+
+
+def test_calibration_csv_is_read_back_with_its_types_and_bad_rows_are_named(tmp_path):
+    from ecliptica.study.calibration import stored_calibration_rows, write_calibration
+
+    rows = [{"arm": "dpo", "lr": 3e-5, "damping": None, "status": "scored", "val_accuracy": 0.625, "val_margin": -0.5,
+             "benign_kl": 0.0125, "n_val_pairs": 226, "epochs": 1.04, "feasible": True, "chosen": True},
+            {"arm": "dpo_grit", "lr": 1e-4, "damping": 0.1, "status": "failed", "val_accuracy": None,
+             "val_margin": None, "benign_kl": None, "n_val_pairs": None, "epochs": None, "feasible": None,
+             "chosen": False}]
+    (tmp_path / "figures").mkdir()
+    write_calibration(rows, tmp_path, CalibrationSection(kl_bound=0.1))
+    assert stored_calibration_rows(tmp_path) == rows
+    assert stored_calibration_rows(tmp_path / "nothing") is None
+    text = (tmp_path / "calibration.csv").read_text().replace("0.0125", "lots")
+    (tmp_path / "calibration.csv").write_text(text)
+    with pytest.raises(ValueError, match=r"calibration.csv, line 2: .*lots"):
+        stored_calibration_rows(tmp_path)
 
 
 def _load_without_eval_data(args):

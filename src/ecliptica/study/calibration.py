@@ -199,6 +199,34 @@ def _train_and_score(tc: TrainConfig, benign, cfg: StudyConfig) -> dict:
     return scores
 
 
+def stored_calibration_rows(study_dir: str | Path) -> list[dict] | None:
+    """The sweep as the report shows it: from the study's store when it has one, else from the
+    calibration.csv a previous report wrote (a copied or committed study); None if neither exists."""
+    study_dir = Path(study_dir)
+    if (study_dir / "study.sqlite").exists():
+        rows = calibration_rows(StudyStore(study_dir / "study.sqlite"))
+        if rows:
+            return rows
+    path = study_dir / "calibration.csv"
+    if not path.exists():
+        return None
+    with path.open(newline="") as f:
+        return [_parse_csv_row(r, path, i) for i, r in enumerate(csv.DictReader(f), start=2)]
+
+
+def _parse_csv_row(row: dict, path: Path, line: int) -> dict:
+    flags = {"True": True, "False": False, "": None}
+    out: dict[str, Any] = {"arm": row["arm"], "status": row["status"]}
+    try:
+        for key in ("lr", "damping", "val_accuracy", "val_margin", "benign_kl", "n_val_pairs", "epochs"):
+            out[key] = float(row[key]) if row[key] != "" else None
+        out["n_val_pairs"] = int(out["n_val_pairs"]) if out["n_val_pairs"] is not None else None
+        out["feasible"], out["chosen"] = flags[row["feasible"]], bool(flags[row["chosen"]])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}, line {line}: unreadable calibration row ({type(e).__name__}: {e})") from None
+    return out
+
+
 def write_calibration(rows: list[dict], out_dir: Path, cal: CalibrationSection) -> str:
     """calibration.csv, figures/calibration_sweep.{png,pdf}, and the markdown section (returned)."""
     from .figures import calibration_sweep

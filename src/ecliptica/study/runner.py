@@ -28,7 +28,7 @@ import yaml
 
 from ..config import config_hash, load_config
 from ..runio import DirLock
-from .calibration import calibrate, calibration_rows, chosen_settings, register_points, write_calibration
+from .calibration import calibrate, chosen_settings, register_points, stored_calibration_rows, write_calibration
 from .config import ArmSpec, StudyConfig
 from .store import StudyStore
 
@@ -260,12 +260,7 @@ class StudyRunner:
         return study_records(self.cfg)[0]
 
     def report(self) -> dict:
-        result = report_study(self.cfg)
-        if self.cfg.calibration.enabled:  # appended section: the sweep, the rule and each arm's choice
-            section = write_calibration(calibration_rows(self.store), self.dir, self.cfg.calibration)
-            with (self.dir / "results.md").open("a") as f:
-                f.write("\n" + section)
-        return result
+        return report_study(self.cfg)
 
     def run(self, workers: int = 1, devices: list[str] | None = None) -> dict:
         with self._lock():  # a second `ecliptica run` on this study stops here, naming this process
@@ -434,7 +429,17 @@ def report_study(cfg: StudyConfig) -> dict:
     with DirLock(cfg.study_dir, "study report"):  # no report while another process runs or reports this study
         return build_report(records, cfg.study_dir, n_resamples=rep.n_resamples, seed=rep.seed, alpha=rep.alpha,
                             questions=cfg.questions, min_effect=rep.min_effect,
-                            arm_order=[a.name for a in cfg.arms], notes=notes)
+                            arm_order=[a.name for a in cfg.arms], notes=notes, sections=_calibration_section(cfg))
+
+
+def _calibration_section(cfg: StudyConfig) -> list:
+    """The sweep, the rule and each arm's choice (calibration.csv and its figure too), from the store or,
+    in a copied study without one, from its calibration.csv."""
+    rows = stored_calibration_rows(cfg.study_dir) if cfg.calibration.enabled else None
+    if not rows:
+        return []
+    text = write_calibration(rows, Path(cfg.study_dir), cfg.calibration)
+    return [lambda by_arm: text.rstrip("\n").splitlines()]
 
 
 def _default_placement(method: str) -> str:
