@@ -162,6 +162,7 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
     through the real path instead of the bf16 model built in memory. `hooks(trainer)`: called after setup."""
     import ecliptica.train.engine as E
     from ecliptica.config import TrainConfig
+    from ecliptica.losses.registry import settings_for
 
     train = {"max_steps": steps, "micro_batch_size": mb, "grad_accum": ga, "progress": False,
              "mixed_precision": "bf16" if CUDA else "no"}
@@ -180,7 +181,8 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
         "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS},
         "data": {"path": data, "format": "hh-rlhf", "on_bad_row": "skip", "limit": 400, "max_length": 1024,
                  "max_prompt_length": 512},
-        "method": {"name": method, "beta": 0.1},
+        # the keys this method has (SFT has no beta: a typed config rejects it)
+        "method": {"name": method, **settings_for(method, {"beta": 0.1})},
         "optimizer": opt, "schedule": {"name": "linear"}, "train": train,
     })
     built = {}
@@ -193,7 +195,8 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
     if not model_dir:
         E.load_model = fake_load_model
     try:
-        tr = E.Trainer(cfg).setup()
+        # a benchmark always starts fresh: an earlier invocation on this machine left the same run dir behind
+        tr = E.Trainer(cfg, overwrite=True).setup()
     finally:
         E.load_model = saved
     n_flop = flop_params(built.pop("m")) if not model_dir else shape_flop_params(shape, vocab)

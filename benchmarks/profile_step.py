@@ -34,7 +34,7 @@ def trainer(method, shape, vocab, data, tok, packing=True, gc_on=False, steps=8)
     saved = E.load_model
     E.load_model = lambda m, device_map=None: C.build_model(shape, vocab)
     try:
-        tr = E.Trainer(cfg).setup()
+        tr = E.Trainer(cfg, overwrite=True).setup()
     finally:
         E.load_model = saved
     tr.nonfinite_skipped, tr.train_tokens, tr.train_seconds = 0, 0, 0.0
