@@ -166,15 +166,15 @@ def test_grit_pairs_in_the_figure_come_from_the_registry_and_the_arms():
 
 
 def test_rate_draws_are_the_jeffreys_posterior():
-    from ecliptica.study.contrasts import jeffreys_draws
+    from ecliptica.study.contrasts import jeffreys_quantiles
 
     rng = np.random.default_rng(0)
     for k, n in ((0, 8), (3, 40), (40, 40)):
-        draws = jeffreys_draws(k, n, 200_000, rng)
+        draws = jeffreys_quantiles(k, n, rng.random(200_000))
         want = stats.beta.ppf([0.025, 0.5, 0.975], k + 0.5, n - k + 0.5)  # scipy's quantiles, not ours
         assert np.quantile(draws, [0.025, 0.5, 0.975]) == pytest.approx(want, abs=3e-3)
     with pytest.raises(ValueError, match="0 <= k <= n"):
-        jeffreys_draws(9, 8, 10, rng)
+        jeffreys_quantiles(9, 8, rng.random(10))
 
 
 def _refusal_record(tmp, arm, refused, n):
@@ -202,7 +202,7 @@ def test_no_refusals_on_few_prompts_is_not_equivalence(tmp_path):
 def test_rate_difference_interval_covers_near_zero_rates():
     """Coverage by simulation: true refusal rates 8% and 0% on 40 prompts. The Jeffreys draws' 95% interval
     of the difference covers 0.08 about 95% of the time; the old plug-in redraw covered it ~80% of the time."""
-    from ecliptica.study.contrasts import jeffreys_draws
+    from ecliptica.study.contrasts import jeffreys_quantiles
 
     rng = np.random.default_rng(1)
     n, p1, sims, size = 40, 0.08, 400, 2000
@@ -215,7 +215,7 @@ def test_rate_difference_interval_covers_near_zero_rates():
             hits += low <= p1 <= high
         return hits / sims
 
-    jeffreys = coverage(lambda k: jeffreys_draws(k, n, size, rng))
+    jeffreys = coverage(lambda k: jeffreys_quantiles(k, n, rng.random(size)))
     plug_in = coverage(lambda k: rng.binomial(n, k / n, size) / n)
     assert jeffreys >= 0.91 and plug_in <= 0.86  # binomial SE of a coverage over 400 studies: ~0.011
 

@@ -37,6 +37,14 @@ METRIC_LABELS = {"aqi": "AQI", "refusal_rate_unsafe": "refusal rate (unsafe)",
 Decision = Literal["different", "equivalent", "inconclusive"]
 
 
+SEEDS_ONLY = "t-interval over seeds"  # how a contrast without a prompt stage names its method
+
+
+def has_prompt_stage(result: Mapping[str, Any]) -> bool:
+    """Whether an answerable contrast's interval includes prompt sampling (not the seeds-only fallback)."""
+    return not result["method"].startswith(SEEDS_ONLY)
+
+
 class AqiMismatchError(ValueError):
     """A run's embeddings do not reproduce the AQI its evaluation recorded."""
 
@@ -235,7 +243,7 @@ def aqi_contrast(ctx: StudyContext, terms: Mapping[str, float], comparison: str)
                                   f"({estimates[0]:+.4g}) and without embeddings there is no prompt-level "
                                   "uncertainty to test it against")
         return _finish(t_over_seeds(estimates, ctx.alpha), plan, estimates, comparison, "AQI", ctx.alpha,
-                       "t-interval over seeds of the recorded AQI (no embeddings: prompt sampling not included)")
+                       SEEDS_ONLY + " of the recorded AQI (no embeddings: prompt sampling not included)")
     lacking = list(dict.fromkeys(f"{a} seed {s}" for a, s in runs if ctx.aqi is None or not ctx.aqi.has((a, s))))
     return not_answerable(comparison, "AQI", f"not answerable: no embeddings for {', '.join(lacking)} and one seed")
 
@@ -311,11 +319,6 @@ def jeffreys_quantiles(k: int, n: int, u: np.ndarray) -> np.ndarray:
     if not 0 <= k <= n or n < 1:
         raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
     return beta.ppf(u, k + 0.5, n - k + 0.5)
-
-
-def jeffreys_draws(k: int, n: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """`size` independent draws of the Jeffreys posterior (see jeffreys_quantiles)."""
-    return jeffreys_quantiles(k, n, rng.random(size))
 
 
 def decide(low: float, high: float, p_adjusted: float, alpha: float, margin: float | None) -> Decision:

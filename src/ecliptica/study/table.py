@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .contrasts import StudyContext, contrast
+from .contrasts import StudyContext, contrast, has_prompt_stage
 from .records import BASELINE
 
 CSV_COLUMNS = [
@@ -70,7 +70,7 @@ def seed_and_prompt_interval(ctx: StudyContext, arm: str, key: str):
     if len(runs) < 2 or mean is None:
         return mean, sd, low, high
     c = contrast(ctx, key, {arm: 1.0}, arm)
-    if not c.get("answerable") or c["method"].startswith("t-interval"):
+    if not c.get("answerable") or not has_prompt_stage(c):
         # identical seeds and no prompt stage: a t-interval would be [x, x]; show no interval rather than that
         return (mean, sd, low, high) if sd else (mean, sd, None, None)
     low, high = c["low"], c["high"]
