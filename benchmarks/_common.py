@@ -156,16 +156,17 @@ def summarize(stamps: list[float], cum_tokens: list[float], peak: float, n_flop:
 def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: str, vocab: int,
              mb: int = 2, ga: int = 4, optimizer: str = "adamw", grit: dict | None = None,
              chunk: int | None = None, tag: str = "", attn: str = "sdpa", tokens: int | None = None,
-             train_extra: dict | None = None, model_dir: str | None = None, hooks=None) -> dict:
+             train_extra: dict | None = None, model_dir: str | None = None, hooks=None, fp32: bool = False) -> dict:
     """The engine with its defaults (micro_batch_tokens auto, packed_attention auto) unless `tokens` or
     `train_extra` (train-section keys) say otherwise. `model_dir`: a saved random-init model loaded in 4-bit
-    through the real path instead of the bf16 model built in memory. `hooks(trainer)`: called after setup."""
+    through the real path instead of the bf16 model built in memory. `hooks(trainer)`: called after setup.
+    `fp32`: the same bf16-initialised weights cast to fp32 and run without autocast (an exactness reference)."""
     import ecliptica.train.engine as E
     from ecliptica.config import TrainConfig
     from ecliptica.losses.registry import settings_for
 
     train = {"max_steps": steps, "micro_batch_size": mb, "grad_accum": ga, "progress": False,
-             "mixed_precision": "bf16" if CUDA else "no"}
+             "mixed_precision": "bf16" if CUDA and not fp32 else "no"}
     if chunk:
         train["logp_chunk_size"] = chunk
     if tokens:  # same 8 pairs per step, re-split into micro-batches of at most `tokens` packed tokens
@@ -176,7 +177,7 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
         opt["grit"] = grit
     cfg = TrainConfig.model_validate({
         "run_dir": f"/tmp/ecl_bench/{method}_{shape}_{int(gc_on)}_{optimizer}{tag}", "seed": 3407,
-        "model": {"name": model_dir or tok, "dtype": "bf16" if CUDA else "fp32", "gradient_checkpointing": gc_on,
+        "model": {"name": model_dir or tok, "dtype": "bf16" if CUDA and not fp32 else "fp32", "gradient_checkpointing": gc_on,
                   "attn_implementation": "sdpa", "load_in_4bit": bool(model_dir)},
         "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS},
         "data": {"path": data, "format": "hh-rlhf", "on_bad_row": "skip", "limit": 400, "max_length": 1024,
@@ -189,8 +190,11 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
 
     def fake_load_model(mcfg, device_map=None):
         built["m"] = build_model(shape, vocab, attn=attn)
-        return built["m"]
+        return built["m"].float() if fp32 else built["m"]
 
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # one process, runs of different precisions
     saved = E.load_model
     if not model_dir:
         E.load_model = fake_load_model
@@ -218,7 +222,7 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
     peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0
     res = summarize(stamps, cum[1:], peak, n_flop)
     res.update({"micro_batch_tokens": tr.micro_batches.tokens, "micro_batch_rule": tr.micro_batches.rule,
-                "packed_attention": tr.packed_attention})
+                "packed_attention": tr.packed_attention, "compiled_layers": tr.compiled_layers})
     inner.clear()  # the bound method holds the Trainer and its model; a leak here inflated later runs' peaks
     del tr, timed
     free()

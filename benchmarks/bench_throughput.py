@@ -7,9 +7,10 @@ Setup (both sides): LoRA r16/alpha16 on q,k,v,o,gate,up,down; bf16; 2 pairs x gr
 step); max length 1024; SDPA; the first 400 usable HH-RLHF harmless test pairs rendered with the SmolLM2 chat
 template; gradient checkpointing on and off. Comparisons: DPO vs TRL DPOTrainer, CITA (token_kl) vs TRL DPOTrainer
 (TRL has no CITA: the anchor), SFT vs TRL SFTTrainer. The plain `dpo`/`cita`/`sft` rows are the engine's DEFAULT
-settings (micro_batch_tokens auto, packed_attention auto: flex on CUDA); each row records what they chose.
-Extra rows (--variants): mb8 (one micro-batch of 8 pairs), plain (the old default: micro_batch_size x grad_accum,
-dense mask), dense (auto sizing, dense mask), memG (auto sized to G GiB), tokN / tokNcM (fixed budget N [+ chunk M]),
+settings (micro_batch_tokens auto, packed_attention auto: varlen on CUDA, compile_layers auto: on on CUDA); each
+row records what they chose. Extra rows (--variants): mb8 (one micro-batch of 8 pairs), plain (the session-3
+default: micro_batch_size x grad_accum, dense mask, eager), sized (auto sizing, dense mask, eager), dense / flex /
+eager (the defaults with one part switched back), memG (auto sized to G GiB), tokN / tokNcM (fixed budget N [+ chunk M]),
 chunkM, 4bit (ours default vs TRL, both on the saved random-init model in bitsandbytes NF4; needs bitsandbytes).
 --unsloth-site DIR: Unsloth (FastLanguageModel + TRL DPOTrainer) in its own process and install target
 (benchmarks/unsloth_dpo.py), 16-bit and 4-bit, recorded as `unsloth_dpo` / `unsloth_dpo_4bit` rows.
@@ -38,11 +39,12 @@ def main(argv=None):
     ap.add_argument("--shapes", default="llama3-8b,llama3.2-1b")
     ap.add_argument("--gc", default="off,on")
     ap.add_argument("--methods", default="dpo,cita,sft")
-    ap.add_argument("--variants", default="plain", help="extra rows: mb8, plain, dense, memG, tokN, tokNcM, chunkM, 4bit, none")
+    ap.add_argument("--variants", default="plain", help="extra rows: mb8, plain, sized, dense, flex, eager, memG, tokN, tokNcM, chunkM, 4bit, none")
     ap.add_argument("--unsloth-site", help="an install target holding unsloth (and its own trl/transformers pins)")
     ap.add_argument("--unsloth", default="16bit,4bit", help="with --unsloth-site: which Unsloth precisions")
     ap.add_argument("--model-cache", default="/tmp/ecl_bench_models", help="saved random-init models (4bit, unsloth)")
     ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--no-defaults", action="store_true", help="only the --variants rows (and Unsloth)")
     ap.add_argument("--from-log", help="rebuild the result files and the table from a log's RESULT lines (no runs)")
     ap.add_argument("--card", help="with --from-log: the card name the log was made on")
     ap.add_argument("--versions", help="with --from-log: JSON of the versions the log was made with")
@@ -85,17 +87,17 @@ def main(argv=None):
         everything = []
         for (shape, gc_on), d in res.items():
             for m in methods:
-                if m not in d:
+                if m not in d and not any(k.startswith(m + "_") for k in d):  # --no-defaults runs have variants only
                     continue
                 trl_name = "trl_sft" if m == "sft" else "trl_dpo"
                 obj = {"method": m, "shape": shape, "gradient_checkpointing": gc_on, "card": card,
                        "trl_baseline": "SFTTrainer" if m == "sft" else "DPOTrainer",
-                       "ours": d[m], "trl": d.get(trl_name), "steps": a.steps, "timed_steps": a.steps - 2,
+                       "ours": d.get(m), "trl": d.get(trl_name), "steps": a.steps, "timed_steps": a.steps - 2,
                        "pairs_per_step": 8, "versions": vers,
                        "ours_variants": {k.split("_", 1)[1]: v for k, v in d.items() if k.startswith(m + "_")},
                        "trl_variants": {k[len(trl_name) + 1:]: v for k, v in d.items() if k.startswith(trl_name + "_")},
                        "unsloth": {k: v for k, v in d.items() if k.startswith("unsloth") and m != "sft"}}
-                o, t = d[m], d.get(trl_name) or {}
+                o, t = d.get(m) or {}, d.get(trl_name) or {}
                 if "tok_per_s" in o and "tok_per_s" in t:
                     obj["tok_per_s_ratio"] = round(o["tok_per_s"] / t["tok_per_s"], 3)
                     obj["peak_gib_ratio"] = round(o["peak_gib"] / t["peak_gib"], 3) if t["peak_gib"] else None
@@ -114,7 +116,7 @@ def main(argv=None):
         print_table(res, card)
         return
 
-    for shape in shapes:
+    for shape in shapes if not a.no_defaults else []:
         for gc_on in gcs:
             key = (shape, gc_on)
             common = dict(shape=shape, gc_on=gc_on, steps=a.steps, vocab=a.vocab)
@@ -148,6 +150,12 @@ def main(argv=None):
                         attempt(key, f"{m}_4bit", lambda m=m, common=common, shape=shape: C.run_ours(
                             m, model_dir=saved(shape), tag="_4bit", **common))
                     continue
+                if v == "4bit-eager":  # ours in 4-bit with eager decoder layers (no TRL row: see 4bit)
+                    for m in [m for m in methods if m != "sft"]:
+                        attempt(key, f"{m}_4bit-eager", lambda m=m, common=common, shape=shape: C.run_ours(
+                            m, model_dir=saved(shape), tag="_4bit_eager", train_extra={"compile_layers": "off"},
+                            **common))
+                    continue
                 if v == "mb8" and not a.no_trl and ("dpo" in methods or "cita" in methods):
                     attempt(key, "trl_dpo_mb8", lambda common=common: C.run_trl(
                         "dpo", rows=rows, tok_dir=a.tok, mb=8, ga=1,
@@ -160,10 +168,17 @@ def main(argv=None):
                         kw = dict(tokens=int(tok), chunk=int(chunk) if chunk else None, tag="_" + v)
                     elif v.startswith("chunk"):
                         kw = dict(chunk=int(v[5:]), tag="_" + v)
-                    elif v == "plain":  # the old default: micro_batch_size x grad_accum, dense block mask
-                        kw = dict(train_extra={"micro_batch_tokens": None, "packed_attention": "dense"}, tag="_plain")
-                    elif v == "dense":  # auto sizing, dense block mask: what the flex kernel adds
+                    elif v == "plain":  # the old default: micro_batch_size x grad_accum, dense block mask, eager
+                        kw = dict(train_extra={"micro_batch_tokens": None, "packed_attention": "dense",
+                                               "compile_layers": "off"}, tag="_plain")
+                    elif v == "dense":  # defaults but a dense block mask: what the packed-attention kernel adds
                         kw = dict(train_extra={"packed_attention": "dense"}, tag="_dense")
+                    elif v == "flex":  # defaults but FlexAttention instead of varlen
+                        kw = dict(train_extra={"packed_attention": "flex"}, tag="_flex")
+                    elif v == "eager":  # defaults but eager decoder layers: what the regional compile adds
+                        kw = dict(train_extra={"compile_layers": "off"}, tag="_eager")
+                    elif v == "sized":  # the session-4 default: auto sizing, dense mask, eager layers
+                        kw = dict(train_extra={"packed_attention": "dense", "compile_layers": "off"}, tag="_sized")
                     elif v.startswith("mem"):  # auto sizing to a peak budget, e.g. TRL's peak
                         kw = dict(train_extra={"memory_budget_gib": float(v[3:])}, tag="_" + v)
                     else:
@@ -209,6 +224,7 @@ def print_table(res, card):
         for name, r in d.items():
             trl_name = "trl_sft" if name.startswith("sft") else "trl_dpo"
             suffix = name.split("_", 1)[1] if "_" in name and not name.startswith("trl") else ""
+            suffix = "4bit" if suffix.startswith("4bit") else suffix  # every 4-bit row against TRL in 4-bit
             if name.startswith("unsloth"):  # against TRL at the same precision
                 suffix = "4bit" if name.endswith("_4bit") else ""
             base = d.get(f"{trl_name}_{suffix}") if suffix and f"{trl_name}_{suffix}" in d else d.get(trl_name)

@@ -2,11 +2,17 @@
 gradient of every step, for a few steps, within bf16 tolerance.
 
 Paths (each is the real engine on the same random-init model, data, seed and 8 pairs per step):
-  reference   micro_batch_size x grad_accum (2 x 4), dense block mask: the plain path every speed-up must match
+  reference   micro_batch_size x grad_accum (2 x 4), dense block mask, eager layers: the plain path every
+              speed-up must match
   repeat      the reference again: the run-to-run noise floor of bf16 kernels on this card
+  varlen      2 x 4, variable-length FlashAttention (train/attention.py)
   flex        2 x 4, FlexAttention document masking (train/attention.py)
-  auto        micro_batch_tokens auto (train/sizing.py), dense mask
-  default     auto + flex: what a config gets with no knob set
+  compile     2 x 4, dense mask, regionally compiled decoder layers (train/compile.py)
+  auto        micro_batch_tokens auto (train/sizing.py), dense mask, eager
+  default     no knob set: auto sizing + auto attention (varlen) + compiled layers
+  fp32        the reference path in fp32 (same bf16-initialised weights, no autocast): the exact computation.
+              When it is run, a path also passes if its distance to fp32 is at most --truth-factor x the
+              reference's own distance to fp32: a kernel that rounds differently but no worse than eager bf16.
 Gradient clipping is off so the captured gradient is the raw one. FlexAttention has no backward on CPU, so its
 gradients are only checked here (tests/train/test_attention.py checks the forward on CPU).
 
@@ -26,12 +32,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
+OFF = {"micro_batch_tokens": None, "packed_attention": "dense", "compile_layers": "off"}
 PATHS = {
-    "reference": {"micro_batch_tokens": None, "packed_attention": "dense"},
-    "repeat": {"micro_batch_tokens": None, "packed_attention": "dense"},
-    "flex": {"micro_batch_tokens": None, "packed_attention": "flex"},
-    "auto": {"micro_batch_tokens": "auto", "packed_attention": "dense"},
-    "default": {"micro_batch_tokens": "auto", "packed_attention": "auto"},
+    "reference": OFF,
+    "repeat": OFF,
+    "varlen": {**OFF, "packed_attention": "varlen"},
+    "flex": {**OFF, "packed_attention": "flex"},
+    "compile": {**OFF, "compile_layers": "on"},
+    "auto": {**OFF, "micro_batch_tokens": "auto"},
+    "default": {},  # what a config gets with no knob set: auto sizing, auto attention, auto compile
+    "fp32": OFF,  # the reference path with the same weights in fp32, no autocast: what bf16 approximates
 }
 
 
@@ -66,28 +76,45 @@ def main() -> int:
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--loss-tol", type=float, default=1e-2, help="max relative loss difference (bf16)")
     ap.add_argument("--grad-tol", type=float, default=5e-2, help="max relative L2 gradient difference (bf16)")
+    ap.add_argument("--truth-factor", type=float, default=1.25,
+                    help="with the fp32 path: pass when no further from fp32 than this x the bf16 reference")
     ap.set_defaults(steps=4)
     a = ap.parse_args()
     paths = a.paths.split(",")
-    rows, ok = [], True
+    rows, ok, rows_by = [], True, {}
+    order = ["reference"] + (["fp32"] if "fp32" in paths else []) + [p for p in paths if p not in ("reference", "fp32")]
     for method in a.methods.split(","):
         for gc_on in [g == "on" for g in a.gc.split(",")]:
             runs = {}
-            for path in ["reference"] + [p for p in paths if p != "reference"]:
+            for path in order:
                 grads: list = []
                 extra = {**PATHS[path], "max_grad_norm": None}
                 res = C.run_ours(method, shape=a.shape, gc_on=gc_on, steps=a.steps, data=a.data, tok=a.tok,
-                                 vocab=a.vocab, tag=f"_verify_{path}", train_extra=extra, hooks=capture_grads(grads))
+                                 vocab=a.vocab, tag=f"_verify_{path}", train_extra=extra, hooks=capture_grads(grads),
+                                 fp32=path == "fp32")
                 run_dir = Path(f"/tmp/ecl_bench/{method}_{a.shape}_{int(gc_on)}_adamw_verify_{path}")
                 losses = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
                 runs[path] = {"losses": losses, "grads": grads}
                 row = {"method": method, "gc": gc_on, "path": path, "losses": losses,
                        "micro_batch_tokens": res["micro_batch_tokens"], "packed_attention": res["packed_attention"],
+                       "compiled_layers": res["compiled_layers"],
                        "tok_per_s": res["tok_per_s"], "peak_gib": res["peak_gib"]}
                 if path != "reference":
                     row.update(compare(runs["reference"], runs[path]))
                     row["pass"] = row["max_loss_rel_diff"] <= a.loss_tol and row["max_grad_rel_l2"] <= a.grad_tol
+                if path == "fp32":  # the reference ran first; its own distance to the truth is the yardstick
+                    ref_row = rows_by[(method, gc_on, "reference")]
+                    ref_row.update({f"fp32_{k}": v for k, v in compare(runs["fp32"], runs["reference"]).items()})
+                    print("VERIFY", json.dumps(ref_row), flush=True)
+                if "fp32" in runs and path not in ("fp32", "reference"):
+                    truth = {f"fp32_{k}": v for k, v in compare(runs["fp32"], runs[path]).items()}
+                    row.update(truth)
+                    ref_dist = rows_by[(method, gc_on, "reference")]["fp32_max_grad_rel_l2"]
+                    row["no_worse_than_bf16_reference"] = truth["fp32_max_grad_rel_l2"] <= a.truth_factor * ref_dist
+                    row["pass"] = row["pass"] or row["no_worse_than_bf16_reference"]
+                if path not in ("reference", "fp32"):
                     ok &= row["pass"]
+                rows_by[(method, gc_on, path)] = row
                 rows.append(row)
                 print("VERIFY", json.dumps(row), flush=True)
             del runs

@@ -93,11 +93,13 @@ class TrainSection(Strict):
     micro_batch_tokens: int | Literal["auto"] | None = "auto"
     # auto only: the peak GPU memory to size for (None: this process's share of the card's free memory)
     memory_budget_gib: float | None = Field(default=None, gt=0)
-    # Attention over packed rows: "flex" = FlexAttention with a document block mask (CUDA; no dense
-    # [tokens x tokens] mask), "dense" = SDPA with transformers' block-diagonal mask; "auto" = flex on CUDA.
-    # Default dense: on the H200 (torch 2.11) auto sizing + flex failed in Inductor lowering at the 1B shape
-    # (docs/benchmarks.md), so flex stays opt-in until that path is verified.
-    packed_attention: Literal["auto", "flex", "dense"] = "dense"
+    # Attention over packed rows (train/attention.py): "varlen" = variable-length FlashAttention, "flex" =
+    # FlexAttention with a document block mask (both CUDA; no dense [tokens x tokens] mask), "dense" = SDPA
+    # with transformers' block-diagonal mask; "auto" = varlen on CUDA (flex where torch has no varlen), dense
+    # elsewhere. Checked against dense on the GPU by benchmarks/verify_kernels.py (docs/benchmarks.md).
+    packed_attention: Literal["auto", "varlen", "flex", "dense"] = "auto"
+    # Regional torch.compile of each decoder layer (train/compile.py): "auto" = on CUDA, off on CPU.
+    compile_layers: Literal["auto", "on", "off"] = "auto"
     max_grad_norm: float | None = Field(default=1.0, ge=0)  # 0 or null: no clipping
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     packing: bool = True
@@ -112,6 +114,11 @@ class TrainSection(Strict):
     @classmethod
     def _tokens_off(cls, v):  # YAML reads a bare `off` as false
         return None if v is False or v == "off" else v
+
+    @field_validator("compile_layers", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):  # YAML reads a bare `on`/`off` as true/false
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @field_validator("micro_batch_tokens")
     @classmethod

@@ -30,6 +30,7 @@ from ..losses import ReferenceSettings, SequenceStats, build_loss
 from ..models import apply_lora, describe_parameters, load_model, load_tokenizer
 from . import sizing
 from .attention import resolve_packed_attention
+from .compile import compile_decoder_layers, resolve_compile
 from .batching import collate, pair_tokens, response_tokens, split_by_tokens
 from .optim import build_optimizer, build_scheduler
 from .policy import PolicyModel
@@ -175,6 +176,8 @@ class Trainer:
         self.packed_attention = resolve_packed_attention(cfg.train.packed_attention, acc.device,
                                                          cfg.model.attn_implementation)
         self.policy = PolicyModel(model, cfg.train.logp_chunk_size, self.packed_attention)
+        self.compiled_layers = compile_decoder_layers(model) if resolve_compile(cfg.train.compile_layers,
+                                                                                 acc.device) else 0
         if not getattr(model, "is_loaded_in_4bit", False):
             self.policy.to(acc.device)
         self.ref_cache = None
@@ -189,7 +192,7 @@ class Trainer:
         self.peft_model = acc.unwrap_model(self.policy).peft_model
         self.micro_batches = sizing.choose(self)
         acc.print(f"[ecliptica] micro_batch_tokens: {self.micro_batches.tokens} ({self.micro_batches.rule}); "
-                  f"packed attention: {self.packed_attention}")
+                  f"packed attention: {self.packed_attention}; compiled decoder layers: {self.compiled_layers}")
         return self
 
     # ------------------------------------------------------------------ data order
@@ -462,7 +465,7 @@ class Trainer:
             "config_hash": self.cfg.hash(), "data_hash": self.data_hash, "data": self.data_report,
             "parameters": self.param_summary, "num_processes": acc.num_processes,
             "micro_batch_tokens": self.micro_batches.tokens, "micro_batch_rule": self.micro_batches.rule,
-            "packed_attention": self.packed_attention,
+            "packed_attention": self.packed_attention, "compiled_layers": self.compiled_layers,
             # parallel study workers on one device: its speed here is not a standalone speed
             "device_shared_by": int(os.environ.get("ECLIPTICA_DEVICE_SHARED_BY", "1")),
             "versions": _versions(), "git_commit": git_commit(),

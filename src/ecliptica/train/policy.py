@@ -10,12 +10,14 @@ This is an nn.Module so DDP (accelerate) sees one forward and synchronises gradi
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..losses import SequenceStats
-from .attention import document_block_mask, use_packed_flex
+from .attention import document_block_mask, packed_forward, sequence_bounds, use_packed_flex, use_packed_varlen
 from .batching import ModelBatch
 
 
@@ -127,28 +129,35 @@ class PolicyModel(torch.nn.Module):
         super().__init__()
         self.peft_model = peft_model
         self.chunk_size = chunk_size
-        self.flex = packed_attention == "flex"  # train/attention.py
-        if self.flex:
+        self.attention = packed_attention  # train/attention.py: dense, flex or varlen
+        if packed_attention == "flex":
             use_packed_flex(peft_model.get_base_model())
+        elif packed_attention == "varlen":
+            use_packed_varlen(peft_model.get_base_model())
 
-    def _hidden(self, batch: ModelBatch, mask) -> torch.Tensor:
+    def _hidden(self, batch: ModelBatch, mask, bounds) -> torch.Tensor:
         lm = self.peft_model.get_base_model()
-        out = lm.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                               attention_mask=mask, use_cache=False)
+        # varlen: the boundaries reach the attention function through transformers' **kwargs, and no mask is built
+        extra = {} if bounds is None else {"packed_bounds": bounds}
+        with packed_forward() if bounds is not None else nullcontext():
+            out = lm.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                   attention_mask=mask, use_cache=False, **extra)
         h = out.last_hidden_state
         return h.reshape(-1, h.shape[-1]).index_select(0, batch.predictor_index)
 
     def forward(self, batch: ModelBatch, need_reference: bool = False, need_token_kl: bool = False,
                 ref_logps: torch.Tensor | None = None) -> SequenceStats:
         weight = self.peft_model.get_base_model().get_output_embeddings().weight
-        mask = batch.attention_mask
-        if mask is None and self.flex:  # packed: one block mask serves both passes
+        mask, bounds = batch.attention_mask, None
+        if mask is None and self.attention == "flex":  # packed: one block mask serves both passes
             mask = document_block_mask(batch.position_ids)
+        elif mask is None and self.attention == "varlen":  # packed: sequence boundaries serve both passes
+            bounds = sequence_bounds(batch.position_ids)
         ref_hidden = None
         if need_token_kl or (need_reference and ref_logps is None):
             with torch.no_grad(), self.peft_model.disable_adapter():
-                ref_hidden = self._hidden(batch, mask)
-        hidden = self._hidden(batch, mask)
+                ref_hidden = self._hidden(batch, mask, bounds)
+        hidden = self._hidden(batch, mask, bounds)
         tok_logp, tok_ref, tok_kl = chunked_logps(hidden, weight, batch.targets, self.chunk_size,
                                                   ref_hidden, with_kl=need_token_kl)
         n = batch.n_sequences

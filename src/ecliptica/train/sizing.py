@@ -17,6 +17,7 @@ micro-batch: a larger budget cannot help).
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -103,8 +104,15 @@ def choose(trainer) -> Choice:
     if acc.num_processes > 1:  # every rank splits the same way
         tokens = int(acc.gather(torch.tensor([tokens], device=dev)).min())
     where = f" (card shared by {shared})" if shared > 1 else ""
+    short = ""
+    if (avail - opt_state) * HEADROOM - fit.fixed_bytes < floor * fit.bytes_per_token:
+        # the floor still runs (a step must hold its longest pair), but the memory goal cannot be kept
+        short = "; less than one worst-case pair fits, so the peak may exceed it"
+        warnings.warn(f"train.micro_batch_tokens auto: {avail / 2**30:.1f} GiB available holds less than one "
+                      f"worst-case pair ({floor} tokens); the peak may exceed the memory budget")
     return Choice(tokens, f"auto: probe {fit.bytes_per_token / 2**20:.3f} MiB/token + {fit.fixed_bytes / 2**30:.2f} "
-                          f"GiB, {avail / 2**30:.1f} GiB available{where}, {HEADROOM:.0%} used; range [{floor}, {cap}]")
+                          f"GiB, {avail / 2**30:.1f} GiB available{where}, {HEADROOM:.0%} used; range [{floor}, {cap}]"
+                          f"{short}")
 
 
 def probe_memory(trainer) -> MemoryFit:

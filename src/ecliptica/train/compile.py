@@ -1,0 +1,35 @@
+"""Regional torch.compile: every decoder layer compiled, one graph shared by all of them.
+
+An 8B LoRA step launches thousands of small kernels (RMSNorm, RoPE, SwiGLU, and each LoRA projection's cast,
+down/up matmuls, scale and add); on a fast card the host cannot issue them as fast as the GPU runs them, and
+autograd keeps a copy of the same input for every LoRA projection that reads it. Compiling the layer fuses
+the pointwise work and lets the partitioner save each activation once. Compiling per layer rather than the
+whole model keeps the compile to one layer's graph (reused by all layers, since the layers differ only in
+their weights) and leaves the embedding, the mask building and the chunked LM head as they are.
+
+Shapes are dynamic (packed rows change length every micro-batch), so one compile serves the run; the
+adapter-disabled reference pass and the first layer (whose input needs no gradient) get a graph each.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def resolve_compile(setting: str, device: torch.device) -> bool:
+    """`train.compile_layers`: auto = on CUDA only (on CPU, compiling costs more than a short run saves)."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return setting == "on"
+
+
+def compile_decoder_layers(peft_model) -> int:
+    """Compile each decoder layer of a peft-wrapped transformers model in place; returns how many."""
+    layers = peft_model.get_base_model().get_decoder().layers
+    # Past the recompile limit dynamo silently runs the layer eagerly. One run needs about three graphs, but a
+    # process that trains several models (a benchmark, a notebook) adds graphs for each new shape or precision.
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 1024)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
