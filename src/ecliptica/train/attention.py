@@ -9,9 +9,9 @@ Two paths avoid that:
 - flex: a FlexAttention `BlockMask` built from the sequence ids (causal and same sequence): blocks wholly
   between sequences are skipped.
 
-Neither has a backward on CPU (torch 2.13), so "auto" means varlen on CUDA (flex when this torch has no
-varlen) and dense elsewhere. Padded batches (`train.packing: false`) and generation keep SDPA with
-transformers' own masks in every mode.
+FlexAttention has no backward on CPU and varlen no CPU kernel at all (torch 2.13), so "auto" means varlen on
+CUDA (flex when this torch has no varlen) and dense elsewhere. Padded batches (`train.packing: false`) and
+generation keep SDPA with transformers' own masks in every mode.
 """
 from __future__ import annotations
 
