@@ -11,7 +11,8 @@ settings (micro_batch_tokens auto, packed_attention auto: varlen on CUDA, compil
 row records what they chose. Extra rows (--variants): mb8 (one micro-batch of 8 pairs), plain (the session-3
 default: micro_batch_size x grad_accum, dense mask, eager), sized (auto sizing, dense mask, eager), dense / flex /
 eager (the defaults with one part switched back), memG (auto sized to G GiB), tokN / tokNcM (fixed budget N [+ chunk M]),
-chunkM, 4bit (ours default vs TRL, both on the saved random-init model in bitsandbytes NF4; needs bitsandbytes).
+chunkM, 4bit (ours default vs TRL, both on the saved random-init model in bitsandbytes NF4; needs bitsandbytes),
+4bit-eager (ours in 4-bit with eager layers; no TRL row).
 --unsloth-site DIR: Unsloth (FastLanguageModel + TRL DPOTrainer) in its own process and install target
 (benchmarks/unsloth_dpo.py), 16-bit and 4-bit, recorded as `unsloth_dpo` / `unsloth_dpo_4bit` rows.
 Definitions: see benchmarks/_common.py.
@@ -39,7 +40,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="llama3-8b,llama3.2-1b")
     ap.add_argument("--gc", default="off,on")
     ap.add_argument("--methods", default="dpo,cita,sft")
-    ap.add_argument("--variants", default="plain", help="extra rows: mb8, plain, sized, dense, flex, eager, memG, tokN, tokNcM, chunkM, 4bit, none")
+    ap.add_argument("--variants", default="plain", help="extra rows: mb8, plain, sized, dense, flex, eager, memG, tokN, tokNcM, chunkM, 4bit, 4bit-eager, none")
     ap.add_argument("--unsloth-site", help="an install target holding unsloth (and its own trl/transformers pins)")
     ap.add_argument("--unsloth", default="16bit,4bit", help="with --unsloth-site: which Unsloth precisions")
     ap.add_argument("--model-cache", default="/tmp/ecl_bench_models", help="saved random-init models (4bit, unsloth)")

@@ -13,8 +13,9 @@ Paths (each is the real engine on the same random-init model, data, seed and 8 p
   fp32        the reference path in fp32 (same bf16-initialised weights, no autocast): the exact computation.
               When it is run, a path also passes if its distance to fp32 is at most --truth-factor x the
               reference's own distance to fp32: a kernel that rounds differently but no worse than eager bf16.
-Gradient clipping is off so the captured gradient is the raw one. FlexAttention has no backward on CPU, so its
-gradients are only checked here (tests/train/test_attention.py checks the forward on CPU).
+Gradient clipping is off so the captured gradient is the raw one. FlexAttention has no backward on CPU and varlen
+no CPU kernel, so their gradients are only checked here (tests/train/test_attention.py checks flex's forward and
+everything around the varlen kernel on CPU; tests/train/test_compile.py checks the compiled layers on CPU).
 
     PYTHONPATH=src python3 benchmarks/verify_kernels.py --shape llama3.2-1b --methods dpo,cita --gc off,on
 Prints one line per (method, gc, path) and writes verify_kernels.json (to $OUT as well when set).

@@ -1,4 +1,5 @@
 """`micro_batch_tokens: auto`: the sizing rule against hand computations, with the card mocked."""
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -76,9 +77,15 @@ def test_choose_on_cuda_by_hand(monkeypatch, shared_by, budget_gib, expected):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: 20 * GiB)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: 18 * GiB)
     monkeypatch.setenv("ECLIPTICA_DEVICE_SHARED_BY", str(shared_by))
-    choice = sizing.choose(_trainer("cuda", memory_budget_gib=budget_gib, trainable=2**20))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        choice = sizing.choose(_trainer("cuda", memory_budget_gib=budget_gib, trainable=2**20))
     assert choice.tokens == expected
     assert "2.500 MiB/token" in choice.rule
+    # only the budget below one worst-case pair says (in the rule and as a warning) that it cannot be kept
+    below = budget_gib == 24
+    assert ("peak may exceed" in choice.rule) == below
+    assert any("less than one worst-case pair" in str(w.message) for w in caught) == below
 
 
 def test_choose_on_cuda_caps_at_the_whole_step(monkeypatch):
