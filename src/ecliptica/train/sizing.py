@@ -65,10 +65,15 @@ def available_bytes(free: int, total: int, reserved: int, allocated: int, shared
     return min(free, total / shared_by - reserved) + (reserved - allocated)
 
 
-def budget_tokens(available: float, optimizer_state_bytes: float, fit: MemoryFit, floor: int, cap: int) -> int:
-    """Largest token count whose predicted peak fits in HEADROOM of (available - optimizer state)."""
+def fitting_tokens(available: float, optimizer_state_bytes: float, fit: MemoryFit) -> int:
+    """Largest token count whose predicted peak fits in HEADROOM of (available - optimizer state), unclamped."""
     room = (available - optimizer_state_bytes) * HEADROOM - fit.fixed_bytes
-    return max(floor, min(cap, int(room // fit.bytes_per_token)))
+    return int(room // fit.bytes_per_token)
+
+
+def budget_tokens(available: float, optimizer_state_bytes: float, fit: MemoryFit, floor: int, cap: int) -> int:
+    """fitting_tokens, kept between one worst-case pair (`floor`) and the whole step (`cap`)."""
+    return max(floor, min(cap, fitting_tokens(available, optimizer_state_bytes, fit)))
 
 
 def worst_case_tokens(pairs: int, max_length: int, with_rejected: bool) -> int:
@@ -105,7 +110,7 @@ def choose(trainer) -> Choice:
         tokens = int(acc.gather(torch.tensor([tokens], device=dev)).min())
     where = f" (card shared by {shared})" if shared > 1 else ""
     short = ""
-    if (avail - opt_state) * HEADROOM - fit.fixed_bytes < floor * fit.bytes_per_token:
+    if fitting_tokens(avail, opt_state, fit) < floor:
         # the floor still runs (a step must hold its longest pair), but the memory goal cannot be kept
         short = "; less than one worst-case pair fits, so the peak may exceed it"
         warnings.warn(f"train.micro_batch_tokens auto: {avail / 2**30:.1f} GiB available holds less than one "
