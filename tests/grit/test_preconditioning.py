@@ -45,6 +45,31 @@ def test_closed_form_matches_dense_factors(convention):
     torch.testing.assert_close(layer.lora_A["default"].weight.grad, expect_A, rtol=1e-4, atol=1e-6)
 
 
+def test_logged_damping_and_gradient_ratio_by_hand():
+    # relative damping: each factor gets 1e-3 x its mean eigenvalue (trace / r); the log shows their mean
+    torch.manual_seed(0)
+    layer = MiniLoraLinear(6, 5, r=3, scaling=1.5)
+    opt = GritOptimizer(layer, GritConfig(inner="sgd", lr=0.0, damping=1e-3, damping_mode="relative", **NO_REPROJ))
+    x = torch.randn(2, 4, 6)
+    y = layer(x)
+    gy = torch.randn_like(y)
+    (y * gy).sum().backward()
+    A = layer.lora_A["default"].weight.detach()
+    B = layer.lora_B["default"].weight.detach()
+    raw = torch.cat([layer.lora_A["default"].weight.grad.flatten(), layer.lora_B["default"].weight.grad.flatten()])
+    opt.step()
+    u = x.reshape(-1, 6) @ A.T
+    v = 1.5 * gy.reshape(-1, 5) @ B
+    sig_a, sig_g = u.T @ u / 8, v.T @ v / 8
+    d_a, d_g = 1e-3 * torch.trace(sig_a) / 3, 1e-3 * torch.trace(sig_g) / 3
+    pre = torch.cat([layer.lora_A["default"].weight.grad.flatten(), layer.lora_B["default"].weight.grad.flatten()])
+    m = opt.metrics()
+    assert m["grit/damping"] == pytest.approx(float(d_a + d_g) / 2, rel=1e-5)
+    assert m["grit/damping_escalations"] == 0.0
+    assert m["grit/precond_grad_ratio"] == pytest.approx(float(pre.norm() / raw.norm()), rel=1e-5)
+    assert m["grit/effective_rank"] == 3.0
+
+
 def _identity_factors(opt):
     for bank in opt.banks:
         bank.a_ema.copy_(torch.eye(bank.r).expand_as(bank.a_ema))

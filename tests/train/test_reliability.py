@@ -223,3 +223,13 @@ def test_training_watch_warns_on_tenfold_loss_rise_and_stuck_gradients():
         assert g.update(step, 0.5, norm) == []
     with pytest.warns(RuntimeWarning, match="gradient norm has been 0 for 3 steps"):
         assert len(g.update(6, 0.5, 0.0)) == 1
+
+
+def test_all_finite_flags_exactly_nan_and_inf():
+    from ecliptica.train.safety import all_finite
+
+    ok = [torch.ones(3), torch.zeros(0), torch.full((2,), 3.0e38)]  # the largest float32s are still finite
+    assert bool(all_finite(ok))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert not bool(all_finite(ok + [torch.tensor([1.0, bad])]))
+    assert bool(all_finite([]))

@@ -65,6 +65,7 @@ class GritOptimizer(Optimizer):
         self._has_factors = False
         self._counters = {"factor_updates": 0, "inversions": 0, "reprojections": 0}
         self._last: Dict[str, Any] = {}  # device tensors, synced only in metrics()
+        self._host_ranks: Optional[List[int]] = None  # effective_ranks()' host copy
 
     # -- delegation to the inner optimizer ------------------------------------
     @property
@@ -192,8 +193,7 @@ class GritOptimizer(Optimizer):
                 device=group.slots.device)
             chol = self._factor_for(group)[slots]
             out, r2, p2 = precondition_stack([p.grad for p in params], chol, group.side)
-            for p, new in zip(params, out.unbind(0)):
-                p.grad.copy_(new)
+            torch._foreach_copy_([p.grad for p in params], list(out.unbind(0)))  # one launch, not one per layer
             raw_sq.append(r2)
             pre_sq.append(p2)
         if raw_sq:
@@ -223,6 +223,7 @@ class GritOptimizer(Optimizer):
             else:
                 bank.proj_g.copy_(eye)
             bank.ranks.copy_(k)
+        self._host_ranks = None
 
         deltas, grams = [], {id(b): [torch.zeros(b.n, b.r, b.r, device=b.device) for _ in range(2)]
                              for b in self.banks}
@@ -252,8 +253,12 @@ class GritOptimizer(Optimizer):
 
     # -- introspection ----------------------------------------------------------
     def effective_ranks(self) -> Dict[str, int]:
-        ranks = [int(bank.ranks[j]) for bank, j in self.collector.slots]
-        return {layer.name: k for layer, k in zip(self.layers, ranks)}
+        # ranks change only at a reprojection or a state load, so they are copied to the host once then
+        # (one transfer per bank), not once per layer at every logged step
+        if self._host_ranks is None:
+            per_bank = {id(bank): bank.ranks.tolist() for bank in self.banks}
+            self._host_ranks = [per_bank[id(bank)][j] for bank, j in self.collector.slots]
+        return {layer.name: k for layer, k in zip(self.layers, self._host_ranks)}
 
     def parameter_counts(self) -> Dict[str, float]:
         """Physical LoRA parameters vs effective ones (effective rank x (in + out))."""
@@ -264,24 +269,33 @@ class GritOptimizer(Optimizer):
                 "effective_ratio": effective / physical if physical else 1.0}
 
     def metrics(self) -> Dict[str, float]:
-        """Scalars for logging; the only place that syncs device values to host."""
+        """Scalars for logging; the only place that syncs device values to host, and only once."""
         out = {f"grit/{k}": float(v) for k, v in self._counters.items()}
         dev = self.banks[0].device
-        damp = torch.cat([torch.cat([b.damping_a[b.valid_a], b.damping_g[b.valid_g]]).to(dev)
-                          for b in self.banks])
-        out["grit/damping"] = float(damp.mean()) if damp.numel() else 0.0
-        out["grit/damping_escalations"] = float(sum(float(b.escalations.sum()) for b in self.banks))
+        # the mean damping over valid factors, as masked sums (boolean indexing would sync per bank)
+        damp_sum = sum(((b.damping_a * b.valid_a).sum() + (b.damping_g * b.valid_g).sum()).to(dev)
+                       for b in self.banks)
+        n_valid = sum((b.valid_a.sum() + b.valid_g.sum()).to(dev) for b in self.banks)
+        device_values = {"damp_sum": damp_sum, "n_valid": n_valid,
+                         "escalations": sum(b.escalations.sum().to(dev) for b in self.banks)}
+        for key in ("raw_sq", "pre_sq", "reproj_loss_delta", "reproj_rel_change"):
+            if self._last.get(key) is not None:
+                device_values[key] = self._last[key]
+        keys = list(device_values)
+        host = dict(zip(keys, torch.stack([device_values[k].to(dev).double() for k in keys]).tolist()))
+        out["grit/damping"] = host["damp_sum"] / host["n_valid"] if host["n_valid"] else 0.0
+        out["grit/damping_escalations"] = host["escalations"]
         ranks = self.effective_ranks()
         out["grit/effective_rank"] = sum(ranks.values()) / len(ranks)
         for name, k in ranks.items():
             out[f"grit/effective_rank/{name}"] = float(k)
-        if "raw_sq" in self._last:
-            raw = float(self._last["raw_sq"])
-            out["grit/precond_grad_ratio"] = (float(self._last["pre_sq"]) / raw) ** 0.5 if raw > 0 else 1.0
-        if self._last.get("reproj_loss_delta") is not None:
-            out["grit/reprojection_loss_delta"] = float(self._last["reproj_loss_delta"])
-        if "reproj_rel_change" in self._last:
-            out["grit/reprojection_rel_change"] = float(self._last["reproj_rel_change"])
+        if "raw_sq" in host:
+            raw = host["raw_sq"]
+            out["grit/precond_grad_ratio"] = (host["pre_sq"] / raw) ** 0.5 if raw > 0 else 1.0
+        if "reproj_loss_delta" in host:
+            out["grit/reprojection_loss_delta"] = host["reproj_loss_delta"]
+        if "reproj_rel_change" in host:
+            out["grit/reprojection_rel_change"] = host["reproj_rel_change"]
         counts = self.parameter_counts()
         out["grit/params_effective_ratio"] = counts["effective_ratio"]
         return out
@@ -311,6 +325,7 @@ class GritOptimizer(Optimizer):
             raise ValueError("GRIT state was saved for different LoRA layers")
         for bank, bank_state in zip(self.banks, grit["banks"]):
             bank.load_state_dict(bank_state)
+        self._host_ranks = None
         self._num_steps = grit["num_steps"]
         self._has_factors = grit["has_factors"]
         self.collector.enabled = grit["collect"]

@@ -35,7 +35,8 @@ from .batching import collate, pair_tokens, response_tokens, split_by_tokens
 from .optim import build_optimizer, build_scheduler
 from .policy import PolicyModel
 from .reference import reference_logps
-from .safety import UpdateSnapshot, TrainingWatch, check_fresh_start, check_resume, nonfinite_names
+from .safety import (UpdateSnapshot, TrainingWatch, all_finite, check_fresh_start, check_resume,
+                     nonfinite_names)
 from .state_io import load_state, save_state
 from ..runio import DirLock, atomic_dir, atomic_write_text, read_jsonl_tolerant, write_jsonl
 
@@ -262,8 +263,9 @@ class Trainer:
             with ctx:
                 # token means over the step's response tokens: (sum / (n_resp * w)) * w = sum / n_resp
                 loss, metrics, ntok = self._micro_step(idx, progress, max(n_resp, 1) * w)
-                if not torch.isfinite(loss):
-                    return self._nonfinite(step, "loss")
+                # no finiteness check here: it would stall the host once per micro-batch, and a non-finite
+                # loss also makes the gradient non-finite, so the check after clipping catches it before
+                # anything is updated (and every data-parallel rank takes part in every backward)
                 acc.backward(loss * w)
             loss_total += loss.detach() * w
             tokens += ntok
@@ -272,21 +274,30 @@ class Trainer:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm else float("inf")
         grad_norm = acc.clip_grad_norm_(params, max_norm)
-        if not torch.isfinite(grad_norm):
+        loss_ok, norm_ok = torch.stack([torch.isfinite(loss_total).all(), torch.isfinite(grad_norm).all()]).tolist()
+        if not loss_ok:
+            return self._nonfinite(step, "loss")
+        if not norm_ok:
             return self._nonfinite(step, "gradient norm")
         snapshot = UpdateSnapshot(params, self.optimizer) if cfg.train.on_nonfinite == "skip" else None
         self.optimizer.step()
-        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one sync per step
+        sums["loss"] = loss_total
+        sums["grad_norm"] = grad_norm.detach().float()
+        names = list(sums)
+        means = acc.reduce({k: sums[k].reshape(1).float() for k in names}, "mean")
+        total_tokens = acc.reduce(torch.tensor([tokens], device=acc.device, dtype=torch.float64), "sum")
+        # one host sync for the update check and every logged number
+        values = torch.cat([all_finite(params).reshape(1).double()] + [means[k].double() for k in names]
+                           + [total_tokens]).tolist()
+        if not values[0]:
             bad = nonfinite_names([(n, p) for n, p in self.policy.named_parameters() if p.requires_grad])
             if snapshot is not None:  # skip means the update is undone, not that the check is skipped
                 snapshot.restore(params, self.optimizer)
             return self._nonfinite(step, f"parameters after the optimizer update ({len(bad)} tensors, e.g. {bad[0]})")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sums["loss"] = loss_total
-        sums["grad_norm"] = grad_norm.detach().float()
-        reduced = {k: float(v) for k, v in acc.reduce({k: v.reshape(1) for k, v in sums.items()}, "mean").items()}
-        tokens = int(acc.reduce(torch.tensor([tokens], device=acc.device), "sum").item())
+        reduced = dict(zip(names, values[1:-1]))
+        tokens = int(values[-1])
         reduced["lr"] = self.scheduler.get_last_lr()[0]
         reduced.update({k: float(v) for k, v in self.optimizer_hooks.metrics().items()})
         return StepResult(reduced["loss"], reduced, tokens)

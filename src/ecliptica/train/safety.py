@@ -84,6 +84,16 @@ def check_resume(ckpt: Path, meta: dict, config: dict, data_hash: str, max_steps
                                   f"{max_steps}; raise train.max_steps to at least {meta['step']}")
 
 
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Device bool: every element of every tensor is finite. The infinity norm is NaN or inf exactly when a
+    tensor holds a NaN or an inf (it cannot overflow), and one multi-tensor kernel computes all of them, so
+    the check costs a few launches instead of several per tensor."""
+    full = [t.detach() for t in tensors if t.numel()]
+    if not full:
+        return torch.ones((), dtype=torch.bool, device=tensors[0].device if tensors else None)
+    return torch.isfinite(torch.stack(torch._foreach_norm(full, float("inf")))).all()
+
+
 def nonfinite_names(named: dict[str, torch.Tensor] | list[tuple[str, torch.Tensor]]) -> list[str]:
     items = named.items() if isinstance(named, dict) else named
     return [name for name, t in items if t.is_floating_point() and not bool(torch.isfinite(t).all())]
