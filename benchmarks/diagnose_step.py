@@ -7,8 +7,8 @@ The engine with its defaults (as `bench_throughput.py` runs it), 8 pairs per ste
 - memory: the CUDA allocator's history over one step, replayed to the step's peak; the allocations live there
   are grouped by the innermost Python frame that made them, so the peak splits into weights/state held before
   the step (`before the step`) and what the step itself allocated.
-- phases: seconds per step in forward+loss, backward, clipping, optimizer step and the rest, each closed by a
-  synchronize (so the phases do not overlap; their sum is a little above the free-running step), for AdamW and
+- phases: seconds per step (and, on CUDA, the peak allocation) in forward+loss, backward, clipping, optimizer step
+  and the rest, each closed by a synchronize (so the phases do not overlap; their sum is a little above the free-running step), for AdamW and
   GRIT in turn; then torch.profiler's top operators over one step, and dynamo's graph-break counters.
 """
 from __future__ import annotations
@@ -97,6 +97,8 @@ def phases_hook(result: dict, first: int, n: int, profile_step: int):
     """Per-phase seconds over steps [first, first + n), then a profiler table for `profile_step`."""
     def hook(tr):
         t = collections.defaultdict(float)
+        peaks: dict = {}
+        result["peaks"] = peaks
         inner_step, inner_micro = tr.train_step, tr._micro_step
         acc = tr.accelerator
         inner_bwd, inner_clip, inner_opt = acc.backward, acc.clip_grad_norm_, tr.optimizer.step
@@ -107,10 +109,16 @@ def phases_hook(result: dict, first: int, n: int, profile_step: int):
                 if not on["v"]:
                     return fn(*a, **k)
                 _sync()
+                if C.CUDA:  # the phase's own peak, above what is allocated when it starts
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
                 out = fn(*a, **k)
                 _sync()
                 t[name] += time.perf_counter() - t0
+                if C.CUDA:
+                    peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+                    peaks[name + " start"] = max(peaks.get(name + " start", 0.0), base / 2**30)
                 return out
             return w
 
@@ -181,6 +189,8 @@ def main(argv=None):
             ph["rest"] = round(ph["step"] - sum(v for k, v in ph.items() if k != "step"), 4)
             print(f"\n=== phases {a.method} gc {a.gc} {opt}: s/step (synchronised) {ph}; free-running "
                   f"{r['s_per_step']} s/step, peak {r['peak_gib']} GiB", flush=True)
+            print("peak GiB per phase (and allocated at its start):",
+                  {k: round(v, 2) for k, v in res.get("peaks", {}).items()}, flush=True)
             print("graph breaks:", dict(du.counters.get("graph_break", {})), "recompiles:",
                   dict(du.counters.get("recompiles", {})) or None, flush=True)
             print(res.get("cpu_table", ""), flush=True)
