@@ -282,7 +282,7 @@ class GritOptimizer(Optimizer):
             if self._last.get(key) is not None:
                 device_values[key] = self._last[key]
         keys = list(device_values)
-        host = dict(zip(keys, torch.stack([device_values[k].to(dev).double() for k in keys]).tolist()))
+        host = dict(zip(keys, torch.stack([device_values[k].to(dev).float() for k in keys]).tolist()))
         out["grit/damping"] = host["damp_sum"] / host["n_valid"] if host["n_valid"] else 0.0
         out["grit/damping_escalations"] = host["escalations"]
         ranks = self.effective_ranks()

@@ -17,7 +17,7 @@ import torch
 # Share of a compiled layer's activations the partitioner may save for the backward; it recomputes the rest
 # from what it keeps, choosing the cheapest (pointwise results such as SwiGLU's product, casts and norms). At the
 # Llama-3-8B shape without checkpointing, 0.8 cut the DPO step's peak from 35.2 to 27.6 GiB at the same tok/s
-# (docs/benchmarks.md, "Speed v2"); with checkpointing the layer is recomputed anyway and the peak did not move.
+# (docs/benchmarks.md, "Speed v3"); with checkpointing the layer is recomputed anyway and the peak did not move.
 # Recomputing an op repeats the same arithmetic, so what is computed does not change.
 ACTIVATION_MEMORY_BUDGET = 0.8
 

@@ -285,10 +285,10 @@ class Trainer:
         sums["grad_norm"] = grad_norm.detach().float()
         names = list(sums)
         means = acc.reduce({k: sums[k].reshape(1).float() for k in names}, "mean")
-        total_tokens = acc.reduce(torch.tensor([tokens], device=acc.device, dtype=torch.float64), "sum")
-        # one host sync for the update check and every logged number
-        values = torch.cat([all_finite(params).reshape(1).double()] + [means[k].double() for k in names]
-                           + [total_tokens]).tolist()
+        total_tokens = acc.reduce(torch.tensor([tokens], device=acc.device), "sum")
+        # one host sync for the update check and every logged number (the token count, fetched after it, no
+        # longer waits for the card)
+        values = torch.cat([all_finite(params).reshape(1).float()] + [means[k] for k in names]).tolist()
         if not values[0]:
             bad = nonfinite_names([(n, p) for n, p in self.policy.named_parameters() if p.requires_grad])
             if snapshot is not None:  # skip means the update is undone, not that the check is skipped
@@ -296,8 +296,8 @@ class Trainer:
             return self._nonfinite(step, f"parameters after the optimizer update ({len(bad)} tensors, e.g. {bad[0]})")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        reduced = dict(zip(names, values[1:-1]))
-        tokens = int(values[-1])
+        reduced = dict(zip(names, values[1:]))
+        tokens = int(total_tokens.item())
         reduced["lr"] = self.scheduler.get_last_lr()[0]
         reduced.update({k: float(v) for k, v in self.optimizer_hooks.metrics().items()})
         return StepResult(reduced["loss"], reduced, tokens)
