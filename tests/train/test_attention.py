@@ -76,6 +76,18 @@ def test_sequence_bounds():
         attention.sequence_bounds(pos.expand(2, -1))
 
 
+def test_collate_gives_the_packed_row_its_sequence_bounds():
+    # computed on the host from the sequence lengths; the same offsets the position ids imply
+    pairs = toy_pairs(3)
+    batch = collate(pairs, True, pad_id=2, packed=True)
+    assert batch.bounds.dtype == torch.int32
+    assert batch.bounds.tolist() == attention.sequence_bounds(batch.position_ids).tolist()
+    lengths = [len(p.prompt_ids) + len(p.chosen_ids) for p in pairs] + \
+              [len(p.prompt_ids) + len(p.rejected_ids) for p in pairs]
+    assert batch.bounds.tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    assert collate(pairs, True, pad_id=2, packed=False).bounds is None
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_varlen_policy_matches_dense_policy(tiny_model_dir, packed, monkeypatch):
     """Packed rows through the varlen path (kernel swapped for a per-sequence loop): the same log-probs,

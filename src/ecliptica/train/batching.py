@@ -21,6 +21,9 @@ class ModelBatch:
     seq_index: torch.Tensor  # [N] which sequence each response token belongs to
     n_sequences: int
     n_real_tokens: int  # non-padding tokens fed to the model (policy pass)
+    # packed: int32 [n_sequences + 1] offsets where each sequence of the row starts, then the row's length
+    # (varlen attention's boundaries, known here on the host, so the forward needs no device-to-host wait)
+    bounds: torch.Tensor | None = None
 
     def to(self, device) -> "ModelBatch":
         move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -60,7 +63,9 @@ def collate(pairs: list[TokenizedPair], with_rejected: bool, pad_id: int, packed
         tgt.append(torch.tensor(resp))
         seq.append(torch.full((len(resp),), k))
         offset += n
-    return ModelBatch(ids, pos, mask, torch.cat(pred), torch.cat(tgt), torch.cat(seq), len(seqs), sum(lengths))
+    bounds = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32) if packed else None
+    return ModelBatch(ids, pos, mask, torch.cat(pred), torch.cat(tgt), torch.cat(seq), len(seqs), sum(lengths),
+                      bounds)
 
 
 def pair_tokens(pair: TokenizedPair, with_rejected: bool) -> int:

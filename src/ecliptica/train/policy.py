@@ -152,7 +152,7 @@ class PolicyModel(torch.nn.Module):
         if mask is None and self.attention == "flex":  # packed: one block mask serves both passes
             mask = document_block_mask(batch.position_ids)
         elif mask is None and self.attention == "varlen":  # packed: sequence boundaries serve both passes
-            bounds = sequence_bounds(batch.position_ids)
+            bounds = batch.bounds if batch.bounds is not None else sequence_bounds(batch.position_ids)
         ref_hidden = None
         if need_token_kl or (need_reference and ref_logps is None):
             with torch.no_grad(), self.peft_model.disable_adapter():
@@ -163,7 +163,8 @@ class PolicyModel(torch.nn.Module):
         n = batch.n_sequences
         seq = batch.seq_index
         logps = torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, seq, tok_logp)
-        n_tokens = torch.bincount(seq, minlength=n)
+        # counted by index_add, not bincount: bincount waits for the card to learn its output size
+        n_tokens = torch.zeros(n, device=seq.device, dtype=seq.dtype).index_add_(0, seq, torch.ones_like(seq))
         if tok_ref is not None and ref_logps is None:
             ref_logps = torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, seq, tok_ref)
         seq_kl = (torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, seq, tok_kl.detach().float())
