@@ -340,22 +340,17 @@ class Trainer:
         if acc.is_main_process:
             final = self.ckpt_root / f"step-{step}"
             self._finite_adapter(str(final))
-            tmp = self.ckpt_root / f".tmp-step-{step}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            self.peft_model.save_pretrained(tmp / "adapter")
-            save_state(self.optimizer.state_dict(), tmp / "optimizer")
-            save_state(self.scheduler.state_dict(), tmp / "scheduler")
-            save_state(_rng_state(), tmp / "rng")
-            (tmp / "trainer.json").write_text(json.dumps({"step": step, "nonfinite_skipped": self.nonfinite_skipped,
-                                                          "train_tokens": self.train_tokens,
-                                                          "train_seconds": self.train_seconds,
-                                                          # what resume checks against (safety.check_resume)
-                                                          "config": self.cfg.model_dump(mode="json"),
-                                                          "config_hash": self.cfg.hash(),
-                                                          "data_hash": self.data_hash}))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)  # a checkpoint exists only once it is complete
+            with atomic_dir(final) as tmp:  # a checkpoint exists only once it is complete
+                self.peft_model.save_pretrained(tmp / "adapter")
+                save_state(self.optimizer.state_dict(), tmp / "optimizer")
+                save_state(self.scheduler.state_dict(), tmp / "scheduler")
+                save_state(_rng_state(), tmp / "rng")
+                (tmp / "trainer.json").write_text(json.dumps({
+                    "step": step, "nonfinite_skipped": self.nonfinite_skipped, "train_tokens": self.train_tokens,
+                    "train_seconds": self.train_seconds,
+                    # what resume checks against (safety.check_resume)
+                    "config": self.cfg.model_dump(mode="json"), "config_hash": self.cfg.hash(),
+                    "data_hash": self.data_hash}))
             for old in sorted(self.ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-self.cfg.train.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
