@@ -46,6 +46,16 @@ def add_common_args(ap) -> None:
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--results", default="benchmarks/results")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip runs that start after this many seconds")
+    ap.add_argument("--no-cudnn-sdpa", action="store_true",
+                    help="torch.backends.cuda.enable_cudnn_sdp(False) for every run, ours and TRL alike")
+
+
+def parse(ap, argv=None):
+    """parse_args, then apply the settings every run of the script shares (--no-cudnn-sdpa)."""
+    a = ap.parse_args(argv)
+    if a.no_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    return a
 
 
 def card() -> str:

@@ -27,7 +27,7 @@ def main(argv=None):
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--method", default="dpo")
     ap.add_argument("--gc", default="off,on", help="first value is the headline; the others go under 'variants'")
-    a = ap.parse_args(argv)
+    a = C.parse(ap, argv)
     t0 = time.perf_counter()
     card = C.card()
     print("card", card, "versions", C.versions(), flush=True)

@@ -49,13 +49,7 @@ def main(argv=None):
     ap.add_argument("--from-log", help="rebuild the result files and the table from a log's RESULT lines (no runs)")
     ap.add_argument("--card", help="with --from-log: the card name the log was made on")
     ap.add_argument("--versions", help="with --from-log: JSON of the versions the log was made with")
-    ap.add_argument("--no-cudnn-sdpa", action="store_true",
-                    help="torch.backends.cuda.enable_cudnn_sdp(False) for every run, ours and TRL alike")
-    a = ap.parse_args(argv)
-    if a.no_cudnn_sdpa:
-        import torch
-
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    a = C.parse(ap, argv)
     t0 = time.perf_counter()
     if a.from_log:
         rows, card, vers = [], a.card, json.loads(a.versions) if a.versions else None

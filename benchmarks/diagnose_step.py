@@ -164,11 +164,8 @@ def main(argv=None):
     ap.add_argument("--gc", default="off")
     ap.add_argument("--what", default="memory,phases")
     ap.add_argument("--optimizers", default="adamw,grit")
-    ap.add_argument("--no-cudnn-sdpa", action="store_true", help="as in bench_throughput.py")
-    a = ap.parse_args(argv)
+    a = C.parse(ap, argv)
     gc_on = a.gc == "on"
-    if a.no_cudnn_sdpa:
-        torch.backends.cuda.enable_cudnn_sdp(False)
     print("card", C.card(), "versions", C.versions(), flush=True)
     steps = max(a.steps, 8)
     if "memory" in a.what:

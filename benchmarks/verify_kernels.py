@@ -80,7 +80,7 @@ def main() -> int:
     ap.add_argument("--truth-factor", type=float, default=1.25,
                     help="with the fp32 path: pass when no further from fp32 than this x the bf16 reference")
     ap.set_defaults(steps=4)
-    a = ap.parse_args()
+    a = C.parse(ap)
     paths = a.paths.split(",")
     rows, ok, rows_by = [], True, {}
     order = ["reference"] + (["fp32"] if "fp32" in paths else []) + [p for p in paths if p not in ("reference", "fp32")]
