@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.tokenize import TokenizedPair
+from .attention import sequence_bounds
 
 
 @dataclass
@@ -63,7 +64,7 @@ def collate(pairs: list[TokenizedPair], with_rejected: bool, pad_id: int, packed
         tgt.append(torch.tensor(resp))
         seq.append(torch.full((len(resp),), k))
         offset += n
-    bounds = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32) if packed else None
+    bounds = sequence_bounds(pos) if packed else None  # on the host tensor: no device wait
     return ModelBatch(ids, pos, mask, torch.cat(pred), torch.cat(tgt), torch.cat(seq), len(seqs), sum(lengths),
                       bounds)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..losses import SequenceStats
-from .attention import document_block_mask, packed_forward, sequence_bounds, use_packed_flex, use_packed_varlen
+from .attention import document_block_mask, packed_forward, use_packed_flex, use_packed_varlen
 from .batching import ModelBatch
 
 
@@ -152,7 +152,7 @@ class PolicyModel(torch.nn.Module):
         if mask is None and self.attention == "flex":  # packed: one block mask serves both passes
             mask = document_block_mask(batch.position_ids)
         elif mask is None and self.attention == "varlen":  # packed: sequence boundaries serve both passes
-            bounds = batch.bounds if batch.bounds is not None else sequence_bounds(batch.position_ids)
+            bounds = batch.bounds
         ref_hidden = None
         if need_token_kl or (need_reference and ref_logps is None):
             with torch.no_grad(), self.peft_model.disable_adapter():
