@@ -232,7 +232,8 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
     peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0
     res = summarize(stamps, cum[1:], peak, n_flop)
     res.update({"micro_batch_tokens": tr.micro_batches.tokens, "micro_batch_rule": tr.micro_batches.rule,
-                "packed_attention": tr.packed_attention, "compiled_layers": tr.compiled_layers})
+                "packed_attention": tr.packed_attention, "compiled_layers": tr.compiled_layers,
+                "offload_activations": tr.offload_activations})
     inner.clear()  # the bound method holds the Trainer and its model; a leak here inflated later runs' peaks
     del tr, timed
     free()

@@ -10,9 +10,9 @@ template; gradient checkpointing on and off. Comparisons: DPO vs TRL DPOTrainer,
 settings (micro_batch_tokens auto, packed_attention auto: varlen on CUDA, compile_layers auto: on on CUDA); each
 row records what they chose. Extra rows (--variants): mb8 (one micro-batch of 8 pairs), plain (the session-3
 default: micro_batch_size x grad_accum, dense mask, eager), sized (auto sizing, dense mask, eager), dense / flex /
-eager (the defaults with one part switched back), memG (auto sized to G GiB), tokN / tokNcM (fixed budget N [+ chunk M]),
+eager / nooffload / fused (the defaults with one part switched back), memG (auto sized to G GiB), tokN / tokNcM (fixed budget N [+ chunk M]),
 chunkM, 4bit (ours default vs TRL, both on the saved random-init model in bitsandbytes NF4; needs bitsandbytes),
-4bit-eager (ours in 4-bit with eager layers; no TRL row).
+4bit-eager (ours in 4-bit with eager layers; no TRL row), 4bit-memG (ours in 4-bit auto sized to G GiB; no TRL row).
 --unsloth-site DIR: Unsloth (FastLanguageModel + TRL DPOTrainer) in its own process and install target
 (benchmarks/unsloth_dpo.py), 16-bit and 4-bit, recorded as `unsloth_dpo` / `unsloth_dpo_4bit` rows.
 Definitions: see benchmarks/_common.py.
@@ -133,17 +133,18 @@ def main(argv=None):
             for gc_on in gcs:
                 key = (shape, gc_on)
                 common = dict(shape=shape, gc_on=gc_on, steps=a.steps, vocab=a.vocab, data=a.data, tok=a.tok)
-                if v == "4bit":
+                if v == "4bit" or v.startswith("4bit-mem"):  # 4bit-memG: ours auto sized to G GiB (no TRL row)
+                    budget = {"memory_budget_gib": float(v[8:])} if v != "4bit" else {}
                     if importlib.util.find_spec("bitsandbytes") is None:
                         print("SKIP 4bit: bitsandbytes is not importable", flush=True)
                         continue
                     trl_common = {k: x for k, x in common.items() if k not in ("data", "tok")}
-                    if not a.no_trl and ("dpo" in methods or "cita" in methods):
+                    if v == "4bit" and not a.no_trl and ("dpo" in methods or "cita" in methods):
                         attempt(key, "trl_dpo_4bit", lambda trl_common=trl_common, shape=shape: C.run_trl(
                             "dpo", rows=rows, tok_dir=a.tok, model_dir=saved(shape), **trl_common))
                     for m in [m for m in methods if m != "sft"]:
-                        attempt(key, f"{m}_4bit", lambda m=m, common=common, shape=shape: C.run_ours(
-                            m, model_dir=saved(shape), tag="_4bit", **common))
+                        attempt(key, f"{m}_{v}", lambda m=m, common=common, shape=shape, budget=budget, v=v: C.run_ours(
+                            m, model_dir=saved(shape), tag="_" + v, train_extra=budget, **common))
                     continue
                 if v == "4bit-eager":  # ours in 4-bit with eager decoder layers (no TRL row: see 4bit)
                     for m in [m for m in methods if m != "sft"]:
@@ -172,13 +173,17 @@ def main(argv=None):
                         kw = dict(train_extra={"packed_attention": "flex"}, tag="_flex")
                     elif v == "eager":  # defaults but eager decoder layers: what the regional compile adds
                         kw = dict(train_extra={"compile_layers": "off"}, tag="_eager")
+                    elif v == "fused":  # defaults but inductor's fused fp32 intermediates (no eager-cast emulation)
+                        kw = dict(tag="_fused", hooks_before=fused_casts)
+                    elif v == "nooffload":  # defaults but no activation offloading (changes something with gc on)
+                        kw = dict(train_extra={"offload_activations": "off"}, tag="_nooffload")
                     elif v == "sized":  # the session-4 default: auto sizing, dense mask, eager layers
                         kw = dict(train_extra={"packed_attention": "dense", "compile_layers": "off"}, tag="_sized")
                     elif v.startswith("mem"):  # auto sizing to a peak budget, e.g. TRL's peak
                         kw = dict(train_extra={"memory_budget_gib": float(v[3:])}, tag="_" + v)
                     else:
                         raise ValueError(v)
-                    attempt(key, f"{m}_{v}", lambda m=m, kw=kw: C.run_ours(m, **common, **kw))
+                    attempt(key, f"{m}_{v}", lambda m=m, kw=kw: run_variant(m, common, kw))
     if a.unsloth_site:
         for shape in shapes:
             for gc_on in gcs:
@@ -188,6 +193,29 @@ def main(argv=None):
                         a, saved(shape), shape, gc_on, prec == "4bit"))
     print_table(res, card)
     print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def fused_casts():
+    """The `fused` variant: compile without emulating eager's bf16 casts (train/compile.py), for its cost."""
+    import ecliptica.train.compile as compile_mod
+
+    compile_mod.EMULATE_PRECISION_CASTS = False
+
+
+def run_variant(method: str, common: dict, kw: dict) -> dict:
+    import torch._inductor.config as inductor
+
+    import ecliptica.train.compile as compile_mod
+
+    kw = dict(kw)
+    before = kw.pop("hooks_before", None)
+    saved = compile_mod.EMULATE_PRECISION_CASTS, inductor.emulate_precision_casts
+    if before:
+        before()
+    try:
+        return C.run_ours(method, **common, **kw)
+    finally:
+        compile_mod.EMULATE_PRECISION_CASTS, inductor.emulate_precision_casts = saved
 
 
 def run_unsloth(a, model_dir: str, shape: str, gc_on: bool, four_bit: bool) -> dict:

@@ -1,7 +1,7 @@
 """Does every trained arm of the plan7 study fit a 22 GB card (A10)?
 
 Builds a random-init Llama-3-8B-shaped model (vocab 128,256), saves it once so that the real loading
-path runs (`load_in_4bit: true` -> bitsandbytes NF4, `prepare_model_for_kbit_training`, LoRA), then
+path runs (`load_in_4bit: true` -> bitsandbytes NF4, `models.apply_lora`, LoRA), then
 trains each arm of `configs/study_plan7_llama3_8b.yaml` for a few steps with its own settings (batch 2 x 4,
 max length 1024, gradient checkpointing, GRIT as configured) on worst-case data: every sequence is
 truncated to the full 1024 tokens (768 prompt + 256 response), so no real batch can need more.

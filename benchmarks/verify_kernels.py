@@ -33,13 +33,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-OFF = {"micro_batch_tokens": None, "packed_attention": "dense", "compile_layers": "off"}
+OFF = {"micro_batch_tokens": None, "packed_attention": "dense", "compile_layers": "off", "offload_activations": "off"}
 PATHS = {
     "reference": OFF,
     "repeat": OFF,
     "varlen": {**OFF, "packed_attention": "varlen"},
     "flex": {**OFF, "packed_attention": "flex"},
     "compile": {**OFF, "compile_layers": "on"},
+    "offload": {**OFF, "offload_activations": "on"},  # needs --gc on
     "auto": {**OFF, "micro_batch_tokens": "auto"},
     "default": {},  # what a config gets with no knob set: auto sizing, auto attention, auto compile
     "fp32": OFF,  # the reference path with the same weights in fp32, no autocast: what bf16 approximates

@@ -51,6 +51,25 @@ def test_lora_smaller_rank_and_targets(tiny_model_dir):
     assert parameter_counts(wrapped)["trainable"] == 2 * 4 * ((32 + 32) + (32 + 16))
 
 
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_lora_keeps_the_base_weights_as_loaded_and_checkpoints_the_same_way(tiny_model_dir, four_bit):
+    """A 4-bit base (flagged as transformers flags one; bitsandbytes has no CPU path) is prepared as the 16-bit
+    one: its non-quantised weights stay bf16 and frozen (peft's prepare_model_for_kbit_training would make
+    them fp32: +2 GiB for Llama-3-8B), the adapter is fp32 and trainable, checkpointing is non-reentrant."""
+    model = load_model(ModelSection(name=str(tiny_model_dir), dtype="bf16"))
+    if four_bit:
+        model.is_loaded_in_4bit = True
+    wrapped = apply_lora(model, LoraSection(r=4), gradient_checkpointing=True)
+    base = {n: p for n, p in wrapped.named_parameters() if "lora_" not in n}
+    lora = {n: p for n, p in wrapped.named_parameters() if "lora_" in n}
+    assert len(base) == 2 * 9 + 2 and len(lora) == 2 * 7 * 2  # 2 layers: 7 linears + 2 norms; embedding, norm
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in base.values())
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in lora.values())
+    layers = wrapped.get_base_model().get_decoder().layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert layers[0]._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error path")
 def test_load_in_4bit_without_cuda_raises_clear_error(tiny_model_dir):
     with pytest.raises(RuntimeError, match="load_in_4bit needs"):

@@ -100,6 +100,9 @@ class TrainSection(Strict):
     packed_attention: Literal["auto", "varlen", "flex", "dense"] = "auto"
     # Regional torch.compile of each decoder layer (train/compile.py): "auto" = on CUDA, off on CPU.
     compile_layers: Literal["auto", "on", "off"] = "auto"
+    # With gradient checkpointing, keep the checkpointed layers' saved inputs in pinned host memory until the
+    # backward (train/offload.py): "auto" = on with CUDA and checkpointing; "on" needs checkpointing.
+    offload_activations: Literal["auto", "on", "off"] = "auto"
     max_grad_norm: float | None = Field(default=1.0, ge=0)  # 0 or null: no clipping
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     packing: bool = True
@@ -115,7 +118,7 @@ class TrainSection(Strict):
     def _tokens_off(cls, v):  # YAML reads a bare `off` as false
         return None if v is False or v == "off" else v
 
-    @field_validator("compile_layers", mode="before")
+    @field_validator("compile_layers", "offload_activations", mode="before")
     @classmethod
     def _yaml_on_off(cls, v):  # YAML reads a bare `on`/`off` as true/false
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v

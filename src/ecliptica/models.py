@@ -119,12 +119,16 @@ def load_model(cfg: InferenceModelSection, device_map=None):
 
 
 def apply_lora(model, lora: LoraSection, gradient_checkpointing: bool = False):
-    """Wrap with a LoRA adapter (prepares a 4-bit base for training first)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """Wrap with a LoRA adapter. A 4-bit base is trained as the 16-bit one is, with NF4 linear layers: its other
+    weights (embeddings, LM head, norms) stay bf16 and frozen, the adapter is fp32, and checkpointing is the same.
 
-    if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
+    peft's prepare_model_for_kbit_training is not used: it casts every non-quantised weight to fp32, which for
+    Llama-3-8B adds ~2 GiB of weights and makes the residual stream, and so every saved activation, fp32. TRL's
+    DPOTrainer (1.16) does not call it either; bf16 autocast computes in bf16 whichever dtype the weights have."""
+    from peft import LoraConfig, get_peft_model
+
+    model.requires_grad_(False)  # the base is frozen (get_peft_model would freeze it too; said here, not assumed)
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,

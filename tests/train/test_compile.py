@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from ecliptica.config import TrainConfig
+from ecliptica.data import TokenizedPair
 from ecliptica.train.compile import resolve_compile
 from ecliptica.train.engine import Trainer
 
@@ -90,12 +91,17 @@ def _saved_bytes_and_grads(peft, ids):
     return sum(saved.values()), {n: w.grad for n, w in peft.named_parameters() if w.grad is not None}
 
 
-def test_activation_budget_saves_less_for_the_backward_and_computes_the_same(monkeypatch):
+def test_activation_budget_saves_less_for_the_backward_and_computes_the_same():
     import torch._functorch.config as functorch
 
+    with functorch.patch(activation_memory_budget=1.0):  # torch's default; restored afterwards
+        _check_activation_budget(functorch)
+
+
+def _check_activation_budget(functorch):
+    # (pytest's monkeypatch cannot restore a torch config entry: its undo hides the entry)
     from ecliptica.train.compile import ACTIVATION_MEMORY_BUDGET, compile_decoder_layers
 
-    monkeypatch.setattr(functorch, "activation_memory_budget", 1.0)  # torch's default; restored afterwards
     ids = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(1))
     _, eager = _saved_bytes_and_grads(_lora_llama(), ids)
     runs = {}
@@ -117,3 +123,49 @@ def test_activation_budget_saves_less_for_the_backward_and_computes_the_same(mon
     functorch.activation_memory_budget = 0.5
     compile_decoder_layers(_lora_llama())
     assert functorch.activation_memory_budget == 0.5
+
+
+def _margins_at_zero_adapter(compiled: bool):
+    """bf16 (CPU autocast): the policy pass's and the adapter-disabled reference pass's sequence log-probs with
+    a zero adapter, where the two are the same network and the DPO margin is 0 in exact arithmetic."""
+    from ecliptica.train.batching import collate
+    from ecliptica.train.compile import compile_decoder_layers
+    from ecliptica.train.policy import PolicyModel
+
+    torch._dynamo.reset()
+    peft = _lora_llama()
+    for name, w in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.zeros_(w)
+    peft.get_base_model().to(torch.bfloat16)
+    peft.train()
+    if compiled:
+        compile_decoder_layers(peft)
+    g = torch.Generator().manual_seed(2)
+    pairs = [TokenizedPair(*(tuple(torch.randint(3, 128, (n,), generator=g).tolist()) for n in (9, 14, 11)), str(i))
+             for i in range(4)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stats = PolicyModel(peft, chunk_size=32)(collate(pairs, True, pad_id=0, packed=True), need_reference=True)
+    torch._dynamo.reset()
+    return stats.logps.detach(), stats.ref_logps
+
+
+def test_compiled_policy_and_reference_passes_round_as_eager_does(monkeypatch):
+    """Known answer: a zero adapter makes policy and reference the same network, so their log-probs agree (the
+    eager bf16 passes differ only in the LM head's chunked log-softmax). Negative control: without emulating
+    eager's casts, inductor's fused fp32 intermediates make the two compiled passes differ far more."""
+    import torch._inductor.config as inductor
+
+    from ecliptica.train.compile import EMULATE_PRECISION_CASTS
+
+    assert EMULATE_PRECISION_CASTS
+    eager_pol, eager_ref = _margins_at_zero_adapter(compiled=False)
+    eager_gap = (eager_pol - eager_ref).abs().max()
+    pol, ref = _margins_at_zero_adapter(compiled=True)  # compile_decoder_layers turns the emulation on
+    assert (pol - ref).abs().max() <= eager_gap + 1e-6
+    torch.testing.assert_close(pol, eager_pol, rtol=0, atol=1e-4)
+
+    monkeypatch.setattr("ecliptica.train.compile.EMULATE_PRECISION_CASTS", False)
+    with inductor.patch(emulate_precision_casts=inductor.emulate_precision_casts):  # restored afterwards
+        fused_pol, fused_ref = _margins_at_zero_adapter(compiled=True)
+    assert (fused_pol - fused_ref).abs().max() > 10 * (eager_gap + 1e-6)

@@ -21,6 +21,13 @@ import torch
 # Recomputing an op repeats the same arithmetic, so what is computed does not change.
 ACTIVATION_MEMORY_BUDGET = 0.8
 
+# Inductor keeps a fused kernel's bf16 intermediates in fp32 where eager rounds each op's result to bf16, and it
+# fuses the adapter-disabled reference pass (no backward) differently from the policy pass (which must save
+# some of them). The two passes then round differently: on the GPU a zero adapter gave a DPO loss of 0.6910,
+# not log 2, and the compiled path's gradients were 1.16x the eager bf16 path's distance from fp32 (1B shape;
+# docs/benchmarks.md, "Speed v4"). Emulating eager's casts makes both passes round as eager does.
+EMULATE_PRECISION_CASTS = True
+
 
 def resolve_compile(setting: str, device: torch.device) -> bool:
     """`train.compile_layers`: auto = on CUDA only (on CPU, compiling costs more than a short run saves)."""
@@ -41,6 +48,9 @@ def compile_decoder_layers(peft_model) -> int:
     functorch = torch._functorch.config
     if functorch.activation_memory_budget == 1.0:
         functorch.activation_memory_budget = ACTIVATION_MEMORY_BUDGET
+    import torch._inductor.config as inductor
+
+    inductor.emulate_precision_casts = EMULATE_PRECISION_CASTS  # process-wide, read when a graph compiles
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)

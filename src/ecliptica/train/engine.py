@@ -31,6 +31,7 @@ from ..models import apply_lora, describe_parameters, load_model, load_tokenizer
 from . import sizing
 from .attention import resolve_packed_attention
 from .compile import compile_decoder_layers, resolve_compile
+from .offload import resolve_offload
 from .batching import collate, pair_tokens, response_tokens, split_by_tokens
 from .optim import build_optimizer, build_scheduler
 from .policy import PolicyModel
@@ -176,7 +177,9 @@ class Trainer:
         self.param_summary = describe_parameters(model)
         self.packed_attention = resolve_packed_attention(cfg.train.packed_attention, acc.device,
                                                          cfg.model.attn_implementation)
-        self.policy = PolicyModel(model, cfg.train.logp_chunk_size, self.packed_attention)
+        self.offload_activations = resolve_offload(cfg.train.offload_activations, acc.device,
+                                                   cfg.model.gradient_checkpointing)
+        self.policy = PolicyModel(model, cfg.train.logp_chunk_size, self.packed_attention, self.offload_activations)
         self.compiled_layers = compile_decoder_layers(model) if resolve_compile(cfg.train.compile_layers,
                                                                                  acc.device) else 0
         if not getattr(model, "is_loaded_in_4bit", False):
@@ -193,7 +196,8 @@ class Trainer:
         self.peft_model = acc.unwrap_model(self.policy).peft_model
         self.micro_batches = sizing.choose(self)
         acc.print(f"[ecliptica] micro_batch_tokens: {self.micro_batches.tokens} ({self.micro_batches.rule}); "
-                  f"packed attention: {self.packed_attention}; compiled decoder layers: {self.compiled_layers}")
+                  f"packed attention: {self.packed_attention}; compiled decoder layers: {self.compiled_layers}; "
+                  f"activations offloaded to the host: {'yes' if self.offload_activations else 'no'}")
         return self
 
     # ------------------------------------------------------------------ data order
@@ -472,6 +476,7 @@ class Trainer:
             "parameters": self.param_summary, "num_processes": acc.num_processes,
             "micro_batch_tokens": self.micro_batches.tokens, "micro_batch_rule": self.micro_batches.rule,
             "packed_attention": self.packed_attention, "compiled_layers": self.compiled_layers,
+            "offload_activations": self.offload_activations,
             # parallel study workers on one device: its speed here is not a standalone speed
             "device_shared_by": int(os.environ.get("ECLIPTICA_DEVICE_SHARED_BY", "1")),
             "versions": _versions(), "git_commit": git_commit(),

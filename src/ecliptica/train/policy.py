@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ..losses import SequenceStats
 from .attention import document_block_mask, packed_forward, use_packed_flex, use_packed_varlen
 from .batching import ModelBatch
+from .offload import HostOffload
 
 
 def _chunk_logps_kl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ref_h: torch.Tensor | None):
@@ -125,11 +126,13 @@ def chunked_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 class PolicyModel(torch.nn.Module):
     """Wraps a peft causal LM; forward(batch) -> SequenceStats for the loss."""
 
-    def __init__(self, peft_model, chunk_size: int = 1024, packed_attention: str = "dense"):
+    def __init__(self, peft_model, chunk_size: int = 1024, packed_attention: str = "dense", offload: bool = False):
         super().__init__()
         self.peft_model = peft_model
         self.chunk_size = chunk_size
         self.attention = packed_attention  # train/attention.py: dense, flex or varlen
+        # train/offload.py: with checkpointing, the layers' saved inputs wait for the backward in host memory
+        self.offload = HostOffload() if offload else None
         if packed_attention == "flex":
             use_packed_flex(peft_model.get_base_model())
         elif packed_attention == "varlen":
@@ -139,7 +142,8 @@ class PolicyModel(torch.nn.Module):
         lm = self.peft_model.get_base_model()
         # varlen: the boundaries reach the attention function through transformers' **kwargs, and no mask is built
         extra = {} if bounds is None else {"packed_bounds": bounds}
-        with packed_forward() if bounds is not None else nullcontext():
+        offload = self.offload if self.offload is not None and torch.is_grad_enabled() else nullcontext()
+        with packed_forward() if bounds is not None else nullcontext(), offload:
             out = lm.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
                                    attention_mask=mask, use_cache=False, **extra)
         h = out.last_hidden_state
