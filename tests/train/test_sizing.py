@@ -59,13 +59,13 @@ def test_choose_on_cpu_is_the_configured_worst_case():
 
 
 @pytest.mark.parametrize("shared_by,budget_gib,expected", [
-    # 40 GiB free of 80, allocator 20 reserved / 18 allocated: 40 + 2 = 42 GiB;
-    # optimizer state 2 x 4 B x 2^20 params = 8 MiB; (42 GiB - 8 MiB) * 0.85 - 1 GiB = 34.6932 GiB
-    # / 2.5 MiB per token = 14210.3 -> 14210 tokens
-    (1, None, 14210),
-    # two workers share the card: min(40, 80/2 - 20) + 2 = 22 GiB -> ((22 GiB - 8 MiB) * 0.85 - 1 GiB) / 2.5 MiB
-    (2, None, 7247),
-    # an explicit 24 GiB peak budget: 24 - 18 = 6 GiB -> ((6 GiB - 8 MiB) * 0.85 - 1 GiB) / 2.5 MiB = 1676.6,
+    # 40 GiB free of 80, allocator 20 reserved / 18 allocated: 40 + 2 = 42 GiB; gradients + AdamW's two moments
+    # 3 x 4 B x 2^20 fp32 params = 12 MiB; (43008 MiB - 12 MiB) * 0.85 - 1024 MiB = 35522.6 MiB
+    # / 2.5 MiB per token = 14209.04 -> 14209 tokens
+    (1, None, 14209),
+    # two workers share the card: min(40, 80/2 - 20) + 2 = 22 GiB -> ((22528 - 12) * 0.85 - 1024) / 2.5 = 7245.84
+    (2, None, 7245),
+    # an explicit 24 GiB peak budget: 24 - 18 = 6 GiB -> ((6144 - 12) * 0.85 - 1024) / 2.5 = 1675.04,
     # below one worst-case pair (2 x 1024 tokens): the floor
     (1, 24, 2048),
 ])

@@ -6,8 +6,9 @@ its share of pairs, token means taken over the whole step), so the budget is onl
 - CUDA: a start-up probe runs two real micro-batches of different sizes (forward and backward, nothing
   stepped, random state restored), fits `peak = fixed + bytes_per_token x tokens`, and takes the largest
   budget whose predicted peak fits in `HEADROOM` of the memory this process may use: its share of the card
-  (`ECLIPTICA_DEVICE_SHARED_BY` study workers split it), or `train.memory_budget_gib`, less the optimizer
-  state the first step will allocate.
+  (`ECLIPTICA_DEVICE_SHARED_BY` study workers split it), or `train.memory_budget_gib`, less what stays
+  allocated under later micro-batches but not under the probe's: the accumulated gradients (held from a step's
+  second micro-batch on) and the optimizer state (from the first step on).
 - Anywhere else (CPU): the configured worst case, `micro_batch_size` pairs of `max_length` tokens (x2 with
   rejected responses). Memory never exceeds what the plain split could need; short pairs share one forward.
 
@@ -65,15 +66,16 @@ def available_bytes(free: int, total: int, reserved: int, allocated: int, shared
     return min(free, total / shared_by - reserved) + (reserved - allocated)
 
 
-def fitting_tokens(available: float, optimizer_state_bytes: float, fit: MemoryFit) -> int:
-    """Largest token count whose predicted peak fits in HEADROOM of (available - optimizer state), unclamped."""
-    room = (available - optimizer_state_bytes) * HEADROOM - fit.fixed_bytes
+def fitting_tokens(available: float, held_bytes: float, fit: MemoryFit) -> int:
+    """Largest token count whose predicted peak fits in HEADROOM of (available - held), unclamped; `held`: memory
+    that later micro-batches find allocated and the probe did not (gradients, optimizer state)."""
+    room = (available - held_bytes) * HEADROOM - fit.fixed_bytes
     return int(room // fit.bytes_per_token)
 
 
-def budget_tokens(available: float, optimizer_state_bytes: float, fit: MemoryFit, floor: int, cap: int) -> int:
+def budget_tokens(available: float, held_bytes: float, fit: MemoryFit, floor: int, cap: int) -> int:
     """fitting_tokens, kept between one worst-case pair (`floor`) and the whole step (`cap`)."""
-    return max(floor, min(cap, fitting_tokens(available, optimizer_state_bytes, fit)))
+    return max(floor, min(cap, fitting_tokens(available, held_bytes, fit)))
 
 
 def worst_case_tokens(pairs: int, max_length: int, with_rejected: bool) -> int:
@@ -103,14 +105,15 @@ def choose(trainer) -> Choice:
     budget = cfg.train.memory_budget_gib * 2**30 if cfg.train.memory_budget_gib else None
     avail = available_bytes(free, total, torch.cuda.memory_reserved(dev), torch.cuda.memory_allocated(dev),
                             shared, budget)
-    # AdamW's two moments per trainable parameter (fp32), allocated by the first optimizer step
-    opt_state = 2 * sum(p.numel() * 4 for p in trainer.policy.parameters() if p.requires_grad)
-    tokens = budget_tokens(avail, opt_state, fit, floor, cap)
+    # Per trainable parameter, in its dtype: the gradient accumulated over the step's micro-batches (the probe
+    # starts each of its micro-batches without one) and AdamW's two moments, allocated by the first step.
+    held = 3 * sum(p.numel() * p.element_size() for p in trainer.policy.parameters() if p.requires_grad)
+    tokens = budget_tokens(avail, held, fit, floor, cap)
     if acc.num_processes > 1:  # every rank splits the same way
         tokens = int(acc.gather(torch.tensor([tokens], device=dev)).min())
     where = f" (card shared by {shared})" if shared > 1 else ""
     short = ""
-    if fitting_tokens(avail, opt_state, fit) < floor:
+    if fitting_tokens(avail, held, fit) < floor:
         # the floor still runs (a step must hold its longest pair), but the memory goal cannot be kept
         short = "; less than one worst-case pair fits, so the peak may exceed it"
         warnings.warn(f"train.micro_batch_tokens auto: {avail / 2**30:.1f} GiB available holds less than one "
