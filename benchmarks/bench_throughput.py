@@ -174,7 +174,7 @@ def main(argv=None):
                     elif v == "eager":  # defaults but eager decoder layers: what the regional compile adds
                         kw = dict(train_extra={"compile_layers": "off"}, tag="_eager")
                     elif v == "fused":  # defaults but inductor's fused fp32 intermediates (no eager-cast emulation)
-                        kw = dict(tag="_fused", hooks_before=fused_casts)
+                        kw = dict(tag="_fused", emulate_casts=False)
                     elif v == "nooffload":  # defaults but no activation offloading (changes something with gc on)
                         kw = dict(train_extra={"offload_activations": "off"}, tag="_nooffload")
                     elif v == "sized":  # the session-4 default: auto sizing, dense mask, eager layers
@@ -195,23 +195,17 @@ def main(argv=None):
     print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def fused_casts():
-    """The `fused` variant: compile without emulating eager's bf16 casts (train/compile.py), for its cost."""
-    import ecliptica.train.compile as compile_mod
-
-    compile_mod.EMULATE_PRECISION_CASTS = False
-
-
 def run_variant(method: str, common: dict, kw: dict) -> dict:
+    """C.run_ours with a variant's settings; `emulate_casts` (the `fused` variant) sets train/compile.py's
+    EMULATE_PRECISION_CASTS for this run only."""
     import torch._inductor.config as inductor
 
     import ecliptica.train.compile as compile_mod
 
     kw = dict(kw)
-    before = kw.pop("hooks_before", None)
+    emulate = kw.pop("emulate_casts", compile_mod.EMULATE_PRECISION_CASTS)
     saved = compile_mod.EMULATE_PRECISION_CASTS, inductor.emulate_precision_casts
-    if before:
-        before()
+    compile_mod.EMULATE_PRECISION_CASTS = emulate
     try:
         return C.run_ours(method, **common, **kw)
     finally:

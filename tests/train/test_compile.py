@@ -2,7 +2,8 @@
 
 Inductor runs on CPU, so the whole compiled training step is checked here against the eager one: CITA (the
 adapter-disabled reference pass, the token KL) with GRIT (its factor hooks on every LoRA layer) under
-gradient checkpointing, in fp32 so any difference is the compiler's, not bf16 rounding."""
+gradient checkpointing, in fp32 so any difference is the compiler's, not bf16 rounding. In bf16, the compiled
+policy and reference passes must round as the eager ones do (the cast emulation)."""
 import json
 
 import pytest
