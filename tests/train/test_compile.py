@@ -163,10 +163,12 @@ def test_compiled_policy_and_reference_passes_round_as_eager_does(monkeypatch):
     eager_pol, eager_ref = _margins_at_zero_adapter(compiled=False)
     eager_gap = (eager_pol - eager_ref).abs().max()
     pol, ref = _margins_at_zero_adapter(compiled=True)  # compile_decoder_layers turns the emulation on
-    assert (pol - ref).abs().max() <= eager_gap + 1e-6
+    # bit for bit on our CPU; the slack allows another CPU's fp32 reduction order inside the fused norm
+    slack = 1e-5
+    assert (pol - ref).abs().max() <= 2 * eager_gap + slack
     torch.testing.assert_close(pol, eager_pol, rtol=0, atol=1e-4)
 
     monkeypatch.setattr("ecliptica.train.compile.EMULATE_PRECISION_CASTS", False)
     with inductor.patch(emulate_precision_casts=inductor.emulate_precision_casts):  # restored afterwards
         fused_pol, fused_ref = _margins_at_zero_adapter(compiled=True)
-    assert (fused_pol - fused_ref).abs().max() > 10 * (eager_gap + 1e-6)
+    assert (fused_pol - fused_ref).abs().max() > 10 * (eager_gap + slack)  # 0.0074 vs 7.6e-6 eager here
