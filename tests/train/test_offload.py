@@ -32,8 +32,9 @@ def _step(tiny_model_dir, checkpointing: bool, offload: HostOffload | None):
     decoder layer's input (address, shape) as the layer received it."""
     peft_model = tiny_peft(tiny_model_dir)
     if checkpointing:
-        peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        peft_model.get_base_model().enable_input_require_grads()
+        base = peft_model.get_base_model()
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
     peft_model.train()
     policy = PolicyModel(peft_model, chunk_size=8)
     policy.offload = offload
@@ -85,7 +86,8 @@ def test_offload_skips_what_needs_no_gradient_parameters_and_small_tensors():
     for kept in (torch.randn(64, 8),  # needs no gradient (e.g. the frozen reference's states)
                  torch.nn.Parameter(torch.randn(64, 8)),  # a weight
                  torch.randn(8, 8, requires_grad=True) * 1.0,  # 256 B, under min_bytes
-                 torch.arange(512)):  # token ids
+                 torch.arange(512),  # token ids
+                 torch.randn(64, 8).to_sparse().requires_grad_()):  # not a dense tensor
         assert hooks._pack(kept) is kept
     assert hooks.offloaded == 1 and hooks.offloaded_bytes == 64 * 8 * 4
 

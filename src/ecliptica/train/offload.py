@@ -36,7 +36,7 @@ def resolve_offload(setting: str, device: torch.device, gradient_checkpointing: 
 
 
 class HostOffload(torch.autograd.graph.saved_tensors_hooks):
-    """Saved activations (floating point, needing a gradient, at least `min_bytes`) on `source` devices go to
+    """Saved activations (dense, floating point, needing a gradient, at least `min_bytes`) on `source` devices go to
     pinned host memory at the forward and come back at the backward. Parameters and inputs that need no
     gradient (token ids, the frozen reference's states) stay. `source="cpu"` exercises the path without a GPU.
     `offloaded` counts the tensors sent, `offloaded_bytes` their size (for tests and the log)."""
@@ -47,8 +47,9 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(self._pack, self._unpack)
 
     def _wanted(self, t: torch.Tensor) -> bool:
-        return (t.device.type == self.source and t.is_floating_point() and t.requires_grad
-                and not isinstance(t, torch.nn.Parameter) and t.numel() * t.element_size() >= self.min_bytes)
+        return (t.device.type == self.source and t.layout == torch.strided and t.is_floating_point()
+                and t.requires_grad and not isinstance(t, torch.nn.Parameter)
+                and t.numel() * t.element_size() >= self.min_bytes)
 
     def _pack(self, t: torch.Tensor):
         if not self._wanted(t):
