@@ -40,7 +40,8 @@ def main(argv=None):
     ap.add_argument("--shapes", default="llama3-8b,llama3.2-1b")
     ap.add_argument("--gc", default="off,on")
     ap.add_argument("--methods", default="dpo,cita,sft")
-    ap.add_argument("--variants", default="plain", help="extra rows: mb8, plain, sized, dense, flex, eager, memG, tokN, tokNcM, chunkM, 4bit, 4bit-eager, none")
+    ap.add_argument("--variants", default="plain", help="extra rows: mb8, plain, sized, dense, flex, eager, nooffload, fused, memG, tokN, tokNcM, chunkM, "
+                    "4bit, 4bit-eager, 4bit-memG, none (see the module docstring)")
     ap.add_argument("--unsloth-site", help="an install target holding unsloth (and its own trl/transformers pins)")
     ap.add_argument("--unsloth", default="16bit,4bit", help="with --unsloth-site: which Unsloth precisions")
     ap.add_argument("--model-cache", default="/tmp/ecl_bench_models", help="saved random-init models (4bit, unsloth)")
