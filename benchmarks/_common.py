@@ -162,6 +162,19 @@ def summarize(stamps: list[float], cum_tokens: list[float], peak: float, n_flop:
             "mfu": round(6 * n_flop * tok / pf, 4) if pf else None}
 
 
+def held_memory(model, when: str) -> dict:
+    """What stays allocated between steps, for splitting a peak into held state and the step's own working memory:
+    the trainable (adapter) parameters as the run holds them, counted from the model, and the card's allocation
+    `when` ("start": before the first step; "step1": after the first optimizer step, with its moments made)."""
+    out = {f"allocated_{when}_gib": round(torch.cuda.memory_allocated() / 2**30, 3) if CUDA else 0.0}
+    if when == "start":
+        train = [p for p in model.parameters() if p.requires_grad]
+        out["trainable_params"] = sum(p.numel() for p in train)
+        out["trainable_dtypes"] = sorted({str(p.dtype).removeprefix("torch.") for p in train})
+        out["trainable_gib"] = round(sum(p.numel() * p.element_size() for p in train) / 2**30, 3)
+    return out
+
+
 # ---------------------------------------------------------------- ecliptica
 def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: str, vocab: int,
              mb: int = 2, ga: int = 4, optimizer: str = "adamw", grit: dict | None = None,
@@ -217,14 +230,19 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
     if hooks:
         hooks(tr)
     stamps, cum = [], [0.0]
-    inner = {"step": tr.train_step}  # a dict, not a name: cleared below so the bound method frees the Trainer
+    inner = {"step": tr.train_step, "policy": tr.policy}  # a dict, not a name: cleared below so the bound method frees the Trainer
+    held: dict = {}
 
     def timed(step):
+        if not stamps:
+            held.update(held_memory(inner["policy"], "start"))
         r = inner["step"](step)
         if CUDA:
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
         cum.append(cum[-1] + r.tokens)
+        if len(stamps) == 1:
+            held.update(held_memory(inner["policy"], "step1"))
         return r
 
     tr.train_step = timed
@@ -233,7 +251,7 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
     res = summarize(stamps, cum[1:], peak, n_flop)
     res.update({"micro_batch_tokens": tr.micro_batches.tokens, "micro_batch_rule": tr.micro_batches.rule,
                 "packed_attention": tr.packed_attention, "compiled_layers": tr.compiled_layers,
-                "offload_activations": tr.offload_activations})
+                "offload_activations": tr.offload_activations, **held})
     inner.clear()  # the bound method holds the Trainer and its model; a leak here inflated later runs' peaks
     del tr, timed
     free()
@@ -254,12 +272,17 @@ def run_trl(method: str, shape: str, gc_on: bool, steps: int, rows: list[dict], 
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.t = []
+            self.t, self.held = [], {}
 
-        def on_step_end(self, args, state, control, **kw):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            self.held.update(held_memory(model, "start"))
+
+        def on_step_end(self, args, state, control, model=None, **kw):
             if CUDA:
                 torch.cuda.synchronize()
             self.t.append(time.perf_counter())
+            if len(self.t) == 1:
+                self.held.update(held_memory(model, "step1"))
 
     if model_dir:
         model, n_flop = load_4bit(model_dir), shape_flop_params(shape, vocab)
@@ -291,7 +314,7 @@ def run_trl(method: str, shape: str, gc_on: bool, steps: int, rows: list[dict], 
     peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0
     cum = [float(h["num_tokens"]) for h in tr.state.log_history if "num_tokens" in h]
     assert len(cum) == len(timer.t) == steps, (len(cum), len(timer.t), steps)
-    res = summarize(timer.t, cum, peak, n_flop)
+    res = {**summarize(timer.t, cum, peak, n_flop), **timer.held}
     del tr, model, timer
     free()
     return res

@@ -12,7 +12,8 @@ row records what they chose. Extra rows (--variants): mb8 (one micro-batch of 8 
 default: micro_batch_size x grad_accum, dense mask, eager), sized (auto sizing, dense mask, eager), dense / flex /
 eager / nooffload / fused (the defaults with one part switched back), memG (auto sized to G GiB), tokN / tokNcM (fixed budget N [+ chunk M]),
 chunkM, 4bit (ours default vs TRL, both on the saved random-init model in bitsandbytes NF4; needs bitsandbytes),
-4bit-eager (ours in 4-bit with eager layers; no TRL row), 4bit-memG (ours in 4-bit auto sized to G GiB; no TRL row).
+4bit-eager (ours in 4-bit with eager layers; no TRL row), 4bit-memG (ours in 4-bit auto sized to G GiB; no TRL row),
+4bit-chunkM (ours in 4-bit with LM-head chunk M; no TRL row).
 --unsloth-site DIR: Unsloth (FastLanguageModel + TRL DPOTrainer) in its own process and install target
 (benchmarks/unsloth_dpo.py), 16-bit and 4-bit, recorded as `unsloth_dpo` / `unsloth_dpo_4bit` rows.
 Definitions: see benchmarks/_common.py.
@@ -41,7 +42,7 @@ def main(argv=None):
     ap.add_argument("--gc", default="off,on")
     ap.add_argument("--methods", default="dpo,cita,sft")
     ap.add_argument("--variants", default="plain", help="extra rows: mb8, plain, sized, dense, flex, eager, nooffload, fused, memG, tokN, tokNcM, chunkM, "
-                    "4bit, 4bit-eager, 4bit-memG, none (see the module docstring)")
+                    "4bit, 4bit-eager, 4bit-memG, 4bit-chunkM, none (see the module docstring)")
     ap.add_argument("--unsloth-site", help="an install target holding unsloth (and its own trl/transformers pins)")
     ap.add_argument("--unsloth", default="16bit,4bit", help="with --unsloth-site: which Unsloth precisions")
     ap.add_argument("--model-cache", default="/tmp/ecl_bench_models", help="saved random-init models (4bit, unsloth)")
@@ -134,8 +135,7 @@ def main(argv=None):
             for gc_on in gcs:
                 key = (shape, gc_on)
                 common = dict(shape=shape, gc_on=gc_on, steps=a.steps, vocab=a.vocab, data=a.data, tok=a.tok)
-                if v == "4bit" or v.startswith("4bit-mem"):  # 4bit-memG: ours auto sized to G GiB (no TRL row)
-                    budget = {"memory_budget_gib": float(v[8:])} if v != "4bit" else {}
+                if v == "4bit" or v.startswith("4bit-"):  # ours on the saved model in NF4; TRL only for plain 4bit
                     if importlib.util.find_spec("bitsandbytes") is None:
                         print("SKIP 4bit: bitsandbytes is not importable", flush=True)
                         continue
@@ -143,15 +143,10 @@ def main(argv=None):
                     if v == "4bit" and not a.no_trl and ("dpo" in methods or "cita" in methods):
                         attempt(key, "trl_dpo_4bit", lambda trl_common=trl_common, shape=shape: C.run_trl(
                             "dpo", rows=rows, tok_dir=a.tok, model_dir=saved(shape), **trl_common))
+                    kw = four_bit_settings(v)
                     for m in [m for m in methods if m != "sft"]:
-                        attempt(key, f"{m}_{v}", lambda m=m, common=common, shape=shape, budget=budget, v=v: C.run_ours(
-                            m, model_dir=saved(shape), tag="_" + v, train_extra=budget, **common))
-                    continue
-                if v == "4bit-eager":  # ours in 4-bit with eager decoder layers (no TRL row: see 4bit)
-                    for m in [m for m in methods if m != "sft"]:
-                        attempt(key, f"{m}_4bit-eager", lambda m=m, common=common, shape=shape: C.run_ours(
-                            m, model_dir=saved(shape), tag="_4bit_eager", train_extra={"compile_layers": "off"},
-                            **common))
+                        attempt(key, f"{m}_{v}", lambda m=m, common=common, shape=shape, kw=kw, v=v: C.run_ours(
+                            m, model_dir=saved(shape), tag="_" + v.replace("-", "_"), **kw, **common))
                     continue
                 if v == "mb8" and not a.no_trl and ("dpo" in methods or "cita" in methods):
                     attempt(key, "trl_dpo_mb8", lambda common=common: C.run_trl(
@@ -194,6 +189,21 @@ def main(argv=None):
                         a, saved(shape), shape, gc_on, prec == "4bit"))
     print_table(res, card)
     print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def four_bit_settings(v: str) -> dict:
+    """run_ours keywords for a 4-bit row: 4bit (defaults), 4bit-eager, 4bit-memG (auto sized to G GiB),
+    4bit-chunkM (LM-head chunk M)."""
+    opt = v[len("4bit-"):] if v != "4bit" else ""
+    if not opt:
+        return {}
+    if opt == "eager":
+        return {"train_extra": {"compile_layers": "off"}}
+    if opt.startswith("mem"):
+        return {"train_extra": {"memory_budget_gib": float(opt[3:])}}
+    if opt.startswith("chunk"):
+        return {"chunk": int(opt[5:])}
+    raise ValueError(f"unknown 4-bit variant {v!r}")
 
 
 def run_variant(method: str, common: dict, kw: dict) -> dict:

@@ -7,6 +7,8 @@ The engine with its defaults (as `bench_throughput.py` runs it), 8 pairs per ste
 - memory: the CUDA allocator's history over one step, replayed to the step's peak; the allocations live there
   are grouped by the innermost Python frame that made them, so the peak splits into weights/state held before
   the step (`before the step`) and what the step itself allocated.
+  With torch 2.11, recording the allocator's history while compiled layers run under checkpointing fails in
+  autograd ("SystemError: ... apply of FunctionMeta returned NULL", pytorch/pytorch#179536): use --eager there.
 - phases: seconds per step (and, on CUDA, the peak allocation) in forward+loss, backward, clipping, optimizer step
   and the rest, each closed by a synchronize (so the phases do not overlap; their sum is a little above the free-running step), for AdamW and
   GRIT in turn; then torch.profiler's top operators over one step, and dynamo's graph-break counters.
@@ -24,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-OURS = ("ecliptica", "transformers", "peft", "accelerate", "torchinductor", "_inductor", "torch/nn", "torch/utils")
+OURS = ("ecliptica", "transformers", "peft", "accelerate", "bitsandbytes", "torchinductor", "_inductor", "torch/nn", "torch/utils")
 
 
 def _frame_key(frames: list[dict]) -> str:
@@ -164,14 +166,26 @@ def main(argv=None):
     ap.add_argument("--gc", default="off")
     ap.add_argument("--what", default="memory,phases")
     ap.add_argument("--optimizers", default="adamw,grit")
+    ap.add_argument("--4bit", dest="four_bit", action="store_true",
+                    help="memory only: the saved random-init model loaded in NF4 (needs bitsandbytes)")
+    ap.add_argument("--memory-budget-gib", type=float, help="memory only: train.memory_budget_gib")
+    ap.add_argument("--eager", action="store_true", help="memory only: compile_layers off (see the docstring)")
+    ap.add_argument("--model-cache", default="/tmp/ecl_bench_models", help="saved random-init models (--4bit)")
     a = C.parse(ap, argv)
     gc_on = a.gc == "on"
     print("card", C.card(), "versions", C.versions(), flush=True)
     steps = max(a.steps, 8)
     if "memory" in a.what:
         res: dict = {}
-        r = C.run_ours(a.method, a.shape, gc_on, steps, a.data, a.tok, a.vocab, hooks=memory_hook(res, 4))
-        print(f"\n=== memory {a.method} gc {a.gc}: run peak {r['peak_gib']} GiB, {r['micro_batch_rule']}", flush=True)
+        extra = {"memory_budget_gib": a.memory_budget_gib} if a.memory_budget_gib else {}
+        if a.eager:
+            extra["compile_layers"] = "off"
+        kw = {"train_extra": extra}
+        if a.four_bit:
+            kw["model_dir"] = C.save_random_model(a.shape, a.vocab, a.tok, f"{a.model_cache}/{a.shape}_{a.vocab}")
+        r = C.run_ours(a.method, a.shape, gc_on, steps, a.data, a.tok, a.vocab, hooks=memory_hook(res, 4), **kw)
+        print(f"\n=== memory {a.method} gc {a.gc}{' 4-bit' if a.four_bit else ''}{' eager' if a.eager else ''}: run peak "
+              f"{r['peak_gib']} GiB, micro_batch_tokens {r['micro_batch_tokens']} ({r['micro_batch_rule']})", flush=True)
         print("\n".join(res.get("lines", ["(no CUDA)"])), flush=True)
     if "phases" in a.what:
         import torch._dynamo.utils as du

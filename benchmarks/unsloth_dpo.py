@@ -52,11 +52,16 @@ def run(a) -> dict:
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.t = []
+            self.t, self.held = [], {}
 
-        def on_step_end(self, args, state, control, **kw):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            self.held.update(C.held_memory(model, "start"))
+
+        def on_step_end(self, args, state, control, model=None, **kw):
             torch.cuda.synchronize()
             self.t.append(time.perf_counter())
+            if len(self.t) == 1:
+                self.held.update(C.held_memory(model, "step1"))
 
     gc_on = a.gc == "on"
     model, tok = FastLanguageModel.from_pretrained(model_name=a.model_dir, max_seq_length=1024, dtype=torch.bfloat16,
@@ -76,7 +81,7 @@ def run(a) -> dict:
     tr.train()
     peak = torch.cuda.max_memory_allocated() / 2**30
     cum = [float(h["num_tokens"]) for h in tr.state.log_history if "num_tokens" in h]
-    res = C.summarize(timer.t, cum, peak, C.shape_flop_params(a.shape, a.vocab))
+    res = {**C.summarize(timer.t, cum, peak, C.shape_flop_params(a.shape, a.vocab)), **timer.held}
     import trl
     import transformers
 
