@@ -43,6 +43,19 @@ def test_budget_tokens_by_hand_with_floor_and_cap():
     assert sizing.budget_tokens(4 * GiB, GiB, fit, floor=2048, cap=16384) == 2048  # at least one worst-case pair
 
 
+def test_probe_groups_by_hand():
+    # step 0's pairs (index: tokens); micro_batch_size 2, configured worst case 4096 tokens
+    size = {7: 300, 3: 900, 5: 150, 1: 700, 4: 800, 0: 1200, 2: 400, 6: 500}
+    small, large = sizing.probe_groups(size, micro_batch_size=2, limit=4096)
+    assert small == [5]  # the shortest pair
+    # the 2 longest (1200 + 900), then 800 (2900), 700 (3600); 500 would make 4100 > 4096
+    assert large == [0, 3, 4, 1]
+    # a limit the 2 longest already fill: just them (never fewer than micro_batch_size)
+    assert sizing.probe_groups(size, micro_batch_size=2, limit=2000)[1] == [0, 3]
+    # the whole step fits: every pair, the shortest included
+    assert sorted(sizing.probe_groups(size, micro_batch_size=2, limit=10_000)[1]) == sorted(size)
+
+
 def _trainer(device, micro_batch_tokens="auto", memory_budget_gib=None, trainable=1_000_000):
     train = SimpleNamespace(micro_batch_tokens=micro_batch_tokens, micro_batch_size=2, grad_accum=4,
                             memory_budget_gib=memory_budget_gib)

@@ -123,14 +123,31 @@ def choose(trainer) -> Choice:
                           f"{short}")
 
 
+def probe_groups(size: dict[int, int], micro_batch_size: int, limit: int) -> tuple[list[int], list[int]]:
+    """The probe's two micro-batches from step 0's pairs (`size`: pair index -> tokens). Small: the shortest pair.
+    Large: the `micro_batch_size` longest pairs, then the next longest while the total stays within `limit` (the
+    configured worst-case micro-batch, a size the configuration already asks the card to hold). A large probe near
+    the sizes the budget will pick keeps the line's extrapolation short; short pairs let it hold more than
+    micro_batch_size of them."""
+    by_size = sorted(size, key=lambda i: (size[i], i))
+    large = by_size[-micro_batch_size:][::-1]
+    total = sum(size[i] for i in large)
+    for i in reversed(by_size[:-micro_batch_size]):
+        if total + size[i] > limit:
+            break
+        large.append(i)
+        total += size[i]
+    return by_size[:1], large
+
+
 def probe_memory(trainer) -> MemoryFit:
-    """Peak memory above the current allocation of two micro-batches of step 0's pairs: its shortest pair,
-    and its micro_batch_size longest pairs (a size the configuration already asks the card to hold)."""
+    """Peak memory above the current allocation of the two micro-batches of probe_groups."""
     cfg, acc = trainer.cfg, trainer.accelerator
+    rej = trainer.loss_fn.uses_rejected
     idx = [i for k in range(cfg.train.grad_accum) for i in trainer.micro_batch_indices(k)]
-    size = {i: pair_tokens(trainer.data.pairs[i], trainer.loss_fn.uses_rejected) for i in idx}
-    by_size = sorted(idx, key=size.get)
-    small, large = by_size[:1], by_size[-cfg.train.micro_batch_size:]
+    size = {i: pair_tokens(trainer.data.pairs[i], rej) for i in idx}
+    limit = worst_case_tokens(cfg.train.micro_batch_size, cfg.data.max_length, rej)
+    small, large = probe_groups(size, cfg.train.micro_batch_size, limit)
     points = []
     was_training = trainer.policy.training
     trainer.policy.train()  # as in training: checkpointing and dropout act only in train mode
