@@ -230,7 +230,8 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
     if hooks:
         hooks(tr)
     stamps, cum = [], [0.0]
-    inner = {"step": tr.train_step, "policy": tr.policy}  # a dict, not a name: cleared below so the bound method frees the Trainer
+    # a dict, not names: cleared below so the bound method and the policy free the Trainer
+    inner = {"step": tr.train_step, "policy": tr.policy}
     held: dict = {}
 
     def timed(step):

@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-OURS = ("ecliptica", "transformers", "peft", "accelerate", "bitsandbytes", "torchinductor", "_inductor", "torch/nn", "torch/utils")
+OURS = ("ecliptica", "transformers", "peft", "accelerate", "bitsandbytes", "torchinductor", "_inductor", "torch/nn",
+        "torch/utils")
 
 
 def _frame_key(frames: list[dict]) -> str:
@@ -182,10 +183,12 @@ def main(argv=None):
             extra["compile_layers"] = "off"
         kw = {"train_extra": extra}
         if a.four_bit:
-            kw["model_dir"] = C.save_random_model(a.shape, a.vocab, a.tok, f"{a.model_cache}/{a.shape}_{a.vocab}")
+            saved = f"{a.model_cache}/{a.shape}_{a.vocab}"
+            kw["model_dir"] = C.save_random_model(a.shape, a.vocab, a.tok, saved)
         r = C.run_ours(a.method, a.shape, gc_on, steps, a.data, a.tok, a.vocab, hooks=memory_hook(res, 4), **kw)
-        print(f"\n=== memory {a.method} gc {a.gc}{' 4-bit' if a.four_bit else ''}{' eager' if a.eager else ''}: run peak "
-              f"{r['peak_gib']} GiB, micro_batch_tokens {r['micro_batch_tokens']} ({r['micro_batch_rule']})", flush=True)
+        what = f"{a.method} gc {a.gc}{' 4-bit' if a.four_bit else ''}{' eager' if a.eager else ''}"
+        print(f"\n=== memory {what}: run peak {r['peak_gib']} GiB, micro_batch_tokens {r['micro_batch_tokens']} "
+              f"({r['micro_batch_rule']})", flush=True)
         print("\n".join(res.get("lines", ["(no CUDA)"])), flush=True)
     if "phases" in a.what:
         import torch._dynamo.utils as du
