@@ -252,3 +252,54 @@ def test_memory_probe_leaves_no_trace(tmp_path, tiny_model_dir, monkeypatch):
             assert torch.equal(torch.get_rng_state(), rng)
         tr.train()
     assert _losses(tmp_path / "probed" / "run_cita") == _losses(tmp_path / "fresh" / "run_cita")
+
+
+def test_memory_probe_falls_back_to_a_configured_micro_batch_when_the_larger_one_runs_out(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """The probe's large micro-batch may hold more pairs than `micro_batch_size`. If that runs out of memory (simulated
+    here after its backward, with gradients made), the probe warns, measures the `micro_batch_size` longest pairs
+    instead and leaves no gradient behind; if a configured-size group runs out too, the error is not hidden."""
+    import torch
+
+    from ecliptica.train import sizing
+    from ecliptica.train.batching import pair_tokens
+
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 0)
+    peaks = iter([1e6, 3e6])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: next(peaks))
+    tr = Trainer(_cfg(tmp_path, tiny_model_dir, "dpo", micro_batch_tokens=None)).setup()  # 2 pairs x grad-accum 2
+    step0 = [i for k in range(2) for i in tr.micro_batch_indices(k)]
+    size = {i: pair_tokens(tr.data.pairs[i], True) for i in step0}
+    by_size = sorted(size, key=lambda i: (size[i], i))
+    real, groups = tr._micro_step, []
+
+    def micro_step(idx, progress):
+        groups.append(list(idx))
+        loss, info, n = real(idx, progress)
+        if len(idx) > 2:
+            tr.accelerator.backward(loss)
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return loss, info, n
+
+    monkeypatch.setattr(tr, "_micro_step", micro_step)
+    with pytest.warns(UserWarning, match="ran out of memory; probing the 2 longest"):
+        fit = sizing.probe_memory(tr)
+    assert len(groups) == 3 and len(groups[1]) > 2, (size, groups)  # small, the larger probe (failed), the fallback
+    assert sum(size[i] for i in groups[1]) <= 2 * 160 * 2  # within the configured worst case
+    assert groups[0] == by_size[:1] and sorted(groups[2]) == sorted(by_size[-2:])
+    # the line through (the shortest pair, 1e6 bytes) and (the 2 longest, 3e6 bytes)
+    assert fit.bytes_per_token == pytest.approx(2e6 / (size[by_size[-1]] + size[by_size[-2]] - size[by_size[0]]))
+    assert all(p.grad is None for p in tr.policy.parameters())
+
+    def out_of_memory(idx, progress):  # the fallback's 2 pairs do not fit either
+        if len(idx) >= 2:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(idx, progress)
+
+    peaks = iter([1e6])
+    monkeypatch.setattr(tr, "_micro_step", out_of_memory)
+    with pytest.warns(UserWarning, match="ran out of memory"), pytest.raises(torch.cuda.OutOfMemoryError):
+        sizing.probe_memory(tr)
+    assert all(p.grad is None for p in tr.policy.parameters())

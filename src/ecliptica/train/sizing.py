@@ -17,6 +17,7 @@ micro-batch: a larger budget cannot help).
 """
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from contextlib import contextmanager
@@ -141,30 +142,52 @@ def probe_groups(size: dict[int, int], micro_batch_size: int, limit: int) -> tup
 
 
 def probe_memory(trainer) -> MemoryFit:
-    """Peak memory above the current allocation of the two micro-batches of probe_groups."""
-    cfg, acc = trainer.cfg, trainer.accelerator
+    """Peak memory above the current allocation of the two micro-batches of probe_groups. If the large one runs out
+    of memory, the card cannot hold more than a configured micro-batch of these pairs: the probe falls back to the
+    `micro_batch_size` longest (the size it used before it took more), with a warning."""
+    cfg = trainer.cfg
     rej = trainer.loss_fn.uses_rejected
+    mbs = cfg.train.micro_batch_size
     idx = [i for k in range(cfg.train.grad_accum) for i in trainer.micro_batch_indices(k)]
     size = {i: pair_tokens(trainer.data.pairs[i], rej) for i in idx}
-    limit = worst_case_tokens(cfg.train.micro_batch_size, cfg.data.max_length, rej)
-    small, large = probe_groups(size, cfg.train.micro_batch_size, limit)
-    points = []
+    small, large = probe_groups(size, mbs, worst_case_tokens(mbs, cfg.data.max_length, rej))
     was_training = trainer.policy.training
     trainer.policy.train()  # as in training: checkpointing and dropout act only in train mode
     with _rng_restored():
-        for group in (small, large):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            with acc.no_sync(trainer.policy):  # nothing is synchronised or stepped
-                loss, _, _ = trainer._micro_step(group, 0.0)
-                acc.backward(loss)
-            del loss
-            torch.cuda.synchronize()
-            points.append((sum(size[i] for i in group), torch.cuda.max_memory_allocated() - base))
-            trainer.optimizer.zero_grad(set_to_none=True)  # also clears GRIT's factor sums
+        points = [_probe_point(trainer, small, size)]
+        out_of_memory = False
+        try:
+            points.append(_probe_point(trainer, large, size))
+        except torch.cuda.OutOfMemoryError:
+            if len(large) <= mbs:
+                raise
+            out_of_memory = True  # retried below, outside the handler: its traceback holds the failed pass's tensors
+        if out_of_memory:
+            trainer.optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            warnings.warn(f"train.micro_batch_tokens auto: the memory probe of {len(large)} pairs "
+                          f"({sum(size[i] for i in large)} tokens) ran out of memory; probing the {mbs} longest")
+            points.append(_probe_point(trainer, large[:mbs], size))
     trainer.policy.train(was_training)
     return fit_memory(points[0], points[1])
+
+
+def _probe_point(trainer, group: list[int], size: dict[int, int]) -> tuple[int, float]:
+    """(tokens, peak bytes above the allocation before it) of one forward and backward of `group`, nothing stepped."""
+    acc = trainer.accelerator
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    try:
+        with acc.no_sync(trainer.policy):  # nothing is synchronised or stepped
+            loss, _, _ = trainer._micro_step(group, 0.0)
+            acc.backward(loss)
+        del loss
+        torch.cuda.synchronize()
+        return sum(size[i] for i in group), torch.cuda.max_memory_allocated() - base
+    finally:
+        trainer.optimizer.zero_grad(set_to_none=True)  # also clears GRIT's factor sums
 
 
 @contextmanager
