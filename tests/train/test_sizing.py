@@ -56,13 +56,20 @@ def test_probe_groups_by_hand():
     assert sorted(sizing.probe_groups(size, micro_batch_size=2, limit=10_000)[1]) == sorted(size)
 
 
-def _trainer(device, micro_batch_tokens="auto", memory_budget_gib=None, trainable=1_000_000):
+def _pair(prompt, chosen, rejected):
+    return SimpleNamespace(prompt_ids=[0] * prompt, chosen_ids=[0] * chosen, rejected_ids=[0] * rejected)
+
+
+def _trainer(device, micro_batch_tokens="auto", memory_budget_gib=None, trainable=1_000_000, longest=(512, 512, 512)):
+    """`longest`: (prompt, chosen, rejected) tokens of the data's longest pair; the default is a worst-case pair."""
     train = SimpleNamespace(micro_batch_tokens=micro_batch_tokens, micro_batch_size=2, grad_accum=4,
                             memory_budget_gib=memory_budget_gib)
     cfg = SimpleNamespace(train=train, data=SimpleNamespace(max_length=1024))
     acc = SimpleNamespace(device=torch.device(device), num_processes=1)
     policy = torch.nn.Linear(trainable, 1, bias=False)  # `trainable` trainable fp32 parameters
-    return SimpleNamespace(cfg=cfg, accelerator=acc, loss_fn=SimpleNamespace(uses_rejected=True), policy=policy)
+    data = SimpleNamespace(pairs=[_pair(40, 20, 30), _pair(*longest), _pair(100, 50, 50)])
+    return SimpleNamespace(cfg=cfg, accelerator=acc, loss_fn=SimpleNamespace(uses_rejected=True), policy=policy,
+                           data=data)
 
 
 def test_choose_on_cpu_is_the_configured_worst_case():
@@ -71,18 +78,23 @@ def test_choose_on_cpu_is_the_configured_worst_case():
     assert sizing.choose(_trainer("cpu", micro_batch_tokens=3000)).tokens == 3000
 
 
-@pytest.mark.parametrize("shared_by,budget_gib,expected", [
+@pytest.mark.parametrize("shared_by,budget_gib,longest,expected", [
+    # (the longest pair is a worst-case one, 2 x (512 + 512) = 2048 tokens, unless said)
     # 40 GiB free of 80, allocator 20 reserved / 18 allocated: 40 + 2 = 42 GiB; gradients + AdamW's two moments
     # 3 x 4 B x 2^20 fp32 params = 12 MiB; (43008 MiB - 12 MiB) * 0.85 - 1024 MiB = 35522.6 MiB
     # / 2.5 MiB per token = 14209.04 -> 14209 tokens
-    (1, None, 14209),
+    (1, None, (512, 512, 512), 14209),
     # two workers share the card: min(40, 80/2 - 20) + 2 = 22 GiB -> ((22528 - 12) * 0.85 - 1024) / 2.5 = 7245.84
-    (2, None, 7245),
-    # an explicit 24 GiB peak budget: 24 - 18 = 6 GiB -> ((6144 - 12) * 0.85 - 1024) / 2.5 = 1675.04,
+    (2, None, (512, 512, 512), 7245),
+    # an explicit 24 GiB peak budget: 24 - 18 = 6 GiB -> ((6144 - 12) * 0.85 - 1024) / 2.5 = 1675.28,
     # below one worst-case pair (2 x 1024 tokens): the floor
-    (1, 24, 2048),
+    (1, 24, (512, 512, 512), 2048),
+    # the same budget when the data's longest pair is 2 x (500 + 250) = 1500 tokens: 1675 fits and holds every pair
+    (1, 24, (500, 250, 250), 1675),
+    # ... and when it is 2 x (600 + 300) = 1800 tokens: that pair is the floor
+    (1, 24, (600, 300, 300), 1800),
 ])
-def test_choose_on_cuda_by_hand(monkeypatch, shared_by, budget_gib, expected):
+def test_choose_on_cuda_by_hand(monkeypatch, shared_by, budget_gib, longest, expected):
     fit = MemoryFit(fixed_bytes=GiB, bytes_per_token=2.5 * MiB)
     monkeypatch.setattr(sizing, "probe_memory", lambda trainer: fit)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
@@ -92,13 +104,13 @@ def test_choose_on_cuda_by_hand(monkeypatch, shared_by, budget_gib, expected):
     monkeypatch.setenv("ECLIPTICA_DEVICE_SHARED_BY", str(shared_by))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        choice = sizing.choose(_trainer("cuda", memory_budget_gib=budget_gib, trainable=2**20))
+        choice = sizing.choose(_trainer("cuda", memory_budget_gib=budget_gib, trainable=2**20, longest=longest))
     assert choice.tokens == expected
     assert "2.500 MiB/token" in choice.rule
-    # only the budget below one worst-case pair says (in the rule and as a warning) that it cannot be kept
-    below = budget_gib == 24
+    # only a budget below the longest pair says (in the rule and as a warning) that it cannot be kept
+    below = expected in (2048, 1800)
     assert ("peak may exceed" in choice.rule) == below
-    assert any("less than one worst-case pair" in str(w.message) for w in caught) == below
+    assert any(f"less than the longest pair ({expected} tokens)" in str(w.message) for w in caught) == below
 
 
 def test_choose_on_cuda_caps_at_the_whole_step(monkeypatch):

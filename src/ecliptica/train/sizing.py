@@ -12,8 +12,9 @@ its share of pairs, token means taken over the whole step), so the budget is onl
 - Anywhere else (CPU): the configured worst case, `micro_batch_size` pairs of `max_length` tokens (x2 with
   rejected responses). Memory never exceeds what the plain split could need; short pairs share one forward.
 
-Either way the budget is at least one worst-case pair and at most the step's worst case (the whole step in one
-micro-batch: a larger budget cannot help).
+Either way the budget is at least the longest pair (on CUDA the longest in the training data, at most one worst-case
+pair; elsewhere one worst-case pair) and at most the step's worst case (the whole step in one micro-batch: a larger
+budget cannot help).
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def fitting_tokens(available: float, held_bytes: float, fit: MemoryFit) -> int:
 
 
 def budget_tokens(available: float, held_bytes: float, fit: MemoryFit, floor: int, cap: int) -> int:
-    """fitting_tokens, kept between one worst-case pair (`floor`) and the whole step (`cap`)."""
+    """fitting_tokens, kept between the longest pair (`floor`) and the whole step (`cap`)."""
     return max(floor, min(cap, fitting_tokens(available, held_bytes, fit)))
 
 
@@ -98,6 +99,9 @@ def choose(trainer) -> Choice:
     if acc.device.type != "cuda":
         return Choice(configured, f"auto: {acc.device.type}, the configured worst case "
                                   f"({cfg.train.micro_batch_size} pairs x {cfg.data.max_length} tokens)")
+    # The longest pair this run trains on: a micro-batch holds a pair whole, so no budget below it can be kept,
+    # and no pair is longer, so a budget down to it (rather than down to the worst case) still holds every pair.
+    floor = min(floor, max((pair_tokens(p, rej) for p in trainer.data.pairs), default=floor))
     fit = probe_memory(trainer)
     dev = acc.device
     torch.cuda.empty_cache()
@@ -116,9 +120,9 @@ def choose(trainer) -> Choice:
     short = ""
     if fitting_tokens(avail, held, fit) < floor:
         # the floor still runs (a step must hold its longest pair), but the memory goal cannot be kept
-        short = "; less than one worst-case pair fits, so the peak may exceed it"
-        warnings.warn(f"train.micro_batch_tokens auto: {avail / 2**30:.1f} GiB available holds less than one "
-                      f"worst-case pair ({floor} tokens); the peak may exceed the memory budget")
+        short = "; less than the longest pair fits, so the peak may exceed it"
+        warnings.warn(f"train.micro_batch_tokens auto: {avail / 2**30:.1f} GiB available holds less than the "
+                      f"longest pair ({floor} tokens); the peak may exceed the memory budget")
     return Choice(tokens, f"auto: probe {fit.bytes_per_token / 2**20:.3f} MiB/token + {fit.fixed_bytes / 2**30:.2f} "
                           f"GiB, {avail / 2**30:.1f} GiB available{where}, {HEADROOM:.0%} used; range [{floor}, {cap}]"
                           f"{short}")
