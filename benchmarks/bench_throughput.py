@@ -152,33 +152,9 @@ def main(argv=None):
                     attempt(key, "trl_dpo_mb8", lambda common=common: C.run_trl(
                         "dpo", rows=rows, tok_dir=a.tok, mb=8, ga=1,
                         **{k: v for k, v in common.items() if k not in ("data", "tok")}))
-                for m in [m for m in methods if m != "sft" or v.startswith("tok")]:
-                    if v == "mb8":
-                        kw = dict(mb=8, ga=1, tag="_mb8")
-                    elif v.startswith("tok"):  # tok2048: micro_batch_tokens=2048 (8 pairs/step); tok2048c256: + chunk 256
-                        tok, _, chunk = v[3:].partition("c")
-                        kw = dict(tokens=int(tok), chunk=int(chunk) if chunk else None, tag="_" + v)
-                    elif v.startswith("chunk"):
-                        kw = dict(chunk=int(v[5:]), tag="_" + v)
-                    elif v == "plain":  # the old default: micro_batch_size x grad_accum, dense block mask, eager
-                        kw = dict(train_extra={"micro_batch_tokens": None, "packed_attention": "dense",
-                                               "compile_layers": "off"}, tag="_plain")
-                    elif v == "dense":  # defaults but a dense block mask: what the packed-attention kernel adds
-                        kw = dict(train_extra={"packed_attention": "dense"}, tag="_dense")
-                    elif v == "flex":  # defaults but FlexAttention instead of varlen
-                        kw = dict(train_extra={"packed_attention": "flex"}, tag="_flex")
-                    elif v == "eager":  # defaults but eager decoder layers: what the regional compile adds
-                        kw = dict(train_extra={"compile_layers": "off"}, tag="_eager")
-                    elif v == "fused":  # defaults but inductor's fused fp32 intermediates (no eager-cast emulation)
-                        kw = dict(tag="_fused", emulate_casts=False)
-                    elif v == "nooffload":  # defaults but no activation offloading (changes something with gc on)
-                        kw = dict(train_extra={"offload_activations": "off"}, tag="_nooffload")
-                    elif v == "sized":  # the session-4 default: auto sizing, dense mask, eager layers
-                        kw = dict(train_extra={"packed_attention": "dense", "compile_layers": "off"}, tag="_sized")
-                    elif v.startswith("mem"):  # auto sizing to a peak budget, e.g. TRL's peak
-                        kw = dict(train_extra={"memory_budget_gib": float(v[3:])}, tag="_" + v)
-                    else:
-                        raise ValueError(v)
+                ms = [m for m in methods if m != "sft" or v.startswith("tok")]
+                kw = variant_settings(v) if ms else {}
+                for m in ms:
                     attempt(key, f"{m}_{v}", lambda m=m, kw=kw: run_variant(m, common, kw))
     if a.unsloth_site:
         for shape in shapes:
@@ -191,19 +167,48 @@ def main(argv=None):
     print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
 
 
+def variant_settings(v: str) -> dict:
+    """run_ours keywords (with its run-directory tag) for a 16-bit --variants row (see the module docstring)."""
+    if v == "mb8":
+        kw = dict(mb=8, ga=1, tag="_mb8")
+    elif v.startswith("tok"):  # tok2048: micro_batch_tokens=2048 (8 pairs/step); tok2048c256: + chunk 256
+        tok, _, chunk = v[3:].partition("c")
+        kw = dict(tokens=int(tok), chunk=int(chunk) if chunk else None, tag="_" + v)
+    elif v.startswith("chunk"):
+        kw = dict(chunk=int(v[5:]), tag="_" + v)
+    elif v == "plain":  # the old default: micro_batch_size x grad_accum, dense block mask, eager
+        kw = dict(train_extra={"micro_batch_tokens": None, "packed_attention": "dense",
+                               "compile_layers": "off"}, tag="_plain")
+    elif v == "dense":  # defaults but a dense block mask: what the packed-attention kernel adds
+        kw = dict(train_extra={"packed_attention": "dense"}, tag="_dense")
+    elif v == "flex":  # defaults but FlexAttention instead of varlen
+        kw = dict(train_extra={"packed_attention": "flex"}, tag="_flex")
+    elif v == "eager":  # defaults but eager decoder layers: what the regional compile adds
+        kw = dict(train_extra={"compile_layers": "off"}, tag="_eager")
+    elif v == "fused":  # defaults but inductor's fused fp32 intermediates (no eager-cast emulation)
+        kw = dict(tag="_fused", emulate_casts=False)
+    elif v == "nooffload":  # defaults but no activation offloading (changes something with gc on)
+        kw = dict(train_extra={"offload_activations": "off"}, tag="_nooffload")
+    elif v == "sized":  # the session-4 default: auto sizing, dense mask, eager layers
+        kw = dict(train_extra={"packed_attention": "dense", "compile_layers": "off"}, tag="_sized")
+    elif v.startswith("mem"):  # auto sizing to a peak budget, e.g. TRL's peak
+        kw = dict(train_extra={"memory_budget_gib": float(v[3:])}, tag="_" + v)
+    else:
+        raise ValueError(v)
+    return kw
+
+
 def four_bit_settings(v: str) -> dict:
-    """run_ours keywords for a 4-bit row: 4bit (defaults), 4bit-eager, 4bit-memG (auto sized to G GiB),
-    4bit-chunkM (LM-head chunk M)."""
+    """run_ours keywords for a 4-bit row: 4bit (defaults), or 4bit-eager / 4bit-memG / 4bit-chunkM, which set what
+    the 16-bit eager / memG / chunkM rows set (variant_settings)."""
     opt = v[len("4bit-"):] if v != "4bit" else ""
     if not opt:
         return {}
-    if opt == "eager":
-        return {"train_extra": {"compile_layers": "off"}}
-    if opt.startswith("mem"):
-        return {"train_extra": {"memory_budget_gib": float(opt[3:])}}
-    if opt.startswith("chunk"):
-        return {"chunk": int(opt[5:])}
-    raise ValueError(f"unknown 4-bit variant {v!r}")
+    if opt != "eager" and not opt.startswith(("mem", "chunk")):
+        raise ValueError(f"unknown 4-bit variant {v!r}")
+    kw = variant_settings(opt)
+    del kw["tag"]  # the 4-bit row's own tag is set by the caller
+    return kw
 
 
 def run_variant(method: str, common: dict, kw: dict) -> dict:

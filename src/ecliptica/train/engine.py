@@ -30,9 +30,9 @@ from ..losses import ReferenceSettings, SequenceStats, build_loss
 from ..models import apply_lora, describe_parameters, load_model, load_tokenizer
 from . import sizing
 from .attention import resolve_packed_attention
+from .batching import collate, pair_tokens, response_tokens, split_by_tokens
 from .compile import compile_decoder_layers, resolve_compile
 from .offload import resolve_offload
-from .batching import collate, pair_tokens, response_tokens, split_by_tokens
 from .optim import build_optimizer, build_scheduler
 from .policy import PolicyModel
 from .reference import reference_logps

@@ -166,8 +166,7 @@ def probe_memory(trainer) -> MemoryFit:
             if len(large) <= mbs:
                 raise
             out_of_memory = True  # retried below, outside the handler: its traceback holds the failed pass's tensors
-        if out_of_memory:
-            trainer.optimizer.zero_grad(set_to_none=True)
+        if out_of_memory:  # _probe_point already dropped the failed pass's gradients
             gc.collect()
             torch.cuda.empty_cache()
             warnings.warn(f"train.micro_batch_tokens auto: the memory probe of {len(large)} pairs "
