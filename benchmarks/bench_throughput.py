@@ -10,10 +10,12 @@ template; gradient checkpointing on and off. Comparisons: DPO vs TRL DPOTrainer,
 settings (micro_batch_tokens auto, packed_attention auto: varlen on CUDA, compile_layers auto: on on CUDA); each
 row records what they chose. Extra rows (--variants): mb8 (one micro-batch of 8 pairs), plain (the session-3
 default: micro_batch_size x grad_accum, dense mask, eager), sized (auto sizing, dense mask, eager), dense / flex /
-eager / nooffload / fused (the defaults with one part switched back), memG (auto sized to G GiB), tokN / tokNcM (fixed budget N [+ chunk M]),
-chunkM, 4bit (ours default vs TRL, both on the saved random-init model in bitsandbytes NF4; needs bitsandbytes),
-4bit-eager (ours in 4-bit with eager layers; no TRL row), 4bit-memG (ours in 4-bit auto sized to G GiB; no TRL row),
-4bit-chunkM (ours in 4-bit with LM-head chunk M; no TRL row).
+eager / nooffload / fused (the defaults with one part switched back), liger (eager layers with liger-kernel's
+RMSNorm, SwiGLU and RoPE; needs liger-kernel), ligercompiled (the defaults with liger-kernel's kernels), memG (auto
+sized to G GiB), tokN / tokNcM (fixed budget N [+ chunk M]), chunkM, 4bit (ours default vs TRL, both on the saved
+random-init model in bitsandbytes NF4; needs bitsandbytes), 4bit-eager (ours in 4-bit with eager layers; no TRL row),
+4bit-memG (ours in 4-bit auto sized to G GiB; no TRL row), 4bit-chunkM (ours in 4-bit with LM-head chunk M; no TRL
+row).
 --unsloth-site DIR: Unsloth (FastLanguageModel + TRL DPOTrainer) in its own process and install target
 (benchmarks/unsloth_dpo.py), 16-bit and 4-bit, recorded as `unsloth_dpo` / `unsloth_dpo_4bit` rows.
 Definitions: see benchmarks/_common.py.
@@ -22,6 +24,7 @@ Writes benchmarks/results/throughput_{method}_{shape}_gc{0,1}.json (and copies t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -41,8 +44,10 @@ def main(argv=None):
     ap.add_argument("--shapes", default="llama3-8b,llama3.2-1b")
     ap.add_argument("--gc", default="off,on")
     ap.add_argument("--methods", default="dpo,cita,sft")
-    ap.add_argument("--variants", default="plain", help="extra rows: mb8, plain, sized, dense, flex, eager, nooffload, fused, memG, tokN, tokNcM, chunkM, "
-                    "4bit, 4bit-eager, 4bit-memG, 4bit-chunkM, none (see the module docstring)")
+    ap.add_argument("--variants", default="plain",
+                    help="extra rows: mb8, plain, sized, dense, flex, eager, nooffload, fused, liger, ligercompiled, "
+                         "memG, tokN, tokNcM, chunkM, 4bit, 4bit-eager, 4bit-memG, 4bit-chunkM, none "
+                         "(see the module docstring)")
     ap.add_argument("--unsloth-site", help="an install target holding unsloth (and its own trl/transformers pins)")
     ap.add_argument("--unsloth", default="16bit,4bit", help="with --unsloth-site: which Unsloth precisions")
     ap.add_argument("--model-cache", default="/tmp/ecl_bench_models", help="saved random-init models (4bit, unsloth)")
@@ -193,6 +198,10 @@ def variant_settings(v: str) -> dict:
         kw = dict(train_extra={"packed_attention": "dense", "compile_layers": "off"}, tag="_sized")
     elif v.startswith("mem"):  # auto sizing to a peak budget, e.g. TRL's peak
         kw = dict(train_extra={"memory_budget_gib": float(v[3:])}, tag="_" + v)
+    elif v == "liger":  # liger-kernel's RMSNorm, SwiGLU and RoPE instead of the compiled layers' own fusion
+        kw = dict(train_extra={"compile_layers": "off"}, tag="_liger", liger=True)
+    elif v == "ligercompiled":  # liger-kernel's kernels inside the compiled layers
+        kw = dict(tag="_ligercompiled", liger=True)
     else:
         raise ValueError(v)
     return kw
@@ -213,19 +222,43 @@ def four_bit_settings(v: str) -> dict:
 
 def run_variant(method: str, common: dict, kw: dict) -> dict:
     """C.run_ours with a variant's settings; `emulate_casts` (the `fused` variant) sets train/compile.py's
-    EMULATE_PRECISION_CASTS for this run only."""
+    EMULATE_PRECISION_CASTS for this run only; `liger` builds the model with liger-kernel's Llama RMSNorm, SwiGLU
+    MLP and RoPE (this run only)."""
     import torch._inductor.config as inductor
 
     import ecliptica.train.compile as compile_mod
 
     kw = dict(kw)
     emulate = kw.pop("emulate_casts", compile_mod.EMULATE_PRECISION_CASTS)
+    liger = kw.pop("liger", False)
     saved = compile_mod.EMULATE_PRECISION_CASTS, inductor.emulate_precision_casts
     compile_mod.EMULATE_PRECISION_CASTS = emulate
     try:
-        return C.run_ours(method, **common, **kw)
+        with liger_llama(liger):
+            return C.run_ours(method, **common, **kw)
     finally:
         compile_mod.EMULATE_PRECISION_CASTS, inductor.emulate_precision_casts = saved
+
+
+@contextlib.contextmanager
+def liger_llama(on: bool):
+    """liger-kernel's class-level patch of transformers' Llama (RMSNorm, SwiGLU MLP, RoPE; not its loss kernels,
+    since the engine computes its own log-probabilities), undone on exit so later rows build the plain model."""
+    if not on:
+        yield
+        return
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    from transformers.models.llama import modeling_llama as ml
+
+    names = ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")
+    before = {n: getattr(ml, n) for n in names}
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False)
+    try:
+        yield
+    finally:
+        for n, f in before.items():
+            setattr(ml, n, f)
 
 
 def run_unsloth(a, model_dir: str, shape: str, gc_on: bool, four_bit: bool) -> dict:

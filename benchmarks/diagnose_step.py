@@ -168,25 +168,27 @@ def main(argv=None):
     ap.add_argument("--what", default="memory,phases")
     ap.add_argument("--optimizers", default="adamw,grit")
     ap.add_argument("--4bit", dest="four_bit", action="store_true",
-                    help="memory only: the saved random-init model loaded in NF4 (needs bitsandbytes)")
-    ap.add_argument("--memory-budget-gib", type=float, help="memory only: train.memory_budget_gib")
-    ap.add_argument("--eager", action="store_true", help="memory only: compile_layers off (see the docstring)")
+                    help="the saved random-init model loaded in NF4 (needs bitsandbytes)")
+    ap.add_argument("--memory-budget-gib", type=float, help="train.memory_budget_gib")
+    ap.add_argument("--eager", action="store_true",
+                    help="compile_layers off (the memory mode needs it with checkpointing: see the docstring)")
     ap.add_argument("--model-cache", default="/tmp/ecl_bench_models", help="saved random-init models (--4bit)")
     a = C.parse(ap, argv)
     gc_on = a.gc == "on"
     print("card", C.card(), "versions", C.versions(), flush=True)
     steps = max(a.steps, 8)
+    extra = {"memory_budget_gib": a.memory_budget_gib} if a.memory_budget_gib else {}
+    if a.eager:
+        extra["compile_layers"] = "off"
+    kw: dict = {"train_extra": extra}
+    if a.four_bit:
+        saved = f"{a.model_cache}/{a.shape}_{a.vocab}"
+        kw["model_dir"] = C.save_random_model(a.shape, a.vocab, a.tok, saved)
+    what = f"{a.method} gc {a.gc}{' 4-bit' if a.four_bit else ''}{' eager' if a.eager else ''}" + (
+        f" budget {a.memory_budget_gib} GiB" if a.memory_budget_gib else "")
     if "memory" in a.what:
         res: dict = {}
-        extra = {"memory_budget_gib": a.memory_budget_gib} if a.memory_budget_gib else {}
-        if a.eager:
-            extra["compile_layers"] = "off"
-        kw = {"train_extra": extra}
-        if a.four_bit:
-            saved = f"{a.model_cache}/{a.shape}_{a.vocab}"
-            kw["model_dir"] = C.save_random_model(a.shape, a.vocab, a.tok, saved)
         r = C.run_ours(a.method, a.shape, gc_on, steps, a.data, a.tok, a.vocab, hooks=memory_hook(res, 4), **kw)
-        what = f"{a.method} gc {a.gc}{' 4-bit' if a.four_bit else ''}{' eager' if a.eager else ''}"
         print(f"\n=== memory {what}: run peak {r['peak_gib']} GiB, micro_batch_tokens {r['micro_batch_tokens']} "
               f"({r['micro_batch_rule']})", flush=True)
         print("\n".join(res.get("lines", ["(no CUDA)"])), flush=True)
@@ -198,11 +200,11 @@ def main(argv=None):
             res = {}
             n = steps - 4
             r = C.run_ours(a.method, a.shape, gc_on, steps, a.data, a.tok, a.vocab, optimizer=opt,
-                           hooks=phases_hook(res, 2, n - 1, steps - 1))
+                           hooks=phases_hook(res, 2, n - 1, steps - 1), **kw)
             ph = {k: round(v / (n - 1), 4) for k, v in res["phases"].items()}
             ph["rest"] = round(ph["step"] - sum(v for k, v in ph.items() if k != "step"), 4)
-            print(f"\n=== phases {a.method} gc {a.gc} {opt}: s/step (synchronised) {ph}; free-running "
-                  f"{r['s_per_step']} s/step, peak {r['peak_gib']} GiB", flush=True)
+            print(f"\n=== phases {what} {opt}: micro_batch_tokens {r['micro_batch_tokens']}; s/step (synchronised) "
+                  f"{ph}; free-running {r['s_per_step']} s/step, peak {r['peak_gib']} GiB", flush=True)
             print("peak GiB per phase (and allocated at its start):",
                   {k: round(v, 2) for k, v in res.get("peaks", {}).items()}, flush=True)
             print("graph breaks:", dict(du.counters.get("graph_break", {})), "recompiles:",
