@@ -10,12 +10,12 @@ template; gradient checkpointing on and off. Comparisons: DPO vs TRL DPOTrainer,
 settings (micro_batch_tokens auto, packed_attention auto: varlen on CUDA, compile_layers auto: on on CUDA); each
 row records what they chose. Extra rows (--variants): mb8 (one micro-batch of 8 pairs), plain (the session-3
 default: micro_batch_size x grad_accum, dense mask, eager), sized (auto sizing, dense mask, eager), dense / flex /
-eager / nooffload / fused (the defaults with one part switched back), liger (eager layers with liger-kernel's
+eager / nooffload / nofusedlora / fused (the defaults with one part switched back), liger (eager layers with liger-kernel's
 RMSNorm, SwiGLU and RoPE; needs liger-kernel), ligercompiled (the defaults with liger-kernel's kernels), memG (auto
 sized to G GiB), tokN / tokNcM (fixed budget N [+ chunk M]), chunkM, 4bit (ours default vs TRL, both on the saved
 random-init model in bitsandbytes NF4; needs bitsandbytes), 4bit-eager (ours in 4-bit with eager layers; no TRL row),
-4bit-memG (ours in 4-bit auto sized to G GiB; no TRL row), 4bit-chunkM (ours in 4-bit with LM-head chunk M; no TRL
-row).
+4bit-memG (ours in 4-bit auto sized to G GiB; no TRL row), 4bit-tokN (ours in 4-bit with micro_batch_tokens N; no
+TRL row), 4bit-nofusedlora, 4bit-chunkM (ours in 4-bit with LM-head chunk M; no TRL row).
 --unsloth-site DIR: Unsloth (FastLanguageModel + TRL DPOTrainer) in its own process and install target
 (benchmarks/unsloth_dpo.py), 16-bit and 4-bit, recorded as `unsloth_dpo` / `unsloth_dpo_4bit` rows.
 Definitions: see benchmarks/_common.py.
@@ -45,8 +45,9 @@ def main(argv=None):
     ap.add_argument("--gc", default="off,on")
     ap.add_argument("--methods", default="dpo,cita,sft")
     ap.add_argument("--variants", default="plain",
-                    help="extra rows: mb8, plain, sized, dense, flex, eager, nooffload, fused, liger, ligercompiled, "
-                         "memG, tokN, tokNcM, chunkM, 4bit, 4bit-eager, 4bit-memG, 4bit-chunkM, none "
+                    help="extra rows: mb8, plain, sized, dense, flex, eager, nooffload, nofusedlora, fused, liger, "
+                         "ligercompiled, memG, tokN, tokNcM, chunkM, 4bit, 4bit-eager, 4bit-nofusedlora, 4bit-memG, "
+                         "4bit-tokN, 4bit-chunkM, none "
                          "(see the module docstring)")
     ap.add_argument("--unsloth-site", help="an install target holding unsloth (and its own trl/transformers pins)")
     ap.add_argument("--unsloth", default="16bit,4bit", help="with --unsloth-site: which Unsloth precisions")
@@ -192,6 +193,8 @@ def variant_settings(v: str) -> dict:
         kw = dict(train_extra={"compile_layers": "off"}, tag="_eager")
     elif v == "fused":  # defaults but inductor's fused fp32 intermediates (no eager-cast emulation)
         kw = dict(tag="_fused", emulate_casts=False)
+    elif v == "nofusedlora":  # defaults but peft's LoRA forward instead of the fused addmm
+        kw = dict(train_extra={"fused_lora": "off"}, tag="_nofusedlora")
     elif v == "nooffload":  # defaults but no activation offloading (changes something with gc on)
         kw = dict(train_extra={"offload_activations": "off"}, tag="_nooffload")
     elif v == "sized":  # the session-4 default: auto sizing, dense mask, eager layers
@@ -208,12 +211,12 @@ def variant_settings(v: str) -> dict:
 
 
 def four_bit_settings(v: str) -> dict:
-    """run_ours keywords for a 4-bit row: 4bit (defaults), or 4bit-eager / 4bit-memG / 4bit-chunkM, which set what
-    the 16-bit eager / memG / chunkM rows set (variant_settings)."""
+    """run_ours keywords for a 4-bit row: 4bit (defaults), or 4bit-eager / 4bit-nofusedlora / 4bit-memG / 4bit-tokN /
+    4bit-chunkM, which set what the 16-bit rows of those names set (variant_settings)."""
     opt = v[len("4bit-"):] if v != "4bit" else ""
     if not opt:
         return {}
-    if opt != "eager" and not opt.startswith(("mem", "chunk")):
+    if opt not in ("eager", "nofusedlora") and not opt.startswith(("mem", "chunk", "tok")):
         raise ValueError(f"unknown 4-bit variant {v!r}")
     kw = variant_settings(opt)
     del kw["tag"]  # the 4-bit row's own tag is set by the caller

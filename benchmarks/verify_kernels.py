@@ -8,6 +8,7 @@ Paths (each is the real engine on the same random-init model, data, seed and 8 p
   varlen      2 x 4, variable-length FlashAttention (train/attention.py)
   flex        2 x 4, FlexAttention document masking (train/attention.py)
   compile     2 x 4, dense mask, regionally compiled decoder layers (train/compile.py)
+  fusedlora   2 x 4, dense mask, eager, the fused LoRA projection (train/fused_lora.py)
   auto        micro_batch_tokens auto (train/sizing.py), dense mask, eager
   default     no knob set: auto sizing + auto attention (varlen) + compiled layers
   fp32        the reference path in fp32 (same bf16-initialised weights, no autocast): the exact computation.
@@ -33,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-OFF = {"micro_batch_tokens": None, "packed_attention": "dense", "compile_layers": "off", "offload_activations": "off"}
+OFF = {"micro_batch_tokens": None, "packed_attention": "dense", "compile_layers": "off", "offload_activations": "off",
+       "fused_lora": "off"}
 PATHS = {
     "reference": OFF,
     "repeat": OFF,
@@ -41,6 +43,7 @@ PATHS = {
     "flex": {**OFF, "packed_attention": "flex"},
     "compile": {**OFF, "compile_layers": "on"},
     "offload": {**OFF, "offload_activations": "on"},  # needs --gc on
+    "fusedlora": {**OFF, "fused_lora": "on"},
     "auto": {**OFF, "micro_batch_tokens": "auto"},
     "default": {},  # what a config gets with no knob set: auto sizing, auto attention, auto compile
     "fp32": OFF,  # the reference path with the same weights in fp32, no autocast: what bf16 approximates

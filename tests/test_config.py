@@ -55,3 +55,19 @@ def test_format_lists_come_from_the_registered_formats():
         assert load_config(None, [f"data.format={fmt}"]).data.format == fmt
     with pytest.raises(ValueError):
         EvalDataSection(format="hh-rlhf")  # a preference format holds no evaluation prompts
+
+
+def test_a_setting_added_later_leaves_the_fingerprint_alone_at_its_default():
+    """A run or study begun before train.fused_lora existed keeps its hash: the hash of the config without it."""
+    import hashlib
+    import json
+
+    from ecliptica.config import TrainConfig
+
+    cfg = TrainConfig.model_validate({"model": {"name": "x"}})
+    before = cfg.model_dump(mode="json")
+    del before["train"]["fused_lora"]  # the dump as the version before the setting wrote it
+    by_hand = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert cfg.hash() == by_hand
+    # a non-default value is part of the fingerprint
+    assert TrainConfig.model_validate({"model": {"name": "x"}, "train": {"fused_lora": "off"}}).hash() != by_hand

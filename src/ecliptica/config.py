@@ -100,6 +100,8 @@ class TrainSection(Strict):
     packed_attention: Literal["auto", "varlen", "flex", "dense"] = "auto"
     # Regional torch.compile of each decoder layer (train/compile.py): "auto" = on CUDA, off on CPU.
     compile_layers: Literal["auto", "on", "off"] = "auto"
+    # Each LoRA projection's up-projection, scale and sum in one addmm (train/fused_lora.py): "auto" = on CUDA.
+    fused_lora: Literal["auto", "on", "off"] = "auto"
     # With gradient checkpointing, keep the checkpointed layers' saved inputs in pinned host memory until the
     # backward (train/offload.py): "auto" = on with CUDA and checkpointing; "on" needs checkpointing.
     offload_activations: Literal["auto", "on", "off"] = "auto"
@@ -118,7 +120,7 @@ class TrainSection(Strict):
     def _tokens_off(cls, v):  # YAML reads a bare `off` as false
         return None if v is False or v == "off" else v
 
-    @field_validator("compile_layers", "offload_activations", mode="before")
+    @field_validator("compile_layers", "fused_lora", "offload_activations", mode="before")
     @classmethod
     def _yaml_on_off(cls, v):  # YAML reads a bare `on`/`off` as true/false
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
@@ -161,11 +163,27 @@ class TrainConfig(Strict):
         return self
 
     def hash(self) -> str:
-        return config_hash(self.model_dump(mode="json"))
+        return config_hash(without_added_defaults(self.model_dump(mode="json")))
 
 
 def config_hash(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Settings added after runs and studies already existed, with their defaults. At the default they are left out of
+# a config's fingerprint (TrainConfig.hash, a study's run hashes) and out of resume comparisons, so a run or study
+# begun before the setting existed goes on. Only settings that change speed or memory, never what is computed
+# beyond rounding, belong here (fused_lora: benchmarks/verify_kernels.py, docs/benchmarks.md "Speed v7").
+ADDED_SETTINGS = {("train", "fused_lora"): "auto"}
+
+
+def without_added_defaults(d: dict) -> dict:
+    """A TrainConfig dump (model_dump(mode="json")) without the ADDED_SETTINGS that hold their default."""
+    out = dict(d)
+    for (section, key), default in ADDED_SETTINGS.items():
+        if isinstance(out.get(section), dict) and out[section].get(key, default) == default:
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..config import TrainConfig, config_hash
+from ..config import TrainConfig
 from .config import ArmSpec, CalibrationSection, StudyConfig
 from .store import StudyStore
 
@@ -194,7 +194,7 @@ def _train_and_score(tc: TrainConfig, benign, cfg: StudyConfig) -> dict:
             torch.cuda.empty_cache()
     scores = {"val": val, "benign": kl, "steps": summary["steps"], "epochs": summary["epochs"],
               "train_seconds": summary["train_seconds"], "split": summary["data"]["split"],
-              "config_hash": config_hash(tc.model_dump(mode="json"))}
+              "config_hash": tc.hash()}
     Path(tc.run_dir, "calibration.json").write_text(json.dumps(scores, indent=1))
     return scores
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..config import config_hash, load_config
+from ..config import config_hash, load_config, without_added_defaults
 from ..runio import DirLock
 from .calibration import calibrate, chosen_settings, register_points, stored_calibration_rows, write_calibration
 from .config import ArmSpec, StudyConfig
@@ -86,7 +86,7 @@ class StudyRunner:
         if self.cfg.evaluation_sets:
             d["evaluation_sets"] = self.cfg.eval_sets()
         if arm.trained:
-            d["train"] = self.arm_config(arm, seed).model_dump(mode="json")
+            d["train"] = without_added_defaults(self.arm_config(arm, seed).model_dump(mode="json"))
         else:
             d["model"] = self.cfg.train.get("model", {})
         if arm.method == "prompt_only":

@@ -32,6 +32,7 @@ from . import sizing
 from .attention import resolve_packed_attention
 from .batching import collate, pair_tokens, response_tokens, split_by_tokens
 from .compile import compile_decoder_layers, resolve_compile
+from .fused_lora import fuse_lora_layers, resolve_fused_lora
 from .offload import resolve_offload
 from .optim import build_optimizer, build_scheduler
 from .policy import PolicyModel
@@ -180,6 +181,9 @@ class Trainer:
         self.offload_activations = resolve_offload(cfg.train.offload_activations, acc.device,
                                                    cfg.model.gradient_checkpointing)
         self.policy = PolicyModel(model, cfg.train.logp_chunk_size, self.packed_attention, self.offload_activations)
+        # before the compile, so the compiled layers trace the fused forward
+        self.fused_lora_layers = fuse_lora_layers(model, required=cfg.train.fused_lora == "on") if \
+            resolve_fused_lora(cfg.train.fused_lora, acc.device) else 0
         self.compiled_layers = compile_decoder_layers(model) if resolve_compile(cfg.train.compile_layers,
                                                                                  acc.device) else 0
         if not getattr(model, "is_loaded_in_4bit", False):
@@ -197,6 +201,7 @@ class Trainer:
         self.micro_batches = sizing.choose(self)
         acc.print(f"[ecliptica] micro_batch_tokens: {self.micro_batches.tokens} ({self.micro_batches.rule}); "
                   f"packed attention: {self.packed_attention}; compiled decoder layers: {self.compiled_layers}; "
+                  f"fused LoRA layers: {self.fused_lora_layers}; "
                   f"activations offloaded to the host: {'yes' if self.offload_activations else 'no'}")
         return self
 
@@ -476,6 +481,7 @@ class Trainer:
             "parameters": self.param_summary, "num_processes": acc.num_processes,
             "micro_batch_tokens": self.micro_batches.tokens, "micro_batch_rule": self.micro_batches.rule,
             "packed_attention": self.packed_attention, "compiled_layers": self.compiled_layers,
+            "fused_lora_layers": self.fused_lora_layers,
             "offload_activations": self.offload_activations,
             # parallel study workers on one device: its speed here is not a standalone speed
             "device_shared_by": int(os.environ.get("ECLIPTICA_DEVICE_SHARED_BY", "1")),

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import without_added_defaults
+
 # Keys a resume may change: extending a finished or interrupted run (the schedule is recomputed for
 # the new length from the checkpoint's step on), and whether a progress bar is drawn.
 RESUME_MAY_CHANGE = ("train.max_steps", "train.progress")
@@ -59,7 +61,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_differences(old: dict, new: dict, allowed=RESUME_MAY_CHANGE) -> dict[str, tuple]:
-    a, b = flatten(old), flatten(new)
+    # a setting added since `old` was written counts as unchanged while it holds its default (config.ADDED_SETTINGS)
+    a, b = flatten(without_added_defaults(old)), flatten(without_added_defaults(new))
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in allowed and a.get(k) != b.get(k)}
 
 
