@@ -14,17 +14,11 @@ from ecliptica.config import TrainConfig
 from ecliptica.data import TokenizedPair
 from ecliptica.train.compile import resolve_compile
 from ecliptica.train.engine import Trainer
+from train_helpers import cita_grit_config
 
 
 def _cfg(run_dir, model_dir, compile_layers):
-    return TrainConfig.model_validate({
-        "run_dir": str(run_dir), "seed": 3, "model": {"name": str(model_dir), "dtype": "fp32",
-                                                      "gradient_checkpointing": True},
-        "lora": {"r": 4, "alpha": 8}, "method": {"name": "cita", "lambda_kl": 0.05},
-        "data": {"limit": 24, "max_length": 160, "max_prompt_length": 96},
-        "optimizer": {"name": "grit", "lr": 5e-3}, "schedule": {"name": "linear", "warmup_steps": 1},
-        "train": {"max_steps": 3, "micro_batch_size": 2, "grad_accum": 2, "progress": False,
-                  "compile_layers": compile_layers}})
+    return cita_grit_config(run_dir, model_dir, limit=24, lr=5e-3, compile_layers=compile_layers)
 
 
 def test_compiled_layers_train_exactly_like_eager_layers(tmp_path, tiny_model_dir):

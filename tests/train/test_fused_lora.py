@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from ecliptica.config import TrainConfig
 from ecliptica.train.engine import Trainer
 from ecliptica.train.fused_lora import fuse_lora_layers, fused_lora_forward, resolve_fused_lora
+from train_helpers import cita_grit_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -91,7 +92,8 @@ def test_dropout_is_applied_to_the_adapter_input_only():
     model.train()
     torch.manual_seed(5)
     mask_x = torch.nn.functional.dropout(x, 0.5, training=True)  # the same draw the layer made
-    expected = layer.base_layer(x) + 3.0 * (mask_x @ layer.lora_A["default"].weight.T) @ layer.lora_B["default"].weight.T
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    expected = layer.base_layer(x) + 3.0 * (mask_x @ a.T) @ b.T
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -120,21 +122,16 @@ def test_resolve_fused_lora_and_yaml_on_off():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_fused_lora("auto", cuda) and not resolve_fused_lora("auto", cpu)
     assert resolve_fused_lora("on", cpu) and not resolve_fused_lora("off", cuda)
-    assert TrainConfig.model_validate({"model": {"name": "x"}, "train": {"fused_lora": True}}).train.fused_lora == "on"
-    assert TrainConfig.model_validate({"model": {"name": "x"}, "train": {"fused_lora": False}}).train.fused_lora == "off"
+    def read(v):
+        return TrainConfig.model_validate({"model": {"name": "x"}, "train": {"fused_lora": v}}).train.fused_lora
+
+    assert read(True) == "on" and read(False) == "off"  # YAML's bare on / off
     with pytest.raises(ValueError, match="fused_lora"):
         TrainConfig.model_validate({"model": {"name": "x"}, "train": {"fused_lora": "yes"}})
 
 
 def _cfg(run_dir, model_dir, fused, compiled):
-    return TrainConfig.model_validate({
-        "run_dir": str(run_dir), "seed": 3, "model": {"name": str(model_dir), "dtype": "fp32",
-                                                      "gradient_checkpointing": True},
-        "lora": {"r": 4, "alpha": 8}, "method": {"name": "cita", "lambda_kl": 0.05},
-        "data": {"limit": 16, "max_length": 160, "max_prompt_length": 96},
-        "optimizer": {"name": "grit", "lr": 1e-3}, "schedule": {"name": "linear", "warmup_steps": 1},
-        "train": {"max_steps": 3, "micro_batch_size": 2, "grad_accum": 2, "progress": False,
-                  "fused_lora": fused, "compile_layers": compiled}})
+    return cita_grit_config(run_dir, model_dir, limit=16, lr=1e-3, fused_lora=fused, compile_layers=compiled)
 
 
 @pytest.mark.parametrize("compiled", ["off", "on"])

@@ -3,6 +3,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from ecliptica.config import TrainConfig
 from ecliptica.data import TokenizedPair
 
 
@@ -98,3 +99,15 @@ def trl_dpo_loss(model_dir, out_dir, pairs, **dpo_args):
     with torch.no_grad():
         loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
     return float(loss), trainer.model
+
+
+def cita_grit_config(run_dir, model_dir, limit, lr, **train):
+    """A short fp32 CITA + GRIT run under gradient checkpointing: the reference pass, the token KL and GRIT's hooks
+    on every LoRA layer, for tests that compare a speed path with the plain one (`train`: train-section keys)."""
+    return TrainConfig.model_validate({
+        "run_dir": str(run_dir), "seed": 3, "model": {"name": str(model_dir), "dtype": "fp32",
+                                                      "gradient_checkpointing": True},
+        "lora": {"r": 4, "alpha": 8}, "method": {"name": "cita", "lambda_kl": 0.05},
+        "data": {"limit": limit, "max_length": 160, "max_prompt_length": 96},
+        "optimizer": {"name": "grit", "lr": lr}, "schedule": {"name": "linear", "warmup_steps": 1},
+        "train": {"max_steps": 3, "micro_batch_size": 2, "grad_accum": 2, "progress": False, **train}})
