@@ -252,7 +252,7 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
     res = summarize(stamps, cum[1:], peak, n_flop)
     res.update({"micro_batch_tokens": tr.micro_batches.tokens, "micro_batch_rule": tr.micro_batches.rule,
                 "packed_attention": tr.packed_attention, "compiled_layers": tr.compiled_layers,
-                "fused_lora_layers": tr.fused_lora_layers,
+                "fused_lora_layers": tr.fused_lora_layers, "nf4_kernel": tr.nf4_kernel,
                 "offload_activations": tr.offload_activations, **held})
     inner.clear()  # the bound method holds the Trainer and its model; a leak here inflated later runs' peaks
     del tr, timed

@@ -15,7 +15,8 @@ RMSNorm, SwiGLU and RoPE; needs liger-kernel), ligercompiled (the defaults with 
 sized to G GiB), tokN / tokNcM (fixed budget N [+ chunk M]), chunkM, 4bit (ours default vs TRL, both on the saved
 random-init model in bitsandbytes NF4; needs bitsandbytes), 4bit-eager (ours in 4-bit with eager layers; no TRL row),
 4bit-memG (ours in 4-bit auto sized to G GiB; no TRL row), 4bit-tokN (ours in 4-bit with micro_batch_tokens N; no
-TRL row), 4bit-nofusedlora, 4bit-chunkM (ours in 4-bit with LM-head chunk M; no TRL row).
+TRL row), 4bit-nofusedlora, 4bit-nf4bnb (bitsandbytes' NF4 ops instead of train/nf4.py's), 4bit-chunkM (ours in
+4-bit with LM-head chunk M; no TRL row); 4-bit options join with "+" (4bit-nf4bnb+mem6.5).
 --unsloth-site DIR: Unsloth (FastLanguageModel + TRL DPOTrainer) in its own process and install target
 (benchmarks/unsloth_dpo.py), 16-bit and 4-bit, recorded as `unsloth_dpo` / `unsloth_dpo_4bit` rows.
 Definitions: see benchmarks/_common.py.
@@ -46,8 +47,8 @@ def main(argv=None):
     ap.add_argument("--methods", default="dpo,cita,sft")
     ap.add_argument("--variants", default="plain",
                     help="extra rows: mb8, plain, sized, dense, flex, eager, nooffload, nofusedlora, fused, liger, "
-                         "ligercompiled, memG, tokN, tokNcM, chunkM, 4bit, 4bit-eager, 4bit-nofusedlora, 4bit-memG, "
-                         "4bit-tokN, 4bit-chunkM, none "
+                         "ligercompiled, memG, tokN, tokNcM, chunkM, 4bit, 4bit-eager, 4bit-nofusedlora, 4bit-nf4bnb, "
+                         "4bit-memG, 4bit-tokN, 4bit-chunkM (4-bit options join with +), none "
                          "(see the module docstring)")
     ap.add_argument("--unsloth-site", help="an install target holding unsloth (and its own trl/transformers pins)")
     ap.add_argument("--unsloth", default="16bit,4bit", help="with --unsloth-site: which Unsloth precisions")
@@ -152,7 +153,7 @@ def main(argv=None):
                     kw = four_bit_settings(v)
                     for m in [m for m in methods if m != "sft"]:
                         attempt(key, f"{m}_{v}", lambda m=m, common=common, shape=shape, kw=kw, v=v: C.run_ours(
-                            m, model_dir=saved(shape), tag="_" + v.replace("-", "_"), **kw, **common))
+                            m, model_dir=saved(shape), tag="_" + v.replace("-", "_").replace("+", "_"), **kw, **common))
                     continue
                 if v == "mb8" and not a.no_trl and ("dpo" in methods or "cita" in methods):
                     attempt(key, "trl_dpo_mb8", lambda common=common: C.run_trl(
@@ -195,6 +196,8 @@ def variant_settings(v: str) -> dict:
         kw = dict(tag="_fused", emulate_casts=False)
     elif v == "nofusedlora":  # defaults but peft's LoRA forward instead of the fused addmm
         kw = dict(train_extra={"fused_lora": "off"}, tag="_nofusedlora")
+    elif v == "nf4bnb":  # 4-bit only (4bit-nf4bnb): bitsandbytes' own NF4 ops in place of train/nf4.py's
+        kw = dict(train_extra={"nf4_kernel": "bitsandbytes"}, tag="_nf4bnb")
     elif v == "nooffload":  # defaults but no activation offloading (changes something with gc on)
         kw = dict(train_extra={"offload_activations": "off"}, tag="_nooffload")
     elif v == "sized":  # the session-4 default: auto sizing, dense mask, eager layers
@@ -211,12 +214,20 @@ def variant_settings(v: str) -> dict:
 
 
 def four_bit_settings(v: str) -> dict:
-    """run_ours keywords for a 4-bit row: 4bit (defaults), or 4bit-eager / 4bit-nofusedlora / 4bit-memG / 4bit-tokN /
-    4bit-chunkM, which set what the 16-bit rows of those names set (variant_settings)."""
-    opt = v[len("4bit-"):] if v != "4bit" else ""
-    if not opt:
-        return {}
-    if opt not in ("eager", "nofusedlora") and not opt.startswith(("mem", "chunk", "tok")):
+    """run_ours keywords for a 4-bit row: 4bit (defaults), or 4bit-eager / 4bit-nofusedlora / 4bit-nf4bnb /
+    4bit-memG / 4bit-tokN / 4bit-chunkM, which set what the 16-bit rows of those names set (variant_settings);
+    options join with "+" (4bit-nf4bnb+mem6.5)."""
+    opts = v[len("4bit-"):].split("+") if v != "4bit" else []
+    kw: dict = {}
+    for opt in opts:
+        one = _four_bit_option(v, opt)
+        kw["train_extra"] = {**kw.get("train_extra", {}), **one.pop("train_extra", {})}
+        kw.update(one)
+    return kw
+
+
+def _four_bit_option(v: str, opt: str) -> dict:
+    if opt not in ("eager", "nofusedlora", "nf4bnb") and not opt.startswith(("mem", "chunk", "tok")):
         raise ValueError(f"unknown 4-bit variant {v!r}")
     kw = variant_settings(opt)
     del kw["tag"]  # the 4-bit row's own tag is set by the caller

@@ -58,7 +58,8 @@ def test_format_lists_come_from_the_registered_formats():
 
 
 def test_a_setting_added_later_leaves_the_fingerprint_alone_at_its_default():
-    """A run or study begun before train.fused_lora existed keeps its hash: the hash of the config without it."""
+    """A run or study begun before train.fused_lora and train.nf4_kernel existed keeps its hash: the hash of the
+    config without them."""
     import hashlib
     import json
 
@@ -66,8 +67,10 @@ def test_a_setting_added_later_leaves_the_fingerprint_alone_at_its_default():
 
     cfg = TrainConfig.model_validate({"model": {"name": "x"}})
     before = cfg.model_dump(mode="json")
-    del before["train"]["fused_lora"]  # the dump as the version before the setting wrote it
+    del before["train"]["fused_lora"], before["train"]["nf4_kernel"]  # the dump before these settings existed
     by_hand = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert cfg.hash() == by_hand
     # a non-default value is part of the fingerprint
     assert TrainConfig.model_validate({"model": {"name": "x"}, "train": {"fused_lora": "off"}}).hash() != by_hand
+    other = TrainConfig.model_validate({"model": {"name": "x"}, "train": {"nf4_kernel": "bitsandbytes"}})
+    assert other.hash() != by_hand

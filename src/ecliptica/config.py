@@ -102,6 +102,10 @@ class TrainSection(Strict):
     compile_layers: Literal["auto", "on", "off"] = "auto"
     # Each LoRA projection's up-projection, scale and sum in one addmm (train/fused_lora.py): "auto" = on CUDA.
     fused_lora: Literal["auto", "on", "off"] = "auto"
+    # How a 4-bit (NF4) base's linear layers dequantise (train/nf4.py): "torch" = torch ops that the compiled
+    # decoder layer fuses (needs compiled layers), "bitsandbytes" = its own ops; "auto" = torch where the layers
+    # are compiled. The same weights either way (checked against bitsandbytes' dequantisation).
+    nf4_kernel: Literal["auto", "torch", "bitsandbytes"] = "auto"
     # With gradient checkpointing, keep the checkpointed layers' saved inputs in pinned host memory until the
     # backward (train/offload.py): "auto" = on with CUDA and checkpointing; "on" needs checkpointing.
     offload_activations: Literal["auto", "on", "off"] = "auto"
@@ -173,8 +177,9 @@ def config_hash(d: dict) -> str:
 # Settings added after runs and studies already existed, with their defaults. At the default they are left out of
 # a config's fingerprint (TrainConfig.hash, a study's run hashes) and out of resume comparisons, so a run or study
 # begun before the setting existed goes on. Only settings that change speed or memory, never what is computed
-# beyond rounding, belong here (fused_lora: benchmarks/verify_kernels.py, docs/benchmarks.md "Speed v7").
-ADDED_SETTINGS = {("train", "fused_lora"): "auto"}
+# beyond rounding, belong here (fused_lora: benchmarks/verify_kernels.py, docs/benchmarks.md "Speed v7"; nf4_kernel:
+# tests/train/test_nf4.py, "Speed v8").
+ADDED_SETTINGS = {("train", "fused_lora"): "auto", ("train", "nf4_kernel"): "auto"}
 
 
 def without_added_defaults(d: dict) -> dict:

@@ -99,27 +99,30 @@ def test_resume_refuses_another_config_and_names_the_keys(tmp_path, tiny_model_d
     assert _steps(run) == [1, 2, 3]  # nothing was written by the refused resume
 
 
-def _forget_fused_lora(run):
-    """Make the run's checkpoints look written before train.fused_lora existed."""
+def _forget_added_settings(run):
+    """Make the run's checkpoints look written before train.fused_lora and train.nf4_kernel existed."""
     for meta_path in (Path(run) / "checkpoints").glob("step-*/trainer.json"):
         meta = json.loads(meta_path.read_text())
-        del meta["config"]["train"]["fused_lora"]
+        del meta["config"]["train"]["fused_lora"], meta["config"]["train"]["nf4_kernel"]
         meta_path.write_text(json.dumps(meta))
 
 
 def test_a_checkpoint_from_before_an_added_setting_resumes_at_its_default(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     Trainer(_cfg(run, tiny_model_dir, **{"train.max_steps": 3, "train.save_every": 1})).setup().train(stop_after=2)
-    _forget_fused_lora(run)
+    _forget_added_settings(run)
     Trainer(_cfg(run, tiny_model_dir, **{"train.max_steps": 3, "train.save_every": 1})).setup().train(resume=True)
     assert _steps(run) == [1, 2, 3]
     # a value other than the default is a change the checkpoint did not have
     run2 = tmp_path / "run2"
     Trainer(_cfg(run2, tiny_model_dir, **{"train.max_steps": 3, "train.save_every": 1})).setup().train(stop_after=2)
-    _forget_fused_lora(run2)
+    _forget_added_settings(run2)
     with pytest.raises(ResumeMismatchError, match=r"train.fused_lora: None -> 'on'"):
         Trainer(_cfg(run2, tiny_model_dir, **{"train.max_steps": 3, "train.save_every": 1, "train.fused_lora": "on"}),
                 resume=True).setup().train()
+    with pytest.raises(ResumeMismatchError, match=r"train.nf4_kernel: None -> 'bitsandbytes'"):
+        Trainer(_cfg(run2, tiny_model_dir, **{"train.max_steps": 3, "train.save_every": 1,
+                                              "train.nf4_kernel": "bitsandbytes"}), resume=True).setup().train()
 
 
 def test_resume_refuses_other_data_under_the_same_config(tmp_path, tiny_model_dir):

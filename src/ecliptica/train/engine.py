@@ -33,6 +33,7 @@ from .attention import resolve_packed_attention
 from .batching import collate, pair_tokens, response_tokens, split_by_tokens
 from .compile import compile_decoder_layers, resolve_compile
 from .fused_lora import fuse_lora_layers, resolve_fused_lora
+from .nf4 import resolve_nf4_kernel, use_torch_nf4
 from .offload import resolve_offload
 from .optim import build_optimizer, build_scheduler
 from .policy import PolicyModel
@@ -184,8 +185,14 @@ class Trainer:
         # before the compile, so the compiled layers trace the fused forward
         self.fused_lora_layers = fuse_lora_layers(model, required=cfg.train.fused_lora == "on") if \
             resolve_fused_lora(cfg.train.fused_lora, acc.device) else 0
-        self.compiled_layers = compile_decoder_layers(model) if resolve_compile(cfg.train.compile_layers,
-                                                                                 acc.device) else 0
+        compiled = resolve_compile(cfg.train.compile_layers, acc.device)
+        # before the compile too, so the compiled layers trace the torch dequantisation
+        self.nf4_kernel = None
+        if getattr(model, "is_loaded_in_4bit", False):
+            self.nf4_kernel = resolve_nf4_kernel(cfg.train.nf4_kernel, compiled)
+            if self.nf4_kernel == "torch":
+                use_torch_nf4(model)
+        self.compiled_layers = compile_decoder_layers(model) if compiled else 0
         if not getattr(model, "is_loaded_in_4bit", False):
             self.policy.to(acc.device)
         self.ref_cache = None
@@ -202,7 +209,8 @@ class Trainer:
         acc.print(f"[ecliptica] micro_batch_tokens: {self.micro_batches.tokens} ({self.micro_batches.rule}); "
                   f"packed attention: {self.packed_attention}; compiled decoder layers: {self.compiled_layers}; "
                   f"fused LoRA layers: {self.fused_lora_layers}; "
-                  f"activations offloaded to the host: {'yes' if self.offload_activations else 'no'}")
+                  + (f"NF4 dequantisation: {self.nf4_kernel}; " if self.nf4_kernel else "")
+                  + f"activations offloaded to the host: {'yes' if self.offload_activations else 'no'}")
         return self
 
     # ------------------------------------------------------------------ data order
@@ -481,7 +489,7 @@ class Trainer:
             "parameters": self.param_summary, "num_processes": acc.num_processes,
             "micro_batch_tokens": self.micro_batches.tokens, "micro_batch_rule": self.micro_batches.rule,
             "packed_attention": self.packed_attention, "compiled_layers": self.compiled_layers,
-            "fused_lora_layers": self.fused_lora_layers,
+            "fused_lora_layers": self.fused_lora_layers, "nf4_kernel": self.nf4_kernel,
             "offload_activations": self.offload_activations,
             # parallel study workers on one device: its speed here is not a standalone speed
             "device_shared_by": int(os.environ.get("ECLIPTICA_DEVICE_SHARED_BY", "1")),

@@ -1,0 +1,164 @@
+"""train/nf4.py: the NF4 dequantisation in torch ops gives bitsandbytes' weights, and inside a compiled layer it
+keeps no 16-bit weight for the backward.
+
+References: a hand computation of the format (the QLoRA NF4 table, high nibble first, double-quantised absmax), and
+bitsandbytes' own quantize_4bit / dequantize_4bit and Linear4bit on the CPU.
+"""
+from __future__ import annotations
+
+import bitsandbytes as bnb  # a test dependency (pyproject [test]): its CPU ops are the reference
+import bitsandbytes.functional as F
+import pytest
+import torch
+
+from ecliptica.config import TrainConfig
+from ecliptica.train.nf4 import dequantize_nf4, nf4_forward, resolve_nf4_kernel, use_torch_nf4
+
+# The NF4 table as printed in the QLoRA paper's appendix (Dettmers et al. 2023), to 4 decimals.
+NF4_PAPER = [-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
+             0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0]
+
+
+def quantized_linear(out_features: int, in_features: int, seed: int = 0):
+    """A bitsandbytes NF4 Linear (double-quantised absmax, bf16 compute) quantised on the CPU."""
+    torch.manual_seed(seed)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
+                              quant_type="nf4", compress_statistics=True)
+    w = (torch.randn(out_features, in_features) * 0.05).to(torch.bfloat16)
+    layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
+    layer.weight = layer.weight._quantize("cpu")
+    return layer
+
+
+def args_of(layer):
+    st = layer.weight.quant_state
+    return (layer.weight.data, st.absmax, st.state2.code, st.state2.absmax, torch.as_tensor(st.offset),
+            st.code.float(), layer.out_features, layer.in_features, st.blocksize, st.state2.blocksize, torch.bfloat16)
+
+
+def test_the_format_by_hand():
+    """One 64-value block: byte k holds weights 2k (high nibble) and 2k+1 (low nibble); the absmax is
+    code8[q] * scale + offset; each weight is NF4[nibble] * absmax, rounded once to bf16."""
+    code = torch.tensor(NF4_PAPER, dtype=torch.float32)
+    nibbles = [(3 * k + 5) % 16 for k in range(64)]
+    packed = torch.tensor([(nibbles[2 * k] << 4) | nibbles[2 * k + 1] for k in range(32)], dtype=torch.uint8)
+    absmax_code = torch.linspace(-1, 1, 256)
+    q, scale, offset = 200, 0.75, 0.125
+    absmax = float(absmax_code[q]) * scale + offset
+    expected = torch.tensor([NF4_PAPER[n] * absmax for n in nibbles], dtype=torch.float64).to(torch.bfloat16)
+    got = dequantize_nf4(packed.view(-1, 1), torch.tensor([q], dtype=torch.uint8), absmax_code, torch.tensor([scale]),
+                         torch.tensor(offset), code, 2, 32, 64, 256, torch.bfloat16)
+    assert got.shape == (2, 32)
+    assert torch.equal(got.flatten(), expected)
+
+
+@pytest.mark.parametrize("shape", [(96, 128), (48, 80), (320, 192), (1024, 320)])
+def test_dequantisation_equals_bitsandbytes(shape):
+    """Every value equal to bitsandbytes' dequantize_4bit, including a last absmax block shorter than 256."""
+    layer = quantized_linear(*shape)
+    st = layer.weight.quant_state
+    assert st.nested and st.quant_type == "nf4" and st.blocksize == 64
+    ref = F.dequantize_4bit(layer.weight.data, st)
+    got = dequantize_nf4(*args_of(layer))
+    assert got.dtype == ref.dtype == torch.bfloat16 and got.shape == ref.shape == shape
+    assert torch.equal(got, ref)
+    # bitsandbytes' table is the paper's NF4 (the format is what it says)
+    assert torch.allclose(st.code.float(), torch.tensor(NF4_PAPER), atol=5e-5)
+
+
+def test_layer_forward_and_input_gradient_equal_bitsandbytes():
+    layer = quantized_linear(192, 128, seed=1)
+    x = torch.randn(2, 7, 128, dtype=torch.bfloat16, requires_grad=True)
+    ref = layer(x)
+    (g_ref,) = torch.autograd.grad(ref.float().square().sum(), x)
+    use_torch_nf4(layer)
+    assert layer.forward.__func__ is nf4_forward
+    x2 = x.detach().clone().requires_grad_(True)
+    got = layer(x2)
+    (g_got,) = torch.autograd.grad(got.float().square().sum(), x2)
+    assert got.dtype == ref.dtype
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    torch.testing.assert_close(g_got, g_ref, rtol=1.6e-2, atol=1e-5)  # bf16 rounding of the two backward orders
+    # the state dict a checkpoint would write is unchanged: the buffers are not persistent
+    assert not any(k.startswith("nf4_") for k in layer.state_dict())
+
+
+class Block(torch.nn.Module):
+    """Two NF4 projections with a LoRA-like bf16 side path, like a decoder MLP."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.up, self.down = quantized_linear(512, 256, seed), quantized_linear(256, 512, seed + 1)
+        self.a = torch.nn.Linear(256, 8, bias=False, dtype=torch.bfloat16)
+        self.b = torch.nn.Linear(8, 512, bias=False, dtype=torch.bfloat16)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.up(x) + self.b(self.a(x))))
+
+
+def run_saving(blk, x):
+    """One forward and backward of `blk`; returns the input gradient and what autograd saved for the backward."""
+    saved = []
+    xi = x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = blk(xi)
+    y.float().square().sum().backward()
+    return xi.grad, saved
+
+
+def weights_16bit(saved):
+    return [tuple(t.shape) for t in saved if t.dtype == torch.bfloat16 and t.dim() == 2 and t.numel() >= 256 * 512]
+
+
+def test_compiled_layer_keeps_no_16bit_weight_for_the_backward(monkeypatch):
+    """What the compiled graph saves for the backward, seen by saved-tensor hooks: the packed weights and small
+    tensors only, never a [out x in] 16-bit weight (bitsandbytes keeps only the packed weight as well). Eagerly the
+    same torch ops would keep it, which is why `auto` takes them only in compiled layers. Two blocks share one graph,
+    and the gradients equal the eager bitsandbytes path's within bf16 rounding."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from ecliptica.train import compile as C
+
+    monkeypatch.setattr(torch._functorch.config, "activation_memory_budget", C.ACTIVATION_MEMORY_BUDGET)
+    torch._dynamo.reset()
+    blocks = [Block(seed) for seed in (0, 2)]
+    x = torch.randn(96, 256, dtype=torch.bfloat16)
+    eager = []
+    for blk in blocks:
+        grad, saved = run_saving(blk, x)
+        assert weights_16bit(saved) == []  # bitsandbytes' own path
+        eager.append(grad)
+    for blk in blocks:
+        assert use_torch_nf4(blk) == 2
+    _, saved = run_saving(blocks[0], x)
+    assert sorted(weights_16bit(saved)) == [(256, 512), (512, 256)]  # eager torch ops: the control
+    for blk in blocks:
+        blk.compile(dynamic=True)
+    dynamo_utils.counters.clear()
+    for blk, g_ref in zip(blocks, eager):
+        grad, saved = run_saving(blk, x)
+        assert weights_16bit(saved) == []
+        assert any(t.dtype == torch.uint8 and t.numel() == 256 * 512 // 2 for t in saved)  # the packed weight
+        rel = float((grad.float() - g_ref.float()).norm() / g_ref.float().norm())
+        assert rel < 1e-2  # elementwise, fused kernels and eager round bf16 differently
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_resolve_and_config():
+    assert resolve_nf4_kernel("auto", compiled_layers=True) == "torch"
+    assert resolve_nf4_kernel("auto", compiled_layers=False) == "bitsandbytes"
+    assert resolve_nf4_kernel("bitsandbytes", compiled_layers=True) == "bitsandbytes"
+    with pytest.raises(ValueError, match="train.nf4_kernel: torch needs compiled decoder layers"):
+        resolve_nf4_kernel("torch", compiled_layers=False)
+    assert TrainConfig.model_validate({"model": {"name": "x"}}).train.nf4_kernel == "auto"
+    with pytest.raises(ValueError, match="nf4_kernel"):
+        TrainConfig.model_validate({"model": {"name": "x"}, "train": {"nf4_kernel": "triton"}})
+
+
+def test_a_layer_the_torch_path_cannot_take_is_named():
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="fp4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 128).to(torch.bfloat16), requires_grad=False, quant_type="fp4")
+    layer.weight = layer.weight._quantize("cpu")
+    model = torch.nn.Sequential(layer)
+    with pytest.raises(ValueError, match=r"layer 0 has quant_type fp4 .*set train.nf4_kernel: bitsandbytes"):
+        use_torch_nf4(model)
