@@ -254,6 +254,32 @@ def test_memory_probe_leaves_no_trace(tmp_path, tiny_model_dir, monkeypatch):
     assert _losses(tmp_path / "probed" / "run_cita") == _losses(tmp_path / "fresh" / "run_cita")
 
 
+def test_memory_probe_runs_with_the_gradients_allocated(tmp_path, tiny_model_dir, monkeypatch):
+    """A step's micro-batches after its first find the gradients allocated. The probe measures its micro-batches the
+    same way, so the sizing counts the gradients once, in the allocation it starts from, and not again in the peak."""
+    import torch
+
+    from ecliptica.train import sizing
+
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 0)
+    peaks = iter([1e6, 3e6])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: next(peaks))
+    tr = Trainer(_cfg(tmp_path, tiny_model_dir, "dpo", micro_batch_tokens=None)).setup()
+    real, seen = tr._micro_step, []
+
+    def micro_step(idx, progress):
+        trainable = [p for p in tr.policy.parameters() if p.requires_grad]
+        seen.append(all(p.grad is not None and not p.grad.any() for p in trainable))
+        return real(idx, progress)
+
+    monkeypatch.setattr(tr, "_micro_step", micro_step)
+    sizing.probe_memory(tr)
+    assert seen == [True, True]
+    assert all(p.grad is None for p in tr.policy.parameters())  # and nothing is left behind
+
+
 def test_memory_probe_falls_back_to_a_configured_micro_batch_when_the_larger_one_runs_out(
         tmp_path, tiny_model_dir, monkeypatch):
     """The probe's large micro-batch may hold more pairs than `micro_batch_size`. If that runs out of memory (simulated

@@ -69,7 +69,7 @@ def _trainer(device, micro_batch_tokens="auto", memory_budget_gib=None, trainabl
     policy = torch.nn.Linear(trainable, 1, bias=False)  # `trainable` trainable fp32 parameters
     data = SimpleNamespace(pairs=[_pair(40, 20, 30), _pair(*longest), _pair(100, 50, 50)])
     return SimpleNamespace(cfg=cfg, accelerator=acc, loss_fn=SimpleNamespace(uses_rejected=True), policy=policy,
-                           data=data)
+                           data=data, optimizer=torch.optim.SGD(policy.parameters(), lr=0.1))
 
 
 def test_choose_on_cpu_is_the_configured_worst_case():
@@ -80,17 +80,17 @@ def test_choose_on_cpu_is_the_configured_worst_case():
 
 @pytest.mark.parametrize("shared_by,budget_gib,longest,expected", [
     # (the longest pair is a worst-case one, 2 x (512 + 512) = 2048 tokens, unless said)
-    # 40 GiB free of 80, allocator 20 reserved / 18 allocated: 40 + 2 = 42 GiB; gradients + AdamW's two moments
-    # 3 x 4 B x 2^20 fp32 params = 12 MiB; (43008 MiB - 12 MiB) * 0.85 - 1024 MiB = 35522.6 MiB
-    # / 2.5 MiB per token = 14209.04 -> 14209 tokens
-    (1, None, (512, 512, 512), 14209),
-    # two workers share the card: min(40, 80/2 - 20) + 2 = 22 GiB -> ((22528 - 12) * 0.85 - 1024) / 2.5 = 7245.84
-    (2, None, (512, 512, 512), 7245),
-    # an explicit 24 GiB peak budget: 24 - 18 = 6 GiB -> ((6144 - 12) * 0.85 - 1024) / 2.5 = 1675.28,
+    # 40 GiB free of 80, allocator 20 reserved / 18 allocated (the gradients included): 40 + 2 = 42 GiB; AdamW's two
+    # moments 2 x 4 B x 2^20 fp32 params = 8 MiB; (43008 MiB - 8 MiB) * 0.85 - 1024 MiB = 35526 MiB
+    # / 2.5 MiB per token = 14210.4 -> 14210 tokens
+    (1, None, (512, 512, 512), 14210),
+    # two workers share the card: min(40, 80/2 - 20) + 2 = 22 GiB -> ((22528 - 8) * 0.85 - 1024) / 2.5 = 7247.2
+    (2, None, (512, 512, 512), 7247),
+    # an explicit 24 GiB peak budget: 24 - 18 = 6 GiB -> ((6144 - 8) * 0.85 - 1024) / 2.5 = 1676.64,
     # below one worst-case pair (2 x 1024 tokens): the floor
     (1, 24, (512, 512, 512), 2048),
-    # the same budget when the data's longest pair is 2 x (500 + 250) = 1500 tokens: 1675 fits and holds every pair
-    (1, 24, (500, 250, 250), 1675),
+    # the same budget when the data's longest pair is 2 x (500 + 250) = 1500 tokens: 1676 fits and holds every pair
+    (1, 24, (500, 250, 250), 1676),
     # ... and when it is 2 x (600 + 300) = 1800 tokens: that pair is the floor
     (1, 24, (600, 300, 300), 1800),
 ])

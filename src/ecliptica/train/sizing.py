@@ -7,8 +7,11 @@ its share of pairs, token means taken over the whole step), so the budget is onl
   stepped, random state restored), fits `peak = fixed + bytes_per_token x tokens`, and takes the largest
   budget whose predicted peak fits in `HEADROOM` of the memory this process may use: its share of the card
   (`ECLIPTICA_DEVICE_SHARED_BY` study workers split it), or `train.memory_budget_gib`, less what stays
-  allocated under later micro-batches but not under the probe's: the accumulated gradients (held from a step's
-  second micro-batch on) and the optimizer state (from the first step on).
+  allocated under later micro-batches but not under the probe's: the optimizer state (from the first step on).
+  The probe runs with the gradients already allocated, as every micro-batch after a step's first does, so its
+  peak is the micro-batch's own working memory (before, gradients made during the probe's backward were counted
+  in its peak and again as held: the 4-bit 8B DPO peak came 0.16 GiB under the prediction, docs/benchmarks.md
+  "Speed v8").
 - Anywhere else (CPU): the configured worst case, `micro_batch_size` pairs of `max_length` tokens (x2 with
   rejected responses). Memory never exceeds what the plain split could need; short pairs share one forward.
 
@@ -104,15 +107,17 @@ def choose(trainer) -> Choice:
     floor = min(floor, max((pair_tokens(p, rej) for p in trainer.data.pairs), default=floor))
     fit = probe_memory(trainer)
     dev = acc.device
+    _allocate_gradients(trainer)  # counted as allocated now, as under the probe and every later micro-batch
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(dev)
     shared = int(os.environ.get("ECLIPTICA_DEVICE_SHARED_BY", "1"))
     budget = cfg.train.memory_budget_gib * 2**30 if cfg.train.memory_budget_gib else None
     avail = available_bytes(free, total, torch.cuda.memory_reserved(dev), torch.cuda.memory_allocated(dev),
                             shared, budget)
-    # Per trainable parameter, in its dtype: the gradient accumulated over the step's micro-batches (the probe
-    # starts each of its micro-batches without one) and AdamW's two moments, allocated by the first step.
-    held = 3 * sum(p.numel() * p.element_size() for p in trainer.policy.parameters() if p.requires_grad)
+    # Per trainable parameter, in its dtype: AdamW's two moments, allocated by the first step (the gradients were
+    # allocated under the probe, so they are in the allocation `avail` starts from).
+    held = 2 * sum(p.numel() * p.element_size() for p in trainer.policy.parameters() if p.requires_grad)
+    trainer.optimizer.zero_grad(set_to_none=True)
     tokens = budget_tokens(avail, held, fit, floor, cap)
     if acc.num_processes > 1:  # every rank splits the same way
         tokens = int(acc.gather(torch.tensor([tokens], device=dev)).min())
@@ -176,9 +181,18 @@ def probe_memory(trainer) -> MemoryFit:
     return fit_memory(points[0], points[1])
 
 
+def _allocate_gradients(trainer) -> None:
+    """Zero gradients for the trainable parameters that have none, so they count as allocated before a micro-batch."""
+    for p in trainer.policy.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 def _probe_point(trainer, group: list[int], size: dict[int, int]) -> tuple[int, float]:
-    """(tokens, peak bytes above the allocation before it) of one forward and backward of `group`, nothing stepped."""
+    """(tokens, peak bytes above the allocation before it) of one forward and backward of `group`, nothing stepped.
+    The gradients are allocated before it, as under a step's later micro-batches."""
     acc = trainer.accelerator
+    _allocate_gradients(trainer)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
