@@ -46,6 +46,20 @@ def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+# Rows per block of _rowwise_dot: a [rows x vocabulary] fp32 product at a time (64 x 128,256 x 4 B = 31 MiB).
+DOT_ROWS = 64
+
+
+def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_v a[n, v] * b[n, v] for each row, in the inputs' fp32, a block of DOT_ROWS rows at a time. A bmm here
+    would be cast to bf16 by autocast (two bf16 copies of the [chunk x vocabulary] operands, the size of one more
+    fp32 buffer, at the chunk's peak) and would sum bf16-rounded terms."""
+    out = torch.empty(a.shape[0], device=a.device, dtype=torch.float32)
+    for s in range(0, a.shape[0], DOT_ROWS):
+        torch.sum(a[s:s + DOT_ROWS] * b[s:s + DOT_ROWS], dim=-1, out=out[s:s + DOT_ROWS])
+    return out
+
+
 class _FrozenHeadChunk(torch.autograd.Function):
     """Per-token log p(target), and with reference hidden states also the reference's log p(target) and
     KL(policy || ref), for one chunk through a frozen LM head. Saves only the [chunk, H] inputs; the
@@ -60,7 +74,7 @@ class _FrozenHeadChunk(torch.autograd.Function):
             diff = _log_softmax_(F.linear(ref_h, weight).float())
             ref_logp = diff.gather(-1, targets[:, None]).squeeze(-1)
             diff.neg_().add_(logprobs)  # log p - log q, in the reference's buffer
-            kl = torch.bmm(logprobs.exp_().unsqueeze(1), diff.unsqueeze(2)).view(-1)  # sum_v p (log p - log q)
+            kl = _rowwise_dot(logprobs.exp_(), diff)  # sum_v p (log p - log q)
         ctx.save_for_backward(h, weight, targets, ref_h)
         dev = h.device.type  # the backward recomputes under the forward's autocast state, so both match
         ctx.autocast = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
@@ -82,7 +96,7 @@ class _FrozenHeadChunk(torch.autograd.Function):
         if ref_h is not None and g_kl is not None:
             diff = _log_softmax_(F.linear(ref_h, weight).float()).neg_().add_(logprobs)
             p = logprobs.exp_()
-            kl = torch.bmm(p.unsqueeze(1), diff.unsqueeze(2)).view(-1, 1)
+            kl = _rowwise_dot(p, diff).view(-1, 1)
             grad = diff.sub_(kl).mul_(g_kl.float()[:, None]).sub_(g_logp.float()[:, None]).mul_(p)
             del logprobs, p
         else:
