@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ecliptica.config import TrainConfig
-from ecliptica.train.nf4 import dequantize_nf4, nf4_forward, resolve_nf4_kernel, use_torch_nf4
+from ecliptica.train.nf4 import BUFFERS, dequantize_nf4, keep_out_of_ddp, nf4_forward, resolve_nf4_kernel, use_torch_nf4
 
 # The NF4 table as printed in the QLoRA paper's appendix (Dettmers et al. 2023), to 4 decimals.
 NF4_PAPER = [-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
@@ -155,10 +155,32 @@ def test_resolve_and_config():
         TrainConfig.model_validate({"model": {"name": "x"}, "train": {"nf4_kernel": "triton"}})
 
 
-def test_a_layer_the_torch_path_cannot_take_is_named():
+def test_a_layer_the_torch_path_cannot_take_keeps_bitsandbytes_or_is_named():
     layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="fp4")
     layer.weight = bnb.nn.Params4bit(torch.randn(64, 128).to(torch.bfloat16), requires_grad=False, quant_type="fp4")
     layer.weight = layer.weight._quantize("cpu")
-    model = torch.nn.Sequential(layer)
+    model = torch.nn.Sequential(layer, quantized_linear(32, 64))
     with pytest.raises(ValueError, match=r"layer 0 has quant_type fp4 .*set train.nf4_kernel: bitsandbytes"):
-        use_torch_nf4(model)
+        use_torch_nf4(model, required=True)
+    assert use_torch_nf4(model) == 1  # auto: the NF4 layer takes the torch path, the FP4 one keeps bitsandbytes'
+    assert model[1].forward.__func__ is nf4_forward and model[0].forward.__func__ is bnb.nn.Linear4bit.forward
+
+
+def test_ddp_leaves_the_nf4_buffers_alone(tmp_path):
+    """DDP broadcasts module buffers from rank 0 at every forward unless told not to; the NF4 buffers are each
+    process's frozen weights. A one-process gloo group on the CPU shows DDP keeps them out of its buffer list."""
+    import torch.distributed as dist
+
+    wrapper = torch.nn.Sequential(Block(0))
+    use_torch_nf4(wrapper)
+    names = keep_out_of_ddp(wrapper)
+    assert len(names) == 2 * len(BUFFERS) and all(n.startswith("0.up.nf4_") or n.startswith("0.down.nf4_")
+                                                   for n in names)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(wrapper)
+        kept = {id(b) for b in ddp.modules_buffers}
+        assert not any(id(b) in kept for n, b in wrapper.named_buffers() if n in names)
+        assert set(names) <= ddp.parameters_to_ignore
+    finally:
+        dist.destroy_process_group()

@@ -100,10 +100,13 @@ def test_resume_refuses_another_config_and_names_the_keys(tmp_path, tiny_model_d
 
 
 def _forget_added_settings(run):
-    """Make the run's checkpoints look written before train.fused_lora and train.nf4_kernel existed."""
+    """Make the run's checkpoints look written before train.fused_lora and train.nf4_kernel existed, when
+    train.logp_chunk_size's default was 1024."""
     for meta_path in (Path(run) / "checkpoints").glob("step-*/trainer.json"):
         meta = json.loads(meta_path.read_text())
         del meta["config"]["train"]["fused_lora"], meta["config"]["train"]["nf4_kernel"]
+        assert meta["config"]["train"]["logp_chunk_size"] == 256
+        meta["config"]["train"]["logp_chunk_size"] = 1024
         meta_path.write_text(json.dumps(meta))
 
 

@@ -33,7 +33,7 @@ from .attention import resolve_packed_attention
 from .batching import collate, pair_tokens, response_tokens, split_by_tokens
 from .compile import compile_decoder_layers, resolve_compile
 from .fused_lora import fuse_lora_layers, resolve_fused_lora
-from .nf4 import resolve_nf4_kernel, use_torch_nf4
+from .nf4 import keep_out_of_ddp, resolve_nf4_kernel, use_torch_nf4
 from .offload import resolve_offload
 from .optim import build_optimizer, build_scheduler
 from .policy import PolicyModel
@@ -191,7 +191,8 @@ class Trainer:
         if getattr(model, "is_loaded_in_4bit", False):
             self.nf4_kernel = resolve_nf4_kernel(cfg.train.nf4_kernel, compiled)
             if self.nf4_kernel == "torch":
-                use_torch_nf4(model)
+                use_torch_nf4(model, required=cfg.train.nf4_kernel == "torch")
+                keep_out_of_ddp(self.policy)
         self.compiled_layers = compile_decoder_layers(model) if compiled else 0
         if not getattr(model, "is_loaded_in_4bit", False):
             self.policy.to(acc.device)

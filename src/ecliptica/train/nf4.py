@@ -85,8 +85,9 @@ def unsupported_reason(layer) -> str | None:
     return None
 
 
-def use_torch_nf4(model) -> int:
-    """Give every bitsandbytes 4-bit Linear of `model` the torch-ops forward; returns how many. The quantisation
+def use_torch_nf4(model, required: bool = False) -> int:
+    """Give every bitsandbytes 4-bit Linear of `model` the torch-ops forward; returns how many. A layer the path
+    cannot take keeps bitsandbytes' forward, or raises when `required` (train.nf4_kernel: torch). The quantisation
     state's tensors become non-persistent buffers of the layer (the same storage, not copies), so the compiled
     graph takes them as inputs and one graph serves every layer; checkpoints are unchanged."""
     try:
@@ -99,7 +100,10 @@ def use_torch_nf4(model) -> int:
             continue
         reason = unsupported_reason(module)
         if reason is not None:
-            raise ValueError(f"train.nf4_kernel: layer {name} has {reason}; set train.nf4_kernel: bitsandbytes")
+            if not required:
+                continue
+            raise ValueError(f"train.nf4_kernel: torch, but layer {name} has {reason}; "
+                             f"set train.nf4_kernel: bitsandbytes (or auto)")
         state = module.weight.quant_state
         tensors = (module.weight.data, state.absmax, state.state2.code, state.state2.absmax,
                    torch.as_tensor(state.offset, dtype=torch.float32, device=state.absmax.device),
@@ -110,3 +114,13 @@ def use_torch_nf4(model) -> int:
         module.forward = types.MethodType(nf4_forward, module)
         count += 1
     return count
+
+
+def keep_out_of_ddp(wrapper: torch.nn.Module) -> list[str]:
+    """Tell DistributedDataParallel (before it wraps `wrapper`) to leave the NF4 buffers alone. DDP broadcasts every
+    buffer from rank 0 at each forward by default; these are each process's own copy of the frozen 4-bit weights
+    (several GiB at 8B), identical on every rank. Returns the names."""
+    names = [n for n, _ in wrapper.named_buffers() if n.rsplit(".", 1)[-1] in BUFFERS]
+    if names:
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, names)
+    return names
