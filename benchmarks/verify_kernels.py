@@ -80,7 +80,7 @@ def check_dequantisation(model_dir: str) -> dict:
 
     from ecliptica.config import InferenceModelSection
     from ecliptica.models import load_model
-    from ecliptica.train.nf4 import dequantize_nf4, unsupported_reason
+    from ecliptica.train.nf4 import dequantize_args, dequantize_nf4, unsupported_reason
 
     model = load_model(InferenceModelSection(name=model_dir, load_in_4bit=True))
     compiled = torch.compile(dequantize_nf4, dynamic=True)
@@ -89,11 +89,8 @@ def check_dequantisation(model_dir: str) -> dict:
         if not isinstance(m, Linear4bit):
             continue
         assert unsupported_reason(m) is None, (name, unsupported_reason(m))
-        st = m.weight.quant_state
-        ref = BF.dequantize_4bit(m.weight.data, st).to(m.compute_dtype)
-        args = (m.weight.data, st.absmax, st.state2.code, st.state2.absmax,
-                torch.as_tensor(st.offset, dtype=torch.float32, device=st.absmax.device), st.code.float(),
-                m.out_features, m.in_features, st.blocksize, st.state2.blocksize, m.compute_dtype)
+        ref = BF.dequantize_4bit(m.weight.data, m.weight.quant_state).to(m.compute_dtype)
+        args = dequantize_args(m)
         for key, fn in (("differ_eager", dequantize_nf4), ("differ_compiled", compiled)):
             got = fn(*args)
             out[key] += int((got != ref).sum())

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from ecliptica.config import TrainConfig
-from ecliptica.train.nf4 import BUFFERS, dequantize_nf4, keep_out_of_ddp, nf4_forward, resolve_nf4_kernel, use_torch_nf4
+from ecliptica.train.nf4 import (BUFFERS, dequantize_args, dequantize_nf4, keep_out_of_ddp, nf4_forward,
+                                 resolve_nf4_kernel, use_torch_nf4)
 
 # The NF4 table as printed in the QLoRA paper's appendix (Dettmers et al. 2023), to 4 decimals.
 NF4_PAPER = [-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
@@ -28,12 +29,6 @@ def quantized_linear(out_features: int, in_features: int, seed: int = 0):
     layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
     layer.weight = layer.weight._quantize("cpu")
     return layer
-
-
-def args_of(layer):
-    st = layer.weight.quant_state
-    return (layer.weight.data, st.absmax, st.state2.code, st.state2.absmax, torch.as_tensor(st.offset),
-            st.code.float(), layer.out_features, layer.in_features, st.blocksize, st.state2.blocksize, torch.bfloat16)
 
 
 def test_the_format_by_hand():
@@ -59,7 +54,7 @@ def test_dequantisation_equals_bitsandbytes(shape):
     st = layer.weight.quant_state
     assert st.nested and st.quant_type == "nf4" and st.blocksize == 64
     ref = F.dequantize_4bit(layer.weight.data, st)
-    got = dequantize_nf4(*args_of(layer))
+    got = dequantize_nf4(*dequantize_args(layer))
     assert got.dtype == ref.dtype == torch.bfloat16 and got.shape == ref.shape == shape
     assert torch.equal(got, ref)
     # bitsandbytes' table is the paper's NF4 (the format is what it says)

@@ -187,14 +187,15 @@ class Trainer:
             resolve_fused_lora(cfg.train.fused_lora, acc.device) else 0
         compiled = resolve_compile(cfg.train.compile_layers, acc.device)
         # before the compile too, so the compiled layers trace the torch dequantisation
+        four_bit = getattr(model, "is_loaded_in_4bit", False)  # bitsandbytes places a 4-bit base itself
         self.nf4_kernel = None
-        if getattr(model, "is_loaded_in_4bit", False):
+        if four_bit:
             self.nf4_kernel = resolve_nf4_kernel(cfg.train.nf4_kernel, compiled)
             if self.nf4_kernel == "torch":
                 use_torch_nf4(model, required=cfg.train.nf4_kernel == "torch")
                 keep_out_of_ddp(self.policy)
         self.compiled_layers = compile_decoder_layers(model) if compiled else 0
-        if not getattr(model, "is_loaded_in_4bit", False):
+        if not four_bit:
             self.policy.to(acc.device)
         self.ref_cache = None
         precompute = isinstance(cfg.method, ReferenceSettings) and cfg.method.precompute_reference

@@ -10,8 +10,8 @@ dequantisation is one generated kernel per weight, issued by inductor's wrapper 
 Same arithmetic as bitsandbytes' kernels (kDequantizeBlockwise): the absmax of each 64-value block is
 `code8[q] * absmax2[its block of 256] + offset` in fp32; each weight is `NF4[nibble] * absmax` in fp32, rounded once
 to the compute dtype; a byte holds two weights, the high nibble first. tests/train/test_nf4.py checks this against
-bitsandbytes' own dequantize_4bit; benchmarks/verify_kernels.py (path `4bit-bnb` against the default) compares
-losses and gradients on the GPU.
+bitsandbytes' own dequantize_4bit; benchmarks/verify_kernels.py --4bit (paths nf4bnb and nf4torch) compares every
+weight, and the losses and gradients, on the GPU.
 
 Memory: bitsandbytes keeps only the packed weight for the backward and dequantises again there. Here the
 dequantisation runs inside a checkpointed region (`torch.utils.checkpoint`), which the compiler's partitioner must
@@ -52,6 +52,17 @@ def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor, absmax_code: to
     nibbles = torch.stack(((byte >> 4) & 0xF, byte & 0xF), dim=-1).reshape(-1)[:n].long()
     values = code[nibbles].view(-1, blocksize) * absmax.view(-1, 1)
     return values.to(dtype).view(out_features, in_features)
+
+
+def dequantize_args(layer) -> tuple:
+    """dequantize_nf4's arguments for bitsandbytes Linear4bit `layer`, read from its quantisation state (the first
+    six are tensors, in BUFFERS order)."""
+    state = layer.weight.quant_state
+    device = state.absmax.device
+    return (layer.weight.data, state.absmax, state.state2.code, state.state2.absmax,
+            torch.as_tensor(state.offset, dtype=torch.float32, device=device),
+            state.code.to(device=device, dtype=torch.float32), layer.out_features, layer.in_features,
+            int(state.blocksize), int(state.state2.blocksize), layer.compute_dtype)
 
 
 def nf4_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,13 +115,10 @@ def use_torch_nf4(model, required: bool = False) -> int:
                 continue
             raise ValueError(f"train.nf4_kernel: torch, but layer {name} has {reason}; "
                              f"set train.nf4_kernel: bitsandbytes (or auto)")
-        state = module.weight.quant_state
-        tensors = (module.weight.data, state.absmax, state.state2.code, state.state2.absmax,
-                   torch.as_tensor(state.offset, dtype=torch.float32, device=state.absmax.device),
-                   state.code.to(device=state.absmax.device, dtype=torch.float32))
-        for buffer, tensor in zip(BUFFERS, tensors):
+        args = dequantize_args(module)
+        for buffer, tensor in zip(BUFFERS, args):
             module.register_buffer(buffer, tensor, persistent=False)
-        module.nf4_blocksize, module.nf4_blocksize2 = int(state.blocksize), int(state.state2.blocksize)
+        module.nf4_blocksize, module.nf4_blocksize2 = args[8], args[9]
         module.forward = types.MethodType(nf4_forward, module)
         count += 1
     return count
