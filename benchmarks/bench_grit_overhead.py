@@ -4,7 +4,9 @@
   (CPU smoke test: --shape tiny --vocab 49152 --steps 4)
 
 Llama-3-8B shape (random init), LoRA r16/alpha16 on the 7 projections, bf16, 2 pairs x grad-accum 4, DPO,
-optimizer.name=adamw vs grit with GritConfig defaults (src/ecliptica/grit/config.py). Timing/memory as in
+optimizer.name=adamw vs grit with GritConfig defaults (src/ecliptica/grit/config.py). GRIT's own metrics after the
+last step (valid share, damping, preconditioned/raw gradient ratio) and its summary block are recorded with its
+timings, so a run where GRIT did nothing cannot pass for a cheap one. Timing/memory as in
 benchmarks/_common.py (first 2 steps skipped). Targets: step-time ratio <= 1.10, peak-memory ratio <= 1.02.
 Writes benchmarks/results/grit_overhead.json (and $OUT/grit_overhead.json when OUT is set).
 """
@@ -19,6 +21,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+
+
+def record_grit(seen: dict):
+    """Keep GRIT's own evidence that it acted: its metrics after the last step and its summary block."""
+    def hooks(trainer):
+        step = trainer.train_step
+
+        def recording(i):
+            r = step(i)
+            seen["grit_metrics"] = {k: v for k, v in r.metrics.items() if k.startswith("grit/") and "/" not in k[5:]}
+            return r
+
+        trainer.train_step = recording
+        seen["grit_summary"] = None
+        finish = trainer._finish
+
+        def finishing(last):
+            out = finish(last)
+            seen["grit_summary"] = out.get("grit")
+            return out
+
+        trainer._finish = finishing
+    return hooks
 
 
 def main(argv=None):
@@ -38,8 +63,11 @@ def main(argv=None):
             if time.perf_counter() - t0 > a.budget_s:
                 print("SKIP", g, opt, "time budget", flush=True)
                 continue
+            grit_seen: dict = {}
             try:
-                r = C.run_ours(a.method, a.shape, gc_on, a.steps, a.data, a.tok, a.vocab, optimizer=opt)
+                r = C.run_ours(a.method, a.shape, gc_on, a.steps, a.data, a.tok, a.vocab, optimizer=opt,
+                               hooks=record_grit(grit_seen) if opt == "grit" else None)
+                r.update(grit_seen)
             except Exception as e:
                 traceback.print_exc()
                 r = {"error": repr(e)[:300]}
@@ -51,7 +79,7 @@ def main(argv=None):
         ad, gr = runs.get((g, "adamw"), {}), runs.get((g, "grit"), {})
         out = {"gradient_checkpointing": g == "on",
                "adamw": {k: ad.get(k) for k in ("s_per_step", "peak_gib", "tok_per_s")},
-               "grit": {k: gr.get(k) for k in ("s_per_step", "peak_gib", "tok_per_s")}}
+               "grit": {k: gr.get(k) for k in ("s_per_step", "peak_gib", "tok_per_s", "grit_metrics", "grit_summary")}}
         if ad.get("s_per_step") and gr.get("s_per_step"):
             out["step_time_ratio"] = round(gr["s_per_step"] / ad["s_per_step"], 3)
             out["peak_memory_ratio"] = round(gr["peak_gib"] / ad["peak_gib"], 3) if ad["peak_gib"] else None
@@ -77,6 +105,9 @@ def main(argv=None):
         print(f"gc={g:3} adamw {b['adamw']['s_per_step']} s/step {b['adamw']['peak_gib']} GiB | grit "
               f"{b['grit']['s_per_step']} s/step {b['grit']['peak_gib']} GiB | ratios time "
               f"{b.get('step_time_ratio')} mem {b.get('peak_memory_ratio')}")
+        gm = b["grit"].get("grit_metrics") or {}
+        print(f"       GRIT acted: valid_share {gm.get('grit/valid_share')} damping {gm.get('grit/damping')} "
+              f"precond_grad_ratio {gm.get('grit/precond_grad_ratio')} summary {b['grit'].get('grit_summary')}")
     print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
 
 

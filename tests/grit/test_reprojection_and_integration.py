@@ -189,4 +189,5 @@ def test_tiny_peft_llama_end_to_end():
     assert opt.banks[0].count.sum() == 0  # sums consumed
     opt.remove_hooks()
     model(input_ids=ids).logits.sum().backward()
+    opt.collector.harvest()
     assert opt.banks[0].count.sum() == 0  # hooks gone

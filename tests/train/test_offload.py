@@ -101,8 +101,8 @@ def test_resolve_offload():
     assert resolve_offload("on", cuda, True) is True
     with pytest.raises(ValueError, match="offload_activations=on needs model.gradient_checkpointing"):
         resolve_offload("on", cuda, False)
-    with pytest.warns(UserWarning, match="nothing is offloaded"):
-        assert resolve_offload("on", cpu, True) is False
+    with pytest.raises(ValueError, match="nothing can be offloaded"):  # asked for, cannot take effect: an error
+        resolve_offload("on", cpu, True)
 
 
 def test_offload_setting_reads_yaml_on_off():

@@ -40,6 +40,15 @@ class GritConfig(Strict):
     # mean-reduced loss's 1/N on v, giving a per-token Fisher (use with inner="sgd").
     g_factor_scale: Literal["none", "tokens"] = "none"
 
+    # --- the guard: GRIT never trains as plain AdamW without saying so ---
+    # After `guard_steps` optimizer steps, and every `guard_every` steps after that (checked at factor updates,
+    # one host sync each), at least this share of the (layer, side) factors must be valid, else the run stops
+    # with an error naming the layers. Step 1's Sigma_g is zero while B is still at its zero init, so the check
+    # starts at step 2. 0 turns the guard off.
+    min_valid_share: float = Field(0.9, ge=0.0, le=1.0)
+    guard_steps: int = Field(2, ge=1)
+    guard_every: int = Field(50, ge=1)
+
     # --- Fisher-guided reprojection / rank adaptation ---
     reproject_steps: int = Field(50, ge=0)  # 0 disables reprojection
     reproject_warmup: int = Field(100, ge=0)

@@ -44,22 +44,6 @@ class FactorBank:
         self.ranks = torch.full((n,), r, dtype=torch.long, device=device)
         self.proj_a, self.proj_g = eye.clone(), eye.clone()
 
-    # -- collection (called from autograd hooks) --------------------------------
-    @torch.no_grad()
-    def accumulate(self, idx: int, u: torch.Tensor, v: torch.Tensor,
-                   mask: Optional[torch.Tensor]) -> None:
-        u2 = u.reshape(-1, self.r).float()
-        v2 = v.reshape(-1, self.r).float()
-        if mask is not None and mask.numel() == u2.shape[0] and tuple(mask.shape) == tuple(u.shape[:-1]):
-            # Multiply instead of boolean-indexing: no host sync, same sums.
-            m = mask.reshape(-1, 1).to(device=u2.device, dtype=torch.float32)
-            u2, v2 = u2 * m, v2 * m
-            self.count[idx] += m.sum()
-        else:
-            self.count[idx] += u2.shape[0]
-        self.a_sum[idx].addmm_(u2.T, u2)
-        self.g_sum[idx].addmm_(v2.T, v2)
-
     def reset_sums(self) -> None:
         self.a_sum.zero_()
         self.g_sum.zero_()
@@ -108,13 +92,44 @@ class FactorBank:
             getattr(self, k).copy_(state[k])
 
 
-class FactorCollector:
-    """Hooks that feed u and v of every LoRA layer into its ``FactorBank``.
+class FactorTap(torch.autograd.Function):
+    """The identity on u = A x whose backward also yields, as the gradients of three per-layer sum tensors, the
+    masked sums uᵀu, vᵀv (v = dL/du) and the token count.
 
-    A forward hook on ``lora_A`` registers a tensor hook on its output u; the tensor
-    hook sees u and dL/du together and fires once per backward pass, also under
-    gradient checkpointing (reentrant: only the recomputed forward has grad; non-
-    reentrant: the original u gets the gradient, the recomputed one never does).
+    The sums travel as gradients, so autograd accumulates them over the micro-batches of a step like any
+    gradient, and a compiled graph computes them inside its own backward: there is no Python side effect for
+    torch.compile to drop or reorder (tensor hooks inside compiled layers crashed Inductor in torch 2.11:
+    tests/grit/test_collection_paths.py). Under gradient checkpointing the backward runs once per micro-batch,
+    as for any other node.
+    """
+
+    @staticmethod
+    def forward(ctx, u, mask, sum_a, sum_g, count):
+        ctx.save_for_backward(u, mask)
+        return u.view_as(u)
+
+    @staticmethod
+    def backward(ctx, v):
+        u, mask = ctx.saved_tensors
+        r = u.shape[-1]
+        u2, v2 = u.reshape(-1, r).float(), v.reshape(-1, r).float()
+        if mask is None:
+            n = torch.full((), u2.shape[0], dtype=torch.float32, device=u2.device)
+        else:
+            # multiply instead of boolean-indexing: no host sync, same sums
+            m = mask.reshape(-1, 1).to(torch.float32)
+            u2, v2, n = u2 * m, v2 * m, m.sum()
+        return v, None, u2.T @ u2, v2.T @ v2, n
+
+
+class FactorCollector:
+    """Feeds u and v of every LoRA layer into its ``FactorBank`` through a ``FactorTap`` on ``lora_A``'s output.
+
+    The tap is applied by a forward hook on ``lora_A`` that returns the tapped output, so every forward that
+    calls ``lora_A`` (peft's LoRA Linear, the fused projection in train/fused_lora.py, eager or compiled) taps
+    u. Each layer owns three leaf tensors (``grit_sums`` on its ``lora_A``) whose gradients are its pending
+    sums; ``harvest`` stacks them into the banks before a factor update. They are plain tensors, not
+    parameters or buffers, so no optimizer, DDP or FSDP wrapper touches them.
     """
 
     def __init__(self, layers: List[LoraLayerRef]):
@@ -133,24 +148,47 @@ class FactorCollector:
         self.slots = [slot_of[i] for i in range(len(layers))]
         self.enabled = True
         self.token_mask: Optional[torch.Tensor] = None
-        self._handles = [
-            layer.lora_A.register_forward_hook(functools.partial(self._on_forward, i))
-            for i, layer in enumerate(layers)
-        ]
+        self.sums: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._handles = []
+        for layer in layers:
+            r, device = layer.rank, layer.lora_A.weight.device
+            sums = tuple(torch.zeros(shape, device=device, requires_grad=True) for shape in ((r, r), (r, r), ()))
+            layer.lora_A.grit_sums = sums
+            self.sums.append(sums)
+            # one bound method for every layer: the compiled decoder layers share one graph, and a per-layer
+            # hook object would be a per-layer guard
+            self._handles.append(layer.lora_A.register_forward_hook(self._tap))
 
-    def _on_forward(self, i: int, module, inputs, output) -> None:
+    def _tap(self, module, inputs, output):
         if not (self.enabled and torch.is_grad_enabled() and output.requires_grad):
-            return
-        bank, j = self.slots[i]
-        # Keep a detached alias (no autograd cycle) and the mask current at forward time.
-        u, mask = output.detach(), self.token_mask
+            return None
+        mask = self.token_mask
+        if mask is not None and tuple(mask.shape) != tuple(output.shape[:-1]):
+            mask = None  # a layer that does not see the batch's token layout counts every row
+        sum_a, sum_g, count = module.grit_sums
+        return FactorTap.apply(output, mask, sum_a, sum_g, count)
 
-        def on_grad(grad: torch.Tensor) -> None:
-            bank.accumulate(j, u, grad, mask)
+    @torch.no_grad()
+    def harvest(self) -> None:
+        """Move the pending sums (the leaves' gradients) into the banks and clear them."""
+        for bank in self.banks.values():
+            members = [i for i, (b, _) in enumerate(self.slots) if b is bank]
+            for k, target in enumerate((bank.a_sum, bank.g_sum, bank.count)):
+                grads = [self.sums[i][k].grad for i in members]
+                if all(g is None for g in grads):
+                    continue
+                target.add_(torch.stack([g if g is not None else torch.zeros_like(self.sums[i][k])
+                                         for g, i in zip(grads, members)]))
+        self.clear()
 
-        output.register_hook(on_grad)
+    def clear(self) -> None:
+        for sums in self.sums:
+            for t in sums:
+                t.grad = None
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for layer in self.layers:
+            layer.lora_A.__dict__.pop("grit_sums", None)

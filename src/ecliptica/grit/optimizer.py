@@ -44,6 +44,10 @@ def _build_inner(params: Iterable, cfg: GritConfig) -> Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+class GritInactiveError(RuntimeError):
+    """Too few valid curvature factors after warm-up: GRIT would be training as its inner optimizer."""
+
+
 class GritOptimizer(Optimizer):
     def __init__(self, model: nn.Module, config: Optional[GritConfig] = None,
                  adapter_name: str = "default", params: Optional[Iterable] = None):
@@ -65,6 +69,10 @@ class GritOptimizer(Optimizer):
         self._has_factors = False
         self._counters = {"factor_updates": 0, "inversions": 0, "reprojections": 0}
         self._last: Dict[str, Any] = {}  # device tensors, synced only in metrics()
+        # over preconditioned steps, on the device: sum of ||P g|| / ||g|| and of its log (for the summary)
+        dev = self.banks[0].device
+        self._ratio_stats = torch.zeros(3, device=dev)  # [sum ratio, sum log ratio, steps]
+        self._last_guard: Optional[int] = None
         self._host_ranks: Optional[List[int]] = None  # effective_ranks()' host copy
 
     # -- delegation to the inner optimizer ------------------------------------
@@ -102,6 +110,7 @@ class GritOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
         # Factor sums follow the gradients: whatever the grads forget, so do they.
+        self.collector.clear()
         for bank in self.banks:
             bank.reset_sums()
 
@@ -121,9 +130,54 @@ class GritOptimizer(Optimizer):
         reg = self.regularization_loss()
         return {"loss/grit_reg": reg} if reg.requires_grad else {}
 
+    def valid_share(self) -> float:
+        """Share of the (layer, side) curvature factors that are valid now (one host sync)."""
+        valid = sum((b.valid_a.sum() + b.valid_g.sum()).to(self.banks[0].device) for b in self.banks)
+        return float(valid) / (2 * len(self.layers))
+
+    def _missing_factors(self) -> tuple[int, List[str]]:
+        """(factors expected to be valid, 'name (sides: reason)' of each layer missing one). A Sigma_g is expected
+        only where B is non-zero: with B still at its zero init (or kept there by a zero learning rate) v = s g B
+        is zero, and no curvature can be measured on that side yet."""
+        b_moved = torch.stack([layer.lora_B.weight.detach().abs().amax().to(self.banks[0].device) > 0
+                               for layer in self.layers]).tolist()
+        expected, missing = 0, []
+        for layer, (bank, j), moved in zip(self.layers, self.collector.slots, b_moved):
+            sides = [("a", bool(bank.valid_a[j]))] + ([("g", bool(bank.valid_g[j]))] if moved else [])
+            expected += len(sides)
+            bad = [side for side, ok in sides if not ok]
+            if bad:
+                why = "no tokens reached its factor tap" if not bool(bank.initialized[j]) else \
+                    "zero or non-finite covariance"
+                missing.append(f"{layer.name} ({'+'.join(bad)}: {why})")
+        return expected, missing
+
     def summary(self) -> Dict[str, Any]:
-        """Rank adaptation for summary.json: physical vs effective LoRA parameters."""
-        return {"lora_parameters": self.parameter_counts()}
+        """What GRIT did, for summary.json: whether its factors were valid, how much preconditioning changed the
+        gradient, and physical vs effective LoRA parameters."""
+        total, log_total, n = self._ratio_stats.tolist()
+        return {"lora_parameters": self.parameter_counts(), "grit": {
+            "active": bool(n) and self._has_factors, "valid_share": self.valid_share(),
+            "min_valid_share": self.config.min_valid_share, "preconditioned_steps": int(n),
+            "mean_precond_grad_ratio": total / n if n else None,
+            "geomean_precond_grad_ratio": float(torch.tensor(log_total / n).exp()) if n else None,
+            **{k: int(v) for k, v in self._counters.items()}}}
+
+    def _guard(self) -> None:
+        cfg, done = self.config, self._num_steps + 1
+        if cfg.min_valid_share == 0.0 or done < cfg.guard_steps:
+            return
+        if self._last_guard is not None and done - self._last_guard < cfg.guard_every:
+            return
+        self._last_guard = done
+        expected, missing = self._missing_factors()
+        n_bad = sum(entry.count("+") + 1 for entry in missing)
+        share = 1.0 - n_bad / expected
+        if share < cfg.min_valid_share:
+            raise GritInactiveError(
+                f"GRIT: {share:.0%} of the {expected} curvature factors expected by step {done} are valid "
+                f"(optimizer.grit.min_valid_share: {cfg.min_valid_share}); without them GRIT trains as plain "
+                f"{cfg.inner}. {len(missing)} layers lack a valid factor, e.g. {'; '.join(missing[:4])}")
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
@@ -134,6 +188,7 @@ class GritOptimizer(Optimizer):
         cfg, t = self.config, self._num_steps
         if self.collector.enabled:
             self._update_factors()
+            self._guard()
         reproject = self._reprojection_due(t + 1)
         raw = {p: p.grad.detach().clone() for g in self._groups for p in g.params
                if p.grad is not None} if reproject else None
@@ -160,6 +215,7 @@ class GritOptimizer(Optimizer):
 
     def _update_factors(self) -> None:
         cfg = self.config
+        self.collector.harvest()
         for bank in self.banks:
             bank.all_reduce_sums(cfg.ddp_grads_averaged)
             bank.update_ema(cfg.ema_decay, cfg.g_factor_scale == "tokens")
@@ -198,8 +254,14 @@ class GritOptimizer(Optimizer):
             pre_sq.append(p2)
         if raw_sq:
             dev = raw_sq[0].device
-            self._last["raw_sq"] = sum(x.to(dev) for x in raw_sq)
-            self._last["pre_sq"] = sum(x.to(dev) for x in pre_sq)
+            raw, pre = sum(x.to(dev) for x in raw_sq), sum(x.to(dev) for x in pre_sq)
+            self._last["raw_sq"], self._last["pre_sq"] = raw, pre
+            # a step with a zero raw gradient has no ratio; masked, not branched on, so there is no host sync
+            ratio = (pre / raw.clamp_min(torch.finfo(raw.dtype).tiny)).sqrt()
+            ok = (raw > 0) & torch.isfinite(ratio)
+            zero = torch.zeros_like(ratio)
+            self._ratio_stats.add_(torch.stack([torch.where(ok, ratio, zero), torch.where(ok, ratio.log(), zero),
+                                                ok.to(ratio.dtype)]).to(self._ratio_stats))
 
     def _reprojection_due(self, completed: int) -> bool:
         cfg = self.config
@@ -284,6 +346,7 @@ class GritOptimizer(Optimizer):
         keys = list(device_values)
         host = dict(zip(keys, torch.stack([device_values[k].to(dev).float() for k in keys]).tolist()))
         out["grit/damping"] = host["damp_sum"] / host["n_valid"] if host["n_valid"] else 0.0
+        out["grit/valid_share"] = host["n_valid"] / (2 * len(self.layers))
         out["grit/damping_escalations"] = host["escalations"]
         ranks = self.effective_ranks()
         out["grit/effective_rank"] = sum(ranks.values()) / len(ranks)
@@ -309,6 +372,8 @@ class GritOptimizer(Optimizer):
             "has_factors": self._has_factors,
             "collect": self.collector.enabled,
             "counters": dict(self._counters),
+            "ratio_stats": self._ratio_stats.clone(),
+            "last_guard": self._last_guard,
             "layer_names": [layer.name for layer in self.layers],
             "banks": [bank.state_dict() for bank in self.banks],
         }
@@ -330,3 +395,6 @@ class GritOptimizer(Optimizer):
         self._has_factors = grit["has_factors"]
         self.collector.enabled = grit["collect"]
         self._counters = dict(grit["counters"])
+        if "ratio_stats" in grit:  # absent from checkpoints written before the summary recorded it
+            self._ratio_stats.copy_(grit["ratio_stats"])
+            self._last_guard = grit["last_guard"]

@@ -185,10 +185,15 @@ class Trainer:
         # before the compile, so the compiled layers trace the fused forward
         self.fused_lora_layers = fuse_lora_layers(model, required=cfg.train.fused_lora == "on") if \
             resolve_fused_lora(cfg.train.fused_lora, acc.device) else 0
+        if cfg.train.fused_lora == "on" and not self.fused_lora_layers:
+            raise ValueError("train.fused_lora: on, but the model has no LoRA Linear layer to fuse")
         compiled = resolve_compile(cfg.train.compile_layers, acc.device)
         # before the compile too, so the compiled layers trace the torch dequantisation
         four_bit = getattr(model, "is_loaded_in_4bit", False)  # bitsandbytes places a 4-bit base itself
         self.nf4_kernel = None
+        if cfg.train.nf4_kernel != "auto" and not four_bit:  # asked for explicitly, and it cannot take effect
+            raise ValueError(f"train.nf4_kernel: {cfg.train.nf4_kernel} applies to a 4-bit model only; set "
+                             f"model.load_in_4bit: true, or train.nf4_kernel: auto")
         if four_bit:
             self.nf4_kernel = resolve_nf4_kernel(cfg.train.nf4_kernel, compiled)
             if self.nf4_kernel == "torch":
@@ -202,6 +207,9 @@ class Trainer:
         if precompute and self.loss_fn.needs_reference:
             self.ref_cache = reference_logps(self.policy, self.data, self.tokenizer.pad_token_id, cfg,
                                              acc.device, progress=acc.is_main_process)
+        # GRIT's factor taps sit on every lora_A module; the fused projection above and the compiled layers call
+        # lora_A as a module, so the taps are in their graphs (tests/grit/test_collection_paths.py), and GRIT's
+        # guard stops the run if too few factors become valid (grit/optimizer.py)
         optimizer, self.optimizer_hooks = build_optimizer(model, cfg)
         scheduler = build_scheduler(optimizer, cfg)
         self.policy, self.optimizer = acc.prepare(self.policy, optimizer)

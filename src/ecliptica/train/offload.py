@@ -13,7 +13,6 @@ host-bound step stays as fast; the copy's bytes are the same, so what is compute
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 
@@ -26,10 +25,9 @@ def resolve_offload(setting: str, device: torch.device, gradient_checkpointing: 
     if setting == "on" and not gradient_checkpointing:
         raise ValueError("train.offload_activations=on needs model.gradient_checkpointing: true (without "
                          "checkpointing every activation would cross to the host and back)")
-    if setting == "on" and device.type == "cpu":
-        warnings.warn("train.offload_activations=on: the model is on the CPU already; nothing is offloaded",
-                      stacklevel=2)
-        return False
+    if setting == "on" and device.type == "cpu":  # asked for explicitly, and it cannot take effect
+        raise ValueError("train.offload_activations=on: the model is on the CPU already, so nothing can be "
+                         "offloaded; set it to auto or off")
     if setting == "auto":
         return gradient_checkpointing and device.type == "cuda"
     return setting == "on"
