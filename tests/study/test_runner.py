@@ -148,9 +148,14 @@ def test_parallel_workers_reproduce_the_serial_study(tmp_path, tiny_model_dir):
     cmd = [sys.executable, "-m", "ecliptica.cli", "run", str(cfg), "--workers", "2"]
     for a in _overrides(par, tiny_model_dir, steps=2):
         cmd += ["--set", a]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT, env=env)
 
     logs = "".join(p.read_text() for p in sorted((par / "logs").glob("worker*.log")))
+    for name in ("worker0", "worker1"):  # each its own torch compile caches, by default in the study directory
+        own = (f"TORCHINDUCTOR_CACHE_DIR={par.resolve() / 'workers' / name / 'inductor'} "
+               f"TRITON_CACHE_DIR={par.resolve() / 'workers' / name / 'triton'}\n")
+        assert own in (par / "logs" / f"{name}.log").read_text()
     a = {r["run_id"]: r for r in StudyStore(serial / "study.sqlite").all()}
     b = {r["run_id"]: r for r in StudyStore(par / "study.sqlite").all()}
     assert set(a) == set(b) == {"baseline-s0", "sft-s0", "dpo_grit-s0", "cita-s0"}

@@ -17,6 +17,7 @@ registered, with them.
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import subprocess
 import sys
@@ -32,6 +33,8 @@ from .calibration import calibrate, chosen_settings, register_points, stored_cal
 from .config import ArmSpec, StudyConfig
 from .store import StudyStore
 
+# torch's compile caches, which each worker process gets to itself (StudyRunner._compile_caches)
+COMPILE_CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
@@ -281,6 +284,8 @@ class StudyRunner:
     def work(self) -> None:
         """A worker's whole job: while calibration is unfinished, score the sweep points nobody else is
         scoring; otherwise train what nobody else is training, then evaluate."""
+        print(f"[study] {self.worker}: torch compile caches (this worker's own) "
+              + " ".join(f"{v}={os.environ.get(v, '(torch default)')}" for v in COMPILE_CACHE_VARS), flush=True)
         if self.calibrated is None:
             calibrate(self.cfg, self.store, worker=self.worker)
             return
@@ -316,6 +321,7 @@ class StudyRunner:
                 shared = workers  # all on the same default device (or the same CPU cores)
             env["ECLIPTICA_DEVICE_SHARED_BY"] = str(shared)
             name = f"worker{i}"
+            env.update(self._compile_caches(name))
             log = open(logs / f"{name}.log", "ab")
             cmd = [sys.executable, "-m", "ecliptica.cli", "run", str(self.dir / "study.yaml"), "--worker", name]
             procs[name] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log)
@@ -353,6 +359,20 @@ class StudyRunner:
             raise RuntimeError(
                 f"study incomplete: workers {failed_workers or 'none'} failed (see {logs}); runs not evaluated: "
                 + ", ".join(f"{r['run_id']} ({r['status']}{': ' + r['error'] if r['error'] else ''})" for r in bad))
+
+    def _compile_caches(self, name: str) -> dict[str, str]:
+        """A worker's own torch compile caches. Workers sharing Inductor's and Triton's caches can race on
+        their files, the likely cause of two of 9 workers on one H100 dying as they compiled their first
+        GRIT run (`Argument 'getitem_3' of Node 'detach' was used before it has been defined`). By
+        default they live in STUDY_DIR/workers/<name>/, so a rerun of the study starts warm. A directory
+        set in the environment (by the user, or by torch in this process) is kept as the parent, with a
+        subdirectory per study and worker: two studies running at once never share one either."""
+        study = f"{self.dir.name}-{hashlib.sha1(str(self.dir.resolve()).encode()).hexdigest()[:8]}"
+        out = {}
+        for var, sub in zip(COMPILE_CACHE_VARS, ("inductor", "triton")):
+            parent = os.environ.get(var)
+            out[var] = str(Path(parent) / study / name if parent else self.dir.resolve() / "workers" / name / sub)
+        return out
 
     def _abandon(self, worker: str) -> None:
         """A worker died: its claimed runs are marked failed and released, so nobody waits for them."""
