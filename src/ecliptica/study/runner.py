@@ -49,6 +49,7 @@ class StudyRunner:
         self.dir = Path(cfg.study_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.store = StudyStore(self.dir / "study.sqlite")
+        self._given_back: dict[tuple[str, str], str] = {}  # run or sweep point -> the dead worker that held it
         self.plan: list[tuple[ArmSpec, int]] = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]
         if cfg.calibration.enabled:  # now, so a changed setting is refused before any work
             register_points(cfg, self.store)
@@ -110,35 +111,39 @@ class StudyRunner:
         return [self.store.get(self.run_id(a, s))["train_summary"] for a, s in self.plan if a.name == name]
 
     def train_all(self, only: list[str] | None = None) -> None:
-        from ..train import Trainer
-
         self.calibrate()
         for arm, seed in self.plan:
             if not arm.trained or (only is not None and arm.name not in only):
                 continue
             rid = self.run_id(arm, seed)
-            if not self._claim(rid, lambda st: st not in self._not_to_train):
-                continue
-            try:
-                tc = self.arm_config(arm, seed)
-                print(f"[study] training {rid} ({arm.method}, optimizer={arm.optimizer}, "
-                      f"placement={tc.method.placement or 'method default'})", flush=True)
-                self.store.set_status(rid, "training")
+            if self._claim(rid, lambda st: st not in self._not_to_train):
+                self._train_one(arm, seed, rid)
+
+    def _train_one(self, arm: ArmSpec, seed: int, rid: str) -> None:
+        """Train a run this process has claimed (resuming from its latest checkpoint); releases the claim."""
+        from ..train import Trainer
+
+        try:
+            tc = self.arm_config(arm, seed)
+            print(f"[study] training {rid} ({arm.method}, optimizer={arm.optimizer}, "
+                  f"placement={tc.method.placement or 'method default'})", flush=True)
+            self.store.set_status(rid, "training")
+            trainer = None
+            try:  # setup too: a run that cannot even start is failed, with why, not left for the next worker
                 trainer = Trainer(tc).setup()
-                try:
-                    summary = trainer.train(resume=True)
-                except Exception as e:
-                    self.store.set_status(rid, "failed", error=f"{type(e).__name__}: {e}")
-                    raise
-                finally:
-                    del trainer
-                    gc.collect()
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                self.store.record_split("preference", summary["data"]["split"])
-                self.store.set_status(rid, "trained", train_summary=summary)
+                summary = trainer.train(resume=True)
+            except Exception as e:
+                self.store.set_status(rid, "failed", error=f"{type(e).__name__}: {e}")
+                raise
             finally:
-                self._release(rid)
+                del trainer
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            self.store.record_split("preference", summary["data"]["split"])
+            self.store.set_status(rid, "trained", train_summary=summary)
+        finally:
+            self._release(rid)
 
     @property
     def _not_to_train(self) -> tuple[str, ...]:
@@ -162,7 +167,11 @@ class StudyRunner:
                 if not ready:
                     if self.worker is None:
                         raise RuntimeError(f"{rid} is {status}, not trained; cannot evaluate")
-                    waiting = True  # another worker is training it
+                    # unclaimed yet untrained: its worker died and the coordinator gave it back, maybe after
+                    # every other worker had passed it in train_all, so whoever waits here trains it
+                    if self._claim(rid, lambda st: st not in self._not_to_train):
+                        self._train_one(arm, seed, rid)
+                    waiting = True  # trained now, or another worker is training it: evaluated on a later pass
                     continue
                 if not self._claim(rid, lambda st, base=not arm.trained: st == "trained" or
                                    (base and st != "evaluated")):
@@ -287,8 +296,15 @@ class StudyRunner:
         print(f"[study] {self.worker}: torch compile caches (this worker's own) "
               + " ".join(f"{v}={os.environ.get(v, '(torch default)')}" for v in COMPILE_CACHE_VARS), flush=True)
         if self.calibrated is None:
-            calibrate(self.cfg, self.store, worker=self.worker)
-            return
+            # points a dead worker held come back unclaimed, maybe after this worker's pass: pass again
+            # until every point of this sweep is scored, failed, or being scored by another worker
+            sweep_ids = {p["point_id"] for _, p, _ in register_points(self.cfg, self.store)}
+            while True:
+                calibrate(self.cfg, self.store, worker=self.worker)
+                left = [p for p in self.store.calibration() if p["point_id"] in sweep_ids and p["status"] == "pending"]
+                if not left:
+                    return
+                time.sleep(2.0)
         self.train_all()
         self.evaluate_all()
 
@@ -375,14 +391,30 @@ class StudyRunner:
         return out
 
     def _abandon(self, worker: str) -> None:
-        """A worker died: its claimed runs are marked failed and released, so nobody waits for them."""
+        """A worker died. The runs and sweep points it held go back to the other workers (a training run
+        resumes from its latest checkpoint), once: if a second worker dies holding the same one, it is
+        marked failed (the next invocation retries it), so one run that kills whichever process works on
+        it cannot take every worker down. A trained run it was evaluating only goes back (marked failed,
+        it would be trained again)."""
         for r in self.store.all():
             if r["worker"] == worker:
-                if r["status"] == "training":
-                    self.store.set_status(r["run_id"], "failed", error=f"{worker} exited while training it")
+                first = self._given_back.get(("run", r["run_id"]))
+                if r["status"] in ("pending", "training"):
+                    if first:
+                        self.store.set_status(r["run_id"], "failed",
+                                              error=f"{worker} exited while working on it, as {first} had before")
+                    else:
+                        self._given_back[("run", r["run_id"])] = worker
                 self.store.release(r["run_id"])
         for p in self.store.calibration():
             if p["worker"] == worker:
+                first = self._given_back.get(("point", p["point_id"]))
+                if p["status"] == "pending":
+                    if first:
+                        self.store.set_point(p["point_id"], "failed",
+                                             error=f"{worker} exited while scoring it, as {first} had before")
+                    else:
+                        self._given_back[("point", p["point_id"])] = worker
                 self.store.release_point(p["point_id"])
 
 
