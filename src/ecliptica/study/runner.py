@@ -50,6 +50,7 @@ class StudyRunner:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.store = StudyStore(self.dir / "study.sqlite")
         self._given_back: dict[tuple[str, str], str] = {}  # run or sweep point -> the dead worker that held it
+        self.crashed_workers: list[dict] = []
         self.plan: list[tuple[ArmSpec, int]] = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]
         if cfg.calibration.enabled:  # now, so a changed setting is refused before any work
             register_points(cfg, self.store)
@@ -275,6 +276,10 @@ class StudyRunner:
         return report_study(self.cfg)
 
     def run(self, workers: int = 1, devices: list[str] | None = None) -> dict:
+        """Run the study and write its report; an incomplete study raises instead, naming every run left.
+        With workers, `crashed_workers` then lists each worker that exited abnormally although the others
+        redid all it held ({name, returncode, log}): the study is complete, but the caller should say so."""
+        self.crashed_workers = []
         with self._lock():  # a second `ecliptica run` on this study stops here, naming this process
             if workers > 1:
                 if self.calibrated is None:  # workers score the sweep points; the choice is made here
@@ -348,7 +353,7 @@ class StudyRunner:
             n_work, desc = len(self.store.calibration()), "calibration sweep (train + score)"
         else:
             n_work, desc = sum(1 for a, _ in self.plan if a.name in trained_arms) + len(self.plan), "study runs (train + eval)"
-        failed_workers = []
+        crashed = []
         with tqdm(total=n_work, desc=desc, unit="job") as bar:
             while procs:
                 time.sleep(2.0)
@@ -358,7 +363,10 @@ class StudyRunner:
                     log.close()
                     del procs[name]
                     if proc.returncode != 0:
-                        failed_workers.append(name)
+                        crashed.append({"name": name, "returncode": proc.returncode, "log": logs / f"{name}.log"})
+                        print(f"[study] warning: {name} exited with status {proc.returncode} (see "
+                              f"{logs / f'{name}.log'}); what it held goes back to the other workers",
+                              file=sys.stderr, flush=True)
                         self._abandon(name)
                 if phase == "calibration":
                     done = sum(p["status"] == "scored" for p in self.store.calibration())
@@ -367,14 +375,18 @@ class StudyRunner:
                                + (r["status"] == "evaluated") for r in self.store.all())
                 bar.update(done - bar.n)
         if phase == "calibration":
+            sweep_ids = {p["point_id"] for _, p, _ in register_points(self.cfg, self.store)}
             bad = [{"run_id": p["point_id"], "status": p["status"], "error": p["error"]}
-                   for p in self.store.calibration() if p["status"] != "scored"]
+                   for p in self.store.calibration() if p["point_id"] in sweep_ids and p["status"] != "scored"]
         else:
             bad = [r for r in self.store.all() if r["status"] != "evaluated"]
-        if failed_workers or bad:
+        self.crashed_workers += crashed
+        if bad:  # never empty: a crashed worker whose work the others finished is only a warning
             raise RuntimeError(
-                f"study incomplete: workers {failed_workers or 'none'} failed (see {logs}); runs not evaluated: "
-                + ", ".join(f"{r['run_id']} ({r['status']}{': ' + r['error'] if r['error'] else ''})" for r in bad))
+                f"study incomplete: {'calibration points not scored' if phase == 'calibration' else 'runs not evaluated'}: "
+                + ", ".join(f"{r['run_id']} ({r['status']}{': ' + r['error'] if r['error'] else ''})" for r in bad)
+                + (f"; workers that exited abnormally: {', '.join(c['name'] for c in crashed)}" if crashed else "")
+                + f" (logs in {logs}); run the same command again to retry them")
 
     def _compile_caches(self, name: str) -> dict[str, str]:
         """A worker's own torch compile caches. Workers sharing Inductor's and Triton's caches can race on
