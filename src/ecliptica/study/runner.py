@@ -382,8 +382,9 @@ class StudyRunner:
             bad = [r for r in self.store.all() if r["status"] != "evaluated"]
         self.crashed_workers += crashed
         if bad:  # never empty: a crashed worker whose work the others finished is only a warning
+            what = "calibration points not scored" if phase == "calibration" else "runs not evaluated"
             raise RuntimeError(
-                f"study incomplete: {'calibration points not scored' if phase == 'calibration' else 'runs not evaluated'}: "
+                f"study incomplete: {what}: "
                 + ", ".join(f"{r['run_id']} ({r['status']}{': ' + r['error'] if r['error'] else ''})" for r in bad)
                 + (f"; workers that exited abnormally: {', '.join(c['name'] for c in crashed)}" if crashed else "")
                 + f" (logs in {logs}); run the same command again to retry them")
