@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -110,6 +111,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+# `ecliptica run`'s exit status (also in its --help and docs/study.md)
+RUN_EXIT_CODES = {
+    0: "every run trained and evaluated, report written, no worker failed",
+    1: "an unexpected error, shown as a Python traceback",
+    2: "error (printed as `error: ...`): for an incomplete study it lists every run not evaluated and writes no "
+       "report; the same command again retries those runs",
+    3: "every run trained and evaluated and the report written, but worker processes exited abnormally and the "
+       "other workers redid what they held; a `warning:` line names each worker and its log",
+}
+EXIT_WORKERS_REDONE = 3
+
+
 def cmd_run(args) -> int:
     from .study.runner import StudyRunner, load_study, report_study
 
@@ -125,6 +138,13 @@ def cmd_run(args) -> int:
     devices = args.devices.split(",") if args.devices else None
     runner.run(workers=args.workers or (len(devices) if devices else 1), devices=devices)
     print((runner.dir / "results.md").read_text())
+    if runner.crashed_workers:  # last, where a reader of the output looks
+        for c in runner.crashed_workers:
+            print(f"warning: {c['name']} exited with status {c['returncode']} (see {c['log']}); the other workers "
+                  "redid everything it held", file=sys.stderr)
+        print(f"warning: study complete and report written, but {len(runner.crashed_workers)} worker(s) crashed; "
+              f"exit status {EXIT_WORKERS_REDONE}", file=sys.stderr)
+        return EXIT_WORKERS_REDONE
     return 0
 
 
@@ -181,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ev.set_defaults(func=cmd_eval)
 
-    run = sub.add_parser("run", help="run a study: train all arms, evaluate, write the table and figures")
+    run = sub.add_parser("run", help="run a study: train all arms, evaluate, write the table and figures",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog="exit status:\n" + "\n".join(
+                             textwrap.fill(v, 78, initial_indent=f"  {k}  ", subsequent_indent=" " * 5)
+                             for k, v in RUN_EXIT_CODES.items()))
     run.add_argument("study")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--report-only", action="store_true", help="rebuild the report from the run directories (eval.json, summary.json)")

@@ -124,7 +124,7 @@ def test_store_claims_are_exclusive(tmp_path):
     assert store.get("a-s0")["worker"] == "worker1"
 
 
-def test_dead_worker_runs_are_failed_and_released(tmp_path, tiny_model_dir):
+def test_dead_worker_runs_go_back_once_then_fail(tmp_path, tiny_model_dir):
     # without calibration the final runs are registered at once (with it, only after the sweep's choice)
     args = _overrides(tmp_path / "s", tiny_model_dir) + ["calibration.enabled=false"]
     runner = StudyRunner(load_study(ROOT / "configs" / "study_demo.yaml", args))
@@ -134,9 +134,32 @@ def test_dead_worker_runs_are_failed_and_released(tmp_path, tiny_model_dir):
     runner.store.set_status("cita-s0", "trained")
     runner._abandon("worker1")
     rows = {r["run_id"]: r for r in runner.store.all()}
-    assert rows["sft-s0"]["status"] == "failed" and "worker1" in rows["sft-s0"]["error"]
+    assert rows["sft-s0"]["status"] == "training" and rows["sft-s0"]["error"] is None  # for another worker to redo
     assert rows["cita-s0"]["status"] == "trained"  # another worker will evaluate it
     assert rows["sft-s0"]["worker"] is None and rows["cita-s0"]["worker"] is None
+    # a second worker dies holding the same run: failed (retried next invocation), naming both workers
+    for rid in ("sft-s0", "cita-s0"):
+        runner.store.claim(rid, "worker2")
+    runner._abandon("worker2")
+    rows = {r["run_id"]: r for r in runner.store.all()}
+    assert rows["sft-s0"]["status"] == "failed"
+    assert "worker2" in rows["sft-s0"]["error"] and "worker1" in rows["sft-s0"]["error"]
+    assert rows["cita-s0"]["status"] == "trained"  # evaluating a trained run: released, never failed
+    assert rows["sft-s0"]["worker"] is None and rows["cita-s0"]["worker"] is None
+
+
+def test_dead_worker_sweep_points_go_back_once_then_fail(tmp_path, tiny_model_dir):
+    runner = StudyRunner(load_study(ROOT / "configs" / "study_demo.yaml", _overrides(tmp_path / "s", tiny_model_dir,
+                                                                                     arms=None)))
+    pid = runner.store.calibration()[0]["point_id"]
+    assert runner.store.claim_point(pid, "worker1")
+    runner._abandon("worker1")
+    assert runner.store.point(pid)["status"] == "pending" and runner.store.point(pid)["worker"] is None
+    assert runner.store.claim_point(pid, "worker2")
+    runner._abandon("worker2")
+    point = runner.store.point(pid)
+    assert point["status"] == "failed" and point["worker"] is None
+    assert "worker2" in point["error"] and "worker1" in point["error"]
 
 
 def test_parallel_workers_reproduce_the_serial_study(tmp_path, tiny_model_dir):
@@ -148,9 +171,14 @@ def test_parallel_workers_reproduce_the_serial_study(tmp_path, tiny_model_dir):
     cmd = [sys.executable, "-m", "ecliptica.cli", "run", str(cfg), "--workers", "2"]
     for a in _overrides(par, tiny_model_dir, steps=2):
         cmd += ["--set", a]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT, env=env)
 
     logs = "".join(p.read_text() for p in sorted((par / "logs").glob("worker*.log")))
+    for name in ("worker0", "worker1"):  # each its own torch compile caches, by default in the study directory
+        own = (f"TORCHINDUCTOR_CACHE_DIR={par.resolve() / 'workers' / name / 'inductor'} "
+               f"TRITON_CACHE_DIR={par.resolve() / 'workers' / name / 'triton'}\n")
+        assert own in (par / "logs" / f"{name}.log").read_text()
     a = {r["run_id"]: r for r in StudyStore(serial / "study.sqlite").all()}
     b = {r["run_id"]: r for r in StudyStore(par / "study.sqlite").all()}
     assert set(a) == set(b) == {"baseline-s0", "sft-s0", "dpo_grit-s0", "cita-s0"}

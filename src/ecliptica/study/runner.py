@@ -17,6 +17,7 @@ registered, with them.
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import subprocess
 import sys
@@ -32,6 +33,8 @@ from .calibration import calibrate, chosen_settings, register_points, stored_cal
 from .config import ArmSpec, StudyConfig
 from .store import StudyStore
 
+# torch's compile caches, which each worker process gets to itself (StudyRunner._compile_caches)
+COMPILE_CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
@@ -46,6 +49,8 @@ class StudyRunner:
         self.dir = Path(cfg.study_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.store = StudyStore(self.dir / "study.sqlite")
+        self._given_back: dict[tuple[str, str], str] = {}  # run or sweep point -> the dead worker that held it
+        self.crashed_workers: list[dict] = []
         self.plan: list[tuple[ArmSpec, int]] = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]
         if cfg.calibration.enabled:  # now, so a changed setting is refused before any work
             register_points(cfg, self.store)
@@ -107,35 +112,39 @@ class StudyRunner:
         return [self.store.get(self.run_id(a, s))["train_summary"] for a, s in self.plan if a.name == name]
 
     def train_all(self, only: list[str] | None = None) -> None:
-        from ..train import Trainer
-
         self.calibrate()
         for arm, seed in self.plan:
             if not arm.trained or (only is not None and arm.name not in only):
                 continue
             rid = self.run_id(arm, seed)
-            if not self._claim(rid, lambda st: st not in self._not_to_train):
-                continue
-            try:
-                tc = self.arm_config(arm, seed)
-                print(f"[study] training {rid} ({arm.method}, optimizer={arm.optimizer}, "
-                      f"placement={tc.method.placement or 'method default'})", flush=True)
-                self.store.set_status(rid, "training")
+            if self._claim(rid, lambda st: st not in self._not_to_train):
+                self._train_one(arm, seed, rid)
+
+    def _train_one(self, arm: ArmSpec, seed: int, rid: str) -> None:
+        """Train a run this process has claimed (resuming from its latest checkpoint); releases the claim."""
+        from ..train import Trainer
+
+        try:
+            tc = self.arm_config(arm, seed)
+            print(f"[study] training {rid} ({arm.method}, optimizer={arm.optimizer}, "
+                  f"placement={tc.method.placement or 'method default'})", flush=True)
+            self.store.set_status(rid, "training")
+            trainer = None
+            try:  # setup too: a run that cannot even start is failed, with why, not left for the next worker
                 trainer = Trainer(tc).setup()
-                try:
-                    summary = trainer.train(resume=True)
-                except Exception as e:
-                    self.store.set_status(rid, "failed", error=f"{type(e).__name__}: {e}")
-                    raise
-                finally:
-                    del trainer
-                    gc.collect()
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                self.store.record_split("preference", summary["data"]["split"])
-                self.store.set_status(rid, "trained", train_summary=summary)
+                summary = trainer.train(resume=True)
+            except Exception as e:
+                self.store.set_status(rid, "failed", error=f"{type(e).__name__}: {e}")
+                raise
             finally:
-                self._release(rid)
+                del trainer
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            self.store.record_split("preference", summary["data"]["split"])
+            self.store.set_status(rid, "trained", train_summary=summary)
+        finally:
+            self._release(rid)
 
     @property
     def _not_to_train(self) -> tuple[str, ...]:
@@ -159,7 +168,11 @@ class StudyRunner:
                 if not ready:
                     if self.worker is None:
                         raise RuntimeError(f"{rid} is {status}, not trained; cannot evaluate")
-                    waiting = True  # another worker is training it
+                    # unclaimed yet untrained: its worker died and the coordinator gave it back, maybe after
+                    # every other worker had passed it in train_all, so whoever waits here trains it
+                    if self._claim(rid, lambda st: st not in self._not_to_train):
+                        self._train_one(arm, seed, rid)
+                    waiting = True  # trained now, or another worker is training it: evaluated on a later pass
                     continue
                 if not self._claim(rid, lambda st, base=not arm.trained: st == "trained" or
                                    (base and st != "evaluated")):
@@ -263,6 +276,10 @@ class StudyRunner:
         return report_study(self.cfg)
 
     def run(self, workers: int = 1, devices: list[str] | None = None) -> dict:
+        """Run the study and write its report; an incomplete study raises instead, naming every run left.
+        With workers, `crashed_workers` then lists each worker that exited abnormally although the others
+        redid all it held ({name, returncode, log}): the study is complete, but the caller should say so."""
+        self.crashed_workers = []
         with self._lock():  # a second `ecliptica run` on this study stops here, naming this process
             if workers > 1:
                 if self.calibrated is None:  # workers score the sweep points; the choice is made here
@@ -281,9 +298,18 @@ class StudyRunner:
     def work(self) -> None:
         """A worker's whole job: while calibration is unfinished, score the sweep points nobody else is
         scoring; otherwise train what nobody else is training, then evaluate."""
+        print(f"[study] {self.worker}: torch compile caches (this worker's own) "
+              + " ".join(f"{v}={os.environ.get(v, '(torch default)')}" for v in COMPILE_CACHE_VARS), flush=True)
         if self.calibrated is None:
-            calibrate(self.cfg, self.store, worker=self.worker)
-            return
+            # points a dead worker held come back unclaimed, maybe after this worker's pass: pass again
+            # until every point of this sweep is scored, failed, or being scored by another worker
+            sweep_ids = {p["point_id"] for _, p, _ in register_points(self.cfg, self.store)}
+            while True:
+                calibrate(self.cfg, self.store, worker=self.worker)
+                left = [p for p in self.store.calibration() if p["point_id"] in sweep_ids and p["status"] == "pending"]
+                if not left:
+                    return
+                time.sleep(2.0)
         self.train_all()
         self.evaluate_all()
 
@@ -316,6 +342,7 @@ class StudyRunner:
                 shared = workers  # all on the same default device (or the same CPU cores)
             env["ECLIPTICA_DEVICE_SHARED_BY"] = str(shared)
             name = f"worker{i}"
+            env.update(self._compile_caches(name))
             log = open(logs / f"{name}.log", "ab")
             cmd = [sys.executable, "-m", "ecliptica.cli", "run", str(self.dir / "study.yaml"), "--worker", name]
             procs[name] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log)
@@ -326,7 +353,7 @@ class StudyRunner:
             n_work, desc = len(self.store.calibration()), "calibration sweep (train + score)"
         else:
             n_work, desc = sum(1 for a, _ in self.plan if a.name in trained_arms) + len(self.plan), "study runs (train + eval)"
-        failed_workers = []
+        crashed = []
         with tqdm(total=n_work, desc=desc, unit="job") as bar:
             while procs:
                 time.sleep(2.0)
@@ -336,7 +363,10 @@ class StudyRunner:
                     log.close()
                     del procs[name]
                     if proc.returncode != 0:
-                        failed_workers.append(name)
+                        crashed.append({"name": name, "returncode": proc.returncode, "log": logs / f"{name}.log"})
+                        print(f"[study] warning: {name} exited with status {proc.returncode} (see "
+                              f"{logs / f'{name}.log'}); what it held goes back to the other workers",
+                              file=sys.stderr, flush=True)
                         self._abandon(name)
                 if phase == "calibration":
                     done = sum(p["status"] == "scored" for p in self.store.calibration())
@@ -345,24 +375,59 @@ class StudyRunner:
                                + (r["status"] == "evaluated") for r in self.store.all())
                 bar.update(done - bar.n)
         if phase == "calibration":
+            sweep_ids = {p["point_id"] for _, p, _ in register_points(self.cfg, self.store)}
             bad = [{"run_id": p["point_id"], "status": p["status"], "error": p["error"]}
-                   for p in self.store.calibration() if p["status"] != "scored"]
+                   for p in self.store.calibration() if p["point_id"] in sweep_ids and p["status"] != "scored"]
         else:
             bad = [r for r in self.store.all() if r["status"] != "evaluated"]
-        if failed_workers or bad:
+        self.crashed_workers += crashed
+        if bad:  # never empty: a crashed worker whose work the others finished is only a warning
+            what = "calibration points not scored" if phase == "calibration" else "runs not evaluated"
             raise RuntimeError(
-                f"study incomplete: workers {failed_workers or 'none'} failed (see {logs}); runs not evaluated: "
-                + ", ".join(f"{r['run_id']} ({r['status']}{': ' + r['error'] if r['error'] else ''})" for r in bad))
+                f"study incomplete: {what}: "
+                + ", ".join(f"{r['run_id']} ({r['status']}{': ' + r['error'] if r['error'] else ''})" for r in bad)
+                + (f"; workers that exited abnormally: {', '.join(c['name'] for c in crashed)}" if crashed else "")
+                + f" (logs in {logs}); run the same command again to retry them")
+
+    def _compile_caches(self, name: str) -> dict[str, str]:
+        """A worker's own torch compile caches. Workers sharing Inductor's and Triton's caches can race on
+        their files, the likely cause of two of 9 workers on one H100 dying as they compiled their first
+        GRIT run (`Argument 'getitem_3' of Node 'detach' was used before it has been defined`). By
+        default they live in STUDY_DIR/workers/<name>/, so a rerun of the study starts warm. A directory
+        set in the environment (by the user, or by torch in this process) is kept as the parent, with a
+        subdirectory per study and worker: two studies running at once never share one either."""
+        study = f"{self.dir.name}-{hashlib.sha1(str(self.dir.resolve()).encode()).hexdigest()[:8]}"
+        out = {}
+        for var, sub in zip(COMPILE_CACHE_VARS, ("inductor", "triton")):
+            parent = os.environ.get(var)
+            out[var] = str(Path(parent) / study / name if parent else self.dir.resolve() / "workers" / name / sub)
+        return out
 
     def _abandon(self, worker: str) -> None:
-        """A worker died: its claimed runs are marked failed and released, so nobody waits for them."""
+        """A worker died. The runs and sweep points it held go back to the other workers (a training run
+        resumes from its latest checkpoint), once: if a second worker dies holding the same one, it is
+        marked failed (the next invocation retries it), so one run that kills whichever process works on
+        it cannot take every worker down. A trained run it was evaluating only goes back (marked failed,
+        it would be trained again)."""
         for r in self.store.all():
             if r["worker"] == worker:
-                if r["status"] == "training":
-                    self.store.set_status(r["run_id"], "failed", error=f"{worker} exited while training it")
+                first = self._given_back.get(("run", r["run_id"]))
+                if r["status"] in ("pending", "training"):
+                    if first:
+                        self.store.set_status(r["run_id"], "failed",
+                                              error=f"{worker} exited while working on it, as {first} had before")
+                    else:
+                        self._given_back[("run", r["run_id"])] = worker
                 self.store.release(r["run_id"])
         for p in self.store.calibration():
             if p["worker"] == worker:
+                first = self._given_back.get(("point", p["point_id"]))
+                if p["status"] == "pending":
+                    if first:
+                        self.store.set_point(p["point_id"], "failed",
+                                             error=f"{worker} exited while scoring it, as {first} had before")
+                    else:
+                        self._given_back[("point", p["point_id"])] = worker
                 self.store.release_point(p["point_id"])
 
 
