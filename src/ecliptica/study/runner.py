@@ -390,10 +390,8 @@ class StudyRunner:
                 + f" (logs in {logs}); run the same command again to retry them")
 
     def _compile_caches(self, name: str) -> dict[str, str]:
-        """A worker's own torch compile caches. Workers sharing Inductor's and Triton's caches can race on
-        their files, the likely cause of two of 9 workers on one H100 dying as they compiled their first
-        GRIT run (`Argument 'getitem_3' of Node 'detach' was used before it has been defined`). By
-        default they live in STUDY_DIR/workers/<name>/, so a rerun of the study starts warm. A directory
+        """A worker's own torch compile caches, so that workers compiling at once never race on Inductor's and
+        Triton's files. By default they live in STUDY_DIR/workers/<name>/, so a rerun of the study starts warm. A directory
         set in the environment (by the user, or by torch in this process) is kept as the parent, with a
         subdirectory per study and worker: two studies running at once never share one either."""
         study = f"{self.dir.name}-{hashlib.sha1(str(self.dir.resolve()).encode()).hexdigest()[:8]}"
