@@ -204,3 +204,14 @@ def test_ddp_leaves_the_nf4_buffers_alone(tmp_path):
         assert set(names) <= ddp.parameters_to_ignore
     finally:
         dist.destroy_process_group()
+
+
+def test_an_nf4_kernel_asked_for_on_a_16bit_model_is_an_error(tmp_path, tiny_model_dir):
+    """Asked for explicitly and unable to take effect: the run stops, naming the key, instead of ignoring it."""
+    from ecliptica.train.engine import Trainer
+    from train_helpers import cita_grit_config
+
+    for kernel in ("torch", "bitsandbytes"):
+        cfg = cita_grit_config(tmp_path / kernel, tiny_model_dir, limit=8, lr=1e-3, nf4_kernel=kernel)
+        with pytest.raises(ValueError, match=f"train.nf4_kernel: {kernel} applies to a 4-bit model only"):
+            Trainer(cfg).setup()
