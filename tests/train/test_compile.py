@@ -166,3 +166,32 @@ def test_compiled_policy_and_reference_passes_round_as_eager_does(monkeypatch):
     with inductor.patch(emulate_precision_casts=inductor.emulate_precision_casts):  # restored afterwards
         fused_pol, fused_ref = _margins_at_zero_adapter(compiled=True)
     assert (fused_pol - fused_ref).abs().max() > 10 * (eager_gap + slack)  # 0.0074 vs 7.6e-6 eager here
+
+
+def test_a_grit_model_compiled_after_an_adamw_model_in_one_process_collects_factors(monkeypatch):
+    """A study worker or a benchmark trains an AdamW run, then a GRIT run, in one process. Dynamo caches the layer
+    graph by code, and without guards on module hooks it reused the AdamW model's graph, which has no factor taps:
+    GRIT then trained with no factors at all (seen on the GPU; here on the CPU with aot_eager, the same capture)."""
+    import functools
+
+    import torch._dynamo.utils as dynamo_utils
+
+    from ecliptica.grit import GritConfig, GritOptimizer
+    from ecliptica.train.compile import compile_decoder_layers
+
+    monkeypatch.setattr(torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile,
+                                                                             backend="aot_eager"))
+    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)  # torch's default
+    torch._dynamo.reset()
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    adamw = _lora_llama()
+    compile_decoder_layers(adamw)
+    adamw(input_ids=ids).logits.square().mean().backward()
+    grit_model = _lora_llama()
+    compile_decoder_layers(grit_model)
+    opt = GritOptimizer(grit_model, GritConfig(lr=1e-3, reproject_steps=0))
+    dynamo_utils.counters.clear()
+    grit_model(input_ids=ids).logits.square().mean().backward()
+    torch._dynamo.reset()
+    assert all(count.grad is not None and float(count.grad) == 32.0 for _, _, count in opt.collector.sums)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] <= 2  # the taps do not cost a graph per layer

@@ -44,6 +44,11 @@ def compile_decoder_layers(peft_model) -> int:
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
     dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 1024)
+    # GRIT's factor taps are forward hooks on the LoRA modules (grit/factors.py). By default Dynamo does not guard
+    # on module hooks, so a layer graph compiled for an earlier model in the process (an AdamW run before a GRIT run
+    # in a study worker or a benchmark) was reused without the taps, and GRIT trained with no factors. With hook
+    # guards, a model whose LoRA modules carry taps gets its own graph (tests/train/test_compile.py).
+    dynamo.skip_nnmodule_hook_guards = False
     # process-wide, read whenever a graph with a backward is compiled; a value the user set is kept
     functorch = torch._functorch.config
     if functorch.activation_memory_budget == 1.0:
