@@ -137,6 +137,27 @@ def _describe(info: dict) -> str:
     return what
 
 
+# ------------------------------------------------------------------ names that become paths
+
+def check_path_component(name: str, key: str) -> str:
+    """`name` as one directory entry: a config value that is joined onto a directory (an arm name, an
+    evaluation set's name) must not climb out of it (`..`, an absolute path), nest (`/`, `\\`) or be
+    unusable (empty, `.`, NUL). The error names the config `key`."""
+    problem = None
+    if not isinstance(name, str) or not name:
+        problem = "is empty"
+    elif "\0" in name:
+        problem = "contains a NUL character"
+    elif name in (".", ".."):
+        problem = "names the directory itself or its parent, not an entry of its own"
+    elif "/" in name or "\\" in name:
+        problem = "contains a path separator ('/' or '\\')"
+    if problem:
+        raise ValueError(f"{key}: {name!r} {problem}; it becomes a directory name, so use a single plain name "
+                         f"such as 'dpo_grit'")
+    return name
+
+
 # ------------------------------------------------------------------ atomic writes
 
 def atomic_write_text(path: str | Path, text: str) -> None:
