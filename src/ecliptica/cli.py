@@ -14,12 +14,15 @@ from .losses import registry
 
 def _generic_kind(path: str) -> str:
     """`generic` holds either pairs or prompts: a first valid row with a `chosen` column means pairs
-    (a broken first line must not decide it: it is reported as a bad row like any other)."""
+    (a broken first line must not decide it: it is reported as a bad row like any other). A directory is
+    read as `load` reads it: its files in sorted order."""
+    from .data.loaders import data_files
     from .data.readers import iter_rows
 
-    for _, row in iter_rows(path):
-        if isinstance(row, dict):
-            return "preference" if "chosen" in row else "prompt"
+    for f in data_files(path):
+        for _, row in iter_rows(f):
+            if isinstance(row, dict):
+                return "preference" if "chosen" in row else "prompt"
     return "preference"
 
 
@@ -147,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="check and preview data").add_subparsers(dest="data_command", required=True)
     fmts = sorted(D.format_names())
     chk = data.add_parser("check", help="validate a data file; exit 1 and name every bad row")
-    chk.add_argument("path", help="file, directory, hub id, or demo:preferences / demo:eval")
+    chk.add_argument("path", help="file, directory (its data files in sorted order), hub id, or "
+                     "demo:preferences / demo:eval")
     chk.add_argument("--format", required=True, choices=sorted(D.FORMATS),
                      help="generic holds pairs (a `chosen` column) or evaluation prompts (prompt, label, axiom)")
     chk.add_argument("--instruction", default=None, help="fixed instruction for formats without one")
