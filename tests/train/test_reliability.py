@@ -20,7 +20,7 @@ from ecliptica.config import load_config
 from ecliptica.data import DEMO_PREFERENCES
 from ecliptica.runio import LOCK_NAME, RunDirError
 from ecliptica.train import NonFiniteError, Trainer
-from ecliptica.train.safety import ResumeMismatchError, RunDirInUseError, TrainingWatch
+from ecliptica.train.safety import NothingToResumeError, ResumeMismatchError, RunDirInUseError, TrainingWatch
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CFG = str(ROOT / "configs" / "train_demo_dpo.yaml")
@@ -147,6 +147,92 @@ def test_extending_max_steps_is_the_one_allowed_change(tmp_path, tiny_model_dir)
     Trainer(_cfg(run, tiny_model_dir, **{"train.max_steps": 3, "train.save_every": 1})).setup().train(stop_after=2)
     Trainer(_cfg(run, tiny_model_dir, **{"train.max_steps": 5, "train.save_every": 1})).setup().train(resume=True)
     assert _steps(run) == [1, 2, 3, 4, 5]
+
+
+def _snapshot(run_dir):
+    """Every file of a run directory with its bytes and modification time."""
+    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(Path(run_dir).rglob("*")) if p.is_file()}
+
+
+def _no_model_load(monkeypatch):
+    """Make loading a model fail loudly, so a refusal is proven to come before it."""
+    import ecliptica.train.engine as engine
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine, "load_model", refuse)
+
+
+def _cli_sets(run, model_dir, **extra):
+    return [x for s in _sets(run, model_dir, **extra) for x in ("--set", s)]
+
+
+def test_resume_of_a_finished_run_stops_names_the_differences_and_changes_nothing(tmp_path, tiny_model_dir,
+                                                                                 capsys, monkeypatch):
+    run = tmp_path / "run"
+    Trainer(_cfg(run, tiny_model_dir, **{"train.max_steps": 2})).setup().train()  # save_every 0: no checkpoint
+    before = _snapshot(run)
+    _no_model_load(monkeypatch)
+    capsys.readouterr()
+    rc = main(["train", DEMO_CFG, *_cli_sets(run, tiny_model_dir, **{"train.max_steps": 2, "optimizer.lr": "1e-3",
+                                                                    "seed": 7}), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert f"{run}: the run is finished (2 steps" in err and "nothing to continue" in err
+    assert "optimizer.lr: 0.005 -> 0.001; seed: 0 -> 7" in err and "--overwrite" in err
+    # the same configuration: finished all the same
+    assert main(["train", DEMO_CFG, *_cli_sets(run, tiny_model_dir, **{"train.max_steps": 2}), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "the run is finished" in err and "differs" not in err
+    assert _snapshot(run) == before  # config, metrics, adapter and summary untouched
+
+
+def test_extending_a_finished_run_needs_a_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    run = tmp_path / "run"
+    Trainer(_cfg(run, tiny_model_dir, **{"train.max_steps": 2})).setup().train()  # save_every 0: no checkpoint
+    before = _snapshot(run)
+    with monkeypatch.context() as m:
+        _no_model_load(m)
+        with pytest.raises(NothingToResumeError, match=r"cannot extend the finished run from 2 to train.max_steps=4: "
+                                                       r"it has no checkpoint.*--overwrite.*train.save_every > 0"):
+            Trainer(_cfg(run, tiny_model_dir, **{"train.max_steps": 4}), resume=True).setup()
+    assert _snapshot(run) == before
+    # with a checkpoint, a finished run is extended from it
+    run2 = tmp_path / "run2"
+    Trainer(_cfg(run2, tiny_model_dir, **{"train.max_steps": 3, "train.save_every": 1})).setup().train()
+    Trainer(_cfg(run2, tiny_model_dir, **{"train.max_steps": 5, "train.save_every": 1}), resume=True).setup().train()
+    assert _steps(run2) == [1, 2, 3, 4, 5]
+    assert json.loads((run2 / "summary.json").read_text())["steps"] == 5
+
+
+def test_resume_of_a_run_that_stopped_before_its_first_checkpoint_is_refused(tmp_path, tiny_model_dir, monkeypatch):
+    run = tmp_path / "run"
+    cfg = _cfg(run, tiny_model_dir)  # save_every 0
+    Trainer(cfg).setup().train(stop_after=2)  # as if killed at step 3
+    before = _snapshot(run)
+    with monkeypatch.context() as m:
+        _no_model_load(m)
+        with pytest.raises(NothingToResumeError, match=r"stopped before its first checkpoint \(it holds metrics.jsonl "
+                                                       r"but no checkpoint\).*--overwrite"):
+            Trainer(cfg, resume=True).setup()
+    assert _snapshot(run) == before
+    from ecliptica.train.safety import check_resumable
+
+    check_resumable(tmp_path / "empty", cfg.model_dump(mode="json"))  # nothing there: --resume starts the run
+    # a study owns its run directories and its store knows the run is unfinished: it trains it again
+    Trainer(cfg, resume=True, restart_without_checkpoint=True).setup().train()
+    assert _steps(run) == [1, 2, 3, 4]
+
+
+def test_resume_under_another_config_is_refused_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch):
+    run = tmp_path / "run"
+    Trainer(_cfg(run, tiny_model_dir, **{"train.save_every": 1})).setup().train(stop_after=2)
+    _no_model_load(monkeypatch)
+    with pytest.raises(ResumeMismatchError, match=r"step-2: cannot resume, the configuration differs from the "
+                                                  r"checkpoint's in lora.r: 4 -> 8"):
+        Trainer(_cfg(run, tiny_model_dir, **{"train.save_every": 1, "lora.r": 8}), resume=True).setup()
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous_and_a_torn_log_line_is_tolerated(tmp_path, tiny_model_dir):

@@ -121,9 +121,10 @@ class StudyRunner:
                 print(f"[study] training {rid} ({arm.method}, optimizer={arm.optimizer}, "
                       f"placement={tc.method.placement or 'method default'})", flush=True)
                 self.store.set_status(rid, "training")
-                trainer = Trainer(tc).setup()
+                # the store says this run is unfinished: continue its checkpoint, or train it again without one
+                trainer = Trainer(tc, resume=True, restart_without_checkpoint=True).setup()
                 try:
-                    summary = trainer.train(resume=True)
+                    summary = trainer.train()
                 except Exception as e:
                     self.store.set_status(rid, "failed", error=f"{type(e).__name__}: {e}")
                     raise

@@ -38,8 +38,8 @@ from .offload import resolve_offload
 from .optim import build_optimizer, build_scheduler
 from .policy import PolicyModel
 from .reference import reference_logps
-from .safety import (UpdateSnapshot, TrainingWatch, all_finite, check_fresh_start, check_resume,
-                     nonfinite_names)
+from .safety import (UpdateSnapshot, TrainingWatch, all_finite, check_fresh_start, check_resumable, check_resume,
+                     complete_checkpoints, nonfinite_names)
 from .state_io import load_state, save_state
 from ..runio import DirLock, atomic_dir, atomic_write_text, read_jsonl_tolerant, write_jsonl
 
@@ -113,12 +113,16 @@ def prepare_data(cfg: TrainConfig, tokenizer, placement: str, progress: bool = T
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool | None = None, overwrite: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: bool | None = None, overwrite: bool = False,
+                 restart_without_checkpoint: bool = False):
         """`resume`/`overwrite` given here are checked in setup(), before the model loads; `resume`
-        may instead be passed to train()."""
+        may instead be passed to train(). A resume continues from a checkpoint and refuses a run it cannot
+        continue (safety.check_resumable); `restart_without_checkpoint` instead trains such a run again from
+        step 0, for a caller that owns the run directory and knows the run is unfinished (a study)."""
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.resume, self.overwrite = resume, overwrite
+        self.restart_without_checkpoint = restart_without_checkpoint
         self._lock: DirLock | None = None
         self._start_checked = False
 
@@ -143,6 +147,8 @@ class Trainer:
     def _check_start(self, resume: bool) -> None:
         if int(os.environ.get("RANK", "0")) == 0 and not self._start_checked:
             check_fresh_start(self.run_dir, resume, self.overwrite)
+            if resume and not self.restart_without_checkpoint:
+                check_resumable(self.run_dir, self.cfg.model_dump(mode="json"))
         self._start_checked = True
 
     def _setup(self) -> "Trainer":
@@ -337,8 +343,7 @@ class Trainer:
 
     def _checkpoints(self) -> list[Path]:
         """Complete checkpoints (trainer.json is written last), oldest first."""
-        return sorted((p for p in self.ckpt_root.glob("step-*") if (p / "trainer.json").is_file()),
-                      key=lambda p: int(p.name.split("-")[1]))
+        return complete_checkpoints(self.ckpt_root)
 
     def latest_checkpoint(self) -> Path | None:
         done = self._checkpoints()
