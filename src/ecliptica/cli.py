@@ -200,10 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from safetensors import SafetensorError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError, RuntimeError) as e:  # OSError: names the file (disk full, permissions, ...)
+    # OSError: names the file (disk full, permissions, ...). SafetensorError is no OSError; the writes and reads
+    # that meet one turn it into an error naming the file, and this keeps any other to one line too
+    except (ValueError, OSError, RuntimeError, SafetensorError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -171,6 +171,29 @@ def check_resume(ckpt: Path, meta: dict, config: dict, data_hash: str, max_steps
                                   f"{max_steps}; raise train.max_steps to at least {meta['step']}")
 
 
+# The disk a run needs, estimated from its adapter (the trainable LoRA tensors, as saved): the final adapter
+# twice (the new one is written beside the old before the rename), and with train.save_every, keep_checkpoints + 1
+# checkpoints (the newest is written before the oldest is deleted), each the adapter plus AdamW's two moments,
+# as large as the adapter each. Times DISK_MARGIN, plus DISK_SLACK for config, metrics, logs and TensorBoard events.
+DISK_MARGIN = 1.5
+DISK_SLACK = 16 * 2**20
+CHECKPOINT_ADAPTERS = 3
+
+
+def disk_needed(adapter_bytes: int, save_every: int, keep_checkpoints: int) -> tuple[int, str]:
+    """(bytes a run needs free before it starts, how that was counted)."""
+    from ..runio import format_bytes
+
+    checkpoints = keep_checkpoints + 1 if save_every else 0
+    adapters = 2 + CHECKPOINT_ADAPTERS * checkpoints
+    detail = f"adapter {format_bytes(adapter_bytes)}, x2 for the final one"
+    if checkpoints:
+        detail += (f", {checkpoints} checkpoints (train.keep_checkpoints={keep_checkpoints}, one more while the "
+                   f"newest is written) of about {format_bytes(CHECKPOINT_ADAPTERS * adapter_bytes)} each")
+    detail += f", x{DISK_MARGIN:g} margin, + {format_bytes(DISK_SLACK)} for logs"
+    return int(DISK_MARGIN * adapters * adapter_bytes) + DISK_SLACK, detail
+
+
 def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Device bool: every element of every tensor is finite. The infinity norm is NaN or inf exactly when a
     tensor holds a NaN or an inf (it cannot overflow), and one multi-tensor kernel computes all of them, so
