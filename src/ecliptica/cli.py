@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     mode = tr.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint "
-                      "(refused if the config or data differ; only train.max_steps may change)")
+                      "(refused if the config or data differ, only train.max_steps may change; refused for a "
+                      "finished run and for one with no checkpoint to continue from)")
     mode.add_argument("--overwrite", action="store_true", help="delete an earlier run in run_dir and start again")
     tr.set_defaults(func=cmd_train)
 
