@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..config import without_added_defaults
 
@@ -75,8 +76,6 @@ def finished_steps(run_dir: Path) -> int | None:
 def recorded_config(run_dir: Path) -> tuple[Path, dict] | None:
     """The configuration a run was trained under: its newest checkpoint's (what resume continues), else the
     config.yaml written when it started; None when neither can be read."""
-    import yaml
-
     for ckpt in reversed(complete_checkpoints(run_dir / "checkpoints")):
         try:
             meta = json.loads((ckpt / "trainer.json").read_text())
@@ -118,10 +117,12 @@ def check_resumable(run_dir: Path, config: dict) -> None:
             f"checkpoint to continue from exactly (train.save_every was 0, so only the final adapter was saved, "
             f"without optimizer state). Train it again with --overwrite, with train.save_every > 0 so that a "
             f"later run can be extended")
+    outputs = [n for n in found if n != "checkpoints"]
+    held = f"{', '.join(outputs)} but no checkpoint" if outputs else "only an incomplete checkpoint"
     raise NothingToResumeError(
-        f"{run_dir}: cannot resume: the run stopped before its first checkpoint (it holds {', '.join(found)} but "
-        f"no checkpoint), so there is nothing to continue from. Train it again with --overwrite (train.save_every "
-        f"> 0 writes checkpoints to resume from)")
+        f"{run_dir}: cannot resume: the run stopped before its first checkpoint (it holds {held}), so there is "
+        f"nothing to continue from. Train it again with --overwrite (train.save_every > 0 writes checkpoints to "
+        f"resume from)")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
