@@ -104,6 +104,24 @@ def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
 
 
+def test_atomic_dir_puts_the_old_folder_back_when_the_final_rename_fails(tmp_path, monkeypatch):
+    target = tmp_path / "adapter"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+    real = os.replace
+
+    def replace(src, dst):
+        if ".tmp-" in str(src):  # moving the new folder into place fails (e.g. the directory cannot grow)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError):
+        with atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("2")
+    assert (target / "a.txt").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
 def test_torn_last_line_is_dropped_but_a_broken_middle_line_is_an_error(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')

@@ -15,12 +15,15 @@ from .losses import registry
 
 def _generic_kind(path: str) -> str:
     """`generic` holds either pairs or prompts: a first valid row with a `chosen` column means pairs
-    (a broken first line must not decide it: it is reported as a bad row like any other)."""
+    (a broken first line must not decide it: it is reported as a bad row like any other). A directory is
+    read as `load` reads it: its files in sorted order."""
+    from .data.loaders import data_files
     from .data.readers import iter_rows
 
-    for _, row in iter_rows(path):
-        if isinstance(row, dict):
-            return "preference" if "chosen" in row else "prompt"
+    for f in data_files(path):
+        for _, row in iter_rows(f):
+            if isinstance(row, dict):
+                return "preference" if "chosen" in row else "prompt"
     return "preference"
 
 
@@ -167,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="check and preview data").add_subparsers(dest="data_command", required=True)
     fmts = sorted(D.format_names())
     chk = data.add_parser("check", help="validate a data file; exit 1 and name every bad row")
-    chk.add_argument("path", help="file, directory, hub id, or demo:preferences / demo:eval")
+    chk.add_argument("path", help="file, directory (its data files in sorted order), hub id, or "
+                     "demo:preferences / demo:eval")
     chk.add_argument("--format", required=True, choices=sorted(D.FORMATS),
                      help="generic holds pairs (a `chosen` column) or evaluation prompts (prompt, label, axiom)")
     chk.add_argument("--instruction", default=None, help="fixed instruction for formats without one")
@@ -192,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     mode = tr.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint "
-                      "(refused if the config or data differ; only train.max_steps may change)")
+                      "(refused if the config or data differ, only train.max_steps may change; refused for a "
+                      "finished run and for one with no checkpoint to continue from)")
     mode.add_argument("--overwrite", action="store_true", help="delete an earlier run in run_dir and start again")
     tr.set_defaults(func=cmd_train)
 
@@ -220,10 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from safetensors import SafetensorError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError, RuntimeError) as e:  # OSError: names the file (disk full, permissions, ...)
+    # OSError: names the file (disk full, permissions, ...). SafetensorError is no OSError; the writes and reads
+    # that meet one turn it into an error naming the file, and this keeps any other to one line too
+    except (ValueError, OSError, RuntimeError, SafetensorError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

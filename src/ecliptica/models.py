@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -65,6 +66,27 @@ def embedded_model_dir() -> Path:
 
 def resolve_model_path(name: str) -> str:
     return str(embedded_model_dir()) if name == EMBEDDED_MODEL else name
+
+
+# the embedded model's converted copy (embedded_model_dir), on this machine or the one that trained an adapter
+_EMBEDDED_COPY = re.compile(rf"{re.escape(EMBEDDED_MODEL)}-[0-9a-f]{{12}}")
+# a Hugging Face hub cache snapshot: .../models--<owner>--<name>/snapshots/<revision>
+_HUB_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/[^/]+$")
+
+
+def model_identity(name: str | Path) -> str:
+    """What a model name refers to, so that two names of one model compare equal: the embedded model under its
+    name or as its converted copy's directory (whatever the cache key), a hub cache snapshot as its hub id, an
+    existing local directory as its resolved path, anything else (a hub id) as written. Training loads
+    `resolve_model_path(model.name)`, and PEFT records that as the adapter's base_model_name_or_path."""
+    text = str(name).replace("\\", "/").rstrip("/")
+    if text == EMBEDDED_MODEL or _EMBEDDED_COPY.fullmatch(text.rsplit("/", 1)[-1]):
+        return EMBEDDED_MODEL
+    snapshot = _HUB_SNAPSHOT.search(text)
+    if snapshot:
+        return snapshot["repo"].replace("--", "/", 1)
+    path = Path(text).expanduser()
+    return str(path.resolve()) if path.exists() else text
 
 
 def resolve_dtype(dtype: Dtype) -> torch.dtype:

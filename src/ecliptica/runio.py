@@ -10,6 +10,7 @@ sees the old file or the new one, never a half-written one.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -18,9 +19,11 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 LOCK_NAME = ".ecliptica.lock"
 
@@ -36,6 +39,51 @@ class RunDirError(RuntimeError):
 def unwritable(path: Path, e: OSError) -> RunDirError:
     reason = e.strerror or str(e)
     return RunDirError(f"{path}: cannot write here ({reason}); choose another directory or fix its permissions/space")
+
+
+NO_SPACE = "no space left on device"
+
+
+def write_failure_reason(e: BaseException) -> str:
+    """Why a write failed, in words. safetensors reports a full disk as its own SafetensorError (not an OSError)
+    holding the Rust I/O error, e.g. `IoError(Os { code: 28, kind: StorageFull, ... })`."""
+    if isinstance(e, OSError):
+        return NO_SPACE if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    text = str(e)
+    if "StorageFull" in text or "No space left" in text or "code: 28," in text:
+        return NO_SPACE
+    return text
+
+
+@contextmanager
+def write_errors(path: str | Path, what: str, kept: str | Callable[[], str] = ""):
+    """`with write_errors(p, "the final adapter", "the previous one is kept"):` a failed write under it (a full
+    disk, a read-only or vanished directory) becomes one RunDirError naming `p`, what was being written and why,
+    plus what survives (`kept`; a callable is asked only on failure), instead of a traceback or an OSError that
+    names no file."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        kept = kept() if callable(kept) else kept
+        tail = f"; {kept}" if kept else ""
+        raise RunDirError(f"{path}: cannot write {what}: {write_failure_reason(e)}{tail}") from e
+
+
+def check_free_space(directory: str | Path, needed: int, detail: str) -> None:
+    """Refuse to start work that will need about `needed` bytes under `directory` when its disk has less free."""
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise RunDirError(f"{directory}: not enough free disk space: {format_bytes(free)} free, about "
+                          f"{format_bytes(needed)} needed ({detail}); free some space or choose another directory")
+
+
+def format_bytes(n: int) -> str:
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            break
+        value /= 1024
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
 _held: dict[str, list] = {}  # resolved dir -> [fd, depth]: the lock is re-entrant within one process
@@ -137,6 +185,27 @@ def _describe(info: dict) -> str:
     return what
 
 
+# ------------------------------------------------------------------ names that become paths
+
+def check_path_component(name: str, key: str) -> str:
+    """`name` as one directory entry: a config value that is joined onto a directory (an arm name, an
+    evaluation set's name) must not climb out of it (`..`, an absolute path), nest (`/`, `\\`) or be
+    unusable (empty, `.`, NUL). The error names the config `key`."""
+    problem = None
+    if not isinstance(name, str) or not name:
+        problem = "is empty"
+    elif "\0" in name:
+        problem = "contains a NUL character"
+    elif name in (".", ".."):
+        problem = "names the directory itself or its parent, not an entry of its own"
+    elif "/" in name or "\\" in name:
+        problem = "contains a path separator ('/' or '\\')"
+    if problem:
+        raise ValueError(f"{key}: {name!r} {problem}; it becomes a directory name, so use a single plain name "
+                         f"such as 'dpo_grit'")
+    return name
+
+
 # ------------------------------------------------------------------ atomic writes
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -168,7 +237,12 @@ def atomic_dir(path: str | Path):
         yield tmp
         if path.exists():
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old.exists():  # put the previous version back rather than leave none
+                os.replace(old, path)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

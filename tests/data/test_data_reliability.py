@@ -55,6 +55,25 @@ def test_generic_kind_comes_from_the_first_valid_row(tmp_path, capsys):
     assert "row 1: field '<line>'" in out
 
 
+def test_data_check_reads_a_directory_file_by_file_in_sorted_order(tmp_path, capsys):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    (folder / "b.jsonl").write_text(json.dumps(PAIR | {"chosen": "Red."}) + "\n" + json.dumps({"prompt": "Hi."}) + "\n")
+    (folder / "a.jsonl").write_text("\n".join(json.dumps(PAIR | {"chosen": c}) for c in ("Blue.", "Green.")) + "\n")
+    (folder / "README.md").write_text("not data")
+    assert main(["data", "check", str(folder), "--format", "generic"]) == 1  # b.jsonl row 2 is bad
+    out = capsys.readouterr().out
+    assert f"{folder} [generic]: 4 rows read, 3 valid pairs, 1 bad" in out
+    assert f"{folder / 'b.jsonl'}: row 2: field 'chosen': missing" in out  # the row named in its own file
+    # a directory of prompts is read as prompts, like a file of them
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for name, label in (("1.jsonl", "safe"), ("2.jsonl", "unsafe")):
+        (prompts / name).write_text(json.dumps({"prompt": "Hi.", "label": label, "axiom": "a"}) + "\n")
+    assert main(["data", "check", str(prompts), "--format", "generic"]) == 0
+    assert "[generic-prompts]: 2 rows read, 2 valid prompts, 0 bad" in capsys.readouterr().out
+
+
 def test_crlf_transcripts_parse_like_lf(tmp_path):
     lf = "\n\nHuman: Add 2 and 2.\nShow work.\n\nAssistant: 2+2\n= 4"
     crlf = lf.replace("\n", "\r\n")

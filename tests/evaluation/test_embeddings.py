@@ -169,3 +169,24 @@ def test_cache_hit_is_identical_and_changed_inputs_recompute(tmp_path, handle, t
         embed_prompts(handle, PROMPTS, settings, None).vectors, first.vectors, atol=1e-6)  # recomputed, disabled
     assert len(list(cache.glob("*.safetensors"))) == 4
     assert not list(cache.glob("*.pkl")) and not list(cache.glob("*.tmp*"))
+
+
+def test_full_disk_at_the_embeddings_cache_names_the_file_and_leaves_no_partial_one(tmp_path, monkeypatch):
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
+    from ecliptica.evaluation.embeddings import Embeddings, save_cached
+    from ecliptica.runio import RunDirError
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:  # part of the file is written, then the disk is full
+            f.write(b"\0" * 64)
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    path = tmp_path / "cache" / "k.safetensors"
+    emb = Embeddings(layers=[0], vectors=np.zeros((1, 2, 3), dtype=np.float32))
+    with pytest.raises(RunDirError, match=rf"{path}: cannot write the embeddings cache: no space left on device"):
+        save_cached(path, emb, {})
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -195,3 +195,23 @@ def test_run_that_kills_two_workers_is_failed_and_listed(tmp_path, tiny_model_di
 def test_bad_evaluation_block_fails_when_the_study_loads(tmp_path, override, key):
     with pytest.raises(ValueError, match=rf"(?s)invalid.*configuration.*evaluation.*{key}"):
         load_study(STUDY, [f"study_dir={tmp_path}", override])
+
+
+@pytest.mark.parametrize("bad", ["../../../tmp/x", "/tmp/x", "a/b", "a\\b", "C:\\runs", ".", "..", "", "a\x00b"])
+def test_arm_name_that_is_not_one_plain_path_component_is_refused(tmp_path, bad):
+    arms = [{"name": "baseline", "method": "baseline"}, {"name": "sft", "method": "sft"}, {"name": bad, "method": "dpo"}]
+    with pytest.raises(ValueError, match=r"arms\[2\]\.name: .*becomes a directory name"):
+        load_study(STUDY, [f"study_dir={tmp_path / 'study'}", f"arms={json.dumps(arms)}"])
+    assert not (tmp_path / "study").exists()
+
+
+def test_evaluation_set_name_that_is_not_one_plain_path_component_is_refused(tmp_path):
+    sets = {"test": {"path": "demo:eval"}, "../dev": {"path": "demo:eval"}}
+    with pytest.raises(ValueError, match=r"evaluation_sets .*'\.\./dev' contains a path separator"):
+        load_study(STUDY, [f"study_dir={tmp_path}", f"evaluation_sets={json.dumps(sets)}"])
+    # plain names, dots and non-ASCII letters included, are single entries of the study directory
+    arms = [{"name": "baseline", "method": "baseline"}, {"name": "dpo.v2-α", "method": "dpo"}]
+    sets = {"test": {"path": "demo:eval"}, "dev.1": {"path": "demo:eval"}}
+    cfg = load_study(STUDY, [f"study_dir={tmp_path}", f"arms={json.dumps(arms)}", "calibration.arms=null",
+                             "evaluation.data={}", f"evaluation_sets={json.dumps(sets)}"])
+    assert Path(cfg.arm_config(cfg.arms[1], 3).run_dir) == tmp_path / "runs" / "dpo.v2-α-s3"

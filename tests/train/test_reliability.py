@@ -20,7 +20,7 @@ from ecliptica.config import load_config
 from ecliptica.data import DEMO_PREFERENCES
 from ecliptica.runio import LOCK_NAME, RunDirError
 from ecliptica.train import NonFiniteError, Trainer
-from ecliptica.train.safety import ResumeMismatchError, RunDirInUseError, TrainingWatch
+from ecliptica.train.safety import NothingToResumeError, ResumeMismatchError, RunDirInUseError, TrainingWatch
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CFG = str(ROOT / "configs" / "train_demo_dpo.yaml")
@@ -149,6 +149,92 @@ def test_extending_max_steps_is_the_one_allowed_change(tmp_path, tiny_model_dir)
     assert _steps(run) == [1, 2, 3, 4, 5]
 
 
+def _snapshot(run_dir):
+    """Every file of a run directory with its bytes and modification time."""
+    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(Path(run_dir).rglob("*")) if p.is_file()}
+
+
+def _no_model_load(monkeypatch):
+    """Make loading a model fail loudly, so a refusal is proven to come before it."""
+    import ecliptica.train.engine as engine
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine, "load_model", refuse)
+
+
+def _cli_sets(run, model_dir, **extra):
+    return [x for s in _sets(run, model_dir, **extra) for x in ("--set", s)]
+
+
+def test_resume_of_a_finished_run_stops_names_the_differences_and_changes_nothing(tmp_path, tiny_model_dir,
+                                                                                 capsys, monkeypatch):
+    run = tmp_path / "run"
+    Trainer(_cfg(run, tiny_model_dir, **{"train.max_steps": 2})).setup().train()  # save_every 0: no checkpoint
+    before = _snapshot(run)
+    _no_model_load(monkeypatch)
+    capsys.readouterr()
+    rc = main(["train", DEMO_CFG, *_cli_sets(run, tiny_model_dir, **{"train.max_steps": 2, "optimizer.lr": "1e-3",
+                                                                    "seed": 7}), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert f"{run}: the run is finished (2 steps" in err and "nothing to continue" in err
+    assert "optimizer.lr: 0.005 -> 0.001; seed: 0 -> 7" in err and "--overwrite" in err
+    # the same configuration: finished all the same
+    assert main(["train", DEMO_CFG, *_cli_sets(run, tiny_model_dir, **{"train.max_steps": 2}), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "the run is finished" in err and "differs" not in err
+    assert _snapshot(run) == before  # config, metrics, adapter and summary untouched
+
+
+def test_extending_a_finished_run_needs_a_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    run = tmp_path / "run"
+    Trainer(_cfg(run, tiny_model_dir, **{"train.max_steps": 2})).setup().train()  # save_every 0: no checkpoint
+    before = _snapshot(run)
+    with monkeypatch.context() as m:
+        _no_model_load(m)
+        with pytest.raises(NothingToResumeError, match=r"cannot extend the finished run from 2 to train.max_steps=4: "
+                                                       r"it has no checkpoint.*--overwrite.*train.save_every > 0"):
+            Trainer(_cfg(run, tiny_model_dir, **{"train.max_steps": 4}), resume=True).setup()
+    assert _snapshot(run) == before
+    # with a checkpoint, a finished run is extended from it
+    run2 = tmp_path / "run2"
+    Trainer(_cfg(run2, tiny_model_dir, **{"train.max_steps": 3, "train.save_every": 1})).setup().train()
+    Trainer(_cfg(run2, tiny_model_dir, **{"train.max_steps": 5, "train.save_every": 1}), resume=True).setup().train()
+    assert _steps(run2) == [1, 2, 3, 4, 5]
+    assert json.loads((run2 / "summary.json").read_text())["steps"] == 5
+
+
+def test_resume_of_a_run_that_stopped_before_its_first_checkpoint_is_refused(tmp_path, tiny_model_dir, monkeypatch):
+    run = tmp_path / "run"
+    cfg = _cfg(run, tiny_model_dir)  # save_every 0
+    Trainer(cfg).setup().train(stop_after=2)  # as if killed at step 3
+    before = _snapshot(run)
+    with monkeypatch.context() as m:
+        _no_model_load(m)
+        with pytest.raises(NothingToResumeError, match=r"stopped before its first checkpoint \(it holds metrics.jsonl "
+                                                       r"but no checkpoint\).*--overwrite"):
+            Trainer(cfg, resume=True).setup()
+    assert _snapshot(run) == before
+    from ecliptica.train.safety import check_resumable
+
+    check_resumable(tmp_path / "empty", cfg.model_dump(mode="json"))  # nothing there: --resume starts the run
+    # a study owns its run directories and its store knows the run is unfinished: it trains it again
+    Trainer(cfg, resume=True, restart_without_checkpoint=True).setup().train()
+    assert _steps(run) == [1, 2, 3, 4]
+
+
+def test_resume_under_another_config_is_refused_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch):
+    run = tmp_path / "run"
+    Trainer(_cfg(run, tiny_model_dir, **{"train.save_every": 1})).setup().train(stop_after=2)
+    _no_model_load(monkeypatch)
+    with pytest.raises(ResumeMismatchError, match=r"step-2: cannot resume, the configuration differs from the "
+                                                  r"checkpoint's in lora.r: 4 -> 8"):
+        Trainer(_cfg(run, tiny_model_dir, **{"train.save_every": 1, "lora.r": 8}), resume=True).setup()
+
+
 def test_corrupt_checkpoint_falls_back_to_the_previous_and_a_torn_log_line_is_tolerated(tmp_path, tiny_model_dir):
     full = tmp_path / "full"
     Trainer(_cfg(full, tiny_model_dir, **{"train.save_every": 1})).setup().train()
@@ -209,6 +295,97 @@ def test_skip_undoes_a_nonfinite_update_and_saves_a_finite_adapter(tmp_path, tin
     # every update was undone, so the adapter is still PEFT's initial one: lora_B exactly zero
     b = [t for k, t in weights.items() if "lora_B" in k]
     assert b and all(bool((t == 0).all()) for t in b)
+
+
+# ------------------------------------------------------------------ a full disk
+
+# what safetensors raises when the disk fills: its own error type, not an OSError
+FULL_DISK = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+
+def _disk_full_for_final_adapters(monkeypatch):
+    """PEFT's adapter writes fail as on a full disk, except inside checkpoints/."""
+    import peft.peft_model
+    from safetensors import SafetensorError
+
+    real = peft.peft_model.safe_save_file
+
+    def save(tensors, filename, *a, **k):
+        if "checkpoints" not in str(filename):
+            raise SafetensorError(FULL_DISK)
+        return real(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", save)
+
+
+def test_full_disk_at_the_final_adapter_is_one_line_and_keeps_the_old_adapter_and_checkpoints(
+        tmp_path, tiny_model_dir, capsys, monkeypatch):
+    run = tmp_path / "run"
+    Trainer(_cfg(run, tiny_model_dir, **{"train.max_steps": 3, "train.save_every": 1})).setup().train()
+    old_adapter, old_summary = _snapshot(run / "adapter"), (run / "summary.json").read_bytes()
+    _disk_full_for_final_adapters(monkeypatch)
+    capsys.readouterr()
+    rc = main(["train", DEMO_CFG, *_cli_sets(run, tiny_model_dir, **{"train.max_steps": 5, "train.save_every": 1}),
+               "--resume"])
+    err = capsys.readouterr().err  # progress bars, then the error
+    assert rc == 2 and "Traceback" not in err and len([x for x in err.splitlines() if x.startswith("error:")]) == 1
+    assert f"{run / 'adapter'}: cannot write the final adapter: no space left on device" in err
+    assert f"the last good checkpoint, {run / 'checkpoints' / 'step-4'}, is kept" in err
+    assert _snapshot(run / "adapter") == old_adapter and (run / "summary.json").read_bytes() == old_summary
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".adapter")) == []  # no partial folder left
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-3", "step-4"]
+    assert _all_finite(run / "checkpoints" / "step-4" / "adapter" / "adapter_model.safetensors")
+
+
+def test_full_disk_at_a_checkpoint_names_it_and_keeps_the_previous_one(tmp_path, tiny_model_dir, monkeypatch):
+    import errno
+
+    import ecliptica.train.state_io as state_io
+
+    real, calls = state_io.save_file, {"n": 0}
+
+    def save(tensors, filename, *a, **k):  # the second checkpoint's optimizer state fills the disk
+        calls["n"] += 1
+        if "step-2" in str(filename):
+            raise OSError(errno.ENOSPC, "No space left on device")  # a failed write() names no file
+        return real(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(state_io, "save_file", save)
+    run = tmp_path / "run"
+    with pytest.raises(RunDirError, match=rf"{run / 'checkpoints' / 'step-2'}: cannot write the checkpoint: no space "
+                                          rf"left on device; the last good checkpoint, .*step-1, is kept"):
+        Trainer(_cfg(run, tiny_model_dir, **{"train.save_every": 1})).setup().train()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"]  # no partial step-2, no temp folder
+    assert _all_finite(run / "checkpoints" / "step-1" / "adapter" / "adapter_model.safetensors")
+    assert json.loads((run / "checkpoints" / "step-1" / "trainer.json").read_text())["step"] == 1
+
+
+def _lora_bytes_of_the_tiny_model(r=4):
+    """fp32 LoRA tensors on the 7 projections of its 2 layers: r x (in + out) values each (hidden 32, 4 heads of 8,
+    2 key/value heads, intermediate 64)."""
+    in_out = {"q": (32, 32), "k": (32, 16), "v": (32, 16), "o": (32, 32), "gate": (32, 64), "up": (32, 64),
+              "down": (64, 32)}
+    return 2 * sum(r * (i + o) for i, o in in_out.values()) * 4
+
+
+@pytest.mark.parametrize("save_every, adapters", [(0, 2), (1, 2 + 3 * 3)])
+def test_too_little_free_disk_space_is_refused_before_training(tmp_path, tiny_model_dir, monkeypatch, save_every,
+                                                               adapters):
+    import shutil
+
+    needed = int(1.5 * adapters * _lora_bytes_of_the_tiny_model()) + 16 * 2**20  # docs/reliability.md
+    free = {"bytes": needed - 1}
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=free["bytes"]))
+    run = tmp_path / "run"
+    cfg = _cfg(run, tiny_model_dir, **{"train.save_every": save_every, "train.keep_checkpoints": 2})
+    mib = f"{needed / 2**20:.1f} MiB"
+    with pytest.raises(RunDirError, match=rf"{run}: not enough free disk space: {mib} free, about {mib} needed "
+                                          rf"\(adapter 16.0 KiB"):
+        Trainer(cfg).setup()
+    assert not (run / "metrics.jsonl").exists()
+    free["bytes"] = needed  # just enough
+    Trainer(cfg).setup()
 
 
 # ------------------------------------------------------------------ numbers validated before any work

@@ -292,7 +292,9 @@ class Loaded:
     filtered: Counter = field(default_factory=Counter)
 
 
-def _files(spec: str | Path) -> list[Path | str]:
+def data_files(spec: str | Path) -> list[Path | str]:
+    """What `load` reads for `spec`: a directory's files in sorted order (hidden files and READMEs left out),
+    else `spec` itself (a file or a hub id)."""
     p = Path(spec)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith((".", "README")))
@@ -317,7 +319,7 @@ def load(spec: str | Path, format: str, *, kind: str | None = None, on_bad_row: 
     opts = options or LoadOptions()
     report = LoadReport(str(spec), format)
     examples, filtered = [], Counter()
-    for f in _files(spec):
+    for f in data_files(spec):
         src = opts.source_name or Path(str(f)).name
         for row_no, row in iter_rows(f, split=split):
             if limit is not None and len(examples) >= limit:

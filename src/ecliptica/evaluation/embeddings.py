@@ -36,6 +36,7 @@ from ecliptica.data import PromptExample
 from ecliptica.evaluation.config import EmbeddingsSection
 from ecliptica.evaluation.inputs import encode, length_sorted_batches, model_device, pad_batch, render_user_prompt
 from ecliptica.evaluation.prompts import prompts_hash
+from ecliptica.runio import write_errors
 
 CACHE_VERSION = 2  # bump when the computation changes, so old cache files are never reused
 PLACEHOLDER = "ECLIPTICA_USER_TEXT_PLACEHOLDER"  # stands in for the user's text when locating it
@@ -212,11 +213,16 @@ def cache_key(identity: dict[str, Any], prompts: Sequence[PromptExample], settin
 def save_cached(path: Path, emb: Embeddings, payload: dict[str, Any]) -> None:
     from safetensors.numpy import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tensors = {"vectors": np.ascontiguousarray(emb.vectors), "layers": np.asarray(emb.layers, dtype=np.int64)}
-    save_file(tensors, str(tmp), metadata={"key_payload": json.dumps(payload), "info": json.dumps(emb.info)})
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache file
+    # a full disk is named with the cache file (safetensors' own error names none) and leaves no partial file
+    with write_errors(path, "the embeddings cache", "set cache_dir to a disk with space"):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(tmp), metadata={"key_payload": json.dumps(payload), "info": json.dumps(emb.info)})
+            os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache file
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def load_cached(path: Path) -> Embeddings:

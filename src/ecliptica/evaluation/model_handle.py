@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ecliptica.config import InferenceModelSection
+from ecliptica.evaluation.adapter_check import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, check_adapter_files,
+                                                check_adapter_fits)
 from ecliptica.evaluation.inputs import inference_device
 from ecliptica.models import load_model, load_tokenizer, resolve_model_path
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
@@ -99,18 +99,28 @@ class ModelHandle:
         return "nf4" if self.is_4bit else str(next(self.base.parameters()).dtype).replace("torch.", "")
 
     def set_adapter(self, path: str | Path | None) -> None:
-        """Evaluate with the LoRA adapter saved at `path` (unmerged), or with none (the base)."""
+        """Evaluate with the LoRA adapter saved at `path` (unmerged), or with none (the base). The adapter is
+        checked first (adapter_check): readable, finite, trained on this base, and shaped for its layers."""
         if path is None:
             self.adapter_path = self.adapter_hash = None
             return
         from peft import PeftModel
 
+        config, tensors = check_adapter_files(path, self.name)
+        check_adapter_fits(path, config, tensors, self.base)
+        del tensors
         digest = adapter_hash(path)
         name = f"eval_{digest[:12]}"
-        if self._peft is None:
-            self._peft = PeftModel.from_pretrained(self.base, str(path), adapter_name=name, is_trainable=False)
-        elif name not in self._peft.peft_config:
-            self._peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        try:
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self.base, str(path), adapter_name=name, is_trainable=False)
+            elif name not in self._peft.peft_config:
+                self._peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        except (RuntimeError, ValueError, KeyError) as e:  # what the checks above do not foresee, in one line
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+            first = next((x for x in lines if "size mismatch" in x), lines[0] if lines else type(e).__name__)
+            more = f" (and {len(lines) - 1} more lines)" if len(lines) > 1 else ""
+            raise AdapterError(f"{path}: PEFT cannot load this adapter onto {self.name}: {first}{more}") from e
         self._peft.set_adapter(name)
         for old in [a for a in self._peft.peft_config if a != name]:
             self._peft.delete_adapter(old)  # one arm at a time: don't accumulate adapters in memory

@@ -16,6 +16,7 @@ from typing import Any
 
 from ecliptica.data import PromptExample
 from ecliptica.evaluation.behaviour import handle_generator, handle_renderer, run_behaviour, run_jailbreaks
+from ecliptica.evaluation.adapter_check import check_adapter_files
 from ecliptica.evaluation.config import EvalConfig
 from ecliptica.evaluation.discriminant import headline_band
 from ecliptica.evaluation.drift import load_benign_pairs, run_drift
@@ -51,8 +52,11 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, prompts: Seq
 
     `handle`: an already-loaded base (its adapter is switched to cfg.adapter); `prompts`: reuse a
     loaded prompt set; `judge`: a refusal judge instead of the one `behaviour.judge` names. out_dir is
-    locked (one evaluation writes it at a time) before the model loads.
+    locked (one evaluation writes it at a time) before the model loads. The adapter's files are checked before
+    anything is written (adapter_check), its fit to the base once the base is loaded.
     """
+    if cfg.adapter is not None:
+        check_adapter_files(cfg.adapter, handle.name if handle is not None else cfg.model.name)
     with DirLock(cfg.out_dir, "eval"):
         return _run_eval(cfg, handle=handle, prompts=prompts, judge=judge)
 

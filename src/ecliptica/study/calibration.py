@@ -176,12 +176,13 @@ def _train_and_score(tc: TrainConfig, benign, cfg: StudyConfig) -> dict:
     from ..train import Trainer
 
     examples, drift = benign
-    trainer = Trainer(tc).setup()
+    # the store says this point is unscored: continue its checkpoint, or train it again without one
+    trainer = Trainer(tc, resume=True, restart_without_checkpoint=True).setup()
     try:
         if trainer.val_data is None or not trainer.val_data.pairs:
             raise ValueError(f"{tc.data.path}: the validation split is empty (val_fraction {tc.data.val_fraction}); "
                              "calibration needs validation pairs")
-        summary = trainer.train(resume=True)
+        summary = trainer.train()
         policy = trainer.accelerator.unwrap_model(trainer.policy)
         pad, bs = trainer.tokenizer.pad_token_id, cfg.calibration.batch_size
         val = preference_scores(policy, trainer.val_data.pairs, pad, beta=cfg.calibration.reward_beta, batch_size=bs)

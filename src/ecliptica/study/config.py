@@ -17,6 +17,7 @@ from ..config import Strict, TrainConfig, apply_overrides
 from ..data.formatting import Placement
 from ..evaluation.config import EvalDataSection, EvalSettings
 from ..losses import registry
+from ..runio import check_path_component
 from .design import BASE_METHODS, Question, ReportSettings, default_questions
 
 __all__ = ["ArmSpec", "CalibrationSection", "StudyConfig", "BASE_METHODS", "Question", "ReportSettings",
@@ -97,6 +98,12 @@ class StudyConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        # names joined onto study_dir: run ids and calibration points (runs/<arm>-s<seed>,
+        # calibration/<arm>-lr<lr>) and evaluation sets (runs/<run>/eval/<set>) must stay inside it
+        for i, arm in enumerate(self.arms):
+            check_path_component(arm.name, f"arms[{i}].name")
+        for name in self.evaluation_sets:
+            check_path_component(name, "evaluation_sets (a set's name)")
         names = [a.name for a in self.arms]
         if len(set(names)) != len(names):
             raise ValueError(f"arm names must be unique, got {names}")

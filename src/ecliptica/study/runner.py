@@ -131,8 +131,9 @@ class StudyRunner:
             self.store.set_status(rid, "training")
             trainer = None
             try:  # setup too: a run that cannot even start is failed, with why, not left for the next worker
-                trainer = Trainer(tc).setup()
-                summary = trainer.train(resume=True)
+                # the store says this run is unfinished: continue its checkpoint, or train it again without one
+                trainer = Trainer(tc, resume=True, restart_without_checkpoint=True).setup()
+                summary = trainer.train()
             except Exception as e:
                 self.store.set_status(rid, "failed", error=f"{type(e).__name__}: {e}")
                 raise

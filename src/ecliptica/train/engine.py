@@ -38,10 +38,11 @@ from .offload import resolve_offload
 from .optim import build_optimizer, build_scheduler
 from .policy import PolicyModel
 from .reference import reference_logps
-from .safety import (UpdateSnapshot, TrainingWatch, all_finite, check_fresh_start, check_resume,
-                     nonfinite_names)
+from .safety import (UpdateSnapshot, TrainingWatch, all_finite, check_fresh_start, check_resumable, check_resume,
+                     complete_checkpoints, disk_needed, nonfinite_names)
 from .state_io import load_state, save_state
-from ..runio import DirLock, atomic_dir, atomic_write_text, read_jsonl_tolerant, write_jsonl
+from ..runio import (DirLock, atomic_dir, atomic_write_text, check_free_space, read_jsonl_tolerant, write_errors,
+                     write_jsonl)
 
 
 class NonFiniteError(RuntimeError):
@@ -113,12 +114,16 @@ def prepare_data(cfg: TrainConfig, tokenizer, placement: str, progress: bool = T
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool | None = None, overwrite: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: bool | None = None, overwrite: bool = False,
+                 restart_without_checkpoint: bool = False):
         """`resume`/`overwrite` given here are checked in setup(), before the model loads; `resume`
-        may instead be passed to train()."""
+        may instead be passed to train(). A resume continues from a checkpoint and refuses a run it cannot
+        continue (safety.check_resumable); `restart_without_checkpoint` instead trains such a run again from
+        step 0, for a caller that owns the run directory and knows the run is unfinished (a study)."""
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.resume, self.overwrite = resume, overwrite
+        self.restart_without_checkpoint = restart_without_checkpoint
         self._lock: DirLock | None = None
         self._start_checked = False
 
@@ -143,6 +148,8 @@ class Trainer:
     def _check_start(self, resume: bool) -> None:
         if int(os.environ.get("RANK", "0")) == 0 and not self._start_checked:
             check_fresh_start(self.run_dir, resume, self.overwrite)
+            if resume and not self.restart_without_checkpoint:
+                check_resumable(self.run_dir, self.cfg.model_dump(mode="json"))
         self._start_checked = True
 
     def _setup(self) -> "Trainer":
@@ -177,6 +184,10 @@ class Trainer:
         model = load_model(cfg.model)
         model = apply_lora(model, cfg.lora, cfg.model.gradient_checkpointing)
         self.param_summary = describe_parameters(model)
+        if acc.is_main_process:  # now that the adapter's size is known, and before any step is spent
+            adapter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+            t = cfg.train
+            check_free_space(self.run_dir, *disk_needed(adapter_bytes, t.save_every, t.keep_checkpoints))
         self.packed_attention = resolve_packed_attention(cfg.train.packed_attention, acc.device,
                                                          cfg.model.attn_implementation)
         self.offload_activations = resolve_offload(cfg.train.offload_activations, acc.device,
@@ -345,8 +356,7 @@ class Trainer:
 
     def _checkpoints(self) -> list[Path]:
         """Complete checkpoints (trainer.json is written last), oldest first."""
-        return sorted((p for p in self.ckpt_root.glob("step-*") if (p / "trainer.json").is_file()),
-                      key=lambda p: int(p.name.split("-")[1]))
+        return complete_checkpoints(self.ckpt_root)
 
     def latest_checkpoint(self) -> Path | None:
         done = self._checkpoints()
@@ -367,7 +377,8 @@ class Trainer:
         if acc.is_main_process:
             final = self.ckpt_root / f"step-{step}"
             self._finite_adapter(str(final))
-            with atomic_dir(final) as tmp:  # a checkpoint exists only once it is complete
+            with write_errors(final, "the checkpoint", self._what_is_kept), \
+                    atomic_dir(final) as tmp:  # a checkpoint exists only once it is complete
                 self.peft_model.save_pretrained(tmp / "adapter")
                 save_state(self.optimizer.state_dict(), tmp / "optimizer")
                 save_state(self.scheduler.state_dict(), tmp / "scheduler")
@@ -381,6 +392,14 @@ class Trainer:
             for old in sorted(self.ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-self.cfg.train.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
+
+    def _what_is_kept(self) -> str:
+        """For a failed write: what the run still has to continue from."""
+        last = self.latest_checkpoint()
+        if last is not None:
+            return f"the last good checkpoint, {last}, is kept: free some space, then resume with --resume"
+        return ("there is no checkpoint to continue from (train.save_every: 0), so this training is lost: free some "
+                "space and train again")
 
     def resume_latest(self) -> int:
         """Load the newest checkpoint that reads back whole and finite (older ones are tried, with a
@@ -465,7 +484,7 @@ class Trainer:
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == end:
                 acc.log(m, step=step + 1)
                 if acc.is_main_process:
-                    with metrics_path.open("a") as f:
+                    with write_errors(metrics_path, "the metrics log", self._what_is_kept), metrics_path.open("a") as f:
                         f.write(json.dumps({"step": step + 1, **m}) + "\n")
             bar.set_postfix(loss=f"{result.loss:.4f}")
             bar.update(1)
@@ -510,10 +529,13 @@ class Trainer:
             warnings.warn(f"all {self.nonfinite_skipped} steps were skipped as non-finite: the adapter in "
                           f"{self.run_dir / 'adapter'} is untrained; lower optimizer.lr", RuntimeWarning, stacklevel=2)
         if acc.is_main_process:
-            self._finite_adapter(str(self.run_dir / "adapter"))
-            with atomic_dir(self.run_dir / "adapter") as tmp:
+            adapter = self.run_dir / "adapter"
+            self._finite_adapter(str(adapter))
+            kept = f"the previous adapter/ and summary.json, if any, are kept; {self._what_is_kept()}"
+            with write_errors(adapter, "the final adapter", kept), atomic_dir(adapter) as tmp:
                 self.peft_model.save_pretrained(tmp)
-            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+            with write_errors(self.run_dir / "summary.json", "the run summary", self._what_is_kept):
+                atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return summary
 
 
