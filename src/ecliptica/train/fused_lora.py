@@ -48,7 +48,7 @@ def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             or (x.dtype != lora_A.dtype and not torch.is_autocast_enabled(x.device.type))):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
-    # through the lora_A module, not its weight: GRIT's factor hooks sit on it (grit/factors.py)
+    # through the lora_A module, not its weight: GRIT's factor tap is a forward hook on it (grit/factors.py)
     down = self.lora_A[name](self.lora_dropout[name](x))
     out = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]),
                       self.lora_B[name].weight.t(), alpha=self.scaling[name])
