@@ -20,7 +20,7 @@ TRL row), 4bit-nofusedlora, 4bit-nf4bnb (bitsandbytes' NF4 ops instead of train/
 --unsloth-site DIR: Unsloth (FastLanguageModel + TRL DPOTrainer) in its own process and install target
 (benchmarks/unsloth_dpo.py), 16-bit and 4-bit, recorded as `unsloth_dpo` / `unsloth_dpo_4bit` rows.
 Definitions: see benchmarks/_common.py.
-Writes benchmarks/results/throughput_{method}_{shape}_gc{0,1}.json (and copies to $OUT when set).
+Writes throughput_{method}_{shape}_gc{0,1}.json to --results (default runs/benchmarks/) and copies them to $OUT when set.
 """
 from __future__ import annotations
 
