@@ -44,7 +44,8 @@ def add_common_args(ap) -> None:
     ap.add_argument("--tok", default=".carry/tok")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--vocab", type=int, default=128256)
-    ap.add_argument("--results", default="benchmarks/results")
+    ap.add_argument("--results", default="runs/benchmarks",
+                    help="output folder (git-ignored); results worth keeping are committed under results/benchmarks/<set>/")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip runs that start after this many seconds")
     ap.add_argument("--no-cudnn-sdpa", action="store_true",
                     help="torch.backends.cuda.enable_cudnn_sdp(False) for every run, ours and TRL alike")
@@ -353,7 +354,8 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def out_dirs(default: str) -> list[Path]:
-    """Results go to benchmarks/results/ and, on the device machine, also to $OUT (which comes back)."""
+    """Results go to --results (default runs/benchmarks/, git-ignored) and, on the device machine, also to $OUT
+    (which comes back). Sets worth keeping are committed under results/benchmarks/ and listed in results/README.md."""
     dirs = [Path(default)]
     if os.environ.get("OUT"):
         dirs.append(Path(os.environ["OUT"]))

@@ -8,8 +8,8 @@ Two Gaussian classes of n/2 prompts each, unit within-class variance.
   prompt set of that size; estimated from extra simulated data sets without a bootstrap). The
   infinite-data value (Bayes direction) is shown too: the cross-fitted estimate sits below it
   because a direction learned from n prompts is worse than the true one.
-* Geometric AQI (secondary): a gap of `shift` in every coordinate, as in issue #14's examples; the
-  target is the closed-form population value.
+* Geometric AQI (secondary): a gap of `shift` in every coordinate (the geometric rows of docs/aqi.md's
+  coverage table); the target is the closed-form population value.
 
     PYTHONPATH=src python benchmarks/aqi_interval_coverage.py [--reps 100]
 """

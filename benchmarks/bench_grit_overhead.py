@@ -8,7 +8,7 @@ optimizer.name=adamw vs grit with GritConfig defaults (src/ecliptica/grit/config
 last step (valid share, damping, preconditioned/raw gradient ratio) and its summary block are recorded with its
 timings, so a run where GRIT did nothing cannot pass for a cheap one. Timing/memory as in
 benchmarks/_common.py (first 2 steps skipped). Targets: step-time ratio <= 1.10, peak-memory ratio <= 1.02.
-Writes benchmarks/results/grit_overhead.json (and $OUT/grit_overhead.json when OUT is set).
+Writes grit_overhead.json to --results (default runs/benchmarks/) and to $OUT when set.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ step); max length 1024; SDPA; the first 400 usable HH-RLHF harmless test pairs r
 template; gradient checkpointing on and off. Comparisons: DPO vs TRL DPOTrainer, CITA (token_kl) vs TRL DPOTrainer
 (TRL has no CITA: the anchor), SFT vs TRL SFTTrainer. The plain `dpo`/`cita`/`sft` rows are the engine's DEFAULT
 settings (micro_batch_tokens auto, packed_attention auto: varlen on CUDA, compile_layers auto: on on CUDA); each
-row records what they chose. Extra rows (--variants): mb8 (one micro-batch of 8 pairs), plain (the session-3
-default: micro_batch_size x grad_accum, dense mask, eager), sized (auto sizing, dense mask, eager), dense / flex /
+row records what they chose. Extra rows (--variants): mb8 (one micro-batch of 8 pairs), plain (no speed-up:
+micro_batch_size x grad_accum, dense mask, eager), sized (auto sizing, dense mask, eager), dense / flex /
 eager / nooffload / nofusedlora / fused (the defaults with one part switched back), liger (eager layers with liger-kernel's
 RMSNorm, SwiGLU and RoPE; needs liger-kernel), ligercompiled (the defaults with liger-kernel's kernels), memG (auto
 sized to G GiB), tokN / tokNcM (fixed budget N [+ chunk M]), chunkM, 4bit (ours default vs TRL, both on the saved
@@ -20,7 +20,7 @@ TRL row), 4bit-nofusedlora, 4bit-nf4bnb (bitsandbytes' NF4 ops instead of train/
 --unsloth-site DIR: Unsloth (FastLanguageModel + TRL DPOTrainer) in its own process and install target
 (benchmarks/unsloth_dpo.py), 16-bit and 4-bit, recorded as `unsloth_dpo` / `unsloth_dpo_4bit` rows.
 Definitions: see benchmarks/_common.py.
-Writes benchmarks/results/throughput_{method}_{shape}_gc{0,1}.json (and copies to $OUT when set).
+Writes throughput_{method}_{shape}_gc{0,1}.json to --results (default runs/benchmarks/) and copies them to $OUT when set.
 """
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def variant_settings(v: str) -> dict:
         kw = dict(tokens=int(tok), chunk=int(chunk) if chunk else None, tag="_" + v)
     elif v.startswith("chunk"):
         kw = dict(chunk=int(v[5:]), tag="_" + v)
-    elif v == "plain":  # the old default: micro_batch_size x grad_accum, dense block mask, eager
+    elif v == "plain":  # no speed-up: micro_batch_size x grad_accum, dense block mask, eager layers
         kw = dict(train_extra={"micro_batch_tokens": None, "packed_attention": "dense",
                                "compile_layers": "off"}, tag="_plain")
     elif v == "dense":  # defaults but a dense block mask: what the packed-attention kernel adds
@@ -200,7 +200,7 @@ def variant_settings(v: str) -> dict:
         kw = dict(train_extra={"nf4_kernel": "bitsandbytes"}, tag="_nf4bnb")
     elif v == "nooffload":  # defaults but no activation offloading (changes something with gc on)
         kw = dict(train_extra={"offload_activations": "off"}, tag="_nooffload")
-    elif v == "sized":  # the session-4 default: auto sizing, dense mask, eager layers
+    elif v == "sized":  # auto sizing alone: dense mask, eager layers
         kw = dict(train_extra={"packed_attention": "dense", "compile_layers": "off"}, tag="_sized")
     elif v.startswith("mem"):  # auto sizing to a peak budget, e.g. TRL's peak
         kw = dict(train_extra={"memory_budget_gib": float(v[3:])}, tag="_" + v)

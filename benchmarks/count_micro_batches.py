@@ -1,7 +1,8 @@
 """How many micro-batches the engine's token-budget split makes over a benchmark's steps, per budget (CPU).
 
-The 4-bit step is host-bound: its time goes with the number of micro-batches, not their tokens (docs/benchmarks.md,
-"Speed v7"). This counts them for the benchmarks' data, seed and 8 pairs per step, with the engine's own splitter
+The 4-bit step is host-bound: its time goes with the number of micro-batches, not their tokens
+(docs/archive/benchmarks_history.md, "Why the 4-bit budget misses 1.5x at Unsloth's peak"). This counts them for
+the benchmarks' data, seed and 8 pairs per step, with the engine's own splitter
 (`Trainer.step_micro_batches`), next to the least any split could make (ceil(step tokens / budget)).
 
     PYTHONPATH=src python benchmarks/count_micro_batches.py --data .carry/hh_test.jsonl.gz --tok .carry/tok \

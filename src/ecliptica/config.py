@@ -113,7 +113,9 @@ class TrainSection(Strict):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     packing: bool = True
     # Response tokens per LM-head chunk (train/policy.py): each holds up to three [chunk x vocabulary] fp32 buffers.
-    # 256 since session 13 (was 1024; config.CHANGED_DEFAULTS): CITA's peak 0.15 GiB lower at the same speed.
+    # 256 rather than 1024: CITA's peak 0.15 GiB lower at the same speed (measured:
+    # docs/archive/benchmarks_history.md, "NF4 dequantisation inside the compiled layer", call 4).
+    # CHANGED_DEFAULTS keeps configs fingerprinted at 1024 resumable.
     logp_chunk_size: int = Field(default=256, ge=1)
     log_every: int = Field(default=1, ge=1)
     save_every: int = Field(default=0, ge=0)  # 0 = only at the end
@@ -179,8 +181,9 @@ def config_hash(d: dict) -> str:
 # Settings added after runs and studies already existed, with their defaults. At the default they are left out of
 # a config's fingerprint (TrainConfig.hash, a study's run hashes) and out of resume comparisons, so a run or study
 # begun before the setting existed goes on. Only settings that change speed or memory, never what is computed
-# beyond rounding, belong here (fused_lora: benchmarks/verify_kernels.py, docs/benchmarks.md "Speed v7"; nf4_kernel:
-# tests/train/test_nf4.py, "Speed v8").
+# beyond rounding, belong here (fused_lora: benchmarks/verify_kernels.py and docs/archive/benchmarks_history.md,
+# "a fused LoRA projection"; nf4_kernel: tests/train/test_nf4.py and the same file, "NF4 dequantisation inside the
+# compiled layer").
 ADDED_SETTINGS = {("train", "fused_lora"): "auto", ("train", "nf4_kernel"): "auto"}
 
 
@@ -188,7 +191,8 @@ ADDED_SETTINGS = {("train", "fused_lora"): "auto", ("train", "nf4_kernel"): "aut
 # holding the new default is fingerprinted and compared on resume as if it held the old one, so a run or study begun
 # under the old default goes on (a resumed run continues with the new value). Only settings that change speed or
 # memory, never what is computed beyond rounding, belong here. logp_chunk_size: each response token's log-softmax is
-# its own, so the chunk only changes the LM head's matmul shapes (docs/benchmarks.md "Speed v8").
+# its own, so the chunk only changes the LM head's matmul shapes (docs/archive/benchmarks_history.md, "NF4
+# dequantisation inside the compiled layer").
 CHANGED_DEFAULTS = {("train", "logp_chunk_size"): (1024, 256)}
 
 

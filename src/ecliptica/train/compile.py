@@ -17,15 +17,17 @@ import torch
 # Share of a compiled layer's activations the partitioner may save for the backward; it recomputes the rest
 # from what it keeps, choosing the cheapest (pointwise results such as SwiGLU's product, casts and norms). At the
 # Llama-3-8B shape without checkpointing, 0.8 cut the DPO step's peak from 35.2 to 27.6 GiB at the same tok/s
-# (docs/benchmarks.md, "Speed v3"); with checkpointing the layer is recomputed anyway and the peak did not move.
+# (docs/archive/benchmarks_history.md, "less memory and fewer host waits"); with checkpointing the layer is
+# recomputed anyway and the peak does not move.
 # Recomputing an op repeats the same arithmetic, so what is computed does not change.
 ACTIVATION_MEMORY_BUDGET = 0.8
 
 # Inductor keeps a fused kernel's bf16 intermediates in fp32 where eager rounds each op's result to bf16, and it
 # fuses the adapter-disabled reference pass (no backward) differently from the policy pass (which must save
-# some of them). The two passes then round differently: on the GPU a zero adapter gave a DPO loss of 0.6910,
-# not log 2, and the compiled path's gradients were 1.16x the eager bf16 path's distance from fp32 (1B shape;
-# docs/benchmarks.md, "Speed v4"). Emulating eager's casts makes both passes round as eager does.
+# some of them). Without the emulation the two passes round differently: on the GPU a zero adapter gives a DPO
+# loss of 0.6910, not log 2, and the compiled path's gradients 1.16x the eager bf16 path's distance from fp32
+# (1B shape; docs/archive/benchmarks_history.md, "compiled = eager rounding"). Emulating eager's casts makes both
+# passes round as eager does.
 EMULATE_PRECISION_CASTS = True
 
 
@@ -46,8 +48,8 @@ def compile_decoder_layers(peft_model) -> int:
     dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 1024)
     # GRIT's factor taps are forward hooks on the LoRA modules (grit/factors.py). By default Dynamo does not guard
     # on module hooks, so a layer graph compiled for an earlier model in the process (an AdamW run before a GRIT run
-    # in a study worker or a benchmark) was reused without the taps, and GRIT trained with no factors. With hook
-    # guards, a model whose LoRA modules carry taps gets its own graph (tests/train/test_compile.py).
+    # in a study worker or a benchmark) would be reused without the taps, and GRIT would train with no factors. With
+    # hook guards, a model whose LoRA modules carry taps gets its own graph (tests/train/test_compile.py).
     dynamo.skip_nnmodule_hook_guards = False
     # process-wide, read whenever a graph with a backward is compiled; a value the user set is kept
     functorch = torch._functorch.config

@@ -164,7 +164,8 @@ class Trainer:
         set_seed(cfg.seed)
         if torch.cuda.is_available():
             # cuDNN attention builds a plan per new sequence length; with packed, variable-length batches that
-            # cost dominated step time in our H200 measurements (docs/benchmarks.md). Flash/efficient SDPA don't.
+            # cost dominates step time (measured on an H200: docs/archive/benchmarks_history.md, "What limits
+            # the step"). Flash/efficient SDPA don't.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.loss_fn = build_loss(cfg.method)
         self.placement = cfg.method.placement or self.loss_fn.default_placement

@@ -22,7 +22,8 @@ import torch
 
 
 def resolve_fused_lora(setting: str, device: torch.device) -> bool:
-    """`train.fused_lora`: auto = on CUDA only (see docs/benchmarks.md for what it was measured to give)."""
+    """`train.fused_lora`: auto = on CUDA only (measured: docs/archive/benchmarks_history.md, "a fused LoRA
+    projection")."""
     if setting == "auto":
         return device.type == "cuda"
     return setting == "on"

@@ -3,9 +3,10 @@
 bitsandbytes' 4-bit Linear reaches its CUDA code through Python: each call goes through an autograd Function, a
 torch.library op whose kernel is registered in Python, and ctypes calls that dequantise the double-quantised
 absmax and then the weight. On the H200 at the Llama-3-8B shape that is about 160 µs of host time per call, for 224
-calls per pass and three passes per micro-batch with checkpointing, and it left the 4-bit step host-bound at about
-0.5 s per micro-batch (docs/benchmarks.md, "Speed v7"). Written in torch ops inside the compiled layer, the
-dequantisation is one generated kernel per weight, issued by inductor's wrapper with the rest of the layer.
+calls per pass and three passes per micro-batch with checkpointing, which leaves the 4-bit step host-bound at about
+0.5 s per micro-batch (docs/archive/benchmarks_history.md, "a fused LoRA projection, the 4-bit budget"). Written
+in torch ops inside the compiled layer, the dequantisation is one generated kernel per weight, issued by inductor's
+wrapper with the rest of the layer.
 
 Same arithmetic as bitsandbytes' kernels (kDequantizeBlockwise): the absmax of each 64-value block is
 `code8[q] * absmax2[its block of 256] + offset` in fp32; each weight is `NF4[nibble] * absmax` in fp32, rounded once

@@ -2,8 +2,9 @@
 
 With checkpointing, the forward keeps only what the checkpointed layers were called with (one [tokens, hidden]
 tensor per layer) and recomputes the rest in the backward. For Llama-3-8B and a ~3,000-token step that is
-32 x 24 MB, the largest thing left between the forward and the backward, and it is what put our checkpointed
-step's peak above TRL's (docs/benchmarks.md, "Speed v3"). Unsloth's checkpointing offloads the same tensors.
+32 x 24 MB, the largest thing left between the forward and the backward; kept on the card, it puts the
+checkpointed step's peak above TRL's (docs/archive/benchmarks_history.md, "less memory and fewer host
+waits"). Unsloth's checkpointing offloads the same tensors.
 
 The hooks see only what autograd saves outside the checkpointed regions (inside, checkpointing's own hooks come
 first and save nothing), so they move exactly those inputs. Copies are asynchronous on the current stream: the

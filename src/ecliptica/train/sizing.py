@@ -9,9 +9,9 @@ its share of pairs, token means taken over the whole step), so the budget is onl
   (`ECLIPTICA_DEVICE_SHARED_BY` study workers split it), or `train.memory_budget_gib`, less what stays
   allocated under later micro-batches but not under the probe's: the optimizer state (from the first step on).
   The probe runs with the gradients already allocated, as every micro-batch after a step's first does, so its
-  peak is the micro-batch's own working memory (before, gradients made during the probe's backward were counted
-  in its peak and again as held: the 4-bit 8B DPO peak came 0.16 GiB under the prediction, docs/benchmarks.md
-  "Speed v8").
+  peak is the micro-batch's own working memory. Gradients made during the probe's backward would be counted
+  twice, in its peak and as held, and under-fill the budget (by 0.16 GiB for the 4-bit 8B DPO step:
+  docs/archive/benchmarks_history.md, "NF4 dequantisation inside the compiled layer", call 4).
 - Anywhere else (CPU): the configured worst case, `micro_batch_size` pairs of `max_length` tokens (x2 with
   rejected responses). Memory never exceeds what the plain split could need; short pairs share one forward.
 
