@@ -162,8 +162,9 @@ def test_balanced_subset_spreads_over_groups():
 
 
 def test_fixed_score_auroc_interval_equals_probe_auroc_stat():
-    from ecliptica.evaluation.metrics import ProbeAurocStat, bootstrap_ci, out_of_fold_scores
+    from ecliptica.evaluation.linear_probe import ProbeAurocStat, out_of_fold_scores
     from ecliptica.evaluation.scoring import FixedScoreAuroc
+    from ecliptica.evaluation.stats import bootstrap_ci
 
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(40, 6)), np.array(["safe"] * 20 + ["unsafe"] * 20)
