@@ -19,6 +19,7 @@ from ecliptica.evaluation.inputs import render_user_prompt
 from ecliptica.evaluation.model_handle import ModelHandle
 from ecliptica.evaluation.prompts import balanced_subset, load_eval_prompts
 from ecliptica.evaluation.runner import run_eval
+from ecliptica.provenance import git_commit, versions
 
 from .test_embeddings import save_adapter
 
@@ -219,6 +220,7 @@ def test_run_eval_end_to_end_writes_every_artefact(tmp_path, tiny_model_dir):
     assert overall["aqi_ci"]["estimate"] == pytest.approx(overall["aqi"])
     assert overall["aqi_ci"]["n_resamples"] == 1000 and "probe_auroc_ci" in overall
     assert saved["summary"]["aqi"] == pytest.approx(result["summary"]["aqi"])
+    assert saved["versions"] == versions() and saved["git_commit"] == git_commit()  # as training records them
     assert saved["settings"]["embeddings"]["placement"] == "system" and saved["data"]["n_prompts"] == 24
     per_layer = saved["aqi_layers"]["per_layer"]  # the per-layer curve (was `layer_curve`)
     assert [c["layer"] for c in per_layer] == [0, 1, 2]
