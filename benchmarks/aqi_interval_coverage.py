@@ -20,7 +20,7 @@ import argparse
 import numpy as np
 
 from ecliptica.evaluation.discriminant import cross_fitted_projection, fold_assignment
-from ecliptica.evaluation.metrics import AqiStat
+from ecliptica.evaluation.aqi import AqiStat
 from ecliptica.evaluation.stats import bootstrap_ci
 
 METHODS = ("percentile", "basic", "bca")

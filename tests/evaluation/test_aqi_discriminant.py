@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ecliptica.data import PromptExample
-from ecliptica.evaluation import metrics as m
+from ecliptica.evaluation.aqi import AqiStat
 from ecliptica.evaluation.config import EmbeddingsSection, MetricsSection
 from ecliptica.evaluation.discriminant import (
     BandAqiStat,
@@ -48,7 +48,7 @@ def keys(n: int) -> list[str]:
 
 def discriminant_aqi(X, y, folds=5, seed=0) -> float:
     z = cross_fitted_projection(X, y, fold_assignment(keys(len(y)), y, folds, seed))
-    return m.AqiStat()(z[:, None], y)
+    return AqiStat()(z[:, None], y)
 
 
 # --------------------------------------------------------------------------- band and folds
@@ -108,7 +108,7 @@ def test_shrinking_class_irrelevant_variance_does_not_raise_it_but_raises_the_ge
             before, after = discriminant_aqi(base_X @ turn, y), discriminant_aqi(shrunk @ turn, y)
             # population value 0.35 either way; the shrinkage target moves the estimate by a few hundredths
             assert after == pytest.approx(before, abs=0.03)
-            assert m.AqiStat()(shrunk @ turn, y) > m.AqiStat()(base_X @ turn, y) + 0.2  # geometric: "better"
+            assert AqiStat()(shrunk @ turn, y) > AqiStat()(base_X @ turn, y) + 0.2  # geometric: "better"
 
 
 def test_ledoit_wolf_shrinkage_and_lda_direction_match_sklearn_and_numpy():
@@ -133,7 +133,7 @@ def test_band_statistic_is_the_mean_of_layer_aqis_and_its_resamples_match_the_lo
     y = gaussian_classes(40, 6, gap=0.5, seed=5)[1]
     stacked = np.stack(layers, axis=1)  # (n, layers, d)
     stat = BandAqiStat(0.5)
-    assert stat(stacked, y) == pytest.approx(np.mean([m.AqiStat()(X, y) for X in layers]), abs=1e-12)
+    assert stat(stacked, y) == pytest.approx(np.mean([AqiStat()(X, y) for X in layers]), abs=1e-12)
     idx = resample_indices(y, 20, seed=1)
     assert stat.on_resamples(stacked, y, idx) == pytest.approx([stat(stacked[r], y[r]) for r in idx], abs=1e-10)
 
@@ -163,13 +163,13 @@ def test_interval_contains_its_estimate_or_says_why_not():
     X, y = gaussian_classes(100, 300, gap=0.3 * np.sqrt(300), seed=0)
     X[:, 0] = X[:, 0]  # gap along one axis of a 300-d cloud
     for method in ("basic", "bca", "percentile"):
-        r = bootstrap_ci(m.AqiStat(), X, y, n_resamples=1000, seed=0, method=method)
+        r = bootstrap_ci(AqiStat(), X, y, n_resamples=1000, seed=0, method=method)
         assert r["contains_estimate"] == (r["low"] <= r["estimate"] <= r["high"])
         assert (r["note"] is None) == r["contains_estimate"]
         if not r["contains_estimate"]:
             assert "bias" in r["note"]
     z = cross_fitted_projection(X, y, fold_assignment(keys(200), y, 5, 0))[:, None]
-    headline = bootstrap_ci(m.AqiStat(), z, y, n_resamples=1000, seed=0, method="bca")
+    headline = bootstrap_ci(AqiStat(), z, y, n_resamples=1000, seed=0, method="bca")
     assert headline["contains_estimate"] and headline["note"] is None  # 1-D: no duplication bias
 
 

@@ -19,6 +19,7 @@ from ecliptica.evaluation.inputs import render_user_prompt
 from ecliptica.evaluation.model_handle import ModelHandle
 from ecliptica.evaluation.prompts import balanced_subset, load_eval_prompts
 from ecliptica.evaluation.runner import run_eval
+from ecliptica.provenance import git_commit, versions
 
 from .test_embeddings import save_adapter
 
@@ -162,8 +163,9 @@ def test_balanced_subset_spreads_over_groups():
 
 
 def test_fixed_score_auroc_interval_equals_probe_auroc_stat():
-    from ecliptica.evaluation.metrics import ProbeAurocStat, bootstrap_ci, out_of_fold_scores
+    from ecliptica.evaluation.linear_probe import ProbeAurocStat, out_of_fold_scores
     from ecliptica.evaluation.scoring import FixedScoreAuroc
+    from ecliptica.evaluation.stats import bootstrap_ci
 
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(40, 6)), np.array(["safe"] * 20 + ["unsafe"] * 20)
@@ -218,6 +220,7 @@ def test_run_eval_end_to_end_writes_every_artefact(tmp_path, tiny_model_dir):
     assert overall["aqi_ci"]["estimate"] == pytest.approx(overall["aqi"])
     assert overall["aqi_ci"]["n_resamples"] == 1000 and "probe_auroc_ci" in overall
     assert saved["summary"]["aqi"] == pytest.approx(result["summary"]["aqi"])
+    assert saved["versions"] == versions() and saved["git_commit"] == git_commit()  # as training records them
     assert saved["settings"]["embeddings"]["placement"] == "system" and saved["data"]["n_prompts"] == 24
     per_layer = saved["aqi_layers"]["per_layer"]  # the per-layer curve (was `layer_curve`)
     assert [c["layer"] for c in per_layer] == [0, 1, 2]

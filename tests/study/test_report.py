@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ecliptica.evaluation.metrics import AqiStat
+from ecliptica.evaluation.aqi import AqiStat
 from ecliptica.evaluation.stats import bootstrap_ci, paired_bootstrap_test
 from ecliptica.study.contrasts import AqiResamples, combine_over_seeds
 from ecliptica.study.records import Embeddings, PromptMismatchError

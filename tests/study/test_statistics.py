@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ecliptica.evaluation.metrics import AqiStat
+from ecliptica.evaluation.aqi import AqiStat
 from ecliptica.evaluation.stats import holm_adjust, paired_bootstrap_test
 from ecliptica.study.contrasts import AqiMismatchError, decide
 from ecliptica.study.design import Contrast, Question

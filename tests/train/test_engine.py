@@ -4,6 +4,7 @@ import json
 import pytest
 
 from ecliptica.config import TrainConfig, load_config
+from ecliptica.provenance import versions
 from ecliptica.train import NonFiniteError, Trainer
 
 
@@ -44,6 +45,7 @@ def test_each_method_trains_and_writes_a_run(tmp_path, tiny_model_dir, method):
     for k in ("train_seconds", "train_tokens", "tokens_per_s", "peak_gpu_memory_gib", "final_metrics", "config_hash",
               "data_hash", "versions", "git_commit"):
         assert k in s
+    assert s["versions"] == versions()  # as evaluation records them
     assert s["train_tokens"] > 0 and summary["config_hash"] == cfg.hash()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     loaded = PeftModel.from_pretrained(base, run / "adapter")

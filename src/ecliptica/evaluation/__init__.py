@@ -1,6 +1,7 @@
 """Evaluation: AQI on hidden states, refusal behaviour, jailbreaks, held-out preference accuracy, capability drift (docs/evaluation.md, docs/aqi.md).
 
-Names are imported lazily so `import ecliptica.evaluation.metrics` stays free of torch/transformers.
+Names are imported lazily so the metric modules (`aqi`, `cluster_indices`, `linear_probe`, `stats`, ...)
+import without torch/transformers.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ is first reduced to the one direction that best separates the labels, learned on
    other folds; the held-out prompts are projected on it, centred on the midpoint of the training
    class means and divided by the training within-class SD, so every fold is in the same units.
    No prompt is projected by a direction that saw it.
-3. The fixed AQI maps (`metrics.AqiStat`) are applied to the 1-D held-out projections.
+3. The fixed AQI maps (`aqi.AqiStat`) are applied to the 1-D held-out projections.
 
 `headline_band` is the fixed rule for the headline: the mean over the last third of the decoder
 layers. It is a property of the architecture only, decided before any result was seen.
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ecliptica.evaluation.metrics import AqiStat
+from ecliptica.evaluation.aqi import AqiStat
 
 ArrayLike = Any
 

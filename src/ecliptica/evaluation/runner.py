@@ -28,6 +28,7 @@ from ecliptica.evaluation.preference import load_preference_pairs, run_preferenc
 from ecliptica.evaluation.refusal import RefusalJudge
 from ecliptica.evaluation.scoring import evaluate_embeddings, json_ready, layer_report
 from ecliptica.models import cache_dir as default_cache_root
+from ecliptica.provenance import git_commit, versions
 from ecliptica.runio import DirLock, atomic_write_text, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,8 @@ def _run_eval(cfg: EvalConfig, *, handle: ModelHandle | None, prompts: Sequence[
         "preference": preference,
         "figures": [str(p) for p in figures],
         "timings": timings,
-        "versions": _versions(),
+        "versions": versions(),
+        "git_commit": git_commit(),
     }
     result = json_ready(result)
     atomic_write_text(out / "eval.json", json.dumps(result, indent=1))
@@ -268,11 +270,3 @@ def _write_per_axiom_csv(path: Path, aqi: dict, behaviour: dict | None) -> None:
         writer = csv.DictWriter(f, fieldnames=cols)
         writer.writeheader()
         writer.writerows(rows)
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}

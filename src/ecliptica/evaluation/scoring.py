@@ -1,9 +1,9 @@
 """Embeddings -> AQI and probe AUROC, overall, per axiom and per layer, with seeded bootstrap intervals.
 
-Thin wiring over `metrics.py` / `stats.py` / `discriminant.py`. `evaluate_embeddings`: the geometric
-AQI of one layer, overall and per axiom. `layer_report`: the discriminant (headline) and geometric
-AQI of every layer, their headline-band means and the lexical baseline (layer 0). With `pca_dim`,
-PCA is fitted once on all prompts and every geometric number is computed in those coordinates.
+Thin wiring over `aqi.py` / `linear_probe.py` / `stats.py` / `discriminant.py`. `evaluate_embeddings`:
+the geometric AQI of one layer, overall and per axiom. `layer_report`: the discriminant (headline) and
+geometric AQI of every layer, their headline-band means and the lexical baseline (layer 0). With
+`pca_dim`, PCA is fitted once on all prompts and every geometric number is computed in those coordinates.
 """
 from __future__ import annotations
 
@@ -22,18 +22,11 @@ from ecliptica.evaluation.discriminant import (
     fold_assignment,
     usable_folds,
 )
-from ecliptica.evaluation.metrics import (
-    AqiStat,
-    auroc_rows,
-    aqi_by_axiom,
-    bootstrap_ci,
-    calinski_harabasz,
-    legacy_chi_sil,
-    legacy_xb_chi,
-    out_of_fold_scores,
-    reduce_dim,
-    xie_beni,
-)
+from ecliptica.evaluation.aqi import AqiStat, aqi_by_axiom, reduce_dim
+from ecliptica.evaluation.cluster_indices import calinski_harabasz, xie_beni
+from ecliptica.evaluation.legacy_scores import legacy_chi_sil, legacy_xb_chi
+from ecliptica.evaluation.linear_probe import auroc_rows, out_of_fold_scores
+from ecliptica.evaluation.stats import bootstrap_ci
 
 
 class FixedScoreAuroc:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ecliptica.evaluation.discriminant import BandAqiStat
-from ecliptica.evaluation.metrics import AqiStat
+from ecliptica.evaluation.aqi import AqiStat
 from ecliptica.evaluation.stats import (
     bootstrap_interval,
     evaluate_on_resamples,

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import time
 import warnings
 from contextlib import nullcontext
@@ -21,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__
 from ..config import TrainConfig, save_config
 from ..data import (LoadOptions, describe_split, load_preferences, resolve_path, save_bad_rows, split_train_val,
                     tokenize_pairs)
 from ..data.tokenize import TokenizedData, TokenizeSettings
 from ..losses import ReferenceSettings, SequenceStats, build_loss
 from ..models import apply_lora, describe_parameters, load_model, load_tokenizer
+from ..provenance import git_commit, versions
 from . import sizing
 from .attention import resolve_packed_attention
 from .batching import collate, pair_tokens, response_tokens, split_by_tokens
@@ -54,24 +53,6 @@ class StepResult:
     loss: float
     metrics: dict[str, float]
     tokens: int
-
-
-def _versions() -> dict[str, str]:
-    import accelerate
-    import peft
-    import transformers
-
-    return {"ecliptica": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__}
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _mixed_precision(cfg: TrainConfig) -> str:
@@ -523,7 +504,7 @@ class Trainer:
             "offload_activations": self.offload_activations,
             # parallel study workers on one device: its speed here is not a standalone speed
             "device_shared_by": int(os.environ.get("ECLIPTICA_DEVICE_SHARED_BY", "1")),
-            "versions": _versions(), "git_commit": git_commit(),
+            "versions": versions(), "git_commit": git_commit(),
         }
         summary.update(self.optimizer_hooks.summary())  # GRIT: physical vs effective LoRA parameters
         if self.nonfinite_skipped and self.nonfinite_skipped >= self.cfg.train.max_steps and acc.is_main_process:
