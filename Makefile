@@ -26,6 +26,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest tests
 
+test-fast: $(STAMP)  # the inner loop: every test module but the slow ones (tests/conftest.py, SLOW_MODULES)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest tests -m "not slow"
+
 lab: $(STAMP)  # Jupyter refuses root unless told (root is common in containers)
 	$(PY) -m jupyterlab --notebook-dir=comparative_study $(if $(filter 0,$(shell id -u)),--allow-root)
 

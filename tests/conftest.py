@@ -50,3 +50,23 @@ def _fresh_accelerate_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()
+
+
+# Modules whose tests train models end to end, run studies with worker processes, execute notebooks or compile
+# (each over 5 s on a 2-core machine, measured with --durations=0). `make test` runs everything; `make test-fast`,
+# the inner loop, leaves them out.
+SLOW_MODULES = {
+    "tests/study/test_runner.py", "tests/study/test_study_reliability.py", "tests/study/test_calibration.py",
+    "tests/study/test_notebook.py", "tests/train/test_reliability.py", "tests/train/test_compile.py",
+    "tests/train/test_engine.py", "tests/train/test_distributed.py", "tests/grit/test_collection_paths.py",
+    "tests/evaluation/test_evaluator.py", "tests/evaluation/test_aqi_discriminant.py", "tests/grit/test_guard.py",
+    "tests/grit/test_factors.py", "tests/evaluation/test_preference_drift.py", "tests/train/test_fused_lora.py",
+    "tests/evaluation/test_embeddings.py", "tests/evaluation/test_adapter_checks.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    root = Path(str(config.rootpath))
+    for item in items:
+        if Path(str(item.path)).relative_to(root).as_posix() in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
