@@ -288,7 +288,6 @@ def test_memory_probe_falls_back_to_a_configured_micro_batch_when_the_larger_one
     import torch
 
     from ecliptica.train import sizing
-    from ecliptica.train.batching import pair_tokens
 
     for name in ("synchronize", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, lambda *a: None)
@@ -297,7 +296,8 @@ def test_memory_probe_falls_back_to_a_configured_micro_batch_when_the_larger_one
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: next(peaks))
     tr = Trainer(_cfg(tmp_path, tiny_model_dir, "dpo", micro_batch_tokens=None)).setup()  # 2 pairs x grad-accum 2
     step0 = [i for k in range(2) for i in tr.micro_batch_indices(k)]
-    size = {i: pair_tokens(tr.data.pairs[i], True) for i in step0}
+    pairs = [tr.data.pairs[i] for i in step0]  # a pair's packed tokens, by hand: its prompt twice and both responses
+    size = {i: 2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for i, p in zip(step0, pairs)}
     by_size = sorted(size, key=lambda i: (size[i], i))
     real, groups = tr._micro_step, []
 

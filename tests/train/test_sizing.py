@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from ecliptica.losses.layout import CHOSEN_ONLY, PAIRED, UNPAIRED
 from ecliptica.train import sizing
 from ecliptica.train.sizing import MemoryFit
 
@@ -60,7 +61,8 @@ def _pair(prompt, chosen, rejected):
     return SimpleNamespace(prompt_ids=[0] * prompt, chosen_ids=[0] * chosen, rejected_ids=[0] * rejected)
 
 
-def _trainer(device, micro_batch_tokens="auto", memory_budget_gib=None, trainable=1_000_000, longest=(512, 512, 512)):
+def _trainer(device, micro_batch_tokens="auto", memory_budget_gib=None, trainable=1_000_000, longest=(512, 512, 512),
+             layout=PAIRED):
     """`longest`: (prompt, chosen, rejected) tokens of the data's longest pair; the default is a worst-case pair."""
     train = SimpleNamespace(micro_batch_tokens=micro_batch_tokens, micro_batch_size=2, grad_accum=4,
                             memory_budget_gib=memory_budget_gib)
@@ -68,14 +70,24 @@ def _trainer(device, micro_batch_tokens="auto", memory_budget_gib=None, trainabl
     acc = SimpleNamespace(device=torch.device(device), num_processes=1)
     policy = torch.nn.Linear(trainable, 1, bias=False)  # `trainable` trainable fp32 parameters
     data = SimpleNamespace(pairs=[_pair(40, 20, 30), _pair(*longest), _pair(100, 50, 50)])
-    return SimpleNamespace(cfg=cfg, accelerator=acc, loss_fn=SimpleNamespace(uses_rejected=True), policy=policy,
-                           data=data, optimizer=torch.optim.SGD(policy.parameters(), lr=0.1))
+    return SimpleNamespace(cfg=cfg, accelerator=acc, layout=layout, policy=policy, examples=data.pairs,
+                           optimizer=torch.optim.SGD(policy.parameters(), lr=0.1))
 
 
 def test_choose_on_cpu_is_the_configured_worst_case():
     assert sizing.choose(_trainer("cpu")).tokens == 2 * 2 * 1024  # 2 pairs x (chosen + rejected) x max_length
     assert sizing.choose(_trainer("cpu", micro_batch_tokens=None)).tokens is None
     assert sizing.choose(_trainer("cpu", micro_batch_tokens=3000)).tokens == 3000
+    assert sizing.choose(_trainer("cpu", layout=CHOSEN_ONLY)).tokens == 2 * 1024  # 2 x chosen x max_length
+
+
+def test_a_layout_with_a_micro_batch_statistic_keeps_the_plain_split():
+    """KTO's KL estimate is a mean over its micro-batch: the unpaired layout's micro-batches are never re-split."""
+    for device in ("cpu", "cuda"):
+        for setting in ("auto", None):
+            assert sizing.choose(_trainer(device, micro_batch_tokens=setting, layout=UNPAIRED)).tokens is None
+    with pytest.raises(ValueError, match="micro_batch_tokens: 3000, but the unpaired layout"):
+        sizing.choose(_trainer("cpu", micro_batch_tokens=3000, layout=UNPAIRED))
 
 
 @pytest.mark.parametrize("shared_by,budget_gib,longest,expected", [

@@ -30,7 +30,7 @@ from ..losses import ReferenceSettings, SequenceStats, build_loss
 from ..models import apply_lora, describe_parameters, load_model, load_tokenizer
 from . import sizing
 from .attention import resolve_packed_attention
-from .batching import collate, pair_tokens, response_tokens, split_by_tokens
+from .batching import collate, split_by_tokens
 from .compile import compile_decoder_layers, resolve_compile
 from .fused_lora import fuse_lora_layers, resolve_fused_lora
 from .nf4 import keep_out_of_ddp, resolve_nf4_kernel, use_torch_nf4
@@ -167,6 +167,7 @@ class Trainer:
             # cost dominated step time in our H200 measurements (docs/benchmarks.md). Flash/efficient SDPA don't.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.loss_fn = build_loss(cfg.method)
+        self.layout = self.loss_fn.layout
         self.placement = cfg.method.placement or self.loss_fn.default_placement
         self.tokenizer = load_tokenizer(cfg.model)
         skipped = self.run_dir / "skipped_rows.json" if cfg.data.on_bad_row == "skip" and acc.is_main_process else None
@@ -177,6 +178,7 @@ class Trainer:
         self.data_report = info["report"]
         self.data_hash = self.data.fingerprint()
         self.val_data: TokenizedData | None = info["val"]
+        self.examples = self.layout.examples(self.data, cfg.data.max_length)  # what the data order draws
         if acc.is_main_process:  # the split's ids, so a reader can rebuild exactly what was held out
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "split.json").write_text(json.dumps(info["split_ids"]))
@@ -216,8 +218,8 @@ class Trainer:
         self.ref_cache = None
         precompute = isinstance(cfg.method, ReferenceSettings) and cfg.method.precompute_reference
         if precompute and self.loss_fn.needs_reference:
-            self.ref_cache = reference_logps(self.policy, self.data, self.tokenizer.pad_token_id, cfg,
-                                             acc.device, progress=acc.is_main_process)
+            self.ref_cache = reference_logps(self.policy, self.examples, self.layout, self.tokenizer.pad_token_id,
+                                             cfg, acc.device, progress=acc.is_main_process)
         # GRIT's factor taps sit on every lora_A module; the fused projection above and the compiled layers call
         # lora_A as a module, so the taps are in their graphs (tests/grit/test_collection_paths.py), and GRIT's
         # guard stops the run if too few factors become valid (grit/optimizer.py)
@@ -236,8 +238,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ data order
     def micro_batch_indices(self, micro_step: int) -> list[int]:
-        """Pair indices of this process's share of global micro-step `micro_step` (deterministic by seed)."""
-        n = len(self.data.pairs)
+        """Example indices of this process's share of global micro-step `micro_step` (deterministic by seed)."""
+        n = len(self.examples)
         mb, world, rank = self.cfg.train.micro_batch_size, self.accelerator.num_processes, self.accelerator.process_index
         per_global = mb * world
         start = micro_step * per_global + rank * mb
@@ -249,34 +251,32 @@ class Trainer:
 
     def step_micro_batches(self, step: int) -> list[list[int]]:
         """This process's micro-batches for optimizer step `step`: grad_accum groups of micro_batch_size
-        pairs, or, with `micro_batch_tokens`, the same pairs re-split by packed tokens."""
+        examples, or, with `micro_batch_tokens`, the same examples re-split by packed tokens."""
         ga = self.cfg.train.grad_accum
         groups = [self.micro_batch_indices(step * ga + k) for k in range(ga)]
         budget = self.micro_batches.tokens
         if budget is None:
             return groups
         idx = [i for g in groups for i in g]
-        sizes = [pair_tokens(self.data.pairs[i], self.loss_fn.uses_rejected) for i in idx]
+        sizes = [self.layout.tokens(self.examples[i]) for i in idx]
         return split_by_tokens(idx, sizes, budget)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         cache = getattr(self, "_perm_cache", None)
         if cache is None or cache[0] != epoch:
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-            self._perm_cache = (epoch, torch.randperm(len(self.data.pairs), generator=g))
+            self._perm_cache = (epoch, torch.randperm(len(self.examples), generator=g))
         return self._perm_cache[1]
 
     # ------------------------------------------------------------------ one optimizer step
     def _micro_step(self, idx: list[int], progress: float, token_denominator: float | None = None
                     ) -> tuple[torch.Tensor, dict, int]:
-        uses_rej = self.loss_fn.uses_rejected
-        batch = collate([self.data.pairs[i] for i in idx], uses_rej, self.tokenizer.pad_token_id,
+        batch = collate([self.examples[i] for i in idx], self.layout, self.tokenizer.pad_token_id,
                         packed=self.cfg.train.packing).to(self.accelerator.device)
         self.optimizer_hooks.set_token_mask(batch.token_mask())
         ref = None
         if self.ref_cache is not None:
-            sel = self.ref_cache[torch.tensor(idx)]
-            ref = torch.cat([sel[:, 0], sel[:, 1]]).to(self.accelerator.device)
+            ref = self.layout.by_role(self.ref_cache[torch.tensor(idx)]).to(self.accelerator.device)
         stats: SequenceStats = self.policy(batch, need_reference=self.loss_fn.needs_reference,
                                            need_token_kl=self.loss_fn.needs_token_kl, ref_logps=ref)
         stats.token_denominator = token_denominator
@@ -293,10 +293,10 @@ class Trainer:
         loss_total = torch.zeros((), device=acc.device)
         tokens = 0
         groups = self.step_micro_batches(step)
-        n_pairs = sum(len(g) for g in groups)
-        n_resp = sum(response_tokens(self.data.pairs[i], self.loss_fn.uses_rejected) for g in groups for i in g)
+        n_examples = sum(len(g) for g in groups)
+        n_resp = sum(self.layout.response_tokens(self.examples[i]) for g in groups for i in g)
         for k, idx in enumerate(groups):
-            w = len(idx) / n_pairs  # each pair counts equally in the step, however the pairs are grouped
+            w = len(idx) / n_examples  # each example counts equally in the step, however the examples are grouped
             ctx = acc.no_sync(self.policy) if k < len(groups) - 1 else nullcontext()
             with ctx:
                 # token means over the step's response tokens: (sum / (n_resp * w)) * w = sum / n_resp
@@ -499,10 +499,10 @@ class Trainer:
         return summary
 
     def _epochs(self) -> float:
-        """Passes over the training split that max_steps makes (pairs drawn / training pairs)."""
+        """Passes over the training split that max_steps makes (examples drawn / training examples)."""
         t = self.cfg.train
         drawn = t.max_steps * t.grad_accum * t.micro_batch_size * self.accelerator.num_processes
-        return drawn / len(self.data.pairs)
+        return drawn / len(self.examples)
 
     def _finish(self, last_metrics: dict) -> dict:
         acc = self.accelerator

@@ -12,12 +12,14 @@ its share of pairs, token means taken over the whole step), so the budget is onl
   peak is the micro-batch's own working memory (before, gradients made during the probe's backward were counted
   in its peak and again as held: the 4-bit 8B DPO peak came 0.16 GiB under the prediction, docs/benchmarks.md
   "Speed v8").
-- Anywhere else (CPU): the configured worst case, `micro_batch_size` pairs of `max_length` tokens (x2 with
-  rejected responses). Memory never exceeds what the plain split could need; short pairs share one forward.
+- Anywhere else (CPU): the configured worst case, `micro_batch_size` examples whose every sequence (one per role of
+  the method's layout: x2 for pairs) is `max_length` tokens. Memory never exceeds what the plain split could need;
+  short examples share one forward.
 
 Either way the budget is at least the longest pair (on CUDA the longest in the training data, at most one worst-case
 pair; elsewhere one worst-case pair) and at most the step's worst case (the whole step in one micro-batch: a larger
-budget cannot help).
+budget cannot help). A layout whose loss takes a statistic over each micro-batch (unpaired: KTO's KL estimate) keeps
+the plain split, since re-splitting would change what the step computes.
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .batching import pair_tokens
 
 # Share of the available memory the fitted peak may use: the allocator's rounding and fragmentation, and the
 # dense mask's tokens^2 term, which a straight-line fit through two small probes does not see.
@@ -83,28 +84,31 @@ def budget_tokens(available: float, held_bytes: float, fit: MemoryFit, floor: in
     return max(floor, min(cap, fitting_tokens(available, held_bytes, fit)))
 
 
-def worst_case_tokens(pairs: int, max_length: int, with_rejected: bool) -> int:
-    return pairs * max_length * (2 if with_rejected else 1)
-
-
 def choose(trainer) -> Choice:
     """The budget for this run (`trainer` is a set-up engine Trainer)."""
     cfg, acc = trainer.cfg, trainer.accelerator
     setting = cfg.train.micro_batch_tokens
+    layout = trainer.layout
+    if layout.fixed_micro_batches:
+        if setting not in (None, "auto"):
+            raise ValueError(f"train.micro_batch_tokens: {setting}, but the {layout.name} layout's loss takes a "
+                             f"statistic over each micro-batch, so its micro-batches stay micro_batch_size examples; "
+                             f"set it to auto or null")
+        return Choice(None, f"off: the {layout.name} layout's loss takes a statistic over each micro-batch "
+                            f"(micro_batch_size x grad_accum)")
     if setting is None:
         return Choice(None, "off (micro_batch_size x grad_accum)")
     if setting != "auto":
         return Choice(int(setting), "set in the config")
-    rej = trainer.loss_fn.uses_rejected
-    floor = worst_case_tokens(1, cfg.data.max_length, rej)
-    configured = worst_case_tokens(cfg.train.micro_batch_size, cfg.data.max_length, rej)
+    floor = layout.worst_case_tokens(1, cfg.data.max_length)
+    configured = layout.worst_case_tokens(cfg.train.micro_batch_size, cfg.data.max_length)
     cap = configured * cfg.train.grad_accum
     if acc.device.type != "cuda":
         return Choice(configured, f"auto: {acc.device.type}, the configured worst case "
-                                  f"({cfg.train.micro_batch_size} pairs x {cfg.data.max_length} tokens)")
-    # The longest pair this run trains on: a micro-batch holds a pair whole, so no budget below it can be kept,
-    # and no pair is longer, so a budget down to it (rather than down to the worst case) still holds every pair.
-    floor = min(floor, max((pair_tokens(p, rej) for p in trainer.data.pairs), default=floor))
+                                  f"({cfg.train.micro_batch_size} examples x {cfg.data.max_length} tokens a sequence)")
+    # The longest example this run trains on: a micro-batch holds an example whole, so no budget below it can be
+    # kept, and no example is longer, so a budget down to it (rather than down to the worst case) still holds them all.
+    floor = min(floor, max((layout.tokens(ex) for ex in trainer.examples), default=floor))
     fit = probe_memory(trainer)
     dev = acc.device
     _allocate_gradients(trainer)  # counted as allocated now, as under the probe and every later micro-batch
@@ -155,11 +159,11 @@ def probe_memory(trainer) -> MemoryFit:
     of memory, the card cannot hold more than a configured micro-batch of these pairs: the probe falls back to the
     `micro_batch_size` longest (the size it used before it took more), with a warning."""
     cfg = trainer.cfg
-    rej = trainer.loss_fn.uses_rejected
+    layout = trainer.layout
     mbs = cfg.train.micro_batch_size
     idx = [i for k in range(cfg.train.grad_accum) for i in trainer.micro_batch_indices(k)]
-    size = {i: pair_tokens(trainer.data.pairs[i], rej) for i in idx}
-    small, large = probe_groups(size, mbs, worst_case_tokens(mbs, cfg.data.max_length, rej))
+    size = {i: layout.tokens(trainer.examples[i]) for i in idx}
+    small, large = probe_groups(size, mbs, layout.worst_case_tokens(mbs, cfg.data.max_length))
     was_training = trainer.policy.training
     trainer.policy.train()  # as in training: checkpointing and dropout act only in train mode
     with _rng_restored():
