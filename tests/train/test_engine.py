@@ -246,7 +246,7 @@ def test_memory_probe_leaves_no_trace(tmp_path, tiny_model_dir, monkeypatch):
         tr = Trainer(cfg).setup()
         if name == "probed":
             rng = torch.get_rng_state()
-            assert sizing.probe_memory(tr).bytes_per_token > 0
+            assert sizing.probe_memory(tr.memory_probe(), 2, 2 * 2 * 160).bytes_per_token > 0
             assert all(p.grad is None for p in tr.policy.parameters())
             assert all(float(b.a_sum.abs().sum() + b.g_sum.abs().sum() + b.count.sum()) == 0 for b in tr.optimizer_hooks.banks)
             assert torch.equal(torch.get_rng_state(), rng)
@@ -267,15 +267,15 @@ def test_memory_probe_runs_with_the_gradients_allocated(tmp_path, tiny_model_dir
     peaks = iter([1e6, 3e6])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: next(peaks))
     tr = Trainer(_cfg(tmp_path, tiny_model_dir, "dpo", micro_batch_tokens=None)).setup()
-    real, seen = tr._micro_step, []
+    real, seen = tr.micro_step, []
 
     def micro_step(idx, progress):
         trainable = [p for p in tr.policy.parameters() if p.requires_grad]
         seen.append(all(p.grad is not None and not p.grad.any() for p in trainable))
         return real(idx, progress)
 
-    monkeypatch.setattr(tr, "_micro_step", micro_step)
-    sizing.probe_memory(tr)
+    monkeypatch.setattr(tr, "micro_step", micro_step)
+    sizing.probe_memory(tr.memory_probe(), 2, 2 * 2 * 160)
     assert seen == [True, True]
     assert all(p.grad is None for p in tr.policy.parameters())  # and nothing is left behind
 
@@ -299,7 +299,7 @@ def test_memory_probe_falls_back_to_a_configured_micro_batch_when_the_larger_one
     pairs = [tr.data.pairs[i] for i in step0]  # a pair's packed tokens, by hand: its prompt twice and both responses
     size = {i: 2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for i, p in zip(step0, pairs)}
     by_size = sorted(size, key=lambda i: (size[i], i))
-    real, groups = tr._micro_step, []
+    real, groups = tr.micro_step, []
 
     def micro_step(idx, progress):
         groups.append(list(idx))
@@ -309,9 +309,9 @@ def test_memory_probe_falls_back_to_a_configured_micro_batch_when_the_larger_one
             raise torch.cuda.OutOfMemoryError("simulated")
         return loss, info, n
 
-    monkeypatch.setattr(tr, "_micro_step", micro_step)
+    monkeypatch.setattr(tr, "micro_step", micro_step)
     with pytest.warns(UserWarning, match="ran out of memory; probing the 2 longest"):
-        fit = sizing.probe_memory(tr)
+        fit = sizing.probe_memory(tr.memory_probe(), 2, 2 * 2 * 160)
     assert len(groups) == 3 and len(groups[1]) > 2, (size, groups)  # small, the larger probe (failed), the fallback
     assert sum(size[i] for i in groups[1]) <= 2 * 160 * 2  # within the configured worst case
     assert groups[0] == by_size[:1] and sorted(groups[2]) == sorted(by_size[-2:])
@@ -325,7 +325,7 @@ def test_memory_probe_falls_back_to_a_configured_micro_batch_when_the_larger_one
         return real(idx, progress)
 
     peaks = iter([1e6])
-    monkeypatch.setattr(tr, "_micro_step", out_of_memory)
+    monkeypatch.setattr(tr, "micro_step", out_of_memory)
     with pytest.warns(UserWarning, match="ran out of memory"), pytest.raises(torch.cuda.OutOfMemoryError):
-        sizing.probe_memory(tr)
+        sizing.probe_memory(tr.memory_probe(), 2, 2 * 2 * 160)
     assert all(p.grad is None for p in tr.policy.parameters())

@@ -228,7 +228,9 @@ class Trainer:
         self.policy, self.optimizer = acc.prepare(self.policy, optimizer)
         self.scheduler = scheduler
         self.peft_model = acc.unwrap_model(self.policy).peft_model
-        self.micro_batches = sizing.choose(self)
+        longest = max(self.layout.tokens(ex) for ex in self.examples)
+        self.micro_batches = sizing.choose(cfg.train, cfg.data.max_length, self.layout, longest, acc.device,
+                                           self.memory_probe() if acc.device.type == "cuda" else None)
         acc.print(f"[ecliptica] micro_batch_tokens: {self.micro_batches.tokens} ({self.micro_batches.rule}); "
                   f"packed attention: {self.packed_attention}; compiled decoder layers: {self.compiled_layers}; "
                   f"fused LoRA layers: {self.fused_lora_layers}; "
@@ -269,8 +271,9 @@ class Trainer:
         return self._perm_cache[1]
 
     # ------------------------------------------------------------------ one optimizer step
-    def _micro_step(self, idx: list[int], progress: float, token_denominator: float | None = None
-                    ) -> tuple[torch.Tensor, dict, int]:
+    def micro_step(self, idx: list[int], progress: float, token_denominator: float | None = None
+                   ) -> tuple[torch.Tensor, dict, int]:
+        """The loss of the micro-batch of examples `idx` (forward only): (loss, metrics, tokens fed)."""
         batch = collate([self.examples[i] for i in idx], self.layout, self.tokenizer.pad_token_id,
                         packed=self.cfg.train.packing).to(self.accelerator.device)
         self.optimizer_hooks.set_token_mask(batch.token_mask())
@@ -286,6 +289,30 @@ class Trainer:
             metrics[name] = extra.detach()
         return loss, metrics, batch.n_real_tokens
 
+    def probe_pass(self, idx: list[int]) -> None:
+        """One micro-batch's forward and backward in train mode, nothing synchronised or stepped; its gradients (and
+        GRIT's factor sums) are dropped afterwards: what the memory probe measures (train/sizing.py)."""
+        acc, was_training = self.accelerator, self.policy.training
+        self.policy.train()  # as in training: checkpointing and dropout act only in train mode
+        try:
+            with acc.no_sync(self.policy):
+                loss, _, _ = self.micro_step(idx, 0.0)
+                acc.backward(loss)
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.policy.train(was_training)
+
+    def memory_probe(self) -> sizing.Probe:
+        """What the CUDA sizing probe needs of this run (train/sizing.py)."""
+        acc = self.accelerator
+        step0 = [i for k in range(self.cfg.train.grad_accum) for i in self.micro_batch_indices(k)]
+
+        def smallest(n: int) -> int:
+            return int(acc.gather(torch.tensor([n], device=acc.device)).min()) if acc.num_processes > 1 else n
+
+        return sizing.Probe(self.probe_pass, {i: self.layout.tokens(self.examples[i]) for i in step0},
+                            [p for p in self.policy.parameters() if p.requires_grad], smallest)
+
     def train_step(self, step: int) -> StepResult:
         cfg, acc = self.cfg, self.accelerator
         progress = step / max(cfg.train.max_steps - 1, 1)
@@ -300,7 +327,7 @@ class Trainer:
             ctx = acc.no_sync(self.policy) if k < len(groups) - 1 else nullcontext()
             with ctx:
                 # token means over the step's response tokens: (sum / (n_resp * w)) * w = sum / n_resp
-                loss, metrics, ntok = self._micro_step(idx, progress, max(n_resp, 1) * w)
+                loss, metrics, ntok = self.micro_step(idx, progress, max(n_resp, 1) * w)
                 # no finiteness check here: it would stall the host once per micro-batch, and a non-finite
                 # loss also makes the gradient non-finite, so the check after clipping catches it before
                 # anything is updated (and every data-parallel rank takes part in every backward)
