@@ -93,6 +93,31 @@ def test_precomputed_reference_matches_online(tmp_path, tiny_model_dir, monkeypa
     assert _losses(tmp_path / "pre" / "run_dpo") == pytest.approx(_losses(tmp_path / "on" / "run_dpo"), rel=1e-4)
 
 
+def test_ratio_metrics_are_step_means_over_their_examples(tmp_path, tiny_model_dir, monkeypatch):
+    """A Ratio metric logs (sum of num) / (sum of den) over the step's micro-batches: here num = 2 x the chosen
+    log-prob and den = 2 give the plain mean (logps/chosen); a den that is 0 in every micro-batch logs nothing."""
+    import torch
+
+    from ecliptica.losses import PAIRED, Ratio
+
+    trainer = Trainer(_cfg(tmp_path, tiny_model_dir, "dpo", max_steps=2, micro_batch_tokens=None)).setup()
+    real = trainer.loss_fn.__class__.__call__
+
+    def with_ratios(self, s, progress=0.0):
+        loss, m = real(self, s, progress)
+        chosen = PAIRED.split(s.logps)[0].mean()
+        m["twice/chosen"] = Ratio(2 * chosen, torch.tensor(2.0))
+        m["never"] = Ratio(torch.tensor(0.0), torch.tensor(0.0))
+        return loss, m
+
+    monkeypatch.setattr(trainer.loss_fn.__class__, "__call__", with_ratios)
+    trainer.train()
+    lines = [json.loads(x) for x in (tmp_path / "run_dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+    for line in lines:
+        assert line["twice/chosen"] == pytest.approx(line["logps/chosen"], rel=1e-6) and "never" not in line
+
+
 def test_nonfinite_loss_stops_with_step(tmp_path, tiny_model_dir, monkeypatch):
     cfg = _cfg(tmp_path, tiny_model_dir, "sft", max_steps=3)
     trainer = Trainer(cfg).setup()

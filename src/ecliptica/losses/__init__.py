@@ -3,7 +3,7 @@
 See `registry` for the API that the config, the CLI, the study and the report read the methods from.
 """
 from . import registry
-from .base import AlignmentLoss, MethodSettings, ReferenceSettings, SequenceStats
+from .base import AlignmentLoss, MethodSettings, Ratio, ReferenceSettings, SequenceStats
 from .cita import CITAConfig, CITALoss
 from .dpo import DPOConfig, DPOLoss
 from .layout import CHOSEN_ONLY, PAIRED, UNPAIRED, Layout
@@ -11,5 +11,5 @@ from .registry import METHODS, MethodConfig, build_loss, get_method, method_name
 from .sft import SFTConfig, SFTLoss
 
 __all__ = ["AlignmentLoss", "CHOSEN_ONLY", "CITAConfig", "CITALoss", "DPOConfig", "DPOLoss", "Layout", "METHODS",
-           "MethodConfig", "MethodSettings", "PAIRED", "ReferenceSettings", "SFTConfig", "SFTLoss", "SequenceStats",
-           "UNPAIRED", "build_loss", "get_method", "method_names", "registry"]
+           "MethodConfig", "MethodSettings", "PAIRED", "Ratio", "ReferenceSettings", "SFTConfig", "SFTLoss",
+           "SequenceStats", "UNPAIRED", "build_loss", "get_method", "method_names", "registry"]

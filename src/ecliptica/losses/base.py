@@ -45,6 +45,17 @@ class SequenceStats:
         return self.logps / self.n_tokens.clamp(min=1)
 
 
+@dataclass
+class Ratio:
+    """A metric that is a mean over only some of the examples (KTO's rewards/chosen: the desirable ones). A loss gives
+    its micro-batch's means over all examples of `num` (e.g. reward x is-desirable) and `den` (is-desirable); the engine
+    sums each over the step's micro-batches and processes, weighted by their share of examples, and logs num / den:
+    the mean over every such example of the step, however it is split. A step without one logs no value."""
+
+    num: torch.Tensor
+    den: torch.Tensor
+
+
 class MethodSettings(Strict):
     """Settings every method has. A method's config extends this with `name: Literal["<name>"]`."""
 

@@ -26,7 +26,7 @@ from ..config import TrainConfig, save_config
 from ..data import (LoadOptions, describe_split, load_preferences, resolve_path, save_bad_rows, split_train_val,
                     tokenize_pairs)
 from ..data.tokenize import TokenizedData, TokenizeSettings
-from ..losses import ReferenceSettings, SequenceStats, build_loss
+from ..losses import Ratio, ReferenceSettings, SequenceStats, build_loss
 from ..models import apply_lora, describe_parameters, load_model, load_tokenizer
 from . import sizing
 from .attention import resolve_packed_attention
@@ -317,6 +317,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         progress = step / max(cfg.train.max_steps - 1, 1)
         sums: dict[str, torch.Tensor] = {}
+        dens: dict[str, torch.Tensor] = {}  # the denominators of Ratio metrics (means over only some examples)
         loss_total = torch.zeros((), device=acc.device)
         tokens = 0
         groups = self.step_micro_batches(step)
@@ -335,6 +336,9 @@ class Trainer:
             loss_total += loss.detach() * w
             tokens += ntok
             for name, v in metrics.items():
+                if isinstance(v, Ratio):
+                    dens[name] = dens.get(name, 0) + v.den.detach().float().to(acc.device) * w
+                    v = v.num
                 sums[name] = sums.get(name, 0) + v.detach().float().to(acc.device) * w
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm else float("inf")
@@ -348,12 +352,14 @@ class Trainer:
         self.optimizer.step()
         sums["loss"] = loss_total
         sums["grad_norm"] = grad_norm.detach().float()
-        names = list(sums)
+        names, ratios = list(sums), list(dens)
         means = acc.reduce({k: sums[k].reshape(1).float() for k in names}, "mean")
+        den_means = acc.reduce({k: dens[k].reshape(1).float() for k in ratios}, "mean")
         total_tokens = acc.reduce(torch.tensor([tokens], device=acc.device), "sum")
         # one host sync for the update check and every logged number (the token count, fetched after it, no
         # longer waits for the card)
-        values = torch.cat([all_finite(params).reshape(1).float()] + [means[k] for k in names]).tolist()
+        values = torch.cat([all_finite(params).reshape(1).float()] + [means[k] for k in names]
+                           + [den_means[k] for k in ratios]).tolist()
         if not values[0]:
             bad = nonfinite_names([(n, p) for n, p in self.policy.named_parameters() if p.requires_grad])
             if snapshot is not None:  # skip means the update is undone, not that the check is skipped
@@ -361,7 +367,12 @@ class Trainer:
             return self._nonfinite(step, f"parameters after the optimizer update ({len(bad)} tensors, e.g. {bad[0]})")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        reduced = dict(zip(names, values[1:]))
+        reduced = dict(zip(names, values[1:1 + len(names)]))
+        for name, den in zip(ratios, values[1 + len(names):]):
+            if den > 0:
+                reduced[name] /= den
+            else:  # no example of its kind in this step (on any process): nothing to log
+                del reduced[name]
         tokens = int(total_tokens.item())
         reduced["lr"] = self.scheduler.get_last_lr()[0]
         reduced.update({k: float(v) for k, v in self.optimizer_hooks.metrics().items()})
