@@ -57,16 +57,17 @@ def test_dpo_first_step_loss_is_log2(tmp_path, tiny_model_dir):
     assert _losses(tmp_path / "run_dpo")[0] == pytest.approx(0.693147, abs=1e-5)
 
 
-def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_model_dir):
-    full = _cfg(tmp_path / "a", tiny_model_dir, "cita", max_steps=5, save_every=2)
+@pytest.mark.parametrize("method", ["cita", "kto"])  # paired and unpaired examples
+def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_model_dir, method):
+    full = _cfg(tmp_path / "a", tiny_model_dir, method, max_steps=5, save_every=2)
     Trainer(full).setup().train()
-    expected = _losses(tmp_path / "a" / "run_cita")
+    expected = _losses(tmp_path / "a" / f"run_{method}")
 
-    part = _cfg(tmp_path / "b", tiny_model_dir, "cita", max_steps=5, save_every=2)
+    part = _cfg(tmp_path / "b", tiny_model_dir, method, max_steps=5, save_every=2)
     Trainer(part).setup().train(stop_after=3)  # "killed" after step 3; last checkpoint is step 2
-    assert (tmp_path / "b" / "run_cita" / "checkpoints" / "step-2" / "trainer.json").exists()
+    assert (tmp_path / "b" / f"run_{method}" / "checkpoints" / "step-2" / "trainer.json").exists()
     Trainer(part).setup().train(resume=True)
-    resumed = _losses(tmp_path / "b" / "run_cita")
+    resumed = _losses(tmp_path / "b" / f"run_{method}")
     assert len(resumed) == 5
     assert resumed == pytest.approx(expected, rel=1e-5)
 

@@ -41,6 +41,7 @@ def test_every_method_declares_its_layout():
     layouts = {name: cls.layout for name, cls in registry.METHODS.items()}
     assert layouts["sft"] is CHOSEN_ONLY
     assert all(layouts[m] is PAIRED for m in ("dpo", "ipo", "simpo", "orpo", "cita"))
+    assert layouts["kto"] is UNPAIRED
 
 
 def test_chosen_only(tmp_path, monkeypatch):
