@@ -36,14 +36,13 @@ def main(argv=None) -> dict:
     counts: dict = {}
 
     def count(tr):  # a run_ours hook: the set-up Trainer, before any step
-        from ecliptica.train.batching import pair_tokens
         from ecliptica.train.sizing import Choice
 
         for b in budgets:
             tr.micro_batches = Choice(b, "counted")
             steps = range(a.first, a.steps)
             made = sum(len(tr.step_micro_batches(s)) for s in steps)
-            least = sum(math.ceil(sum(pair_tokens(tr.data.pairs[i], tr.loss_fn.uses_rejected)
+            least = sum(math.ceil(sum(tr.layout.tokens(tr.examples[i])
                                       for g in tr.step_micro_batches(s) for i in g) / b) for s in steps)
             counts[b] = (made, least)
             print(f"budget {b}: {made} micro-batches in steps {a.first}..{a.steps - 1} (at least {least})", flush=True)

@@ -102,7 +102,7 @@ def phases_hook(result: dict, first: int, n: int, profile_step: int):
         t = collections.defaultdict(float)
         peaks: dict = {}
         result["peaks"] = peaks
-        inner_step, inner_micro = tr.train_step, tr._micro_step
+        inner_step, inner_micro = tr.train_step, tr.micro_step
         acc = tr.accelerator
         inner_bwd, inner_clip, inner_opt = acc.backward, acc.clip_grad_norm_, tr.optimizer.step
         on = {"v": False}
@@ -125,7 +125,7 @@ def phases_hook(result: dict, first: int, n: int, profile_step: int):
                 return out
             return w
 
-        tr._micro_step = timed("forward+loss", inner_micro)
+        tr.micro_step = timed("forward+loss", inner_micro)
         acc.backward = timed("backward", inner_bwd)
         acc.clip_grad_norm_ = timed("clip", inner_clip)
         tr.optimizer.step = timed("optimizer", inner_opt)

@@ -99,7 +99,7 @@ def diag(a):
         tr = trainer(method, a.shape, a.vocab, a.data, a.tok)
         step_times(tr, 3)
         phases = {"fwd": 0.0, "bwd": 0.0}
-        inner = {"micro": tr._micro_step, "bwd": tr.accelerator.backward}  # cleared below: they hold the Trainer
+        inner = {"micro": tr.micro_step, "bwd": tr.accelerator.backward}  # cleared below: they hold the Trainer
 
         def micro(idx, progress):
             t = time.perf_counter()
@@ -116,7 +116,7 @@ def diag(a):
                 torch.cuda.synchronize()
             phases["bwd"] += time.perf_counter() - t
 
-        tr._micro_step, tr.accelerator.backward = micro, bwd
+        tr.micro_step, tr.accelerator.backward = micro, bwd
         pause.update(t=0.0, n=0)
         st = step_times(tr, 5)
         print(f"DIAG {method}: steps {st} fwd+loss {phases['fwd'] / 5:.3f} s/step bwd {phases['bwd'] / 5:.3f} s/step "

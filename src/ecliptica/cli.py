@@ -89,9 +89,9 @@ def cmd_data_preview(args) -> int:
         print(f"===== {ex.row_id}  method={method.name} instruction={placement}")
         print("----- prompt (model input):")
         print(tok.decode(tp.prompt_ids))
-        print("----- chosen:" + ("  (trained on)" if method.uses_chosen else ""))
+        print("----- chosen:" + ("  (trained on)" if "chosen" in method.layout.pair_responses else ""))
         print(tok.decode(tp.chosen_ids))
-        if method.uses_rejected:
+        if "rejected" in method.layout.pair_responses:
             print("----- rejected:")
             print(tok.decode(tp.rejected_ids))
         print(f"----- tokens: prompt {len(tp.prompt_ids)}, chosen {len(tp.chosen_ids)}, rejected {len(tp.rejected_ids)}"

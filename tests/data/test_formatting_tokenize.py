@@ -8,6 +8,7 @@ import pytest
 
 from ecliptica.data import (Message, PreferenceExample, TokenizeSettings, place_instruction, render_pair,
                             render_prompt, split_train_val, tokenize_pairs)
+from ecliptica.losses.layout import CHOSEN_ONLY, PAIRED
 from ecliptica.train.batching import collate
 
 DEFAULT_SYS = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -114,7 +115,7 @@ def _examples():
 def test_completion_mask_covers_exactly_the_response_tokens(tokenizer, packed, with_rejected):
     pad = 999_999  # a value no real token has, so padding is visible in the batch
     pairs = tokenize_pairs(tokenizer, _examples(), "system", progress=False).pairs
-    batch = collate(pairs, with_rejected=with_rejected, pad_id=pad, packed=packed)
+    batch = collate(pairs, PAIRED if with_rejected else CHOSEN_ONLY, pad_id=pad, packed=packed)
     seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs]
     if with_rejected:
         seqs += [(p.prompt_ids, p.rejected_ids) for p in pairs]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from train_helpers import tiny_peft, toy_pairs
 
+from ecliptica.losses.layout import PAIRED
 from ecliptica.train import attention
 from ecliptica.train.batching import collate
 from ecliptica.train.policy import PolicyModel
@@ -38,7 +39,7 @@ def test_document_mask_is_causal_within_each_sequence_only():
 def test_flex_policy_matches_dense_policy(tiny_model_dir, packed):
     """Log-probs, reference log-probs and the token KL of a packed (or padded) batch: flex == dense SDPA."""
     pairs = toy_pairs(4)
-    batch = collate(pairs, True, pad_id=2, packed=packed)
+    batch = collate(pairs, PAIRED, pad_id=2, packed=packed)
     out = {}
     calls = []
     real = attention._flex
@@ -79,13 +80,13 @@ def test_sequence_bounds():
 def test_collate_gives_the_packed_row_its_sequence_bounds():
     # computed on the host from the sequence lengths; the same offsets the position ids imply
     pairs = toy_pairs(3)
-    batch = collate(pairs, True, pad_id=2, packed=True)
+    batch = collate(pairs, PAIRED, pad_id=2, packed=True)
     assert batch.bounds.dtype == torch.int32
     assert batch.bounds.tolist() == attention.sequence_bounds(batch.position_ids).tolist()
     lengths = [len(p.prompt_ids) + len(p.chosen_ids) for p in pairs] + \
               [len(p.prompt_ids) + len(p.rejected_ids) for p in pairs]
     assert batch.bounds.tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
-    assert collate(pairs, True, pad_id=2, packed=False).bounds is None
+    assert collate(pairs, PAIRED, pad_id=2, packed=False).bounds is None
 
 
 @pytest.mark.parametrize("packed", [True, False])
@@ -93,7 +94,7 @@ def test_varlen_policy_matches_dense_policy(tiny_model_dir, packed, monkeypatch)
     """Packed rows through the varlen path (kernel swapped for a per-sequence loop): the same log-probs,
     reference log-probs and token KL as the dense block mask; transformers builds no dense mask for them."""
     pairs = toy_pairs(4)
-    batch = collate(pairs, True, pad_id=2, packed=packed)
+    batch = collate(pairs, PAIRED, pad_id=2, packed=packed)
     calls, masks = [], []
     monkeypatch.setattr(attention, "_varlen_kernel", lambda *a: calls.append(a[3]) or _per_sequence_causal(*a))
     real_mask = attention._varlen_mask
@@ -119,7 +120,7 @@ def test_varlen_policy_matches_dense_policy(tiny_model_dir, packed, monkeypatch)
 def test_varlen_without_sequence_bounds_is_the_dense_path(tiny_model_dir):
     """A packed forward that does not pass its boundaries (outside PolicyModel) still gets transformers'
     block-diagonal mask, never plain causal attention across sequences."""
-    batch = collate(toy_pairs(3), True, pad_id=2, packed=True)
+    batch = collate(toy_pairs(3), PAIRED, pad_id=2, packed=True)
     out = {}
     for mode in ("dense", "varlen"):
         lm = PolicyModel(tiny_peft(tiny_model_dir), packed_attention=mode).peft_model.get_base_model()

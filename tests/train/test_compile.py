@@ -123,6 +123,7 @@ def _check_activation_budget(functorch):
 def _margins_at_zero_adapter(compiled: bool):
     """bf16 (CPU autocast): the policy pass's and the adapter-disabled reference pass's sequence log-probs with
     a zero adapter, where the two are the same network and the DPO margin is 0 in exact arithmetic."""
+    from ecliptica.losses.layout import PAIRED
     from ecliptica.train.batching import collate
     from ecliptica.train.compile import compile_decoder_layers
     from ecliptica.train.policy import PolicyModel
@@ -140,7 +141,7 @@ def _margins_at_zero_adapter(compiled: bool):
     pairs = [TokenizedPair(*(tuple(torch.randint(3, 128, (n,), generator=g).tolist()) for n in (9, 14, 11)), str(i))
              for i in range(4)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        stats = PolicyModel(peft, chunk_size=32)(collate(pairs, True, pad_id=0, packed=True), need_reference=True)
+        stats = PolicyModel(peft, chunk_size=32)(collate(pairs, PAIRED, pad_id=0, packed=True), need_reference=True)
     torch._dynamo.reset()
     return stats.logps.detach(), stats.ref_logps
 

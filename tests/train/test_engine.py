@@ -59,16 +59,17 @@ def test_dpo_first_step_loss_is_log2(tmp_path, tiny_model_dir):
     assert _losses(tmp_path / "run_dpo")[0] == pytest.approx(0.693147, abs=1e-5)
 
 
-def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_model_dir):
-    full = _cfg(tmp_path / "a", tiny_model_dir, "cita", max_steps=5, save_every=2)
+@pytest.mark.parametrize("method", ["cita", "kto"])  # paired and unpaired examples
+def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_model_dir, method):
+    full = _cfg(tmp_path / "a", tiny_model_dir, method, max_steps=5, save_every=2)
     Trainer(full).setup().train()
-    expected = _losses(tmp_path / "a" / "run_cita")
+    expected = _losses(tmp_path / "a" / f"run_{method}")
 
-    part = _cfg(tmp_path / "b", tiny_model_dir, "cita", max_steps=5, save_every=2)
+    part = _cfg(tmp_path / "b", tiny_model_dir, method, max_steps=5, save_every=2)
     Trainer(part).setup().train(stop_after=3)  # "killed" after step 3; last checkpoint is step 2
-    assert (tmp_path / "b" / "run_cita" / "checkpoints" / "step-2" / "trainer.json").exists()
+    assert (tmp_path / "b" / f"run_{method}" / "checkpoints" / "step-2" / "trainer.json").exists()
     Trainer(part).setup().train(resume=True)
-    resumed = _losses(tmp_path / "b" / "run_cita")
+    resumed = _losses(tmp_path / "b" / f"run_{method}")
     assert len(resumed) == 5
     assert resumed == pytest.approx(expected, rel=1e-5)
 
@@ -93,6 +94,31 @@ def test_precomputed_reference_matches_online(tmp_path, tiny_model_dir, monkeypa
     Trainer(cached).setup().train()
     assert list((tmp_path / "cache" / "reference").glob("*.safetensors"))
     assert _losses(tmp_path / "pre" / "run_dpo") == pytest.approx(_losses(tmp_path / "on" / "run_dpo"), rel=1e-4)
+
+
+def test_ratio_metrics_are_step_means_over_their_examples(tmp_path, tiny_model_dir, monkeypatch):
+    """A Ratio metric logs (sum of num) / (sum of den) over the step's micro-batches: here num = 2 x the chosen
+    log-prob and den = 2 give the plain mean (logps/chosen); a den that is 0 in every micro-batch logs nothing."""
+    import torch
+
+    from ecliptica.losses import PAIRED, Ratio
+
+    trainer = Trainer(_cfg(tmp_path, tiny_model_dir, "dpo", max_steps=2, micro_batch_tokens=None)).setup()
+    real = trainer.loss_fn.__class__.__call__
+
+    def with_ratios(self, s, progress=0.0):
+        loss, m = real(self, s, progress)
+        chosen = PAIRED.split(s.logps)[0].mean()
+        m["twice/chosen"] = Ratio(2 * chosen, torch.tensor(2.0))
+        m["never"] = Ratio(torch.tensor(0.0), torch.tensor(0.0))
+        return loss, m
+
+    monkeypatch.setattr(trainer.loss_fn.__class__, "__call__", with_ratios)
+    trainer.train()
+    lines = [json.loads(x) for x in (tmp_path / "run_dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+    for line in lines:
+        assert line["twice/chosen"] == pytest.approx(line["logps/chosen"], rel=1e-6) and "never" not in line
 
 
 def test_nonfinite_loss_stops_with_step(tmp_path, tiny_model_dir, monkeypatch):
@@ -248,7 +274,7 @@ def test_memory_probe_leaves_no_trace(tmp_path, tiny_model_dir, monkeypatch):
         tr = Trainer(cfg).setup()
         if name == "probed":
             rng = torch.get_rng_state()
-            assert sizing.probe_memory(tr).bytes_per_token > 0
+            assert sizing.probe_memory(tr.memory_probe(), 2, 2 * 2 * 160).bytes_per_token > 0
             assert all(p.grad is None for p in tr.policy.parameters())
             assert all(float(b.a_sum.abs().sum() + b.g_sum.abs().sum() + b.count.sum()) == 0 for b in tr.optimizer_hooks.banks)
             assert torch.equal(torch.get_rng_state(), rng)
@@ -269,15 +295,15 @@ def test_memory_probe_runs_with_the_gradients_allocated(tmp_path, tiny_model_dir
     peaks = iter([1e6, 3e6])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: next(peaks))
     tr = Trainer(_cfg(tmp_path, tiny_model_dir, "dpo", micro_batch_tokens=None)).setup()
-    real, seen = tr._micro_step, []
+    real, seen = tr.micro_step, []
 
     def micro_step(idx, progress):
         trainable = [p for p in tr.policy.parameters() if p.requires_grad]
         seen.append(all(p.grad is not None and not p.grad.any() for p in trainable))
         return real(idx, progress)
 
-    monkeypatch.setattr(tr, "_micro_step", micro_step)
-    sizing.probe_memory(tr)
+    monkeypatch.setattr(tr, "micro_step", micro_step)
+    sizing.probe_memory(tr.memory_probe(), 2, 2 * 2 * 160)
     assert seen == [True, True]
     assert all(p.grad is None for p in tr.policy.parameters())  # and nothing is left behind
 
@@ -290,7 +316,6 @@ def test_memory_probe_falls_back_to_a_configured_micro_batch_when_the_larger_one
     import torch
 
     from ecliptica.train import sizing
-    from ecliptica.train.batching import pair_tokens
 
     for name in ("synchronize", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, lambda *a: None)
@@ -299,9 +324,10 @@ def test_memory_probe_falls_back_to_a_configured_micro_batch_when_the_larger_one
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: next(peaks))
     tr = Trainer(_cfg(tmp_path, tiny_model_dir, "dpo", micro_batch_tokens=None)).setup()  # 2 pairs x grad-accum 2
     step0 = [i for k in range(2) for i in tr.micro_batch_indices(k)]
-    size = {i: pair_tokens(tr.data.pairs[i], True) for i in step0}
+    pairs = [tr.data.pairs[i] for i in step0]  # a pair's packed tokens, by hand: its prompt twice and both responses
+    size = {i: 2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for i, p in zip(step0, pairs)}
     by_size = sorted(size, key=lambda i: (size[i], i))
-    real, groups = tr._micro_step, []
+    real, groups = tr.micro_step, []
 
     def micro_step(idx, progress):
         groups.append(list(idx))
@@ -311,9 +337,9 @@ def test_memory_probe_falls_back_to_a_configured_micro_batch_when_the_larger_one
             raise torch.cuda.OutOfMemoryError("simulated")
         return loss, info, n
 
-    monkeypatch.setattr(tr, "_micro_step", micro_step)
+    monkeypatch.setattr(tr, "micro_step", micro_step)
     with pytest.warns(UserWarning, match="ran out of memory; probing the 2 longest"):
-        fit = sizing.probe_memory(tr)
+        fit = sizing.probe_memory(tr.memory_probe(), 2, 2 * 2 * 160)
     assert len(groups) == 3 and len(groups[1]) > 2, (size, groups)  # small, the larger probe (failed), the fallback
     assert sum(size[i] for i in groups[1]) <= 2 * 160 * 2  # within the configured worst case
     assert groups[0] == by_size[:1] and sorted(groups[2]) == sorted(by_size[-2:])
@@ -327,7 +353,7 @@ def test_memory_probe_falls_back_to_a_configured_micro_batch_when_the_larger_one
         return real(idx, progress)
 
     peaks = iter([1e6])
-    monkeypatch.setattr(tr, "_micro_step", out_of_memory)
+    monkeypatch.setattr(tr, "micro_step", out_of_memory)
     with pytest.warns(UserWarning, match="ran out of memory"), pytest.raises(torch.cuda.OutOfMemoryError):
-        sizing.probe_memory(tr)
+        sizing.probe_memory(tr.memory_probe(), 2, 2 * 2 * 160)
     assert all(p.grad is None for p in tr.policy.parameters())

@@ -15,7 +15,8 @@ def test_ipo_matches_trl(tiny_model_dir, tmp_path):
         s = policy_stats(model, pairs)
         ours, _ = IPOLoss(IPOConfig(beta=0.3))(s)
     assert float(trl_loss) != pytest.approx((1 / 0.6) ** 2, rel=1e-3)  # policy != reference: a real comparison
-    rc, rr = s.halves(s.logps - s.ref_logps)
+    ratio = s.logps - s.ref_logps  # the 3 chosen, then the 3 rejected
+    rc, rr = ratio[:3], ratio[3:]
     summed = float(((rc - rr - 1 / 0.6) ** 2).mean())  # without the per-token averaging: must differ
     assert float(trl_loss) != pytest.approx(summed, rel=1e-2)
     assert float(ours) == pytest.approx(float(trl_loss), abs=1e-5)

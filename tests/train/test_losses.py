@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ecliptica.losses import CITAConfig, CITALoss, DPOConfig, DPOLoss, SequenceStats, SFTConfig, SFTLoss
+from ecliptica.losses.layout import CHOSEN_ONLY, PAIRED
 from ecliptica.train.batching import collate
 from ecliptica.train.policy import PolicyModel
 
@@ -18,7 +19,7 @@ def peft_model(tiny_model_dir):
 
 
 def _stats(peft_model, pairs, packed=True, with_rejected=True, ref=True, kl=False, chunk=7):
-    batch = collate(pairs, with_rejected, pad_id=2, packed=packed)
+    batch = collate(pairs, PAIRED if with_rejected else CHOSEN_ONLY, pad_id=2, packed=packed)
     return PolicyModel(peft_model, chunk_size=chunk)(batch, need_reference=ref, need_token_kl=kl)
 
 

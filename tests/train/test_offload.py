@@ -9,6 +9,7 @@ import pytest
 import torch
 from train_helpers import tiny_peft, toy_pairs
 
+from ecliptica.losses.layout import PAIRED
 from ecliptica.train.batching import collate
 from ecliptica.train.offload import HostOffload, resolve_offload
 from ecliptica.train.policy import PolicyModel
@@ -46,7 +47,7 @@ def _step(tiny_model_dir, checkpointing: bool, offload: HostOffload | None):
             inputs.append((args[0].data_ptr(), tuple(args[0].shape)))
 
     handles = [layer.register_forward_pre_hook(record) for layer in layers]  # the policy pass (not the reference)
-    batch = collate(toy_pairs(4), True, pad_id=2, packed=True)
+    batch = collate(toy_pairs(4), PAIRED, pad_id=2, packed=True)
     stats = policy(batch, need_reference=True, need_token_kl=True)
     margin = (stats.logps - stats.ref_logps).view(2, -1)
     loss = -torch.nn.functional.logsigmoid(0.1 * (margin[0] - margin[1])).mean() + 0.05 * stats.token_kl_sum

@@ -10,7 +10,7 @@ from ecliptica.losses import registry
 
 def test_every_method_module_is_registered_in_display_order():
     assert registry.method_names()[:3] == ("sft", "dpo", "cita")  # the study's table order
-    assert {"ipo", "simpo", "orpo"} <= set(registry.method_names())  # found by discovery, listed nowhere
+    assert {"ipo", "simpo", "orpo", "kto"} <= set(registry.method_names())  # found by discovery, listed nowhere
     for name, cls in registry.METHODS.items():
         assert cls.name == name == cls.config().name
         assert type(registry.build_loss(cls.config())) is cls
@@ -71,3 +71,5 @@ def test_every_registered_method_trains_in_the_engine(tmp_path, tiny_model_dir, 
     assert all(x["grad_norm"] > 0 for x in lines)  # the loss reaches the adapter
     if method == "ipo":  # zero adapter at step 1: policy == reference, so the loss is (1 / (2 beta))^2
         assert lines[0]["loss"] == pytest.approx((1 / (2 * cfg.method.beta)) ** 2, rel=1e-5)
+    if method == "kto":  # zero adapter at step 1: every log-ratio and the KL estimate are 0, so 1 - sigma(0)
+        assert lines[0]["loss"] == pytest.approx(0.5, rel=1e-5)

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from ecliptica.losses.layout import CHOSEN_ONLY, PAIRED, UNPAIRED
 from ecliptica.train import sizing
 from ecliptica.train.sizing import MemoryFit
 
@@ -56,26 +57,32 @@ def test_probe_groups_by_hand():
     assert sorted(sizing.probe_groups(size, micro_batch_size=2, limit=10_000)[1]) == sorted(size)
 
 
-def _pair(prompt, chosen, rejected):
-    return SimpleNamespace(prompt_ids=[0] * prompt, chosen_ids=[0] * chosen, rejected_ids=[0] * rejected)
-
-
-def _trainer(device, micro_batch_tokens="auto", memory_budget_gib=None, trainable=1_000_000, longest=(512, 512, 512)):
-    """`longest`: (prompt, chosen, rejected) tokens of the data's longest pair; the default is a worst-case pair."""
+def _choose(device, micro_batch_tokens="auto", memory_budget_gib=None, trainable=1_000_000, longest=(512, 512, 512),
+            layout=PAIRED):
+    """sizing.choose for 2 examples x grad-accum 4 at max_length 1024. `longest`: (prompt, chosen, rejected) tokens of
+    the data's longest pair, as a pair: 2 x prompt + chosen + rejected (the default is a worst-case pair)."""
     train = SimpleNamespace(micro_batch_tokens=micro_batch_tokens, micro_batch_size=2, grad_accum=4,
                             memory_budget_gib=memory_budget_gib)
-    cfg = SimpleNamespace(train=train, data=SimpleNamespace(max_length=1024))
-    acc = SimpleNamespace(device=torch.device(device), num_processes=1)
-    policy = torch.nn.Linear(trainable, 1, bias=False)  # `trainable` trainable fp32 parameters
-    data = SimpleNamespace(pairs=[_pair(40, 20, 30), _pair(*longest), _pair(100, 50, 50)])
-    return SimpleNamespace(cfg=cfg, accelerator=acc, loss_fn=SimpleNamespace(uses_rejected=True), policy=policy,
-                           data=data, optimizer=torch.optim.SGD(policy.parameters(), lr=0.1))
+    weights = torch.nn.Linear(trainable, 1, bias=False)  # `trainable` trainable fp32 parameters
+    probe = sizing.Probe(run=None, step0={}, trainable=list(weights.parameters()))  # the probe itself is mocked
+    prompt, chosen, rejected = longest
+    return sizing.choose(train, 1024, layout, 2 * prompt + chosen + rejected, torch.device(device), probe)
 
 
 def test_choose_on_cpu_is_the_configured_worst_case():
-    assert sizing.choose(_trainer("cpu")).tokens == 2 * 2 * 1024  # 2 pairs x (chosen + rejected) x max_length
-    assert sizing.choose(_trainer("cpu", micro_batch_tokens=None)).tokens is None
-    assert sizing.choose(_trainer("cpu", micro_batch_tokens=3000)).tokens == 3000
+    assert _choose("cpu").tokens == 2 * 2 * 1024  # 2 pairs x (chosen + rejected) x max_length
+    assert _choose("cpu", layout=CHOSEN_ONLY).tokens == 2 * 1024  # 2 x chosen x max_length
+    assert _choose("cpu", micro_batch_tokens=None).tokens is None
+    assert _choose("cpu", micro_batch_tokens=3000).tokens == 3000
+
+
+def test_a_layout_with_a_micro_batch_statistic_keeps_the_plain_split():
+    """KTO's KL estimate is a mean over its micro-batch: the unpaired layout's micro-batches are never re-split."""
+    for device in ("cpu", "cuda"):
+        for setting in ("auto", None):
+            assert _choose(device, micro_batch_tokens=setting, layout=UNPAIRED).tokens is None
+    with pytest.raises(ValueError, match="micro_batch_tokens: 3000, but the unpaired layout"):
+        _choose("cpu", micro_batch_tokens=3000, layout=UNPAIRED)
 
 
 @pytest.mark.parametrize("shared_by,budget_gib,longest,expected", [
@@ -96,7 +103,7 @@ def test_choose_on_cpu_is_the_configured_worst_case():
 ])
 def test_choose_on_cuda_by_hand(monkeypatch, shared_by, budget_gib, longest, expected):
     fit = MemoryFit(fixed_bytes=GiB, bytes_per_token=2.5 * MiB)
-    monkeypatch.setattr(sizing, "probe_memory", lambda trainer: fit)
+    monkeypatch.setattr(sizing, "probe_memory", lambda probe, micro_batch_size, limit: fit)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (40 * GiB, 80 * GiB))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: 20 * GiB)
@@ -104,7 +111,7 @@ def test_choose_on_cuda_by_hand(monkeypatch, shared_by, budget_gib, longest, exp
     monkeypatch.setenv("ECLIPTICA_DEVICE_SHARED_BY", str(shared_by))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        choice = sizing.choose(_trainer("cuda", memory_budget_gib=budget_gib, trainable=2**20, longest=longest))
+        choice = _choose("cuda", memory_budget_gib=budget_gib, trainable=2**20, longest=longest)
     assert choice.tokens == expected
     assert "2.500 MiB/token" in choice.rule
     # only a budget below the longest pair says (in the rule and as a warning) that it cannot be kept
@@ -114,10 +121,10 @@ def test_choose_on_cuda_by_hand(monkeypatch, shared_by, budget_gib, longest, exp
 
 
 def test_choose_on_cuda_caps_at_the_whole_step(monkeypatch):
-    monkeypatch.setattr(sizing, "probe_memory", lambda trainer: MemoryFit(0.0, 0.25 * MiB))
+    monkeypatch.setattr(sizing, "probe_memory", lambda probe, micro_batch_size, limit: MemoryFit(0.0, 0.25 * MiB))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (120 * GiB, 140 * GiB))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: 16 * GiB)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: 16 * GiB)
     monkeypatch.delenv("ECLIPTICA_DEVICE_SHARED_BY", raising=False)
-    assert sizing.choose(_trainer("cuda")).tokens == 2 * 4 * 2 * 1024  # micro_batch_size x grad_accum pairs
+    assert _choose("cuda").tokens == 2 * 4 * 2 * 1024  # micro_batch_size x grad_accum pairs

@@ -44,10 +44,11 @@ def dense_token_logps(peft_model, pairs, with_rejected=True):
 
 def policy_stats(peft_model, pairs, with_rejected=True, ref=True, kl=False, chunk=7):
     """Our engine's SequenceStats for `pairs` (one packed micro-batch)."""
+    from ecliptica.losses.layout import CHOSEN_ONLY, PAIRED
     from ecliptica.train.batching import collate
     from ecliptica.train.policy import PolicyModel
 
-    batch = collate(pairs, with_rejected, pad_id=2, packed=True)
+    batch = collate(pairs, PAIRED if with_rejected else CHOSEN_ONLY, pad_id=2, packed=True)
     return PolicyModel(peft_model, chunk_size=chunk)(batch, need_reference=ref, need_token_kl=kl)
 
 

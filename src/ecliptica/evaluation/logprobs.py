@@ -3,7 +3,7 @@ engine's own machinery (`train.policy.PolicyModel`: response tokens only, summed
 reference = the same network with the adapter disabled), so "log-prob" and "KL to the base" mean
 the same thing in training, in drift and in preference accuracy.
 
-Batches are padded (`collate(packed=False)`) rather than packed: evaluation runs under any attention
+Batches are padded (`collate(..., packed=False)`) rather than packed: evaluation runs under any attention
 implementation, and packed rows are only isolated from each other by flash-attention kernels.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from ecliptica.data import TokenizedPair
 from ecliptica.evaluation.inputs import length_sorted_batches, model_device
-from ecliptica.train.batching import collate, pair_tokens
+from ecliptica.losses.layout import CHOSEN_ONLY, PAIRED
+from ecliptica.train.batching import collate
 from ecliptica.train.policy import PolicyModel
 
 
@@ -46,11 +47,12 @@ def sequence_scores(handle, pairs: Sequence[TokenizedPair], *, with_rejected: bo
     keys = ["logp_chosen"] + (["logp_rejected"] if with_rejected else [])
     out = {k: np.zeros(n) for k in keys + [f"ref_{k}" for k in keys] + ["kl_chosen"]}
     out["n_chosen"] = np.array([len(p.chosen_ids) for p in pairs], dtype=float)
-    batches = list(length_sorted_batches([pair_tokens(p, with_rejected) for p in pairs], batch_size))
+    layout = PAIRED if with_rejected else CHOSEN_ONLY
+    batches = list(length_sorted_batches([layout.tokens(p) for p in pairs], batch_size))
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
         with handle.active() as model:
             policy = PolicyModel(model if has_adapter else _NoAdapter(model))
-            batch = collate([pairs[i] for i in idx], with_rejected, handle.tokenizer.pad_token_id,
+            batch = collate([pairs[i] for i in idx], layout, handle.tokenizer.pad_token_id,
                             packed=False).to(model_device(model))
             stats = policy(batch, need_reference=has_adapter, need_token_kl=has_adapter and token_kl)
         logps = stats.logps.double().cpu().numpy()

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ecliptica.data import TokenizedPair
+from ecliptica.losses.layout import CHOSEN_ONLY, PAIRED
 from ecliptica.train.batching import collate
 from ecliptica.train.policy import PolicyModel
 
@@ -42,10 +43,10 @@ def preference_scores(policy: PolicyModel, pairs: Sequence[TokenizedPair], pad_t
     margins = []
     try:
         for batch_pairs in _batches(pairs, batch_size, "validation pairs", progress):
-            batch = collate(batch_pairs, True, pad_token_id, packed=False).to(device)
+            batch = collate(batch_pairs, PAIRED, pad_token_id, packed=False).to(device)
             s = policy(batch, need_reference=True)
             ratio = (s.logps - s.ref_logps).float()
-            chosen, rejected = s.halves(ratio)
+            chosen, rejected = PAIRED.split(ratio)
             margins.append(beta * (chosen - rejected))
     finally:
         policy.train(was_training)
@@ -66,7 +67,7 @@ def response_kl(policy: PolicyModel, pairs: Sequence[TokenizedPair], pad_token_i
     kl_sum, n_tokens = 0.0, 0
     try:
         for batch_pairs in _batches(pairs, batch_size, "benign KL", progress):
-            batch = collate(batch_pairs, False, pad_token_id, packed=False).to(device)
+            batch = collate(batch_pairs, CHOSEN_ONLY, pad_token_id, packed=False).to(device)
             s = policy(batch, need_token_kl=True)
             kl_sum += float(s.token_kl_sum)
             n_tokens += int(s.n_tokens.sum())

@@ -1,8 +1,9 @@
 """What every method shares: the per-sequence statistics the engine hands a loss, the loss interface,
 and the settings base every method's config model extends.
 
-Every loss receives `SequenceStats` for a micro-batch laid out as [chosen_1..chosen_B, rejected_1..rejected_B]
-(SFT: chosen only) and returns (loss, metrics). Log-probabilities are sums over response tokens only.
+Every loss receives `SequenceStats` for a micro-batch laid out by its method's layout (`layout.py`: role by role,
+e.g. [chosen_1..chosen_B, rejected_1..rejected_B] for pairs; `layout.split` hands the roles back) and returns
+(loss, metrics). Log-probabilities are sums over response tokens only.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pydantic import ConfigDict
 
 from ..data.formatting import Placement
 from ..strict import Strict
+from .layout import PAIRED, Layout
 
 
 @dataclass
@@ -26,9 +28,10 @@ class SequenceStats:
     token_kl_sum: torch.Tensor | None = None  # scalar: sum over response tokens of KL(pi_theta || pi_ref)
     seq_token_kl: torch.Tensor | None = None  # [S] the same sum per sequence, detached (evaluation reads it)
     nll_sum: torch.Tensor | None = None  # scalar: -sum of chosen-token log-probs (SFT)
+    labels: torch.Tensor | None = None  # [B] the layout's per-example labels (unpaired: True = desirable)
     # What token means divide by (None: this micro-batch's response tokens). The engine sets it to the step's
-    # response tokens x this micro-batch's share of pairs, so a token mean is over the whole step however the
-    # step's pairs are split into micro-batches.
+    # response tokens x this micro-batch's share of examples, so a token mean is over the whole step however the
+    # step's examples are split into micro-batches.
     token_denominator: float | None = None
 
     def token_mean(self, total: torch.Tensor) -> torch.Tensor:
@@ -37,13 +40,20 @@ class SequenceStats:
             return total / self.n_tokens.sum().clamp(min=1)
         return total / self.token_denominator
 
-    def halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b = x.shape[0] // 2
-        return x[:b], x[b:]
-
     def mean_logps(self) -> torch.Tensor:
         """[S] log-probs averaged over each sequence's response tokens (length-normalised)."""
         return self.logps / self.n_tokens.clamp(min=1)
+
+
+@dataclass
+class Ratio:
+    """A metric that is a mean over only some of the examples (KTO's rewards/chosen: the desirable ones). A loss gives
+    its micro-batch's means over all examples of `num` (e.g. reward x is-desirable) and `den` (is-desirable); the engine
+    sums each over the step's micro-batches and processes, weighted by their share of examples, and logs num / den:
+    the mean over every such example of the step, however it is split. A step without one logs no value."""
+
+    num: torch.Tensor
+    den: torch.Tensor
 
 
 class MethodSettings(Strict):
@@ -63,12 +73,12 @@ class ReferenceSettings(MethodSettings):
 
 class AlignmentLoss:
     """A method's loss. Subclasses declare `config` (their settings model, whose `name` is the method's
-    name) and what the engine must compute for them (`needs_reference`, `needs_token_kl`)."""
+    name), `layout` (the sequences each example contributes) and what the engine must compute for them
+    (`needs_reference`, `needs_token_kl`)."""
 
     config: ClassVar[type[MethodSettings]]
     name: ClassVar[str]  # set from the config's `name`
-    uses_rejected: ClassVar[bool] = True
-    uses_chosen: ClassVar[bool] = True
+    layout: ClassVar[Layout]
     default_placement: ClassVar[Placement] = "none"
     order: ClassVar[int] = 100  # position in tables, figures and CLI choices (ties: by name)
 
@@ -94,12 +104,13 @@ class AlignmentLoss:
         raise NotImplementedError
 
 
-def preference_metrics(beta: float, logps: torch.Tensor, ref: torch.Tensor | None, s: SequenceStats) -> dict:
-    """TRL's metric names: logps/* always; rewards/* (beta x log-ratio to the reference) when there is one."""
-    pc, pr = s.halves(logps)
+def preference_metrics(beta: float, logps: torch.Tensor, ref: torch.Tensor | None) -> dict:
+    """A paired micro-batch's metrics with TRL's names: logps/* always; rewards/* (beta x log-ratio to the
+    reference) when there is one."""
+    pc, pr = PAIRED.split(logps)
     m = {"logps/chosen": pc.mean().detach(), "logps/rejected": pr.mean().detach()}
     if ref is not None:
-        rc, rr = s.halves(ref)
+        rc, rr = PAIRED.split(ref)
         chosen_r, rejected_r = beta * (pc - rc).detach(), beta * (pr - rr).detach()
         m.update(reward_metrics(chosen_r, rejected_r))
     return m

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from .base import AlignmentLoss, ReferenceSettings, SequenceStats, preference_metrics
+from .layout import PAIRED
 
 
 class CITAConfig(ReferenceSettings):
@@ -39,6 +40,7 @@ class CITAConfig(ReferenceSettings):
 
 class CITALoss(AlignmentLoss):
     config = CITAConfig
+    layout = PAIRED
     default_placement = "system"
     order = 20
 
@@ -62,10 +64,10 @@ class CITALoss(AlignmentLoss):
 
     def __call__(self, s, progress=0.0):
         logps = s.mean_logps() if self.cfg.length_normalize else s.logps
-        pc, pr = s.halves(logps)
+        pc, pr = self.layout.split(logps)
         contrastive = -F.logsigmoid(self.cfg.beta * (pc - pr)).mean()
         lam = self.lambda_at(progress)
-        m = preference_metrics(self.cfg.beta, s.logps, s.ref_logps, s)
+        m = preference_metrics(self.cfg.beta, s.logps, s.ref_logps)
         loss = contrastive
         if self.needs_reference:
             kl = self.kl_term(s)

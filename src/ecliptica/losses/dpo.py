@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from .base import AlignmentLoss, ReferenceSettings, preference_metrics
+from .layout import PAIRED
 
 
 class DPOConfig(ReferenceSettings):
@@ -17,6 +18,7 @@ class DPOConfig(ReferenceSettings):
 
 class DPOLoss(AlignmentLoss):
     config = DPOConfig
+    layout = PAIRED
     order = 10
 
     @property
@@ -24,12 +26,12 @@ class DPOLoss(AlignmentLoss):
         return True
 
     def __call__(self, s, progress=0.0):
-        pc, pr = s.halves(s.logps)
-        rc, rr = s.halves(s.ref_logps)
+        pc, pr = self.layout.split(s.logps)
+        rc, rr = self.layout.split(s.ref_logps)
         z = self.cfg.beta * ((pc - rc) - (pr - rr))
         eps = self.cfg.label_smoothing
         losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
         loss = losses.mean()
-        m = preference_metrics(self.cfg.beta, s.logps, s.ref_logps, s)
+        m = preference_metrics(self.cfg.beta, s.logps, s.ref_logps)
         m["loss/dpo"] = loss.detach()
         return loss, m

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from .base import AlignmentLoss, ReferenceSettings, preference_metrics
+from .layout import PAIRED
 
 
 class IPOConfig(ReferenceSettings):
@@ -20,6 +21,7 @@ class IPOConfig(ReferenceSettings):
 
 class IPOLoss(AlignmentLoss):
     config = IPOConfig
+    layout = PAIRED
     order = 30
 
     @property
@@ -28,8 +30,8 @@ class IPOLoss(AlignmentLoss):
 
     def __call__(self, s, progress=0.0):
         ratio = (s.logps - s.ref_logps) / s.n_tokens.clamp(min=1)
-        rc, rr = s.halves(ratio)
+        rc, rr = self.layout.split(ratio)
         loss = ((rc - rr - 1 / (2 * self.cfg.beta)) ** 2).mean()
-        m = preference_metrics(self.cfg.beta, s.logps, s.ref_logps, s)
+        m = preference_metrics(self.cfg.beta, s.logps, s.ref_logps)
         m["loss/ipo"] = loss.detach()
         return loss, m

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from .base import AlignmentLoss, MethodSettings, reward_metrics
+from .layout import PAIRED
 
 
 class ORPOConfig(MethodSettings):
@@ -30,13 +31,14 @@ def log1m_exp(x: torch.Tensor) -> torch.Tensor:
 
 class ORPOLoss(AlignmentLoss):
     config = ORPOConfig
+    layout = PAIRED
     order = 50
 
     def __call__(self, s, progress=0.0):
-        pc, pr = s.halves(s.logps)
-        nc, _ = s.halves(s.n_tokens)
+        pc, pr = self.layout.split(s.logps)
+        nc, _ = self.layout.split(s.n_tokens)
         nll = -pc.sum() / nc.sum().clamp(min=1)  # mean over the chosen response tokens of the micro-batch
-        mc, mr = s.halves(s.mean_logps())
+        mc, mr = self.layout.split(s.mean_logps())
         log_odds = (mc - mr) - (log1m_exp(mc) - log1m_exp(mr))
         log_sig = F.logsigmoid(log_odds)
         loss = nll - self.cfg.beta * log_sig.mean()

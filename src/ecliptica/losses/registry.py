@@ -11,7 +11,8 @@ API (`from ecliptica.losses import registry`):
   registry.settings_for(name, d)  the keys of `d` that method `name` has (a study's block shared by all arms);
                                   a key no method has is an error
 
-Adding a method = one module here (its config model with `name: Literal["x"]` and its loss class) + its test.
+Adding a method = one module here (its config model with `name: Literal["x"]`, and its loss class with its
+`layout`) + its test.
 """
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ from pydantic import Field
 
 from . import base
 from .base import AlignmentLoss, MethodSettings
+from .layout import Layout
 
 
 def _discover() -> dict[str, type[AlignmentLoss]]:
     package = importlib.import_module(__package__)
     found: dict[str, type[AlignmentLoss]] = {}
     for info in pkgutil.iter_modules(package.__path__):
-        if info.name in ("base", "registry"):
+        if info.name in ("base", "layout", "registry"):
             continue
         module = importlib.import_module(f"{__package__}.{info.name}")
         for obj in vars(module).values():
@@ -37,6 +39,8 @@ def _discover() -> dict[str, type[AlignmentLoss]]:
                     and "config" in obj.__dict__):
                 if obj.name in found:
                     raise RuntimeError(f"method {obj.name!r} is defined twice: {found[obj.name]} and {obj}")
+                if not isinstance(getattr(obj, "layout", None), Layout):
+                    raise RuntimeError(f"method {obj.name!r} ({obj}) declares no `layout` (losses/layout.py)")
                 found[obj.name] = obj
     return dict(sorted(found.items(), key=lambda kv: (kv[1].order, kv[0])))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Literal
 
 from .base import AlignmentLoss, MethodSettings
+from .layout import CHOSEN_ONLY
 
 
 class SFTConfig(MethodSettings):
@@ -12,7 +13,7 @@ class SFTConfig(MethodSettings):
 
 class SFTLoss(AlignmentLoss):
     config = SFTConfig
-    uses_rejected = False
+    layout = CHOSEN_ONLY
     order = 0
 
     def __call__(self, s, progress=0.0):

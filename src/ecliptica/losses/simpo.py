@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from .base import AlignmentLoss, MethodSettings, reward_metrics
+from .layout import PAIRED
 
 
 class SimPOConfig(MethodSettings):
@@ -24,14 +25,15 @@ class SimPOConfig(MethodSettings):
 
 class SimPOLoss(AlignmentLoss):
     config = SimPOConfig
+    layout = PAIRED
     order = 40
 
     def __call__(self, s, progress=0.0):
-        mc, mr = s.halves(s.mean_logps())
+        mc, mr = self.layout.split(s.mean_logps())
         z = self.cfg.beta * (mc - mr) - self.cfg.gamma
         eps = self.cfg.label_smoothing
         loss = (-(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)).mean()
-        pc, pr = s.halves(s.logps)
+        pc, pr = self.layout.split(s.logps)
         m = {"logps/chosen": pc.mean().detach(), "logps/rejected": pr.mean().detach(), "loss/simpo": loss.detach()}
         m.update(reward_metrics(self.cfg.beta * mc.detach(), self.cfg.beta * mr.detach()))
         return loss, m

@@ -63,7 +63,7 @@ def training_example(runner: StudyRunner, arm: str) -> str:
     tok = load_tokenizer(tc.model)
     pair = prepare_data(tc, tok, placement, progress=False)[0].pairs[0]
     prompt = tok.decode(list(pair.prompt_ids))
-    responses = [("chosen", pair.chosen_ids)] + ([("rejected", pair.rejected_ids)] if method.uses_rejected else [])
+    responses = [(name, getattr(pair, f"{name}_ids")) for name in method.layout.pair_responses]
     lines = [f"arm {arm}: method {method.name}, instruction placement {placement!r}, row {pair.row_id} "
              f"(first pair of the training split); the loss sees only the tokens after {COMPLETION_MARK}",
              f"tokens: prompt {len(pair.prompt_ids)}, "

@@ -1,6 +1,7 @@
-"""Token pairs -> model batches. Packed (default): all sequences of a micro-batch in one row with
-per-sequence position ids, so no padding is computed; padded: one row per sequence, right-padded.
-Either way the batch names, for every response token, the hidden-state position that predicts it.
+"""Examples -> model batches. The method's layout (losses/layout.py) says which sequences each example
+contributes; packed (default): all sequences of a micro-batch in one row with per-sequence position ids, so no
+padding is computed; padded: one row per sequence, right-padded. Either way the batch names, for every response
+token, the hidden-state position that predicts it.
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.tokenize import TokenizedPair
+from ..losses.layout import Layout
 from .attention import sequence_bounds
 
 
@@ -25,6 +26,7 @@ class ModelBatch:
     # packed: int32 [n_sequences + 1] offsets where each sequence of the row starts, then the row's length
     # (varlen attention's boundaries, known here on the host, so the forward needs no device-to-host wait)
     bounds: torch.Tensor | None = None
+    labels: torch.Tensor | None = None  # [B] the layout's per-example labels (unpaired: True = desirable)
 
     def to(self, device) -> "ModelBatch":
         move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -34,16 +36,8 @@ class ModelBatch:
         return self.attention_mask
 
 
-def sequences(pairs: list[TokenizedPair], with_rejected: bool) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """(prompt, response) per sequence: all chosen first, then all rejected."""
-    seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs]
-    if with_rejected:
-        seqs += [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    return seqs
-
-
-def collate(pairs: list[TokenizedPair], with_rejected: bool, pad_id: int, packed: bool = True) -> ModelBatch:
-    seqs = sequences(pairs, with_rejected)
+def collate(examples: list, layout: Layout, pad_id: int, packed: bool = True) -> ModelBatch:
+    seqs = layout.sequences(examples)
     lengths = [len(p) + len(r) for p, r in seqs]
     width = sum(lengths) if packed else max(lengths)
     rows = 1 if packed else len(seqs)
@@ -66,23 +60,12 @@ def collate(pairs: list[TokenizedPair], with_rejected: bool, pad_id: int, packed
         offset += n
     bounds = sequence_bounds(pos) if packed else None  # on the host tensor: no device wait
     return ModelBatch(ids, pos, mask, torch.cat(pred), torch.cat(tgt), torch.cat(seq), len(seqs), sum(lengths),
-                      bounds)
-
-
-def pair_tokens(pair: TokenizedPair, with_rejected: bool) -> int:
-    """Tokens this pair adds to a packed micro-batch."""
-    n = len(pair.prompt_ids) + len(pair.chosen_ids)
-    return n + len(pair.prompt_ids) + len(pair.rejected_ids) if with_rejected else n
-
-
-def response_tokens(pair: TokenizedPair, with_rejected: bool) -> int:
-    """Response tokens this pair adds to the loss's token means (chosen, plus rejected when used)."""
-    return len(pair.chosen_ids) + (len(pair.rejected_ids) if with_rejected else 0)
+                      bounds, layout.labels(examples))
 
 
 def split_by_tokens(idx: list[int], sizes: list[int], budget: int) -> list[list[int]]:
-    """Consecutive groups of `idx` whose summed `sizes` stay within `budget` (a pair larger than the
-    budget gets a micro-batch of its own). Order is kept, so the step sees the same pairs."""
+    """Consecutive groups of `idx` whose summed `sizes` stay within `budget` (an example larger than the
+    budget gets a micro-batch of its own). Order is kept, so the step sees the same examples."""
     groups: list[list[int]] = []
     used = budget + 1
     for i, n in zip(idx, sizes):

@@ -24,12 +24,12 @@ from ..config import TrainConfig, save_config
 from ..data import (LoadOptions, describe_split, load_preferences, resolve_path, save_bad_rows, split_train_val,
                     tokenize_pairs)
 from ..data.tokenize import TokenizedData, TokenizeSettings
-from ..losses import ReferenceSettings, SequenceStats, build_loss
+from ..losses import Ratio, ReferenceSettings, SequenceStats, build_loss
 from ..models import apply_lora, describe_parameters, load_model, load_tokenizer
 from ..provenance import git_commit, versions
 from . import sizing
 from .attention import resolve_packed_attention
-from .batching import collate, pair_tokens, response_tokens, split_by_tokens
+from .batching import collate, split_by_tokens
 from .compile import compile_decoder_layers, resolve_compile
 from .fused_lora import fuse_lora_layers, resolve_fused_lora
 from .nf4 import keep_out_of_ddp, resolve_nf4_kernel, use_torch_nf4
@@ -149,6 +149,7 @@ class Trainer:
             # the step"). Flash/efficient SDPA don't.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.loss_fn = build_loss(cfg.method)
+        self.layout = self.loss_fn.layout
         self.placement = cfg.method.placement or self.loss_fn.default_placement
         self.tokenizer = load_tokenizer(cfg.model)
         skipped = self.run_dir / "skipped_rows.json" if cfg.data.on_bad_row == "skip" and acc.is_main_process else None
@@ -159,6 +160,7 @@ class Trainer:
         self.data_report = info["report"]
         self.data_hash = self.data.fingerprint()
         self.val_data: TokenizedData | None = info["val"]
+        self.examples = self.layout.examples(self.data, cfg.data.max_length)  # what the data order draws
         if acc.is_main_process:  # the split's ids, so a reader can rebuild exactly what was held out
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "split.json").write_text(json.dumps(info["split_ids"]))
@@ -198,8 +200,8 @@ class Trainer:
         self.ref_cache = None
         precompute = isinstance(cfg.method, ReferenceSettings) and cfg.method.precompute_reference
         if precompute and self.loss_fn.needs_reference:
-            self.ref_cache = reference_logps(self.policy, self.data, self.tokenizer.pad_token_id, cfg,
-                                             acc.device, progress=acc.is_main_process)
+            self.ref_cache = reference_logps(self.policy, self.examples, self.layout, self.tokenizer.pad_token_id,
+                                             cfg, acc.device, progress=acc.is_main_process)
         # GRIT's factor taps sit on every lora_A module; the fused projection above and the compiled layers call
         # lora_A as a module, so the taps are in their graphs (tests/grit/test_collection_paths.py), and GRIT's
         # guard stops the run if too few factors become valid (grit/optimizer.py)
@@ -208,7 +210,9 @@ class Trainer:
         self.policy, self.optimizer = acc.prepare(self.policy, optimizer)
         self.scheduler = scheduler
         self.peft_model = acc.unwrap_model(self.policy).peft_model
-        self.micro_batches = sizing.choose(self)
+        longest = max(self.layout.tokens(ex) for ex in self.examples)
+        self.micro_batches = sizing.choose(cfg.train, cfg.data.max_length, self.layout, longest, acc.device,
+                                           self.memory_probe() if acc.device.type == "cuda" else None)
         acc.print(f"[ecliptica] micro_batch_tokens: {self.micro_batches.tokens} ({self.micro_batches.rule}); "
                   f"packed attention: {self.packed_attention}; compiled decoder layers: {self.compiled_layers}; "
                   f"fused LoRA layers: {self.fused_lora_layers}; "
@@ -218,8 +222,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ data order
     def micro_batch_indices(self, micro_step: int) -> list[int]:
-        """Pair indices of this process's share of global micro-step `micro_step` (deterministic by seed)."""
-        n = len(self.data.pairs)
+        """Example indices of this process's share of global micro-step `micro_step` (deterministic by seed)."""
+        n = len(self.examples)
         mb, world, rank = self.cfg.train.micro_batch_size, self.accelerator.num_processes, self.accelerator.process_index
         per_global = mb * world
         start = micro_step * per_global + rank * mb
@@ -231,34 +235,33 @@ class Trainer:
 
     def step_micro_batches(self, step: int) -> list[list[int]]:
         """This process's micro-batches for optimizer step `step`: grad_accum groups of micro_batch_size
-        pairs, or, with `micro_batch_tokens`, the same pairs re-split by packed tokens."""
+        examples, or, with `micro_batch_tokens`, the same examples re-split by packed tokens."""
         ga = self.cfg.train.grad_accum
         groups = [self.micro_batch_indices(step * ga + k) for k in range(ga)]
         budget = self.micro_batches.tokens
         if budget is None:
             return groups
         idx = [i for g in groups for i in g]
-        sizes = [pair_tokens(self.data.pairs[i], self.loss_fn.uses_rejected) for i in idx]
+        sizes = [self.layout.tokens(self.examples[i]) for i in idx]
         return split_by_tokens(idx, sizes, budget)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         cache = getattr(self, "_perm_cache", None)
         if cache is None or cache[0] != epoch:
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-            self._perm_cache = (epoch, torch.randperm(len(self.data.pairs), generator=g))
+            self._perm_cache = (epoch, torch.randperm(len(self.examples), generator=g))
         return self._perm_cache[1]
 
     # ------------------------------------------------------------------ one optimizer step
-    def _micro_step(self, idx: list[int], progress: float, token_denominator: float | None = None
-                    ) -> tuple[torch.Tensor, dict, int]:
-        uses_rej = self.loss_fn.uses_rejected
-        batch = collate([self.data.pairs[i] for i in idx], uses_rej, self.tokenizer.pad_token_id,
+    def micro_step(self, idx: list[int], progress: float, token_denominator: float | None = None
+                   ) -> tuple[torch.Tensor, dict, int]:
+        """The loss of the micro-batch of examples `idx` (forward only): (loss, metrics, tokens fed)."""
+        batch = collate([self.examples[i] for i in idx], self.layout, self.tokenizer.pad_token_id,
                         packed=self.cfg.train.packing).to(self.accelerator.device)
         self.optimizer_hooks.set_token_mask(batch.token_mask())
         ref = None
         if self.ref_cache is not None:
-            sel = self.ref_cache[torch.tensor(idx)]
-            ref = torch.cat([sel[:, 0], sel[:, 1]]).to(self.accelerator.device)
+            ref = self.layout.by_role(self.ref_cache[torch.tensor(idx)]).to(self.accelerator.device)
         stats: SequenceStats = self.policy(batch, need_reference=self.loss_fn.needs_reference,
                                            need_token_kl=self.loss_fn.needs_token_kl, ref_logps=ref)
         stats.token_denominator = token_denominator
@@ -268,21 +271,46 @@ class Trainer:
             metrics[name] = extra.detach()
         return loss, metrics, batch.n_real_tokens
 
+    def probe_pass(self, idx: list[int]) -> None:
+        """One micro-batch's forward and backward in train mode, nothing synchronised or stepped; its gradients (and
+        GRIT's factor sums) are dropped afterwards: what the memory probe measures (train/sizing.py)."""
+        acc, was_training = self.accelerator, self.policy.training
+        self.policy.train()  # as in training: checkpointing and dropout act only in train mode
+        try:
+            with acc.no_sync(self.policy):
+                loss, _, _ = self.micro_step(idx, 0.0)
+                acc.backward(loss)
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.policy.train(was_training)
+
+    def memory_probe(self) -> sizing.Probe:
+        """What the CUDA sizing probe needs of this run (train/sizing.py)."""
+        acc = self.accelerator
+        step0 = [i for k in range(self.cfg.train.grad_accum) for i in self.micro_batch_indices(k)]
+
+        def smallest(n: int) -> int:
+            return int(acc.gather(torch.tensor([n], device=acc.device)).min()) if acc.num_processes > 1 else n
+
+        return sizing.Probe(self.probe_pass, {i: self.layout.tokens(self.examples[i]) for i in step0},
+                            [p for p in self.policy.parameters() if p.requires_grad], smallest)
+
     def train_step(self, step: int) -> StepResult:
         cfg, acc = self.cfg, self.accelerator
         progress = step / max(cfg.train.max_steps - 1, 1)
         sums: dict[str, torch.Tensor] = {}
+        dens: dict[str, torch.Tensor] = {}  # the denominators of Ratio metrics (means over only some examples)
         loss_total = torch.zeros((), device=acc.device)
         tokens = 0
         groups = self.step_micro_batches(step)
-        n_pairs = sum(len(g) for g in groups)
-        n_resp = sum(response_tokens(self.data.pairs[i], self.loss_fn.uses_rejected) for g in groups for i in g)
+        n_examples = sum(len(g) for g in groups)
+        n_resp = sum(self.layout.response_tokens(self.examples[i]) for g in groups for i in g)
         for k, idx in enumerate(groups):
-            w = len(idx) / n_pairs  # each pair counts equally in the step, however the pairs are grouped
+            w = len(idx) / n_examples  # each example counts equally in the step, however the examples are grouped
             ctx = acc.no_sync(self.policy) if k < len(groups) - 1 else nullcontext()
             with ctx:
                 # token means over the step's response tokens: (sum / (n_resp * w)) * w = sum / n_resp
-                loss, metrics, ntok = self._micro_step(idx, progress, max(n_resp, 1) * w)
+                loss, metrics, ntok = self.micro_step(idx, progress, max(n_resp, 1) * w)
                 # no finiteness check here: it would stall the host once per micro-batch, and a non-finite
                 # loss also makes the gradient non-finite, so the check after clipping catches it before
                 # anything is updated (and every data-parallel rank takes part in every backward)
@@ -290,6 +318,9 @@ class Trainer:
             loss_total += loss.detach() * w
             tokens += ntok
             for name, v in metrics.items():
+                if isinstance(v, Ratio):
+                    dens[name] = dens.get(name, 0) + v.den.detach().float().to(acc.device) * w
+                    v = v.num
                 sums[name] = sums.get(name, 0) + v.detach().float().to(acc.device) * w
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm else float("inf")
@@ -303,12 +334,14 @@ class Trainer:
         self.optimizer.step()
         sums["loss"] = loss_total
         sums["grad_norm"] = grad_norm.detach().float()
-        names = list(sums)
+        names, ratios = list(sums), list(dens)
         means = acc.reduce({k: sums[k].reshape(1).float() for k in names}, "mean")
+        den_means = acc.reduce({k: dens[k].reshape(1).float() for k in ratios}, "mean")
         total_tokens = acc.reduce(torch.tensor([tokens], device=acc.device), "sum")
         # one host sync for the update check and every logged number (the token count, fetched after it, no
         # longer waits for the card)
-        values = torch.cat([all_finite(params).reshape(1).float()] + [means[k] for k in names]).tolist()
+        values = torch.cat([all_finite(params).reshape(1).float()] + [means[k] for k in names]
+                           + [den_means[k] for k in ratios]).tolist()
         if not values[0]:
             bad = nonfinite_names([(n, p) for n, p in self.policy.named_parameters() if p.requires_grad])
             if snapshot is not None:  # skip means the update is undone, not that the check is skipped
@@ -316,7 +349,12 @@ class Trainer:
             return self._nonfinite(step, f"parameters after the optimizer update ({len(bad)} tensors, e.g. {bad[0]})")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        reduced = dict(zip(names, values[1:]))
+        reduced = dict(zip(names, values[1:1 + len(names)]))
+        for name, den in zip(ratios, values[1 + len(names):]):
+            if den > 0:
+                reduced[name] /= den
+            else:  # no example of its kind in this step (on any process): nothing to log
+                del reduced[name]
         tokens = int(total_tokens.item())
         reduced["lr"] = self.scheduler.get_last_lr()[0]
         reduced.update({k: float(v) for k, v in self.optimizer_hooks.metrics().items()})
@@ -481,10 +519,10 @@ class Trainer:
         return summary
 
     def _epochs(self) -> float:
-        """Passes over the training split that max_steps makes (pairs drawn / training pairs)."""
+        """Passes over the training split that max_steps makes (examples drawn / training examples)."""
         t = self.cfg.train
         drawn = t.max_steps * t.grad_accum * t.micro_batch_size * self.accelerator.num_processes
-        return drawn / len(self.data.pairs)
+        return drawn / len(self.examples)
 
     def _finish(self, last_metrics: dict) -> dict:
         acc = self.accelerator

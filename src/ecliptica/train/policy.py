@@ -189,4 +189,4 @@ class PolicyModel(torch.nn.Module):
                   if tok_kl is not None else None)
         return SequenceStats(logps=logps, n_tokens=n_tokens, ref_logps=ref_logps,
                              token_kl_sum=tok_kl.sum() if tok_kl is not None else None, seq_token_kl=seq_kl,
-                             nll_sum=-tok_logp.sum())
+                             nll_sum=-tok_logp.sum(), labels=batch.labels)

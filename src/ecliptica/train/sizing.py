@@ -1,7 +1,7 @@
 """How many packed tokens one micro-batch holds when `train.micro_batch_tokens: auto`.
 
-The split never changes what a step computes (the same pairs in the same order, each micro-batch weighted by
-its share of pairs, token means taken over the whole step), so the budget is only a speed/memory choice:
+The split never changes what a step computes (the same examples in the same order, each micro-batch weighted by
+its share of examples, token means taken over the whole step), so the budget is only a speed/memory choice:
 
 - CUDA: a start-up probe runs two real micro-batches of different sizes (forward and backward, nothing
   stepped, random state restored), fits `peak = fixed + bytes_per_token x tokens`, and takes the largest
@@ -12,24 +12,31 @@ its share of pairs, token means taken over the whole step), so the budget is onl
   peak is the micro-batch's own working memory. Gradients made during the probe's backward would be counted
   twice, in its peak and as held, and under-fill the budget (by 0.16 GiB for the 4-bit 8B DPO step:
   docs/archive/benchmarks_history.md, "NF4 dequantisation inside the compiled layer", call 4).
-- Anywhere else (CPU): the configured worst case, `micro_batch_size` pairs of `max_length` tokens (x2 with
-  rejected responses). Memory never exceeds what the plain split could need; short pairs share one forward.
+- Anywhere else (CPU): the configured worst case, `micro_batch_size` examples whose every sequence (one per role of
+  the method's layout: x2 for pairs) is `max_length` tokens. Memory never exceeds what the plain split could need;
+  short examples share one forward.
 
-Either way the budget is at least the longest pair (on CUDA the longest in the training data, at most one worst-case
-pair; elsewhere one worst-case pair) and at most the step's worst case (the whole step in one micro-batch: a larger
-budget cannot help).
+Either way the budget is at least the longest example (on CUDA the longest in the training data, at most one
+worst-case example; elsewhere one worst-case example) and at most the step's worst case (the whole step in one
+micro-batch: a larger budget cannot help). A layout whose loss takes a statistic over each micro-batch (unpaired:
+KTO's KL estimate) keeps the plain split, since re-splitting would change what the step computes.
+
+The engine hands sizing only what it reads: the train settings, the layout, the longest example and, on CUDA, a
+`Probe` (one micro-batch's forward and backward, the trainable parameters, step 0's examples).
 """
 from __future__ import annotations
 
 import gc
 import os
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from .batching import pair_tokens
+from ..config import TrainSection
+from ..losses.layout import Layout
 
 # Share of the available memory the fitted peak may use: the allocator's rounding and fragmentation, and the
 # dense mask's tokens^2 term, which a straight-line fit through two small probes does not see.
@@ -83,48 +90,61 @@ def budget_tokens(available: float, held_bytes: float, fit: MemoryFit, floor: in
     return max(floor, min(cap, fitting_tokens(available, held_bytes, fit)))
 
 
-def worst_case_tokens(pairs: int, max_length: int, with_rejected: bool) -> int:
-    return pairs * max_length * (2 if with_rejected else 1)
+@dataclass(frozen=True)
+class Probe:
+    """What the CUDA memory probe needs of a run (the engine builds it: `Trainer.memory_probe`)."""
+
+    # one micro-batch of these examples, forward and backward as in training: nothing synchronised or stepped, and
+    # its gradients (and GRIT's factor sums) dropped afterwards
+    run: Callable[[list[int]], None]
+    step0: dict[int, int]  # this process's examples of step 0 -> their packed tokens: the probe's candidates
+    trainable: list[torch.nn.Parameter]  # their gradients are allocated under the probe; AdamW's moments are held
+    # the smallest of a value over the processes, so every rank splits alike (one process: the value itself)
+    smallest: Callable[[int], int] = lambda n: n  # noqa: E731
 
 
-def choose(trainer) -> Choice:
-    """The budget for this run (`trainer` is a set-up engine Trainer)."""
-    cfg, acc = trainer.cfg, trainer.accelerator
-    setting = cfg.train.micro_batch_tokens
+def choose(train: TrainSection, max_length: int, layout: Layout, longest: int, device: torch.device,
+           probe: Probe | None = None) -> Choice:
+    """The budget for this run. `longest`: the packed tokens of its longest example; `probe`: needed on CUDA only."""
+    setting = train.micro_batch_tokens
+    if layout.fixed_micro_batches:
+        if setting not in (None, "auto"):
+            raise ValueError(f"train.micro_batch_tokens: {setting}, but the {layout.name} layout's loss takes a "
+                             f"statistic over each micro-batch, so its micro-batches stay micro_batch_size examples; "
+                             f"set it to auto or null")
+        return Choice(None, f"off: the {layout.name} layout's loss takes a statistic over each micro-batch "
+                            f"(micro_batch_size x grad_accum)")
     if setting is None:
         return Choice(None, "off (micro_batch_size x grad_accum)")
     if setting != "auto":
         return Choice(int(setting), "set in the config")
-    rej = trainer.loss_fn.uses_rejected
-    floor = worst_case_tokens(1, cfg.data.max_length, rej)
-    configured = worst_case_tokens(cfg.train.micro_batch_size, cfg.data.max_length, rej)
-    cap = configured * cfg.train.grad_accum
-    if acc.device.type != "cuda":
-        return Choice(configured, f"auto: {acc.device.type}, the configured worst case "
-                                  f"({cfg.train.micro_batch_size} pairs x {cfg.data.max_length} tokens)")
-    # The longest pair this run trains on: a micro-batch holds a pair whole, so no budget below it can be kept,
-    # and no pair is longer, so a budget down to it (rather than down to the worst case) still holds every pair.
-    floor = min(floor, max((pair_tokens(p, rej) for p in trainer.data.pairs), default=floor))
-    fit = probe_memory(trainer)
-    dev = acc.device
-    _allocate_gradients(trainer)  # counted as allocated now, as under the probe and every later micro-batch
+    floor = layout.worst_case_tokens(1, max_length)
+    configured = layout.worst_case_tokens(train.micro_batch_size, max_length)
+    cap = configured * train.grad_accum
+    if device.type != "cuda":
+        return Choice(configured, f"auto: {device.type}, the configured worst case "
+                                  f"({train.micro_batch_size} examples x {max_length} tokens per sequence)")
+    # The longest example this run trains on: a micro-batch holds an example whole, so no budget below it can be
+    # kept, and no example is longer, so a budget down to it (rather than down to the worst case) still holds them all.
+    floor = min(floor, longest)
+    fit = probe_memory(probe, train.micro_batch_size, configured)
+    _allocate_gradients(probe.trainable)  # counted as allocated now, as under the probe and every later micro-batch
     torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info(dev)
+    free, total = torch.cuda.mem_get_info(device)
     shared = int(os.environ.get("ECLIPTICA_DEVICE_SHARED_BY", "1"))
-    budget = cfg.train.memory_budget_gib * 2**30 if cfg.train.memory_budget_gib else None
-    avail = available_bytes(free, total, torch.cuda.memory_reserved(dev), torch.cuda.memory_allocated(dev),
+    budget = train.memory_budget_gib * 2**30 if train.memory_budget_gib else None
+    avail = available_bytes(free, total, torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device),
                             shared, budget)
     # Per trainable parameter, in its dtype: AdamW's two moments, allocated by the first step (the gradients were
     # allocated under the probe, so they are in the allocation `avail` starts from).
-    held = 2 * sum(p.numel() * p.element_size() for p in trainer.policy.parameters() if p.requires_grad)
-    trainer.optimizer.zero_grad(set_to_none=True)
-    tokens = budget_tokens(avail, held, fit, floor, cap)
-    if acc.num_processes > 1:  # every rank splits the same way
-        tokens = int(acc.gather(torch.tensor([tokens], device=dev)).min())
+    held = 2 * sum(p.numel() * p.element_size() for p in probe.trainable)
+    for p in probe.trainable:
+        p.grad = None
+    tokens = probe.smallest(budget_tokens(avail, held, fit, floor, cap))
     where = f" (card shared by {shared})" if shared > 1 else ""
     short = ""
     if fitting_tokens(avail, held, fit) < floor:
-        # the floor still runs (a step must hold its longest pair), but the memory goal cannot be kept
+        # the floor still runs (a step must hold its longest example), but the memory goal cannot be kept
         short = "; less than the longest pair fits, so the peak may exceed it"
         warnings.warn(f"train.micro_batch_tokens auto: {avail / 2**30:.1f} GiB available holds less than the "
                       f"longest pair ({floor} tokens); the peak may exceed the memory budget")
@@ -150,61 +170,48 @@ def probe_groups(size: dict[int, int], micro_batch_size: int, limit: int) -> tup
     return by_size[:1], large
 
 
-def probe_memory(trainer) -> MemoryFit:
-    """Peak memory above the current allocation of the two micro-batches of probe_groups. If the large one runs out
-    of memory, the card cannot hold more than a configured micro-batch of these pairs: the probe falls back to the
-    `micro_batch_size` longest (the size it used before it took more), with a warning."""
-    cfg = trainer.cfg
-    rej = trainer.loss_fn.uses_rejected
-    mbs = cfg.train.micro_batch_size
-    idx = [i for k in range(cfg.train.grad_accum) for i in trainer.micro_batch_indices(k)]
-    size = {i: pair_tokens(trainer.data.pairs[i], rej) for i in idx}
-    small, large = probe_groups(size, mbs, worst_case_tokens(mbs, cfg.data.max_length, rej))
-    was_training = trainer.policy.training
-    trainer.policy.train()  # as in training: checkpointing and dropout act only in train mode
+def probe_memory(probe: Probe, micro_batch_size: int, limit: int) -> MemoryFit:
+    """Peak memory above the current allocation of the two micro-batches of probe_groups (`limit`: the configured
+    worst-case micro-batch). If the large one runs out of memory, the card cannot hold more than a configured
+    micro-batch of these examples: the probe falls back to the `micro_batch_size` longest (the size it used before it
+    took more), with a warning."""
+    size, mbs = probe.step0, micro_batch_size
+    small, large = probe_groups(size, mbs, limit)
     with _rng_restored():
-        points = [_probe_point(trainer, small, size)]
+        points = [_probe_point(probe, small)]
         out_of_memory = False
         try:
-            points.append(_probe_point(trainer, large, size))
+            points.append(_probe_point(probe, large))
         except torch.cuda.OutOfMemoryError:
             if len(large) <= mbs:
                 raise
             out_of_memory = True  # retried below, outside the handler: its traceback holds the failed pass's tensors
-        if out_of_memory:  # _probe_point already dropped the failed pass's gradients
+        if out_of_memory:  # the failed pass already dropped its gradients
             gc.collect()
             torch.cuda.empty_cache()
             warnings.warn(f"train.micro_batch_tokens auto: the memory probe of {len(large)} pairs "
                           f"({sum(size[i] for i in large)} tokens) ran out of memory; probing the {mbs} longest")
-            points.append(_probe_point(trainer, large[:mbs], size))
-    trainer.policy.train(was_training)
+            points.append(_probe_point(probe, large[:mbs]))
     return fit_memory(points[0], points[1])
 
 
-def _allocate_gradients(trainer) -> None:
+def _allocate_gradients(trainable: list[torch.nn.Parameter]) -> None:
     """Zero gradients for the trainable parameters that have none, so they count as allocated before a micro-batch."""
-    for p in trainer.policy.parameters():
-        if p.requires_grad and p.grad is None:
+    for p in trainable:
+        if p.grad is None:
             p.grad = torch.zeros_like(p)
 
 
-def _probe_point(trainer, group: list[int], size: dict[int, int]) -> tuple[int, float]:
+def _probe_point(probe: Probe, group: list[int]) -> tuple[int, float]:
     """(tokens, peak bytes above the allocation before it) of one forward and backward of `group`, nothing stepped.
     The gradients are allocated before it, as under a step's later micro-batches."""
-    acc = trainer.accelerator
-    _allocate_gradients(trainer)
+    _allocate_gradients(probe.trainable)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    try:
-        with acc.no_sync(trainer.policy):  # nothing is synchronised or stepped
-            loss, _, _ = trainer._micro_step(group, 0.0)
-            acc.backward(loss)
-        del loss
-        torch.cuda.synchronize()
-        return sum(size[i] for i in group), torch.cuda.max_memory_allocated() - base
-    finally:
-        trainer.optimizer.zero_grad(set_to_none=True)  # also clears GRIT's factor sums
+    probe.run(group)
+    torch.cuda.synchronize()
+    return sum(probe.step0[i] for i in group), torch.cuda.max_memory_allocated() - base
 
 
 @contextmanager
