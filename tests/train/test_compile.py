@@ -177,12 +177,21 @@ def test_a_grit_model_compiled_after_an_adamw_model_in_one_process_collects_fact
 
     import torch._dynamo.utils as dynamo_utils
 
+    monkeypatch.setattr(torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile,
+                                                                             backend="aot_eager"))
+    # torch's default, patched with torch's own context manager (pytest's undo would hide the entry)
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):
+        opt = _grit_after_adamw()
+    assert all(count.grad is not None and float(count.grad) == 32.0 for _, _, count in opt.collector.sums)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] <= 2  # the taps do not cost a graph per layer
+
+
+def _grit_after_adamw():
+    import torch._dynamo.utils as dynamo_utils
+
     from ecliptica.grit import GritConfig, GritOptimizer
     from ecliptica.train.compile import compile_decoder_layers
 
-    monkeypatch.setattr(torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile,
-                                                                             backend="aot_eager"))
-    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)  # torch's default
     torch._dynamo.reset()
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     adamw = _lora_llama()
@@ -194,5 +203,4 @@ def test_a_grit_model_compiled_after_an_adamw_model_in_one_process_collects_fact
     dynamo_utils.counters.clear()
     grit_model(input_ids=ids).logits.square().mean().backward()
     torch._dynamo.reset()
-    assert all(count.grad is not None and float(count.grad) == 32.0 for _, _, count in opt.collector.sums)
-    assert dynamo_utils.counters["stats"]["unique_graphs"] <= 2  # the taps do not cost a graph per layer
+    return opt

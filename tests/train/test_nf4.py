@@ -130,16 +130,22 @@ def weights_16bit(saved):
     return [tuple(t.shape) for t in saved if t.dtype == torch.bfloat16 and t.dim() == 2 and t.numel() >= 256 * 512]
 
 
-def test_compiled_layer_keeps_no_16bit_weight_for_the_backward(monkeypatch):
+def test_compiled_layer_keeps_no_16bit_weight_for_the_backward():
     """What the compiled graph saves for the backward, seen by saved-tensor hooks: the packed weights and small
     tensors only, never a [out x in] 16-bit weight (bitsandbytes keeps only the packed weight as well). Eagerly the
     same torch ops would keep it, which is why `auto` takes them only in compiled layers. Two blocks share one graph,
     and the gradients equal the eager bitsandbytes path's within bf16 rounding."""
-    import torch._dynamo.utils as dynamo_utils
-
     from ecliptica.train import compile as C
 
-    monkeypatch.setattr(torch._functorch.config, "activation_memory_budget", C.ACTIVATION_MEMORY_BUDGET)
+    # a torch config entry is patched with its own context manager: pytest's monkeypatch undo hides the entry from
+    # later tests (tests/train/test_compile.py)
+    with torch._functorch.config.patch(activation_memory_budget=C.ACTIVATION_MEMORY_BUDGET):
+        _check_compiled_blocks()
+
+
+def _check_compiled_blocks():
+    import torch._dynamo.utils as dynamo_utils
+
     torch._dynamo.reset()
     blocks = [Block(seed) for seed in (0, 2)]
     x = torch.randn(96, 256, dtype=torch.bfloat16)
