@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat pyproject.toml requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-fast lab venv clean
+.PHONY: demo test test-fast lint lab venv clean
 
 venv: $(STAMP)
 
@@ -23,8 +23,14 @@ $(STAMP): pyproject.toml requirements.txt
 demo: $(STAMP)
 	$(PY) -m ecliptica.cli run configs/study_demo.yaml
 
-test: $(STAMP)
+LINTED := src tests benchmarks tools
+
+test: $(STAMP) lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest tests
+
+lint: $(STAMP)  # ruff's settings are in pyproject.toml
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 
 test-fast: $(STAMP)  # the inner loop: every test module but the slow ones (tests/conftest.py, SLOW_MODULES)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest tests -m "not slow"

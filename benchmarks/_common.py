@@ -12,6 +12,7 @@ input embedding when it is not tied to the LM head). For LoRA DPO/CITA 6N per to
 actually done: 2N policy forward + 2N backward to the activations (frozen weights need no weight
 gradient) + 2N reference forward; activation checkpointing adds a 2N recompute that MFU does not count.
 """
+
 from __future__ import annotations
 
 import gc
@@ -25,12 +26,30 @@ from pathlib import Path
 import torch
 
 SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, tie_word_embeddings=True),
-    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                        num_key_value_heads=8, tie_word_embeddings=True),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, tie_word_embeddings=False),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "llama3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16, SXM datasheet (H200 has the H100's tensor cores)
@@ -44,11 +63,17 @@ def add_common_args(ap) -> None:
     ap.add_argument("--tok", default=".carry/tok")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--vocab", type=int, default=128256)
-    ap.add_argument("--results", default="runs/benchmarks",
-                    help="output folder (git-ignored); results worth keeping are committed under results/benchmarks/<set>/")
+    ap.add_argument(
+        "--results",
+        default="runs/benchmarks",
+        help="output folder (git-ignored); results worth keeping are committed under results/benchmarks/<set>/",
+    )
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip runs that start after this many seconds")
-    ap.add_argument("--no-cudnn-sdpa", action="store_true",
-                    help="torch.backends.cuda.enable_cudnn_sdp(False) for every run, ours and TRL alike")
+    ap.add_argument(
+        "--no-cudnn-sdpa",
+        action="store_true",
+        help="torch.backends.cuda.enable_cudnn_sdp(False) for every run, ours and TRL alike",
+    )
 
 
 def parse(ap, argv=None):
@@ -124,8 +149,10 @@ def flop_params(model) -> int:
 
 def parse_hh(t: str) -> list[dict]:
     parts = re.split(r"\n\n(Human|Assistant): ", t)
-    return [{"role": "user" if parts[i] == "Human" else "assistant", "content": parts[i + 1].strip()}
-            for i in range(1, len(parts) - 1, 2)]
+    return [
+        {"role": "user" if parts[i] == "Human" else "assistant", "content": parts[i + 1].strip()}
+        for i in range(1, len(parts) - 1, 2)
+    ]
 
 
 def hh_rows(path: str, n: int = 400) -> list[dict]:
@@ -155,12 +182,21 @@ def summarize(stamps: list[float], cum_tokens: list[float], peak: float, n_flop:
     tok = (cum_tokens[-1] - cum_tokens[1]) / (stamps[-1] - stamps[1])
     iv = [b - a for a, b in zip(stamps[1:], stamps[2:])]
     tk = [b - a for a, b in zip(cum_tokens[1:], cum_tokens[2:])]
-    med = lambda xs: sorted(xs)[len(xs) // 2] if len(xs) % 2 else sum(sorted(xs)[len(xs) // 2 - 1:len(xs) // 2 + 1]) / 2  # noqa: E731
+
+    def med(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if len(xs) % 2 else sum(xs[len(xs) // 2 - 1 : len(xs) // 2 + 1]) / 2
+
     pf = peak_flops()
-    return {"s_per_step": round(dt, 4), "tok_per_s": round(tok, 1),
-            "s_per_step_median": round(med(iv), 4), "tok_per_s_median": round(med([t / i for t, i in zip(tk, iv)]), 1),
-            "tok_per_step": round((cum_tokens[-1] - cum_tokens[1]) / (n - 2), 1), "peak_gib": round(peak, 2),
-            "mfu": round(6 * n_flop * tok / pf, 4) if pf else None}
+    return {
+        "s_per_step": round(dt, 4),
+        "tok_per_s": round(tok, 1),
+        "s_per_step_median": round(med(iv), 4),
+        "tok_per_s_median": round(med([t / i for t, i in zip(tk, iv)]), 1),
+        "tok_per_step": round((cum_tokens[-1] - cum_tokens[1]) / (n - 2), 1),
+        "peak_gib": round(peak, 2),
+        "mfu": round(6 * n_flop * tok / pf, 4) if pf else None,
+    }
 
 
 def held_memory(model, when: str) -> dict:
@@ -177,10 +213,27 @@ def held_memory(model, when: str) -> dict:
 
 
 # ---------------------------------------------------------------- ecliptica
-def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: str, vocab: int,
-             mb: int = 2, ga: int = 4, optimizer: str = "adamw", grit: dict | None = None,
-             chunk: int | None = None, tag: str = "", attn: str = "sdpa", tokens: int | None = None,
-             train_extra: dict | None = None, model_dir: str | None = None, hooks=None, fp32: bool = False) -> dict:
+def run_ours(
+    method: str,
+    shape: str,
+    gc_on: bool,
+    steps: int,
+    data: str,
+    tok: str,
+    vocab: int,
+    mb: int = 2,
+    ga: int = 4,
+    optimizer: str = "adamw",
+    grit: dict | None = None,
+    chunk: int | None = None,
+    tag: str = "",
+    attn: str = "sdpa",
+    tokens: int | None = None,
+    train_extra: dict | None = None,
+    model_dir: str | None = None,
+    hooks=None,
+    fp32: bool = False,
+) -> dict:
     """The engine with its defaults (micro_batch_tokens auto, packed_attention auto) unless `tokens` or
     `train_extra` (train-section keys) say otherwise. `model_dir`: a saved random-init model loaded in 4-bit
     through the real path instead of the bf16 model built in memory. `hooks(trainer)`: called after setup.
@@ -189,8 +242,13 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
     from ecliptica.config import TrainConfig
     from ecliptica.losses.registry import settings_for
 
-    train = {"max_steps": steps, "micro_batch_size": mb, "grad_accum": ga, "progress": False,
-             "mixed_precision": "bf16" if CUDA and not fp32 else "no"}
+    train = {
+        "max_steps": steps,
+        "micro_batch_size": mb,
+        "grad_accum": ga,
+        "progress": False,
+        "mixed_precision": "bf16" if CUDA and not fp32 else "no",
+    }
     if chunk:
         train["logp_chunk_size"] = chunk
     if tokens:  # same 8 pairs per step, re-split into micro-batches of at most `tokens` packed tokens
@@ -199,17 +257,33 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
     opt = {"name": optimizer, "lr": 5e-6}
     if grit:
         opt["grit"] = grit
-    cfg = TrainConfig.model_validate({
-        "run_dir": f"/tmp/ecl_bench/{method}_{shape}_{int(gc_on)}_{optimizer}{tag}", "seed": 3407,
-        "model": {"name": model_dir or tok, "dtype": "bf16" if CUDA and not fp32 else "fp32", "gradient_checkpointing": gc_on,
-                  "attn_implementation": "sdpa", "load_in_4bit": bool(model_dir)},
-        "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS},
-        "data": {"path": data, "format": "hh-rlhf", "on_bad_row": "skip", "limit": 400, "max_length": 1024,
-                 "max_prompt_length": 512},
-        # the keys this method has (SFT has no beta: a typed config rejects it)
-        "method": {"name": method, **settings_for(method, {"beta": 0.1})},
-        "optimizer": opt, "schedule": {"name": "linear"}, "train": train,
-    })
+    cfg = TrainConfig.model_validate(
+        {
+            "run_dir": f"/tmp/ecl_bench/{method}_{shape}_{int(gc_on)}_{optimizer}{tag}",
+            "seed": 3407,
+            "model": {
+                "name": model_dir or tok,
+                "dtype": "bf16" if CUDA and not fp32 else "fp32",
+                "gradient_checkpointing": gc_on,
+                "attn_implementation": "sdpa",
+                "load_in_4bit": bool(model_dir),
+            },
+            "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS},
+            "data": {
+                "path": data,
+                "format": "hh-rlhf",
+                "on_bad_row": "skip",
+                "limit": 400,
+                "max_length": 1024,
+                "max_prompt_length": 512,
+            },
+            # the keys this method has (SFT has no beta: a typed config rejects it)
+            "method": {"name": method, **settings_for(method, {"beta": 0.1})},
+            "optimizer": opt,
+            "schedule": {"name": "linear"},
+            "train": train,
+        }
+    )
     built = {}
 
     def fake_load_model(mcfg, device_map=None):
@@ -251,10 +325,18 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
     tr.train()  # resets the peak-memory counter right before the loop
     peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0
     res = summarize(stamps, cum[1:], peak, n_flop)
-    res.update({"micro_batch_tokens": tr.micro_batches.tokens, "micro_batch_rule": tr.micro_batches.rule,
-                "packed_attention": tr.packed_attention, "compiled_layers": tr.compiled_layers,
-                "fused_lora_layers": tr.fused_lora_layers, "nf4_kernel": tr.nf4_kernel,
-                "offload_activations": tr.offload_activations, **held})
+    res.update(
+        {
+            "micro_batch_tokens": tr.micro_batches.tokens,
+            "micro_batch_rule": tr.micro_batches.rule,
+            "packed_attention": tr.packed_attention,
+            "compiled_layers": tr.compiled_layers,
+            "fused_lora_layers": tr.fused_lora_layers,
+            "nf4_kernel": tr.nf4_kernel,
+            "offload_activations": tr.offload_activations,
+            **held,
+        }
+    )
     inner.clear()  # the bound method holds the Trainer and its model; a leak here inflated later runs' peaks
     del tr, timed
     free()
@@ -262,8 +344,18 @@ def run_ours(method: str, shape: str, gc_on: bool, steps: int, data: str, tok: s
 
 
 # ---------------------------------------------------------------- TRL
-def run_trl(method: str, shape: str, gc_on: bool, steps: int, rows: list[dict], tok_dir: str, vocab: int,
-            mb: int = 2, ga: int = 4, model_dir: str | None = None) -> dict:
+def run_trl(
+    method: str,
+    shape: str,
+    gc_on: bool,
+    steps: int,
+    rows: list[dict],
+    tok_dir: str,
+    vocab: int,
+    mb: int = 2,
+    ga: int = 4,
+    model_dir: str | None = None,
+) -> dict:
     """TRL DPOTrainer (method dpo) or SFTTrainer (method sft), configured as /work/shared/bench/trl_dpo_anchor.py.
     `model_dir`: the saved random-init model loaded in bitsandbytes NF4 (TRL prepares it for k-bit training)."""
     from datasets import Dataset
@@ -293,22 +385,47 @@ def run_trl(method: str, shape: str, gc_on: bool, steps: int, rows: list[dict], 
         model = build_model(shape, vocab)
         n_flop = flop_params(model)
     peft = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
-    common = dict(output_dir=f"/tmp/trl_bench/{method}_{shape}_{int(gc_on)}", per_device_train_batch_size=mb,
-                  gradient_accumulation_steps=ga, max_steps=steps, learning_rate=5e-6, bf16=CUDA, use_cpu=not CUDA,
-                  max_length=1024, logging_steps=1, report_to="none", gradient_checkpointing=gc_on,
-                  save_strategy="no", seed=3407, dataloader_num_workers=0, disable_tqdm=True)
+    common = dict(
+        output_dir=f"/tmp/trl_bench/{method}_{shape}_{int(gc_on)}",
+        per_device_train_batch_size=mb,
+        gradient_accumulation_steps=ga,
+        max_steps=steps,
+        learning_rate=5e-6,
+        bf16=CUDA,
+        use_cpu=not CUDA,
+        max_length=1024,
+        logging_steps=1,
+        report_to="none",
+        gradient_checkpointing=gc_on,
+        save_strategy="no",
+        seed=3407,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     timer = Timer()
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        tr = DPOTrainer(model=model, args=DPOConfig(beta=0.1, **common), train_dataset=Dataset.from_list(rows),
-                        processing_class=tok, peft_config=peft, callbacks=[timer])
+        tr = DPOTrainer(
+            model=model,
+            args=DPOConfig(beta=0.1, **common),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+            peft_config=peft,
+            callbacks=[timer],
+        )
     elif method == "sft":
         from trl import SFTConfig, SFTTrainer
 
         sft_rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
-        tr = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=Dataset.from_list(sft_rows),
-                        processing_class=tok, peft_config=peft, callbacks=[timer])
+        tr = SFTTrainer(
+            model=model,
+            args=SFTConfig(**common),
+            train_dataset=Dataset.from_list(sft_rows),
+            processing_class=tok,
+            peft_config=peft,
+            callbacks=[timer],
+        )
     else:
         raise ValueError(method)
     if CUDA:
@@ -327,10 +444,15 @@ def load_4bit(model_dir: str):
     """NF4 + double quantisation, bf16 compute: the settings of ecliptica.models for load_in_4bit."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=torch.bfloat16,
-                                                 device_map={"": 0}, attn_implementation="sdpa")
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=q, dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa"
+    )
     model.config.use_cache = False
     return model
 

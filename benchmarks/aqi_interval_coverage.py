@@ -13,14 +13,15 @@ Two Gaussian classes of n/2 prompts each, unit within-class variance.
 
     PYTHONPATH=src python benchmarks/aqi_interval_coverage.py [--reps 100]
 """
+
 from __future__ import annotations
 
 import argparse
 
 import numpy as np
 
-from ecliptica.evaluation.discriminant import cross_fitted_projection, fold_assignment
 from ecliptica.evaluation.aqi import AqiStat
+from ecliptica.evaluation.discriminant import cross_fitted_projection, fold_assignment
 from ecliptica.evaluation.stats import bootstrap_ci
 
 METHODS = ("percentile", "basic", "bca")
@@ -29,8 +30,8 @@ METHODS = ("percentile", "basic", "bca")
 def classes(rng, n: int, d: int, gap_axis: float = 0.0, shift: float = 0.0):
     y = np.repeat(["safe", "unsafe"], n // 2)
     X = rng.normal(size=(n, d))
-    X[n // 2:, 0] += gap_axis
-    X[n // 2:] += shift
+    X[n // 2 :, 0] += gap_axis
+    X[n // 2 :] += shift
     return X, y
 
 
@@ -76,12 +77,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     a = ap.parse_args()
     n = a.n
-    print(f"n={n}, {a.reps} data sets, {a.n_resamples} resamples each; cells: coverage of the target / "
-          "share of intervals containing their own estimate")
+    print(
+        f"n={n}, {a.reps} data sets, {a.n_resamples} resamples each; cells: coverage of the target / "
+        "share of intervals containing their own estimate"
+    )
     print("| setting | mean estimate | target | " + " | ".join(METHODS) + " |")
     print("|---|---|---|" + "---|" * len(METHODS))
 
     for d, gap in ((64, 0.0), (64, 1.0), (64, 2.0), (576, 1.0)):
+
         def make(rng, d=d, gap=gap):
             X, y = classes(rng, n, d, gap_axis=gap)
             return discriminant_projection(X, y), y
@@ -89,15 +93,28 @@ def main() -> None:
         def expected(rng, make=make):  # E[estimate] at this n, from fresh data sets
             return float(np.mean([AqiStat()(*make(rng)) for _ in range(200)]))
 
-        run(f"discriminant, d={d}, gap {gap} (target E[est]; Bayes value {bayes_aqi(gap):.3f})", make, expected,
-            a.reps, a.n_resamples, seed=d + int(10 * gap))
+        run(
+            f"discriminant, d={d}, gap {gap} (target E[est]; Bayes value {bayes_aqi(gap):.3f})",
+            make,
+            expected,
+            a.reps,
+            a.n_resamples,
+            seed=d + int(10 * gap),
+        )
 
     for d, shift in ((16, 0.0), (300, 0.3), (576, 1.0)):
+
         def make(rng, d=d, shift=shift):
             return classes(rng, n, d, shift=shift)
 
-        run(f"geometric, d={d}, shift {shift}/coord (target: population)", make,
-            lambda rng, d=d, shift=shift: geometric_population(d, shift), a.reps, a.n_resamples, seed=d)
+        run(
+            f"geometric, d={d}, shift {shift}/coord (target: population)",
+            make,
+            lambda rng, d=d, shift=shift: geometric_population(d, shift),
+            a.reps,
+            a.n_resamples,
+            seed=d,
+        )
 
 
 if __name__ == "__main__":

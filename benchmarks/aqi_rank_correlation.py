@@ -11,6 +11,7 @@ the base (drift), for each placement variant found.
 
 With few arms (9) a rho needs |rho| > ~0.7 to differ from 0 at p < 0.05; the p-values are printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,10 @@ def load_runs(study_dir: Path, eval_set: str) -> dict[str, dict]:
         elif single.is_file():
             runs[run_dir.name] = json.loads(single.read_text())["summary"]
         elif any((run_dir / "eval").glob("*/eval.json")):
-            raise SystemExit(f"{run_dir}: no eval/{eval_set}/eval.json (sets found: "
-                             f"{sorted(p.parent.name for p in (run_dir / 'eval').glob('*/eval.json'))})")
+            raise SystemExit(
+                f"{run_dir}: no eval/{eval_set}/eval.json (sets found: "
+                f"{sorted(p.parent.name for p in (run_dir / 'eval').glob('*/eval.json'))})"
+            )
     if not runs:
         raise SystemExit(f"no runs/*/eval[/{eval_set}]/eval.json under {study_dir}")
     return runs
@@ -60,8 +63,7 @@ def table(runs: dict[str, dict], per_run: bool) -> tuple[list[str], dict[str, di
     keys = [k for k in AQI_KEYS if any(k in s for s in runs.values())] + behaviour_keys(list(runs.values()))
     values = {}
     for unit, summaries in groups.items():
-        values[unit] = {k: float(np.mean([s[k] for s in summaries if s.get(k) is not None] or [np.nan]))
-                        for k in keys}
+        values[unit] = {k: float(np.mean([s[k] for s in summaries if s.get(k) is not None] or [np.nan])) for k in keys}
     return keys, values
 
 
@@ -69,15 +71,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("study_dir", type=Path)
     ap.add_argument("--per-run", action="store_true", help="every run is a unit (default: arm means over seeds)")
-    ap.add_argument("--set", dest="eval_set", default="test",
-                    help="evaluation set of a study with evaluation_sets (default: test; the dev set is `dev`)")
+    ap.add_argument(
+        "--set",
+        dest="eval_set",
+        default="test",
+        help="evaluation set of a study with evaluation_sets (default: test; the dev set is `dev`)",
+    )
     a = ap.parse_args()
     keys, values = table(load_runs(a.study_dir, a.eval_set), a.per_run)
     units = sorted(values)
     aqi_keys = [k for k in keys if k in AQI_KEYS]
     outcomes = [k for k in keys if k not in AQI_KEYS]
-    print(f"{len(units)} {'runs' if a.per_run else 'arms'} ({a.eval_set} set where the study has sets): "
-          f"{', '.join(units)}\n")
+    print(
+        f"{len(units)} {'runs' if a.per_run else 'arms'} ({a.eval_set} set where the study has sets): "
+        f"{', '.join(units)}\n"
+    )
     print("| AQI variant | " + " | ".join(outcomes) + " |")
     print("|---|" + "---|" * len(outcomes))
     for k in aqi_keys:

@@ -4,6 +4,7 @@
         --shape llama3-8b --n 1000 --batch-size 64
 Prints one JSON line: card, shape, n prompts, mean prompt tokens, seconds (after one warm-up batch).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,9 +19,12 @@ from ecliptica.evaluation.config import EmbeddingsSection
 from ecliptica.evaluation.embeddings import compute_embeddings, render_prompts, user_char_spans
 
 SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8),
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "llama3-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8
+    ),
 }
 
 
@@ -54,9 +58,21 @@ def main():
         torch.cuda.synchronize()
     dt = time.perf_counter() - t
     card = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-    print("RESULT", json.dumps({"card": card, "shape": a.shape, "n_prompts": a.n, "batch_size": a.batch_size,
-                                "mean_prompt_tokens": emb.info["mean_prompt_tokens"], "seconds": round(dt, 2),
-                                "prompts_per_s": round(a.n / dt, 1), "torch": torch.__version__}))
+    print(
+        "RESULT",
+        json.dumps(
+            {
+                "card": card,
+                "shape": a.shape,
+                "n_prompts": a.n,
+                "batch_size": a.batch_size,
+                "mean_prompt_tokens": emb.info["mean_prompt_tokens"],
+                "seconds": round(dt, 2),
+                "prompts_per_s": round(a.n / dt, 1),
+                "torch": torch.__version__,
+            }
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ timings, so a run where GRIT did nothing cannot pass for a cheap one. Timing/mem
 benchmarks/_common.py (first 2 steps skipped). Targets: step-time ratio <= 1.10, peak-memory ratio <= 1.02.
 Writes grit_overhead.json to --results (default runs/benchmarks/) and to $OUT when set.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,7 @@ import _common as C  # noqa: E402
 
 def record_grit(seen: dict):
     """Keep GRIT's own evidence that it acted: its metrics after the last step and its summary block."""
+
     def hooks(trainer):
         step = trainer.train_step
 
@@ -43,6 +45,7 @@ def record_grit(seen: dict):
             return out
 
         trainer._finish = finishing
+
     return hooks
 
 
@@ -65,8 +68,17 @@ def main(argv=None):
                 continue
             grit_seen: dict = {}
             try:
-                r = C.run_ours(a.method, a.shape, gc_on, a.steps, a.data, a.tok, a.vocab, optimizer=opt,
-                               hooks=record_grit(grit_seen) if opt == "grit" else None)
+                r = C.run_ours(
+                    a.method,
+                    a.shape,
+                    gc_on,
+                    a.steps,
+                    a.data,
+                    a.tok,
+                    a.vocab,
+                    optimizer=opt,
+                    hooks=record_grit(grit_seen) if opt == "grit" else None,
+                )
                 r.update(grit_seen)
             except Exception as e:
                 traceback.print_exc()
@@ -77,9 +89,11 @@ def main(argv=None):
 
     def block(g):
         ad, gr = runs.get((g, "adamw"), {}), runs.get((g, "grit"), {})
-        out = {"gradient_checkpointing": g == "on",
-               "adamw": {k: ad.get(k) for k in ("s_per_step", "peak_gib", "tok_per_s")},
-               "grit": {k: gr.get(k) for k in ("s_per_step", "peak_gib", "tok_per_s", "grit_metrics", "grit_summary")}}
+        out = {
+            "gradient_checkpointing": g == "on",
+            "adamw": {k: ad.get(k) for k in ("s_per_step", "peak_gib", "tok_per_s")},
+            "grit": {k: gr.get(k) for k in ("s_per_step", "peak_gib", "tok_per_s", "grit_metrics", "grit_summary")},
+        }
         if ad.get("s_per_step") and gr.get("s_per_step"):
             out["step_time_ratio"] = round(gr["s_per_step"] / ad["s_per_step"], 3)
             out["peak_memory_ratio"] = round(gr["peak_gib"] / ad["peak_gib"], 3) if ad["peak_gib"] else None
@@ -92,22 +106,34 @@ def main(argv=None):
     head = block(gcs[0])
     from ecliptica.grit import GritConfig
 
-    obj = {"card": card, "shape": a.shape, "method": a.method, **head,
-           "grit_config": GritConfig().model_dump(), "steps": a.steps, "timed_steps": a.steps - 2,
-           "setup": "LoRA r16/a16 on q,k,v,o,gate,up,down; bf16; 2 pairs x grad-accum 4; HH-RLHF harmless; SDPA",
-           "targets": {"step_time_ratio": 1.10, "peak_memory_ratio": 1.02}, "versions": C.versions(),
-           "variants": {f"gc_{g}": block(g) for g in gcs[1:]}}
+    obj = {
+        "card": card,
+        "shape": a.shape,
+        "method": a.method,
+        **head,
+        "grit_config": GritConfig().model_dump(),
+        "steps": a.steps,
+        "timed_steps": a.steps - 2,
+        "setup": "LoRA r16/a16 on q,k,v,o,gate,up,down; bf16; 2 pairs x grad-accum 4; HH-RLHF harmless; SDPA",
+        "targets": {"step_time_ratio": 1.10, "peak_memory_ratio": 1.02},
+        "versions": C.versions(),
+        "variants": {f"gc_{g}": block(g) for g in gcs[1:]},
+    }
     for out in C.out_dirs(a.results):
         C.write_json(out / "grit_overhead.json", obj)
     print(f"\n{card}  {a.shape} {a.method}")
     for g in gcs:
         b = block(g)
-        print(f"gc={g:3} adamw {b['adamw']['s_per_step']} s/step {b['adamw']['peak_gib']} GiB | grit "
-              f"{b['grit']['s_per_step']} s/step {b['grit']['peak_gib']} GiB | ratios time "
-              f"{b.get('step_time_ratio')} mem {b.get('peak_memory_ratio')}")
+        print(
+            f"gc={g:3} adamw {b['adamw']['s_per_step']} s/step {b['adamw']['peak_gib']} GiB | grit "
+            f"{b['grit']['s_per_step']} s/step {b['grit']['peak_gib']} GiB | ratios time "
+            f"{b.get('step_time_ratio')} mem {b.get('peak_memory_ratio')}"
+        )
         gm = b["grit"].get("grit_metrics") or {}
-        print(f"       GRIT acted: valid_share {gm.get('grit/valid_share')} damping {gm.get('grit/damping')} "
-              f"precond_grad_ratio {gm.get('grit/precond_grad_ratio')} summary {b['grit'].get('grit_summary')}")
+        print(
+            f"       GRIT acted: valid_share {gm.get('grit/valid_share')} damping {gm.get('grit/damping')} "
+            f"precond_grad_ratio {gm.get('grit/precond_grad_ratio')} summary {b['grit'].get('grit_summary')}"
+        )
     print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
 
 

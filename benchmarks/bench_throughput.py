@@ -22,6 +22,7 @@ TRL row), 4bit-nofusedlora, 4bit-nf4bnb (bitsandbytes' NF4 ops instead of train/
 Definitions: see benchmarks/_common.py.
 Writes throughput_{method}_{shape}_gc{0,1}.json to --results (default runs/benchmarks/) and copies them to $OUT when set.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,11 +46,14 @@ def main(argv=None):
     ap.add_argument("--shapes", default="llama3-8b,llama3.2-1b")
     ap.add_argument("--gc", default="off,on")
     ap.add_argument("--methods", default="dpo,cita,sft")
-    ap.add_argument("--variants", default="plain",
-                    help="extra rows: mb8, plain, sized, dense, flex, eager, nooffload, nofusedlora, fused, liger, "
-                         "ligercompiled, memG, tokN, tokNcM, chunkM, 4bit, 4bit-eager, 4bit-nofusedlora, 4bit-nf4bnb, "
-                         "4bit-memG, 4bit-tokN, 4bit-chunkM (4-bit options join with +), none "
-                         "(see the module docstring)")
+    ap.add_argument(
+        "--variants",
+        default="plain",
+        help="extra rows: mb8, plain, sized, dense, flex, eager, nooffload, nofusedlora, fused, liger, "
+        "ligercompiled, memG, tokN, tokNcM, chunkM, 4bit, 4bit-eager, 4bit-nofusedlora, 4bit-nf4bnb, "
+        "4bit-memG, 4bit-tokN, 4bit-chunkM (4-bit options join with +), none "
+        "(see the module docstring)",
+    )
     ap.add_argument("--unsloth-site", help="an install target holding unsloth (and its own trl/transformers pins)")
     ap.add_argument("--unsloth", default="16bit,4bit", help="with --unsloth-site: which Unsloth precisions")
     ap.add_argument("--model-cache", default="/tmp/ecl_bench_models", help="saved random-init models (4bit, unsloth)")
@@ -94,13 +98,22 @@ def main(argv=None):
                 if m not in d and not any(k.startswith(m + "_") for k in d):  # --no-defaults runs have variants only
                     continue
                 trl_name = "trl_sft" if m == "sft" else "trl_dpo"
-                obj = {"method": m, "shape": shape, "gradient_checkpointing": gc_on, "card": card,
-                       "trl_baseline": "SFTTrainer" if m == "sft" else "DPOTrainer",
-                       "ours": d.get(m), "trl": d.get(trl_name), "steps": a.steps, "timed_steps": a.steps - 2,
-                       "pairs_per_step": 8, "versions": vers,
-                       "ours_variants": {k.split("_", 1)[1]: v for k, v in d.items() if k.startswith(m + "_")},
-                       "trl_variants": {k[len(trl_name) + 1:]: v for k, v in d.items() if k.startswith(trl_name + "_")},
-                       "unsloth": {k: v for k, v in d.items() if k.startswith("unsloth") and m != "sft"}}
+                obj = {
+                    "method": m,
+                    "shape": shape,
+                    "gradient_checkpointing": gc_on,
+                    "card": card,
+                    "trl_baseline": "SFTTrainer" if m == "sft" else "DPOTrainer",
+                    "ours": d.get(m),
+                    "trl": d.get(trl_name),
+                    "steps": a.steps,
+                    "timed_steps": a.steps - 2,
+                    "pairs_per_step": 8,
+                    "versions": vers,
+                    "ours_variants": {k.split("_", 1)[1]: v for k, v in d.items() if k.startswith(m + "_")},
+                    "trl_variants": {k[len(trl_name) + 1 :]: v for k, v in d.items() if k.startswith(trl_name + "_")},
+                    "unsloth": {k: v for k, v in d.items() if k.startswith("unsloth") and m != "sft"},
+                }
                 o, t = d.get(m) or {}, d.get(trl_name) or {}
                 if "tok_per_s" in o and "tok_per_s" in t:
                     obj["tok_per_s_ratio"] = round(o["tok_per_s"] / t["tok_per_s"], 3)
@@ -113,7 +126,7 @@ def main(argv=None):
     if a.from_log:
         for line in Path(a.from_log).read_text().splitlines():
             if line.startswith("RESULT "):
-                r = json.loads(line[len("RESULT "):])
+                r = json.loads(line[len("RESULT ") :])
                 key = (r.pop("shape"), r.pop("gc"))
                 res.setdefault(key, {})[r.pop("run")] = r
         dump()
@@ -134,6 +147,7 @@ def main(argv=None):
                 if not a.no_trl:
                     attempt(key, "trl_sft", lambda: C.run_trl("sft", rows=rows, tok_dir=a.tok, **common))
                 attempt(key, "sft", lambda: C.run_ours("sft", data=a.data, tok=a.tok, **common))
+
     def saved(shape):
         return C.save_random_model(shape, a.vocab, a.tok, f"{a.model_cache}/{shape}_{a.vocab}")
 
@@ -148,17 +162,40 @@ def main(argv=None):
                         continue
                     trl_common = {k: x for k, x in common.items() if k not in ("data", "tok")}
                     if v == "4bit" and not a.no_trl and ("dpo" in methods or "cita" in methods):
-                        attempt(key, "trl_dpo_4bit", lambda trl_common=trl_common, shape=shape: C.run_trl(
-                            "dpo", rows=rows, tok_dir=a.tok, model_dir=saved(shape), **trl_common))
+                        attempt(
+                            key,
+                            "trl_dpo_4bit",
+                            lambda trl_common=trl_common, shape=shape: C.run_trl(
+                                "dpo", rows=rows, tok_dir=a.tok, model_dir=saved(shape), **trl_common
+                            ),
+                        )
                     kw = four_bit_settings(v)
                     for m in [m for m in methods if m != "sft"]:
-                        attempt(key, f"{m}_{v}", lambda m=m, common=common, shape=shape, kw=kw, v=v: C.run_ours(
-                            m, model_dir=saved(shape), tag="_" + v.replace("-", "_").replace("+", "_"), **kw, **common))
+                        attempt(
+                            key,
+                            f"{m}_{v}",
+                            lambda m=m, common=common, shape=shape, kw=kw, v=v: C.run_ours(
+                                m,
+                                model_dir=saved(shape),
+                                tag="_" + v.replace("-", "_").replace("+", "_"),
+                                **kw,
+                                **common,
+                            ),
+                        )
                     continue
                 if v == "mb8" and not a.no_trl and ("dpo" in methods or "cita" in methods):
-                    attempt(key, "trl_dpo_mb8", lambda common=common: C.run_trl(
-                        "dpo", rows=rows, tok_dir=a.tok, mb=8, ga=1,
-                        **{k: v for k, v in common.items() if k not in ("data", "tok")}))
+                    attempt(
+                        key,
+                        "trl_dpo_mb8",
+                        lambda common=common: C.run_trl(
+                            "dpo",
+                            rows=rows,
+                            tok_dir=a.tok,
+                            mb=8,
+                            ga=1,
+                            **{k: v for k, v in common.items() if k not in ("data", "tok")},
+                        ),
+                    )
                 ms = [m for m in methods if m != "sft" or v.startswith("tok")]
                 kw = variant_settings(v) if ms else {}
                 for m in ms:
@@ -168,8 +205,13 @@ def main(argv=None):
             for gc_on in gcs:
                 for prec in a.unsloth.split(","):
                     name = "unsloth_dpo" + ("_4bit" if prec == "4bit" else "")
-                    attempt((shape, gc_on), name, lambda shape=shape, gc_on=gc_on, prec=prec: run_unsloth(
-                        a, saved(shape), shape, gc_on, prec == "4bit"))
+                    attempt(
+                        (shape, gc_on),
+                        name,
+                        lambda shape=shape, gc_on=gc_on, prec=prec: run_unsloth(
+                            a, saved(shape), shape, gc_on, prec == "4bit"
+                        ),
+                    )
     print_table(res, card)
     print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -184,8 +226,9 @@ def variant_settings(v: str) -> dict:
     elif v.startswith("chunk"):
         kw = dict(chunk=int(v[5:]), tag="_" + v)
     elif v == "plain":  # no speed-up: micro_batch_size x grad_accum, dense block mask, eager layers
-        kw = dict(train_extra={"micro_batch_tokens": None, "packed_attention": "dense",
-                               "compile_layers": "off"}, tag="_plain")
+        kw = dict(
+            train_extra={"micro_batch_tokens": None, "packed_attention": "dense", "compile_layers": "off"}, tag="_plain"
+        )
     elif v == "dense":  # defaults but a dense block mask: what the packed-attention kernel adds
         kw = dict(train_extra={"packed_attention": "dense"}, tag="_dense")
     elif v == "flex":  # defaults but FlexAttention instead of varlen
@@ -217,7 +260,7 @@ def four_bit_settings(v: str) -> dict:
     """run_ours keywords for a 4-bit row: 4bit (defaults), or 4bit-eager / 4bit-nofusedlora / 4bit-nf4bnb /
     4bit-memG / 4bit-tokN / 4bit-chunkM, which set what the 16-bit rows of those names set (variant_settings);
     options join with "+" (4bit-nf4bnb+mem6.5)."""
-    opts = v[len("4bit-"):].split("+") if v != "4bit" else []
+    opts = v[len("4bit-") :].split("+") if v != "4bit" else []
     kw: dict = {}
     for opt in opts:
         one = _four_bit_option(v, opt)
@@ -266,8 +309,9 @@ def liger_llama(on: bool):
 
     names = ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")
     before = {n: getattr(ml, n) for n in names}
-    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=False)
+    apply_liger_kernel_to_llama(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
     try:
         yield
     finally:
@@ -279,15 +323,29 @@ def run_unsloth(a, model_dir: str, shape: str, gc_on: bool, four_bit: bool) -> d
     """benchmarks/unsloth_dpo.py in a child process whose PYTHONPATH puts Unsloth's install target first."""
     here = Path(__file__).resolve().parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([a.unsloth_site, str(here)]), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(here / "unsloth_dpo.py"), "--model-dir", model_dir, "--shape", shape,
-           "--vocab", str(a.vocab), "--data", a.data, "--steps", str(a.steps), "--gc", "on" if gc_on else "off"]
+    cmd = [
+        sys.executable,
+        str(here / "unsloth_dpo.py"),
+        "--model-dir",
+        model_dir,
+        "--shape",
+        shape,
+        "--vocab",
+        str(a.vocab),
+        "--data",
+        a.data,
+        "--steps",
+        str(a.steps),
+        "--gc",
+        "on" if gc_on else "off",
+    ]
     if four_bit:
         cmd.append("--4bit")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     sys.stdout.write(proc.stdout[-4000:] + proc.stderr[-4000:])
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("UNSLOTH "):
-            return json.loads(line[len("UNSLOTH "):])
+            return json.loads(line[len("UNSLOTH ") :])
     return {"error": f"unsloth child exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
 
 
@@ -296,8 +354,10 @@ def print_table(res, card):
         return format(r[k], fmt) if r and r.get(k) is not None else "-"
 
     print(f"\n{card}")
-    hdr = (f"{'shape':12} {'gc':3} {'run':12} {'s/step':>7} {'tok/s':>8} {'med tok/s':>9} {'peakGiB':>8} {'MFU':>6} "
-           f"{'vsTRL tok/s':>11} {'vsTRL mem':>9}")
+    hdr = (
+        f"{'shape':12} {'gc':3} {'run':12} {'s/step':>7} {'tok/s':>8} {'med tok/s':>9} {'peakGiB':>8} {'MFU':>6} "
+        f"{'vsTRL tok/s':>11} {'vsTRL mem':>9}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for (shape, gc_on), d in res.items():
@@ -313,8 +373,10 @@ def print_table(res, card):
                 ratio = f"{r['tok_per_s'] / base['tok_per_s']:.2f}x"
                 mem = f"{r['peak_gib'] / base['peak_gib']:.2f}x" if base["peak_gib"] else "-"
             err = "  " + r["error"][:60] if "error" in r else ""
-            print(f"{shape:12} {'on' if gc_on else 'off':3} {name:12} {f(r, 's_per_step', '.3f'):>7} "
-                  f"{f(r, 'tok_per_s', '.0f'):>8} {f(r, 'tok_per_s_median', '.0f'):>9} {f(r, 'peak_gib', '.2f'):>8} {f(r, 'mfu', '.3f'):>6} {ratio:>11} {mem:>9}{err}")
+            print(
+                f"{shape:12} {'on' if gc_on else 'off':3} {name:12} {f(r, 's_per_step', '.3f'):>7} "
+                f"{f(r, 'tok_per_s', '.0f'):>8} {f(r, 'tok_per_s_median', '.0f'):>9} {f(r, 'peak_gib', '.2f'):>8} {f(r, 'mfu', '.3f'):>6} {ratio:>11} {mem:>9}{err}"
+            )
 
 
 if __name__ == "__main__":

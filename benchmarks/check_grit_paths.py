@@ -12,6 +12,7 @@ A path passes when it trains without error, every factor is valid at the end, th
 changed the gradient) and its factors are within --tol of the eager path's. Exit status 1 if any path fails.
 Writes grit_paths.json to --results (and $OUT when set).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,11 @@ PATHS = {
 def factor_state(trainer) -> dict:
     """GRIT's factors and validity, read from its banks (the same attributes on older engines)."""
     banks = trainer.optimizer_hooks.banks
-    return {"a": torch.cat([b.a_ema for b in banks]).float().cpu(), "g": torch.cat([b.g_ema for b in banks]).float().cpu(),
-            "valid": torch.cat([torch.cat([b.valid_a, b.valid_g]) for b in banks]).float().mean().item()}
+    return {
+        "a": torch.cat([b.a_ema for b in banks]).float().cpu(),
+        "g": torch.cat([b.g_ema for b in banks]).float().cpu(),
+        "valid": torch.cat([torch.cat([b.valid_a, b.valid_g]) for b in banks]).float().mean().item(),
+    }
 
 
 def run_path(name: str, a) -> dict:
@@ -60,15 +64,44 @@ def run_path(name: str, a) -> dict:
 
         trainer.train_step = recording
 
-    model_dir = C.save_random_model(a.shape, a.vocab, a.tok, f"/tmp/ecl_bench_models/{a.shape}_{a.vocab}") \
-        if four_bit else None
-    res = C.run_ours("dpo", a.shape, gc_on, a.steps, a.data, a.tok, a.vocab, optimizer="grit", tag=f"_paths_{name}",
-                     train_extra=extra, model_dir=model_dir, hooks=hooks)
+    model_dir = (
+        C.save_random_model(a.shape, a.vocab, a.tok, f"/tmp/ecl_bench_models/{a.shape}_{a.vocab}") if four_bit else None
+    )
+    res = C.run_ours(
+        "dpo",
+        a.shape,
+        gc_on,
+        a.steps,
+        a.data,
+        a.tok,
+        a.vocab,
+        optimizer="grit",
+        tag=f"_paths_{name}",
+        train_extra=extra,
+        model_dir=model_dir,
+        hooks=hooks,
+    )
     last = seen["metrics"][-1]
-    return {"path": name, "gc": gc_on, "4bit": four_bit, **{k: res.get(k) for k in (
-        "packed_attention", "compiled_layers", "fused_lora_layers", "nf4_kernel", "offload_activations", "s_per_step")},
-        "valid_share": seen["last"]["valid"], "damping": last.get("grit/damping"),
-        "precond_grad_ratio": last.get("grit/precond_grad_ratio"), "_factors": seen["last"]}
+    return {
+        "path": name,
+        "gc": gc_on,
+        "4bit": four_bit,
+        **{
+            k: res.get(k)
+            for k in (
+                "packed_attention",
+                "compiled_layers",
+                "fused_lora_layers",
+                "nf4_kernel",
+                "offload_activations",
+                "s_per_step",
+            )
+        },
+        "valid_share": seen["last"]["valid"],
+        "damping": last.get("grit/damping"),
+        "precond_grad_ratio": last.get("grit/precond_grad_ratio"),
+        "_factors": seen["last"],
+    }
 
 
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -101,21 +134,33 @@ def main(argv=None):
         if first is not None and ref is not None:
             row["factor_a_vs_eager"], row["factor_g_vs_eager"] = rel(first["a"], ref["a"]), rel(first["g"], ref["g"])
         ratio = row.get("precond_grad_ratio")
-        row["pass"] = ("error" not in row and row.get("valid_share") == 1.0 and ratio is not None
-                       and abs(ratio - 1.0) > 1e-3 and (ref is None or max(
-                           row.get("factor_a_vs_eager", 0.0), row.get("factor_g_vs_eager", 0.0)) < a.tol))
+        row["pass"] = (
+            "error" not in row
+            and row.get("valid_share") == 1.0
+            and ratio is not None
+            and abs(ratio - 1.0) > 1e-3
+            and (ref is None or max(row.get("factor_a_vs_eager", 0.0), row.get("factor_g_vs_eager", 0.0)) < a.tol)
+        )
         rows.append(row)
         print("PATH", json.dumps(row), flush=True)
-    obj = {"card": C.card(), "versions": C.versions(), "shape": a.shape, "steps": a.steps, "paths": rows,
-           "all_pass": all(r["pass"] for r in rows)}
+    obj = {
+        "card": C.card(),
+        "versions": C.versions(),
+        "shape": a.shape,
+        "steps": a.steps,
+        "paths": rows,
+        "all_pass": all(r["pass"] for r in rows),
+    }
     for out in C.out_dirs(a.results):
         C.write_json(out / "grit_paths.json", obj)
     print(f"\n{'path':18} {'pass':5} {'valid':>6} {'damping':>9} {'ratio':>10} {'dA':>7} {'dG':>7}  error")
     for r in rows:
-        print(f"{r['path']:18} {str(r['pass']):5} {r.get('valid_share', float('nan')):6.3f} "
-              f"{r.get('damping') or float('nan'):9.2e} {r.get('precond_grad_ratio') or float('nan'):10.3g} "
-              f"{r.get('factor_a_vs_eager', float('nan')):7.4f} {r.get('factor_g_vs_eager', float('nan')):7.4f}  "
-              f"{r.get('error', '')[:120]}")
+        print(
+            f"{r['path']:18} {str(r['pass']):5} {r.get('valid_share', float('nan')):6.3f} "
+            f"{r.get('damping') or float('nan'):9.2e} {r.get('precond_grad_ratio') or float('nan'):10.3g} "
+            f"{r.get('factor_a_vs_eager', float('nan')):7.4f} {r.get('factor_g_vs_eager', float('nan')):7.4f}  "
+            f"{r.get('error', '')[:120]}"
+        )
     return 0 if obj["all_pass"] else 1
 
 

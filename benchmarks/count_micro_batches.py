@@ -8,6 +8,7 @@ the benchmarks' data, seed and 8 pairs per step, with the engine's own splitter
     PYTHONPATH=src python benchmarks/count_micro_batches.py --data .carry/hh_test.jsonl.gz --tok .carry/tok \
         --budgets 1347,1536,1728,1920,2112
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,10 @@ def main(argv=None) -> dict:
             tr.micro_batches = Choice(b, "counted")
             steps = range(a.first, a.steps)
             made = sum(len(tr.step_micro_batches(s)) for s in steps)
-            least = sum(math.ceil(sum(tr.layout.tokens(tr.examples[i])
-                                      for g in tr.step_micro_batches(s) for i in g) / b) for s in steps)
+            least = sum(
+                math.ceil(sum(tr.layout.tokens(tr.examples[i]) for g in tr.step_micro_batches(s) for i in g) / b)
+                for s in steps
+            )
             counts[b] = (made, least)
             print(f"budget {b}: {made} micro-batches in steps {a.first}..{a.steps - 1} (at least {least})", flush=True)
         raise _Counted

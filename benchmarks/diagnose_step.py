@@ -13,6 +13,7 @@ The engine with its defaults (as `bench_throughput.py` runs it), 8 pairs per ste
   and the rest, each closed by a synchronize (so the phases do not overlap; their sum is a little above the free-running step), for AdamW and
   GRIT in turn; then torch.profiler's top operators over one step, and dynamo's graph-break counters.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-OURS = ("ecliptica", "transformers", "peft", "accelerate", "bitsandbytes", "torchinductor", "_inductor", "torch/nn",
-        "torch/utils")
+OURS = (
+    "ecliptica",
+    "transformers",
+    "peft",
+    "accelerate",
+    "bitsandbytes",
+    "torchinductor",
+    "_inductor",
+    "torch/nn",
+    "torch/utils",
+)
 
 
 def _frame_key(frames: list[dict]) -> str:
@@ -52,7 +62,7 @@ def peak_breakdown(snapshot: dict, device: int, base: int, top: int = 14) -> lis
         if cur > best:
             best, best_i = cur, i
     live: dict[int, dict] = {}
-    for e in trace[:best_i + 1]:
+    for e in trace[: best_i + 1]:
         if e["action"] == "alloc":
             live[e["addr"]] = e
         elif e["action"] == "free_completed":
@@ -60,9 +70,11 @@ def peak_breakdown(snapshot: dict, device: int, base: int, top: int = 14) -> lis
     groups = collections.Counter()
     for e in live.values():
         groups[_frame_key(e.get("frames", []))] += e["size"]
-    lines = [f"before the step: {base / 2**30:.2f} GiB; the step adds up to {best / 2**30:.2f} GiB at event "
-             f"{best_i}/{len(trace)} ({len(live)} live blocks allocated in the step; frees of blocks allocated "
-             f"before recording make that a lower bound)"]
+    lines = [
+        f"before the step: {base / 2**30:.2f} GiB; the step adds up to {best / 2**30:.2f} GiB at event "
+        f"{best_i}/{len(trace)} ({len(live)} live blocks allocated in the step; frees of blocks allocated "
+        f"before recording make that a lower bound)"
+    ]
     for key, size in groups.most_common(top):
         lines.append(f"  {size / 2**30:7.3f} GiB  {key}")
     return lines
@@ -88,6 +100,7 @@ def memory_hook(result: dict, at_step: int):
             return out
 
         tr.train_step = step
+
     return hook
 
 
@@ -98,6 +111,7 @@ def _sync():
 
 def phases_hook(result: dict, first: int, n: int, profile_step: int):
     """Per-phase seconds over steps [first, first + n), then a profiler table for `profile_step`."""
+
     def hook(tr):
         t = collections.defaultdict(float)
         peaks: dict = {}
@@ -123,6 +137,7 @@ def phases_hook(result: dict, first: int, n: int, profile_step: int):
                     peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
                     peaks[name + " start"] = max(peaks.get(name + " start", 0.0), base / 2**30)
                 return out
+
             return w
 
         tr.micro_step = timed("forward+loss", inner_micro)
@@ -141,8 +156,9 @@ def phases_hook(result: dict, first: int, n: int, profile_step: int):
                 ka = prof.key_averages()
                 result["cpu_table"] = ka.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=70)
                 if C.CUDA:
-                    result["cuda_table"] = ka.table(sort_by="self_cuda_time_total", row_limit=22,
-                                                    max_name_column_width=70)
+                    result["cuda_table"] = ka.table(
+                        sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=70
+                    )
                 return out
             on["v"] = first <= s < first + n
             _sync()
@@ -156,6 +172,7 @@ def phases_hook(result: dict, first: int, n: int, profile_step: int):
 
         tr.train_step = step
         result["phases"] = t
+
     return hook
 
 
@@ -167,11 +184,18 @@ def main(argv=None):
     ap.add_argument("--gc", default="off")
     ap.add_argument("--what", default="memory,phases")
     ap.add_argument("--optimizers", default="adamw,grit")
-    ap.add_argument("--4bit", dest="four_bit", action="store_true",
-                    help="the saved random-init model loaded in NF4 (needs bitsandbytes)")
+    ap.add_argument(
+        "--4bit",
+        dest="four_bit",
+        action="store_true",
+        help="the saved random-init model loaded in NF4 (needs bitsandbytes)",
+    )
     ap.add_argument("--memory-budget-gib", type=float, help="train.memory_budget_gib")
-    ap.add_argument("--eager", action="store_true",
-                    help="compile_layers off (the memory mode needs it with checkpointing: see the docstring)")
+    ap.add_argument(
+        "--eager",
+        action="store_true",
+        help="compile_layers off (the memory mode needs it with checkpointing: see the docstring)",
+    )
     ap.add_argument("--model-cache", default="/tmp/ecl_bench_models", help="saved random-init models (--4bit)")
     a = C.parse(ap, argv)
     gc_on = a.gc == "on"
@@ -185,12 +209,16 @@ def main(argv=None):
         saved = f"{a.model_cache}/{a.shape}_{a.vocab}"
         kw["model_dir"] = C.save_random_model(a.shape, a.vocab, a.tok, saved)
     what = f"{a.method} gc {a.gc}{' 4-bit' if a.four_bit else ''}{' eager' if a.eager else ''}" + (
-        f" budget {a.memory_budget_gib} GiB" if a.memory_budget_gib else "")
+        f" budget {a.memory_budget_gib} GiB" if a.memory_budget_gib else ""
+    )
     if "memory" in a.what:
         res: dict = {}
         r = C.run_ours(a.method, a.shape, gc_on, steps, a.data, a.tok, a.vocab, hooks=memory_hook(res, 4), **kw)
-        print(f"\n=== memory {what}: run peak {r['peak_gib']} GiB, micro_batch_tokens {r['micro_batch_tokens']} "
-              f"({r['micro_batch_rule']})", flush=True)
+        print(
+            f"\n=== memory {what}: run peak {r['peak_gib']} GiB, micro_batch_tokens {r['micro_batch_tokens']} "
+            f"({r['micro_batch_rule']})",
+            flush=True,
+        )
         print("\n".join(res.get("lines", ["(no CUDA)"])), flush=True)
     if "phases" in a.what:
         import torch._dynamo.utils as du
@@ -199,16 +227,37 @@ def main(argv=None):
             du.counters.clear()
             res = {}
             n = steps - 4
-            r = C.run_ours(a.method, a.shape, gc_on, steps, a.data, a.tok, a.vocab, optimizer=opt,
-                           hooks=phases_hook(res, 2, n - 1, steps - 1), **kw)
+            r = C.run_ours(
+                a.method,
+                a.shape,
+                gc_on,
+                steps,
+                a.data,
+                a.tok,
+                a.vocab,
+                optimizer=opt,
+                hooks=phases_hook(res, 2, n - 1, steps - 1),
+                **kw,
+            )
             ph = {k: round(v / (n - 1), 4) for k, v in res["phases"].items()}
             ph["rest"] = round(ph["step"] - sum(v for k, v in ph.items() if k != "step"), 4)
-            print(f"\n=== phases {what} {opt}: micro_batch_tokens {r['micro_batch_tokens']}; s/step (synchronised) "
-                  f"{ph}; free-running {r['s_per_step']} s/step, peak {r['peak_gib']} GiB", flush=True)
-            print("peak GiB per phase (and allocated at its start):",
-                  {k: round(v, 2) for k, v in res.get("peaks", {}).items()}, flush=True)
-            print("graph breaks:", dict(du.counters.get("graph_break", {})), "recompiles:",
-                  dict(du.counters.get("recompiles", {})) or None, flush=True)
+            print(
+                f"\n=== phases {what} {opt}: micro_batch_tokens {r['micro_batch_tokens']}; s/step (synchronised) "
+                f"{ph}; free-running {r['s_per_step']} s/step, peak {r['peak_gib']} GiB",
+                flush=True,
+            )
+            print(
+                "peak GiB per phase (and allocated at its start):",
+                {k: round(v, 2) for k, v in res.get("peaks", {}).items()},
+                flush=True,
+            )
+            print(
+                "graph breaks:",
+                dict(du.counters.get("graph_break", {})),
+                "recompiles:",
+                dict(du.counters.get("recompiles", {})) or None,
+                flush=True,
+            )
             print(res.get("cpu_table", ""), flush=True)
             print(res.get("cuda_table", ""), flush=True)
 

@@ -13,6 +13,7 @@ in every variant) it measures:
 Cosines and norms are over all LoRA parameters together, and separately over the A and the B matrices.
 Writes grit_step_compare.json to --results (and $OUT when set).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,18 +31,34 @@ def build_trainer(a):
     import ecliptica.train.engine as E
     from ecliptica.config import TrainConfig
 
-    cfg = TrainConfig.model_validate({
-        "run_dir": f"/tmp/ecl_bench/grit_step_compare_{a.shape or 'model'}", "seed": 11,
-        "model": {"name": a.model or a.tok, "dtype": "auto", "attn_implementation": "sdpa"},
-        "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": C.TARGETS},
-        "data": {"path": a.data, "format": "hh-rlhf", "on_bad_row": "skip", "limit": 400, "max_length": 512,
-                 "max_prompt_length": 256},
-        "method": {"name": "dpo", "beta": 0.1}, "optimizer": {"name": "adamw", "lr": a.lr},
-        "schedule": {"name": "constant"},
-        # eager layers: the comparison is of optimizer arithmetic, and every optimizer variant's factor taps would
-        # otherwise recompile the layers
-        "train": {"max_steps": a.warm + a.steps, "micro_batch_size": 4, "grad_accum": 2, "progress": False,
-                  "compile_layers": "off"}})
+    cfg = TrainConfig.model_validate(
+        {
+            "run_dir": f"/tmp/ecl_bench/grit_step_compare_{a.shape or 'model'}",
+            "seed": 11,
+            "model": {"name": a.model or a.tok, "dtype": "auto", "attn_implementation": "sdpa"},
+            "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": C.TARGETS},
+            "data": {
+                "path": a.data,
+                "format": "hh-rlhf",
+                "on_bad_row": "skip",
+                "limit": 400,
+                "max_length": 512,
+                "max_prompt_length": 256,
+            },
+            "method": {"name": "dpo", "beta": 0.1},
+            "optimizer": {"name": "adamw", "lr": a.lr},
+            "schedule": {"name": "constant"},
+            # eager layers: the comparison is of optimizer arithmetic, and every optimizer variant's factor taps would
+            # otherwise recompile the layers
+            "train": {
+                "max_steps": a.warm + a.steps,
+                "micro_batch_size": 4,
+                "grad_accum": 2,
+                "progress": False,
+                "compile_layers": "off",
+            },
+        }
+    )
     saved = E.load_model
     if a.shape:
         E.load_model = lambda mcfg, device_map=None: C.build_model(a.shape, a.vocab)
@@ -78,8 +95,11 @@ def compare(update: dict, ref: dict) -> dict:
     for part, keep in (("all", lambda n: True), ("A", lambda n: "lora_A" in n), ("B", lambda n: "lora_B" in n)):
         x = torch.cat([update[n].flatten() for n in update if keep(n)]).double()
         r = torch.cat([ref[n].flatten() for n in ref if keep(n)]).double()
-        out[part] = {"norm": float(x.norm()), "norm_ratio": float(x.norm() / r.norm()) if r.norm() > 0 else None,
-                     "cosine": float(x @ r / (x.norm() * r.norm())) if x.norm() > 0 and r.norm() > 0 else None}
+        out[part] = {
+            "norm": float(x.norm()),
+            "norm_ratio": float(x.norm() / r.norm()) if r.norm() > 0 else None,
+            "cosine": float(x @ r / (x.norm() * r.norm())) if x.norm() > 0 and r.norm() > 0 else None,
+        }
     return out
 
 
@@ -108,26 +128,40 @@ def main(argv=None):
         return lambda params: GritOptimizer(model, GritConfig(inner=inner, lr=lr, damping=damping, reproject_steps=0))
 
     raw = run_variant(trainer, snapshot, lambda ps: torch.optim.SGD(ps, lr=1.0), start, 1)
-    result = {"card": C.card(), "versions": C.versions(), "model": a.model, "shape": a.shape, "warm_steps": a.warm,
-              "lr": a.lr, "steps": a.steps, "preconditioner": {}, "optimizer_step": {}}
+    result = {
+        "card": C.card(),
+        "versions": C.versions(),
+        "model": a.model,
+        "shape": a.shape,
+        "warm_steps": a.warm,
+        "lr": a.lr,
+        "steps": a.steps,
+        "preconditioner": {},
+        "optimizer_step": {},
+    }
     for d in dampings:
         result["preconditioner"][str(d)] = compare(run_variant(trainer, snapshot, grit(d, "sgd", 1.0), start, 1), raw)
     adamw = run_variant(trainer, snapshot, lambda ps: torch.optim.AdamW(ps, lr=a.lr, weight_decay=0.0), start, a.steps)
     result["optimizer_step"]["adamw"] = compare(adamw, adamw)
     for d in dampings:
-        result["optimizer_step"][f"grit_{d}"] = compare(run_variant(trainer, snapshot, grit(d, "adamw", a.lr), start,
-                                                                    a.steps), adamw)
+        result["optimizer_step"][f"grit_{d}"] = compare(
+            run_variant(trainer, snapshot, grit(d, "adamw", a.lr), start, a.steps), adamw
+        )
     for out in C.out_dirs(a.results):
         C.write_json(out / f"grit_step_compare_{a.shape or Path(a.model).name}.json", result)
     print("RESULT", json.dumps(result), flush=True)
     print(f"\n{a.shape or a.model}: preconditioner (inner SGD, lr 1) vs the raw gradient")
     for d, r in result["preconditioner"].items():
-        print(f"  damping {d:>6}: ||Pg||/||g|| {r['all']['norm_ratio']:.3g}  cos(g, Pg) {r['all']['cosine']:.3f}  "
-              f"(A {r['A']['cosine']:.3f}, B {r['B']['cosine']:.3f})")
+        print(
+            f"  damping {d:>6}: ||Pg||/||g|| {r['all']['norm_ratio']:.3g}  cos(g, Pg) {r['all']['cosine']:.3f}  "
+            f"(A {r['A']['cosine']:.3f}, B {r['B']['cosine']:.3f})"
+        )
     print(f"{a.steps} optimizer step(s) at lr {a.lr} vs AdamW's")
     for k, r in result["optimizer_step"].items():
-        print(f"  {k:>12}: ||update|| {r['all']['norm']:.3g}  ratio {r['all']['norm_ratio']:.3f}  "
-              f"cos {r['all']['cosine']:.3f}  (A {r['A']['cosine']}, B {r['B']['cosine']})")
+        print(
+            f"  {k:>12}: ||update|| {r['all']['norm']:.3g}  ratio {r['all']['norm_ratio']:.3f}  "
+            f"cos {r['all']['cosine']:.3f}  (A {r['A']['cosine']}, B {r['B']['cosine']})"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ compiled). Slow: about 6 min per bf16 path on 2 cores.
 
     PYTHONPATH=src python benchmarks/numerics_cpu_bf16.py --data HH.jsonl.gz --tok TOKENIZER_DIR [--paths ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,21 +24,33 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from verify_kernels import capture_grads, compare  # noqa: E402
 
-PATHS = {"reference": dict(dtype="bf16", mp="bf16", tokens=None, comp="off"),
-         "repeat": dict(dtype="bf16", mp="bf16", tokens=None, comp="off"),
-         "fp32": dict(dtype="fp32", mp="no", tokens=None, comp="off"),
-         "compile": dict(dtype="bf16", mp="bf16", tokens=None, comp="on"),
-         "whole_step": dict(dtype="bf16", mp="bf16", tokens=100000, comp="off"),
-         "default_like": dict(dtype="bf16", mp="bf16", tokens=100000, comp="on")}
+PATHS = {
+    "reference": dict(dtype="bf16", mp="bf16", tokens=None, comp="off"),
+    "repeat": dict(dtype="bf16", mp="bf16", tokens=None, comp="off"),
+    "fp32": dict(dtype="fp32", mp="no", tokens=None, comp="off"),
+    "compile": dict(dtype="bf16", mp="bf16", tokens=None, comp="on"),
+    "whole_step": dict(dtype="bf16", mp="bf16", tokens=100000, comp="off"),
+    "default_like": dict(dtype="bf16", mp="bf16", tokens=100000, comp="on"),
+}
 
 
 def build_model(out: Path, tok: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out)
     for f in tok.iterdir():  # the tokenizer and chat template only
         if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json"):
@@ -68,15 +81,35 @@ def main() -> None:
         p = PATHS[name]
         AcceleratorState._reset_state(reset_partial_state=True)  # precisions change between runs
         rd = work / f"run_{a.method}_{name}"
-        cfg = TrainConfig.model_validate({
-            "run_dir": str(rd), "seed": 3, "model": {"name": str(model_dir), "dtype": p["dtype"]},
-            "lora": {"r": 16, "alpha": 16, "dropout": 0.0},
-            "method": {"name": a.method, **({"lambda_kl": 0.05} if a.method == "cita" else {})},
-            "data": {"path": a.data, "format": "hh-rlhf", "on_bad_row": "skip", "limit": 64, "max_length": 256,
-                     "max_prompt_length": 128},
-            "optimizer": {"lr": 1e-4}, "schedule": {"name": "linear"},
-            "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 4, "progress": False, "max_grad_norm": None,
-                      "mixed_precision": p["mp"], "micro_batch_tokens": p["tokens"], "compile_layers": p["comp"]}})
+        cfg = TrainConfig.model_validate(
+            {
+                "run_dir": str(rd),
+                "seed": 3,
+                "model": {"name": str(model_dir), "dtype": p["dtype"]},
+                "lora": {"r": 16, "alpha": 16, "dropout": 0.0},
+                "method": {"name": a.method, **({"lambda_kl": 0.05} if a.method == "cita" else {})},
+                "data": {
+                    "path": a.data,
+                    "format": "hh-rlhf",
+                    "on_bad_row": "skip",
+                    "limit": 64,
+                    "max_length": 256,
+                    "max_prompt_length": 128,
+                },
+                "optimizer": {"lr": 1e-4},
+                "schedule": {"name": "linear"},
+                "train": {
+                    "max_steps": 4,
+                    "micro_batch_size": 2,
+                    "grad_accum": 4,
+                    "progress": False,
+                    "max_grad_norm": None,
+                    "mixed_precision": p["mp"],
+                    "micro_batch_tokens": p["tokens"],
+                    "compile_layers": p["comp"],
+                },
+            }
+        )
         grads: list = []
         t = time.time()
         tr = Trainer(cfg, overwrite=True).setup()

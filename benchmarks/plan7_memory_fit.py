@@ -10,6 +10,7 @@ of each arm (reserved is what the card must hold).
 
     python benchmarks/plan7_memory_fit.py --tokenizer .carry/tok --steps 4 --out results.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,9 @@ def worst_case_pairs(path: Path, n: int, seed: int = 0) -> None:
     text = lambda k: " ".join(rng.choice(words) for _ in range(k))  # noqa: E731
     with path.open("w") as f:
         for i in range(n):
-            f.write(json.dumps({"id": f"w{i}", "prompt": text(1200), "chosen": text(600), "rejected": text(600)}) + "\n")
+            f.write(
+                json.dumps({"id": f"w{i}", "prompt": text(1200), "chosen": text(600), "rejected": text(600)}) + "\n"
+            )
 
 
 def save_random_model(out: Path, tokenizer: Path) -> None:
@@ -41,9 +44,20 @@ def save_random_model(out: Path, tokenizer: Path) -> None:
 
     if (out / "config.json").exists():
         return
-    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                      rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -64,8 +78,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--arms", default="", help="comma-separated arm names (default: every trained arm)")
     ap.add_argument("--out", default="plan7_memory_fit.json")
-    ap.add_argument("--memory-budget-gib", type=float, default=20.4,
-                    help="micro_batch_tokens auto sizes to this peak, as it would on the 22 GB card itself")
+    ap.add_argument(
+        "--memory-budget-gib",
+        type=float,
+        default=20.4,
+        help="micro_batch_tokens auto sizes to this peak, as it would on the 22 GB card itself",
+    )
     a = ap.parse_args()
 
     from ecliptica.study.runner import load_study
@@ -78,11 +96,23 @@ def main() -> None:
     print(f"random model saved in {time.time() - t0:.0f} s", flush=True)
     data = work / "worst_case.jsonl"
     worst_case_pairs(data, 64)
-    study = load_study(a.study, [
-        f"study_dir={work / 'study'}", f"train.model.name={work / 'llama3-8b-random'}",
-        f"train.data.path={data}", "train.data.format=generic", "train.data.on_bad_row=error",
-        f"train.train.max_steps={a.steps}", "train.train.save_every=1000", "train.train.log_every=1",
-        "train.train.progress=false", f"train.train.memory_budget_gib={a.memory_budget_gib}", "grit.reproject_warmup=1", f"grit.reproject_steps={max(a.steps - 2, 1)}"])
+    study = load_study(
+        a.study,
+        [
+            f"study_dir={work / 'study'}",
+            f"train.model.name={work / 'llama3-8b-random'}",
+            f"train.data.path={data}",
+            "train.data.format=generic",
+            "train.data.on_bad_row=error",
+            f"train.train.max_steps={a.steps}",
+            "train.train.save_every=1000",
+            "train.train.log_every=1",
+            "train.train.progress=false",
+            f"train.train.memory_budget_gib={a.memory_budget_gib}",
+            "grit.reproject_warmup=1",
+            f"grit.reproject_steps={max(a.steps - 2, 1)}",
+        ],
+    )
     wanted = set(a.arms.split(",")) if a.arms else None
     results = []
     for arm in study.arms:
@@ -94,25 +124,37 @@ def main() -> None:
         tr = Trainer(cfg).setup()
         torch.cuda.reset_peak_memory_stats()
         summary = tr.train()
-        row = {"arm": arm.name, "method": arm.method, "optimizer": arm.optimizer,
-               "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
-               "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2),
-               "tokens_per_step": round(summary["train_tokens"] / summary["steps"]),
-               "seconds": round(time.time() - t, 1)}
+        row = {
+            "arm": arm.name,
+            "method": arm.method,
+            "optimizer": arm.optimizer,
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2),
+            "tokens_per_step": round(summary["train_tokens"] / summary["steps"]),
+            "seconds": round(time.time() - t, 1),
+        }
         row["fits_22gb"] = torch.cuda.max_memory_reserved() < A10_BYTES
         print(json.dumps(row), flush=True)
         results.append(row)
         del tr
         gc.collect()
         torch.cuda.empty_cache()
-    out = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "steps": a.steps,
-           "settings": {k: study.train[k] for k in ("model", "lora", "train")}, "arms": results}
+    out = {
+        "card": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "steps": a.steps,
+        "settings": {k: study.train[k] for k in ("model", "lora", "train")},
+        "arms": results,
+    }
     import bitsandbytes
     import peft
     import transformers
 
-    out["versions"] = {"transformers": transformers.__version__, "peft": peft.__version__,
-                       "bitsandbytes": bitsandbytes.__version__}
+    out["versions"] = {
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+    }
     Path(a.out).write_text(json.dumps(out, indent=1))
 
 

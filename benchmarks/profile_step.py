@@ -6,6 +6,7 @@ Builds the same Trainer as the throughput benchmark, runs warm-up steps, then pr
 torch.profiler and prints the top operators by host (CPU) time and by device time, plus per-step wall times
 for packed and padded batches.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,14 +24,25 @@ def trainer(method, shape, vocab, data, tok, packing=True, gc_on=False, steps=8)
     import ecliptica.train.engine as E
     from ecliptica.config import TrainConfig
 
-    cfg = TrainConfig.model_validate({
-        "run_dir": f"/tmp/ecl_prof/{method}_{int(packing)}", "seed": 3407,
-        "model": {"name": tok, "dtype": "bf16" if C.CUDA else "fp32", "gradient_checkpointing": gc_on},
-        "lora": {"r": 16, "alpha": 16, "target_modules": C.TARGETS},
-        "data": {"path": data, "format": "hh-rlhf", "on_bad_row": "skip", "limit": 400},
-        "method": {"name": method}, "optimizer": {"name": "adamw", "lr": 5e-6},
-        "train": {"max_steps": steps, "micro_batch_size": 2, "grad_accum": 4, "progress": False, "packing": packing,
-                  "mixed_precision": "bf16" if C.CUDA else "no"}})
+    cfg = TrainConfig.model_validate(
+        {
+            "run_dir": f"/tmp/ecl_prof/{method}_{int(packing)}",
+            "seed": 3407,
+            "model": {"name": tok, "dtype": "bf16" if C.CUDA else "fp32", "gradient_checkpointing": gc_on},
+            "lora": {"r": 16, "alpha": 16, "target_modules": C.TARGETS},
+            "data": {"path": data, "format": "hh-rlhf", "on_bad_row": "skip", "limit": 400},
+            "method": {"name": method},
+            "optimizer": {"name": "adamw", "lr": 5e-6},
+            "train": {
+                "max_steps": steps,
+                "micro_batch_size": 2,
+                "grad_accum": 4,
+                "progress": False,
+                "packing": packing,
+                "mixed_precision": "bf16" if C.CUDA else "no",
+            },
+        }
+    )
     saved = E.load_model
     E.load_model = lambda m, device_map=None: C.build_model(shape, vocab)
     try:
@@ -72,13 +84,17 @@ def main():
                 acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if C.CUDA else [])
                 with profile(activities=acts) as prof:
                     step_times(tr, 2)
-                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=60))
+                print(
+                    prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=60)
+                )
                 if C.CUDA:
-                    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=a.rows, max_name_column_width=60))
+                    print(
+                        prof.key_averages().table(
+                            sort_by="self_cuda_time_total", row_limit=a.rows, max_name_column_width=60
+                        )
+                    )
             del tr
             C.free()
-
-
 
 
 def diag(a):
@@ -119,8 +135,11 @@ def diag(a):
         tr.micro_step, tr.accelerator.backward = micro, bwd
         pause.update(t=0.0, n=0)
         st = step_times(tr, 5)
-        print(f"DIAG {method}: steps {st} fwd+loss {phases['fwd'] / 5:.3f} s/step bwd {phases['bwd'] / 5:.3f} s/step "
-              f"gc pause {pause['t'] / 5:.3f} s/step (gen2 collections {pause['n']})", flush=True)
+        print(
+            f"DIAG {method}: steps {st} fwd+loss {phases['fwd'] / 5:.3f} s/step bwd {phases['bwd'] / 5:.3f} s/step "
+            f"gc pause {pause['t'] / 5:.3f} s/step (gen2 collections {pause['n']})",
+            flush=True,
+        )
         inner.clear()
         del tr, micro, bwd
         C.free()

@@ -9,6 +9,7 @@ in that line as {"error": ...}.
 
     PYTHONPATH=/tmp/unsloth_site:benchmarks python benchmarks/unsloth_dpo.py --model-dir M --gc on [--4bit]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,15 +41,13 @@ def main() -> None:
 
 
 def run(a) -> dict:
-    import unsloth  # noqa: F401  (first: it patches transformers and trl on import)
-    from unsloth import FastLanguageModel
-
+    import _common as C
     import torch
+    import unsloth  # noqa: F401  (first: it patches transformers and trl on import)
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
-
-    import _common as C
+    from unsloth import FastLanguageModel
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -64,26 +63,56 @@ def run(a) -> dict:
                 self.held.update(C.held_memory(model, "step1"))
 
     gc_on = a.gc == "on"
-    model, tok = FastLanguageModel.from_pretrained(model_name=a.model_dir, max_seq_length=1024, dtype=torch.bfloat16,
-                                                   load_in_4bit=a.four_bit, local_files_only=True)
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=C.TARGETS,
-                                             bias="none", use_gradient_checkpointing="unsloth" if gc_on else False,
-                                             random_state=3407)
+    model, tok = FastLanguageModel.from_pretrained(
+        model_name=a.model_dir,
+        max_seq_length=1024,
+        dtype=torch.bfloat16,
+        load_in_4bit=a.four_bit,
+        local_files_only=True,
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=16,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=C.TARGETS,
+        bias="none",
+        use_gradient_checkpointing="unsloth" if gc_on else False,
+        random_state=3407,
+    )
     tok.pad_token = tok.pad_token or tok.eos_token
-    args = DPOConfig(beta=0.1, output_dir="/tmp/unsloth_bench", per_device_train_batch_size=2,
-                     gradient_accumulation_steps=4, max_steps=a.steps, learning_rate=5e-6, bf16=True, max_length=1024,
-                     logging_steps=1, report_to="none", save_strategy="no", seed=3407, dataloader_num_workers=0,
-                     disable_tqdm=True)
+    args = DPOConfig(
+        beta=0.1,
+        output_dir="/tmp/unsloth_bench",
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        max_steps=a.steps,
+        learning_rate=5e-6,
+        bf16=True,
+        max_length=1024,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=3407,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     timer = Timer()
-    tr = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(C.hh_rows(a.data)),
-                    processing_class=tok, callbacks=[timer])
+    tr = DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=Dataset.from_list(C.hh_rows(a.data)),
+        processing_class=tok,
+        callbacks=[timer],
+    )
     torch.cuda.reset_peak_memory_stats()
     tr.train()
     peak = torch.cuda.max_memory_allocated() / 2**30
     cum = [float(h["num_tokens"]) for h in tr.state.log_history if "num_tokens" in h]
     res = {**C.summarize(timer.t, cum, peak, C.shape_flop_params(a.shape, a.vocab)), **timer.held}
-    import trl
     import transformers
+    import trl
 
     res["versions"] = {"unsloth": unsloth.__version__, "trl": trl.__version__, "transformers": transformers.__version__}
     return res

@@ -27,6 +27,7 @@ everything around the varlen kernel on CPU; tests/train/test_compile.py checks t
 Prints one line per (method, gc, path) and writes verify_kernels.json (to $OUT as well when set).
 Exit status 1 when any path is outside tolerance.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-OFF = {"micro_batch_tokens": None, "packed_attention": "dense", "compile_layers": "off", "offload_activations": "off",
-       "fused_lora": "off"}
+OFF = {
+    "micro_batch_tokens": None,
+    "packed_attention": "dense",
+    "compile_layers": "off",
+    "offload_activations": "off",
+    "fused_lora": "off",
+}
 PATHS = {
     "reference": OFF,
     "repeat": OFF,
@@ -59,16 +65,21 @@ PATHS = {
 
 def capture_grads(store: list):
     """A run_ours hook: keep the flattened LoRA gradient (fp32, on the host) before every optimizer step."""
+
     def hook(tr):
         real = tr.optimizer.step
         params = [p for p in tr.policy.parameters() if p.requires_grad]
 
         def step(*args, **kwargs):
-            store.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten()
-                                    for p in params]).cpu())
+            store.append(
+                torch.cat(
+                    [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten() for p in params]
+                ).cpu()
+            )
             return real(*args, **kwargs)
 
         tr.optimizer.step = step
+
     return hook
 
 
@@ -121,10 +132,18 @@ def main() -> int:
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--loss-tol", type=float, default=1e-2, help="max relative loss difference (bf16)")
     ap.add_argument("--grad-tol", type=float, default=5e-2, help="max relative L2 gradient difference (bf16)")
-    ap.add_argument("--truth-factor", type=float, default=1.25,
-                    help="with the fp32 path: pass when no further from fp32 than this x the bf16 reference")
-    ap.add_argument("--4bit", dest="four_bit", action="store_true",
-                    help="every path on the saved random-init model loaded in NF4 (needs bitsandbytes)")
+    ap.add_argument(
+        "--truth-factor",
+        type=float,
+        default=1.25,
+        help="with the fp32 path: pass when no further from fp32 than this x the bf16 reference",
+    )
+    ap.add_argument(
+        "--4bit",
+        dest="four_bit",
+        action="store_true",
+        help="every path on the saved random-init model loaded in NF4 (needs bitsandbytes)",
+    )
     ap.add_argument("--model-cache", default="/tmp/ecl_bench_models", help="where --4bit saves the random-init model")
     ap.set_defaults(steps=4)
     a = C.parse(ap)
@@ -133,8 +152,9 @@ def main() -> int:
         ap.error("--4bit has no fp32 path (the NF4 weights are the model)")
     if not a.four_bit and {"nf4bnb", "nf4torch"} & set(paths):
         ap.error("the nf4bnb and nf4torch paths need --4bit")
-    model_dir = C.save_random_model(a.shape, a.vocab, a.tok, f"{a.model_cache}/{a.shape}_{a.vocab}") if a.four_bit \
-        else None
+    model_dir = (
+        C.save_random_model(a.shape, a.vocab, a.tok, f"{a.model_cache}/{a.shape}_{a.vocab}") if a.four_bit else None
+    )
     rows, ok, rows_by = [], True, {}
     dequant = None
     if a.four_bit:
@@ -148,16 +168,35 @@ def main() -> int:
             for path in order:
                 grads: list = []
                 extra = {**PATHS[path], "max_grad_norm": None}
-                res = C.run_ours(method, shape=a.shape, gc_on=gc_on, steps=a.steps, data=a.data, tok=a.tok,
-                                 vocab=a.vocab, tag=f"_verify_{path}", train_extra=extra, hooks=capture_grads(grads),
-                                 fp32=path == "fp32", model_dir=model_dir)
+                res = C.run_ours(
+                    method,
+                    shape=a.shape,
+                    gc_on=gc_on,
+                    steps=a.steps,
+                    data=a.data,
+                    tok=a.tok,
+                    vocab=a.vocab,
+                    tag=f"_verify_{path}",
+                    train_extra=extra,
+                    hooks=capture_grads(grads),
+                    fp32=path == "fp32",
+                    model_dir=model_dir,
+                )
                 run_dir = Path(f"/tmp/ecl_bench/{method}_{a.shape}_{int(gc_on)}_adamw_verify_{path}")
                 losses = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
                 runs[path] = {"losses": losses, "grads": grads}
-                row = {"method": method, "gc": gc_on, "path": path, "losses": losses,
-                       "micro_batch_tokens": res["micro_batch_tokens"], "packed_attention": res["packed_attention"],
-                       "compiled_layers": res["compiled_layers"], "nf4_kernel": res.get("nf4_kernel"),
-                       "tok_per_s": res["tok_per_s"], "peak_gib": res["peak_gib"]}
+                row = {
+                    "method": method,
+                    "gc": gc_on,
+                    "path": path,
+                    "losses": losses,
+                    "micro_batch_tokens": res["micro_batch_tokens"],
+                    "packed_attention": res["packed_attention"],
+                    "compiled_layers": res["compiled_layers"],
+                    "nf4_kernel": res.get("nf4_kernel"),
+                    "tok_per_s": res["tok_per_s"],
+                    "peak_gib": res["peak_gib"],
+                }
                 if path != "reference":
                     row.update(compare(runs["reference"], runs[path]))
                     row["pass"] = row["max_loss_rel_diff"] <= a.loss_tol and row["max_grad_rel_l2"] <= a.grad_tol
@@ -177,9 +216,18 @@ def main() -> int:
                 rows.append(row)
                 print("VERIFY", json.dumps(row), flush=True)
             del runs
-    out = {"card": C.card(), "versions": C.versions(), "shape": a.shape, "steps": a.steps, "four_bit": a.four_bit,
-           "dequantisation": dequant,
-           "loss_tol": a.loss_tol, "grad_tol": a.grad_tol, "rows": rows, "all_pass": ok}
+    out = {
+        "card": C.card(),
+        "versions": C.versions(),
+        "shape": a.shape,
+        "steps": a.steps,
+        "four_bit": a.four_bit,
+        "dequantisation": dequant,
+        "loss_tol": a.loss_tol,
+        "grad_tol": a.grad_tol,
+        "rows": rows,
+        "all_pass": ok,
+    }
     for d in C.out_dirs(a.results):
         C.write_json(d / "verify_kernels.json", out)
     print("ALL PASS" if ok else "SOME PATHS OUTSIDE TOLERANCE", flush=True)

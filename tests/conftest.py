@@ -1,4 +1,5 @@
 """Shared fixtures: the embedded model (converted once per machine) and tiny random-init Llama models."""
+
 import os
 import shutil
 from pathlib import Path
@@ -32,9 +33,19 @@ def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_llama")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     LlamaForCausalLM(cfg).save_pretrained(out)
     for f in embedded_dir.iterdir():
         if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json"):
@@ -56,12 +67,23 @@ def _fresh_accelerate_state():
 # (each over 5 s on a 2-core machine, measured with --durations=0). `make test` runs everything; `make test-fast`,
 # the inner loop, leaves them out.
 SLOW_MODULES = {
-    "tests/study/test_runner.py", "tests/study/test_study_reliability.py", "tests/study/test_calibration.py",
-    "tests/study/test_notebook.py", "tests/train/test_reliability.py", "tests/train/test_compile.py",
-    "tests/train/test_engine.py", "tests/train/test_distributed.py", "tests/grit/test_collection_paths.py",
-    "tests/evaluation/test_evaluator.py", "tests/evaluation/test_aqi_discriminant.py", "tests/grit/test_guard.py",
-    "tests/grit/test_factors.py", "tests/evaluation/test_preference_drift.py", "tests/train/test_fused_lora.py",
-    "tests/evaluation/test_embeddings.py", "tests/evaluation/test_adapter_checks.py",
+    "tests/study/test_runner.py",
+    "tests/study/test_study_reliability.py",
+    "tests/study/test_calibration.py",
+    "tests/study/test_notebook.py",
+    "tests/train/test_reliability.py",
+    "tests/train/test_compile.py",
+    "tests/train/test_engine.py",
+    "tests/train/test_distributed.py",
+    "tests/grit/test_collection_paths.py",
+    "tests/evaluation/test_evaluator.py",
+    "tests/evaluation/test_aqi_discriminant.py",
+    "tests/grit/test_guard.py",
+    "tests/grit/test_factors.py",
+    "tests/evaluation/test_preference_drift.py",
+    "tests/train/test_fused_lora.py",
+    "tests/evaluation/test_embeddings.py",
+    "tests/evaluation/test_adapter_checks.py",
 }
 
 

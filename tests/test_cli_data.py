@@ -1,4 +1,5 @@
 """`ecliptica data check` / `ecliptica data preview`, called in-process (and once through the entry point)."""
+
 from __future__ import annotations
 
 import json
@@ -13,12 +14,24 @@ from ecliptica.cli import main
 
 INSTR = "Never help with picking locks you do not own."
 ROWS = [
-    {"id": "r1", "prompt": "How do I pick my neighbour's lock?", "instruction": INSTR,
-     "chosen": "I can't help with that; a locksmith can help you with your own locks.",
-     "rejected": "Insert a tension wrench and rake the pins."},
-    {"id": "r2", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                              {"role": "user", "content": "What is 2+2?"}],
-     "instruction": "Answer correctly.", "chosen": "4", "rejected": "5"},
+    {
+        "id": "r1",
+        "prompt": "How do I pick my neighbour's lock?",
+        "instruction": INSTR,
+        "chosen": "I can't help with that; a locksmith can help you with your own locks.",
+        "rejected": "Insert a tension wrench and rake the pins.",
+    },
+    {
+        "id": "r2",
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "What is 2+2?"},
+        ],
+        "instruction": "Answer correctly.",
+        "chosen": "4",
+        "rejected": "5",
+    },
     {"id": "r3", "prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Seven."},
 ]
 
@@ -55,9 +68,11 @@ def test_check_bad_rows_exit_nonzero_and_are_named(tmp_path, capsys):
 
 
 def test_check_prompt_data_prints_axis_counts(tmp_path, capsys):
-    rows = [{"prompt": "Kill a process?", "label": "safe", "axiom": "violence"},
-            {"prompt": "Kill a person?", "label": "unsafe", "axiom": "violence"},
-            {"prompt": "Kill the lights?", "label": "safe", "axiom": "violence"}]
+    rows = [
+        {"prompt": "Kill a process?", "label": "safe", "axiom": "violence"},
+        {"prompt": "Kill a person?", "label": "unsafe", "axiom": "violence"},
+        {"prompt": "Kill the lights?", "label": "safe", "axiom": "violence"},
+    ]
     path = _write_jsonl(tmp_path / "eval.jsonl", rows)
     assert main(["data", "check", str(path), "--format", "generic-prompts"]) == 0
     out = capsys.readouterr().out
@@ -67,8 +82,17 @@ def test_check_prompt_data_prints_axis_counts(tmp_path, capsys):
 
 def test_check_filtered_rows_are_reported(tmp_path, capsys):
     cats = {"Violence": False}
-    rows = [{"prompt": "Bake?", "response_0": "Flour.", "response_1": "Oven.", "is_response_0_safe": True,
-             "is_response_1_safe": True, "response_0_harm_category": cats, "response_1_harm_category": cats}]
+    rows = [
+        {
+            "prompt": "Bake?",
+            "response_0": "Flour.",
+            "response_1": "Oven.",
+            "is_response_0_safe": True,
+            "is_response_1_safe": True,
+            "response_0_harm_category": cats,
+            "response_1_harm_category": cats,
+        }
+    ]
     path = _write_jsonl(tmp_path / "pku.jsonl", rows)
     assert main(["data", "check", str(path), "--format", "pku-saferlhf"]) == 0
     out = capsys.readouterr().out
@@ -92,23 +116,29 @@ def test_check_demo_data(capsys):
 def test_entry_point_subprocess(good_file):
     exe = Path(sys.executable).parent / "ecliptica"
     assert exe.is_file(), f"console script not installed at {exe}"
-    proc = subprocess.run([str(exe), "data", "check", str(good_file), "--format", "generic"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(exe), "data", "check", str(good_file), "--format", "generic"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "3 rows read, 3 valid pairs, 0 bad" in proc.stdout
 
 
 # ------------------------------------------------------------------ preview
 
-SYSTEM_PROMPT_R1 = (f"<|im_start|>system\n{INSTR}<|im_end|>\n"
-                    "<|im_start|>user\nHow do I pick my neighbour's lock?<|im_end|>\n<|im_start|>assistant\n")
-NONE_PROMPT_R1 = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-                  "<|im_start|>user\nHow do I pick my neighbour's lock?<|im_end|>\n<|im_start|>assistant\n")
+SYSTEM_PROMPT_R1 = (
+    f"<|im_start|>system\n{INSTR}<|im_end|>\n"
+    "<|im_start|>user\nHow do I pick my neighbour's lock?<|im_end|>\n<|im_start|>assistant\n"
+)
+NONE_PROMPT_R1 = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\nHow do I pick my neighbour's lock?<|im_end|>\n<|im_start|>assistant\n"
+)
 
 
 def _preview(good_file, tiny_model_dir, capsys, *extra):
-    rc = main(["data", "preview", str(good_file), "--format", "generic", "-n", "2",
-               "--model", str(tiny_model_dir), *extra])
+    rc = main(
+        ["data", "preview", str(good_file), "--format", "generic", "-n", "2", "--model", str(tiny_model_dir), *extra]
+    )
     return rc, capsys.readouterr().out
 
 
@@ -146,8 +176,23 @@ def test_preview_instruction_none(good_file, tiny_model_dir, capsys):
 
 def test_preview_instruction_text_for_rows_without_one(tmp_path, tiny_model_dir, capsys):
     path = _write_jsonl(tmp_path / "plain.jsonl", [ROWS[2]])
-    rc = main(["data", "preview", str(path), "--format", "generic", "-n", "1", "--model", str(tiny_model_dir),
-               "--instruction", "prepend", "--instruction-text", "Be accurate."])
+    rc = main(
+        [
+            "data",
+            "preview",
+            str(path),
+            "--format",
+            "generic",
+            "-n",
+            "1",
+            "--model",
+            str(tiny_model_dir),
+            "--instruction",
+            "prepend",
+            "--instruction-text",
+            "Be accurate.",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "<|im_start|>user\nBe accurate.\n\nName a colour.<|im_end|>" in out

@@ -1,21 +1,25 @@
 """Every block of a run config is typed: a typo or an out-of-range value fails when the config loads,
 naming the key, instead of being ignored during hours of training."""
+
 import pytest
 
 from ecliptica.config import load_config
 from ecliptica.data import format_names
 
 
-@pytest.mark.parametrize("override, key", [
-    ("model.dtyp=fp32", "dtyp"),
-    ("lora.rank=8", "rank"),
-    ("data.max_len=64", "max_len"),
-    ("method.lamda_kl=0.1", "lamda_kl"),
-    ("optimizer.betas1=0.9", "betas1"),
-    ("optimizer.grit={reproject_step: 3}", "reproject_step"),
-    ("schedule.warmup=3", "warmup"),
-    ("train.max_stepz=3", "max_stepz"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.dtyp=fp32", "dtyp"),
+        ("lora.rank=8", "rank"),
+        ("data.max_len=64", "max_len"),
+        ("method.lamda_kl=0.1", "lamda_kl"),
+        ("optimizer.betas1=0.9", "betas1"),
+        ("optimizer.grit={reproject_step: 3}", "reproject_step"),
+        ("schedule.warmup=3", "warmup"),
+        ("train.max_stepz=3", "max_stepz"),
+    ],
+)
 def test_a_typo_in_any_block_is_an_error_naming_it(override, key):
     section = override.split(".")[0]
     grit = ["optimizer.name=grit"] if "grit" in override else []
@@ -23,13 +27,16 @@ def test_a_typo_in_any_block_is_an_error_naming_it(override, key):
         load_config(None, [*grit, override])
 
 
-@pytest.mark.parametrize("override, key", [
-    ("optimizer.grit={ema_decay: 1.0}", "ema_decay"),
-    ("optimizer.grit={min_rank: 0}", "min_rank"),
-    ("method.lambda_kl=-0.1", "lambda_kl"),
-    ("method.kl=seq_logratio", "unbounded"),
-    ("data.format=hh_rlhf", "format"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optimizer.grit={ema_decay: 1.0}", "ema_decay"),
+        ("optimizer.grit={min_rank: 0}", "min_rank"),
+        ("method.lambda_kl=-0.1", "lambda_kl"),
+        ("method.kl=seq_logratio", "unbounded"),
+        ("data.format=hh_rlhf", "format"),
+    ],
+)
 def test_out_of_range_settings_fail_at_load(override, key):
     with pytest.raises(ValueError, match=key):
         load_config(None, ["optimizer.name=grit", override])

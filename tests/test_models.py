@@ -1,4 +1,5 @@
 """Model loading: the embedded GGUF, its cached conversion, dtype, LoRA parameter count, 4-bit guard."""
+
 from __future__ import annotations
 
 import time

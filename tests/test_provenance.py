@@ -1,4 +1,5 @@
 """versions() and git_commit() against independent references: the installed distributions' metadata and git."""
+
 from __future__ import annotations
 
 import importlib.metadata

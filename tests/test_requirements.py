@@ -1,9 +1,10 @@
 """requirements.txt pins exactly pyproject's runtime dependencies, each at a version pyproject allows and at the
 version this environment (built from it by `make`) has installed."""
-import tomllib
+
 from importlib.metadata import version
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -11,8 +12,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_requirements_pin_every_runtime_dependency_at_the_installed_version():
-    declared = {canonicalize_name(Requirement(d).name): Requirement(d)
-                for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    declared = {
+        canonicalize_name(Requirement(d).name): Requirement(d)
+        for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
     lines = [x.strip() for x in (ROOT / "requirements.txt").read_text().splitlines()]
     pins = {}
     for line in lines:
@@ -21,7 +24,7 @@ def test_requirements_pin_every_runtime_dependency_at_the_installed_version():
         name, pinned = line.split("==")
         pins[canonicalize_name(name)] = pinned
     assert "-e ." in lines  # the package itself, for the notebooks
-    assert set(pins) == set(declared), (set(pins) ^ set(declared))
+    assert set(pins) == set(declared), set(pins) ^ set(declared)
     for name, pinned in pins.items():
         assert declared[name].specifier.contains(pinned, prereleases=True), (name, pinned, str(declared[name]))
         assert version(name).split("+")[0] == pinned, (name, version(name), pinned)

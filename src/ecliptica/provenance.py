@@ -3,6 +3,7 @@
 Training (`train.engine`, summary.json) and evaluation (`evaluation.runner`, eval.json) both record
 `versions()` and `git_commit()`, so every output of a study names the same packages.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -55,8 +56,9 @@ def versions() -> dict[str, str]:
 def git_commit() -> str | None:
     """HEAD of the repository holding ecliptica's source, or None outside a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None

@@ -8,6 +8,7 @@ process is detected (the flock is free) and taken over with a warning.
 `atomic_write_text` / `atomic_dir` write to a temporary name and rename: a reader (or a resumed run)
 sees the old file or the new one, never a half-written one.
 """
+
 from __future__ import annotations
 
 import errno
@@ -73,8 +74,10 @@ def check_free_space(directory: str | Path, needed: int, detail: str) -> None:
     """Refuse to start work that will need about `needed` bytes under `directory` when its disk has less free."""
     free = shutil.disk_usage(directory).free
     if free < needed:
-        raise RunDirError(f"{directory}: not enough free disk space: {format_bytes(free)} free, about "
-                          f"{format_bytes(needed)} needed ({detail}); free some space or choose another directory")
+        raise RunDirError(
+            f"{directory}: not enough free disk space: {format_bytes(free)} free, about "
+            f"{format_bytes(needed)} needed ({detail}); free some space or choose another directory"
+        )
 
 
 def format_bytes(n: int) -> str:
@@ -101,7 +104,7 @@ class DirLock:
         self.purpose = purpose
         self.path = self.dir / LOCK_NAME
 
-    def acquire(self) -> "DirLock":
+    def acquire(self) -> DirLock:
         key = str(self.dir.resolve())
         if key in _held:
             _held[key][1] += 1
@@ -122,8 +125,10 @@ class DirLock:
             except BlockingIOError:
                 holder = _describe(_read_holder(fd))
                 os.close(fd)
-                raise DirLockedError(f"{self.dir} is in use by {holder}; wait for it to finish or stop that "
-                                     f"process (lock file {self.path})") from None
+                raise DirLockedError(
+                    f"{self.dir} is in use by {holder}; wait for it to finish or stop that "
+                    f"process (lock file {self.path})"
+                ) from None
             try:  # the holder we waited on may have unlinked the file: then lock the new one instead
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -133,10 +138,18 @@ class DirLock:
                 continue
             previous = _read_holder(fd)
             if previous.get("pid") not in (None, os.getpid()):
-                warnings.warn(f"{self.dir}: taking over the lock left by {_describe(previous)}, which is no "
-                              f"longer running", RuntimeWarning, stacklevel=4)
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": self.purpose,
-                    "command": " ".join(sys.argv)[:300], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                warnings.warn(
+                    f"{self.dir}: taking over the lock left by {_describe(previous)}, which is no longer running",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            info = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "purpose": self.purpose,
+                "command": " ".join(sys.argv)[:300],
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
             try:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, json.dumps(info).encode(), 0)
@@ -161,7 +174,7 @@ class DirLock:
             pass
         os.close(entry[0])
 
-    def __enter__(self) -> "DirLock":
+    def __enter__(self) -> DirLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -187,6 +200,7 @@ def _describe(info: dict) -> str:
 
 # ------------------------------------------------------------------ names that become paths
 
+
 def check_path_component(name: str, key: str) -> str:
     """`name` as one directory entry: a config value that is joined onto a directory (an arm name, an
     evaluation set's name) must not climb out of it (`..`, an absolute path), nest (`/`, `\\`) or be
@@ -201,12 +215,14 @@ def check_path_component(name: str, key: str) -> str:
     elif "/" in name or "\\" in name:
         problem = "contains a path separator ('/' or '\\')"
     if problem:
-        raise ValueError(f"{key}: {name!r} {problem}; it becomes a directory name, so use a single plain name "
-                         f"such as 'dpo_grit'")
+        raise ValueError(
+            f"{key}: {name!r} {problem}; it becomes a directory name, so use a single plain name such as 'dpo_grit'"
+        )
     return name
 
 
 # ------------------------------------------------------------------ atomic writes
+
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` so that a reader sees the old content or the new, never a torn file."""
@@ -262,8 +278,11 @@ def read_jsonl_tolerant(path: str | Path) -> list[dict]:
             rows.append(json.loads(ln))
         except json.JSONDecodeError as e:
             if i == last:
-                warnings.warn(f"{path}: line {i + 1} is incomplete (an interrupted write); ignoring it",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"{path}: line {i + 1} is incomplete (an interrupted write); ignoring it",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 break
             raise ValueError(f"{path}: line {i + 1} is not valid JSON ({e.msg}); fix or remove that line") from None
     return rows

@@ -1,4 +1,5 @@
 """The base of every config model: unknown keys are errors and assignments are validated."""
+
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict

@@ -1,4 +1,5 @@
 """benchmarks/verify_kernels.py's distances between two runs, against NumPy in float64."""
+
 import importlib.util
 import sys
 from pathlib import Path
@@ -53,5 +54,5 @@ def test_the_worst_step_is_reported(verify_kernels):
     a = torch.tensor([1.0, 0.0, 0.0])
     b = torch.tensor([1.0, 1.0, 0.0])  # 45 degrees from a
     out = verify_kernels.compare({"losses": [1.0, 1.0], "grads": [a, a]}, {"losses": [1.0, 1.0], "grads": [a, b]})
-    assert out["min_grad_cosine"] == pytest.approx(2 ** -0.5)
+    assert out["min_grad_cosine"] == pytest.approx(2**-0.5)
     assert out["max_grad_rel_l2"] == pytest.approx(1.0)

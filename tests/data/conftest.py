@@ -1,4 +1,5 @@
 """Helpers for the data tests: write small tables in every supported file type (optionally gzipped)."""
+
 from __future__ import annotations
 
 import csv

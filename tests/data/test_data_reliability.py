@@ -1,6 +1,7 @@
 """Bad input named in one line (truncated .gz, YAML syntax), `data check` on files with no valid row,
 the generic kind from the first valid row, CRLF transcripts, skipped rows always reported, and a
 warning when truncation cuts the instruction."""
+
 from __future__ import annotations
 
 import gzip
@@ -77,8 +78,11 @@ def test_data_check_reads_a_directory_file_by_file_in_sorted_order(tmp_path, cap
 def test_crlf_transcripts_parse_like_lf(tmp_path):
     lf = "\n\nHuman: Add 2 and 2.\nShow work.\n\nAssistant: 2+2\n= 4"
     crlf = lf.replace("\n", "\r\n")
-    assert parse_transcript(crlf) == parse_transcript(lf) == [Message("user", "Add 2 and 2.\nShow work."),
-                                                             Message("assistant", "2+2\n= 4")]
+    assert (
+        parse_transcript(crlf)
+        == parse_transcript(lf)
+        == [Message("user", "Add 2 and 2.\nShow work."), Message("assistant", "2+2\n= 4")]
+    )
     path = tmp_path / "hh.jsonl"
     path.write_text(json.dumps({"chosen": crlf, "rejected": crlf.replace("= 4", "= 5")}) + "\n")
     [ex] = load_preferences(path, "hh-rlhf").examples
@@ -86,8 +90,13 @@ def test_crlf_transcripts_parse_like_lf(tmp_path):
 
 
 def _train_cfg(path, tmp_path, model_dir):
-    return TrainConfig.model_validate({"run_dir": str(tmp_path / "run"), "model": {"name": str(model_dir)},
-                                       "data": {"path": str(path), "on_bad_row": "skip"}})
+    return TrainConfig.model_validate(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "model": {"name": str(model_dir)},
+            "data": {"path": str(path), "on_bad_row": "skip"},
+        }
+    )
 
 
 def test_skipped_rows_are_written_and_counted_even_when_every_row_is_bad(tmp_path, tokenizer, capsys):

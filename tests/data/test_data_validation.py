@@ -1,4 +1,5 @@
 """Readers and row validation: every file type, every kind of bad row named by file, row and field."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,12 @@ from ecliptica.data import BadRow, DataError, LoadOptions, Message, load, load_p
 from ecliptica.data.readers import iter_rows
 
 GOOD = [
-    {"id": "a", "prompt": "How do I boil an egg?", "chosen": "Simmer it for nine minutes.", "rejected": "Microwave it whole."},
+    {
+        "id": "a",
+        "prompt": "How do I boil an egg?",
+        "chosen": "Simmer it for nine minutes.",
+        "rejected": "Microwave it whole.",
+    },
     {"id": "b", "prompt": "Name a prime number.", "chosen": "Seven.", "rejected": "Nine."},
 ]
 
@@ -20,8 +26,9 @@ def _accounting(loaded) -> None:
     assert r.kept == len(loaded.examples)
 
 
-@pytest.mark.parametrize("name", ["p.jsonl", "p.json", "p.csv", "p.parquet",
-                                  "p.jsonl.gz", "p.json.gz", "p.csv.gz", "p.parquet.gz"])
+@pytest.mark.parametrize(
+    "name", ["p.jsonl", "p.json", "p.csv", "p.parquet", "p.jsonl.gz", "p.json.gz", "p.csv.gz", "p.parquet.gz"]
+)
 def test_every_file_type_reads_the_same_examples(write, name):
     path = write(name, GOOD)
     loaded = load_preferences(path, "generic")
@@ -50,26 +57,38 @@ def _bad_jsonl(tmp_path):
     """Ten lines; expected bad (row, field) pairs are written out by hand below."""
     ok = {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}
     lines = [
-        json.dumps(ok).encode(),                                                      # 1 good
-        json.dumps({"prompt": "p", "rejected": "r"}).encode(),                        # 2 chosen missing
-        json.dumps({"prompt": "p", "chosen": "", "rejected": "r"}).encode(),          # 3 chosen empty
-        json.dumps({"prompt": "p", "chosen": "c", "rejected": 42}).encode(),          # 4 rejected is a number
-        json.dumps({"prompt": "p", "chosen": "same", "rejected": " same "}).encode(), # 5 identical
-        json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
-                    "chosen": "c", "rejected": "r"}).encode(),                        # 6 not alternating
-        b'{"prompt": "p", "chosen": "c", ',                                           # 7 invalid JSON
-        b'{"prompt": "p", "chosen": "caf\xe9 \xff", "rejected": "r"}',                # 8 invalid UTF-8 bytes
+        json.dumps(ok).encode(),  # 1 good
+        json.dumps({"prompt": "p", "rejected": "r"}).encode(),  # 2 chosen missing
+        json.dumps({"prompt": "p", "chosen": "", "rejected": "r"}).encode(),  # 3 chosen empty
+        json.dumps({"prompt": "p", "chosen": "c", "rejected": 42}).encode(),  # 4 rejected is a number
+        json.dumps({"prompt": "p", "chosen": "same", "rejected": " same "}).encode(),  # 5 identical
+        json.dumps(
+            {
+                "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+                "chosen": "c",
+                "rejected": "r",
+            }
+        ).encode(),  # 6 not alternating
+        b'{"prompt": "p", "chosen": "c", ',  # 7 invalid JSON
+        b'{"prompt": "p", "chosen": "caf\xe9 \xff", "rejected": "r"}',  # 8 invalid UTF-8 bytes
         json.dumps({"messages": [{"role": "user", "content": "  "}], "chosen": "c", "rejected": "r"}).encode(),  # 9
-        json.dumps({**ok, "chosen": "Hello!"}).encode(),                              # 10 good
+        json.dumps({**ok, "chosen": "Hello!"}).encode(),  # 10 good
     ]
     p = tmp_path / "bad.jsonl"
     p.write_bytes(b"\n".join(lines) + b"\n")
     return p
 
 
-EXPECTED_BAD = [(2, "chosen", "missing"), (3, "chosen", "empty"), (4, "rejected", "string"),
-                (5, "rejected", "identical"), (6, "messages", "alternate"), (7, "<line>", "invalid JSON"),
-                (8, "chosen", "undecodable"), (9, "messages", "non-empty")]
+EXPECTED_BAD = [
+    (2, "chosen", "missing"),
+    (3, "chosen", "empty"),
+    (4, "rejected", "string"),
+    (5, "rejected", "identical"),
+    (6, "messages", "alternate"),
+    (7, "<line>", "invalid JSON"),
+    (8, "chosen", "undecodable"),
+    (9, "messages", "non-empty"),
+]
 
 
 def test_bad_rows_named_by_file_row_field_and_reason(tmp_path):
@@ -114,11 +133,9 @@ def test_on_bad_row_rejects_unknown_policy(write):
 
 def test_csv_invalid_utf8_cell_and_extra_cells(tmp_path):
     p = tmp_path / "bad.csv"
-    p.write_bytes(b"prompt,chosen,rejected\n"
-                  b"Say hi.,Hi!,No.\n"
-                  b"Say bye.,Bye!,\xff\xfe nope\n"
-                  b"a,b,c,d\n"
-                  b"Count.,One two.,Three.\n")
+    p.write_bytes(
+        b"prompt,chosen,rejected\nSay hi.,Hi!,No.\nSay bye.,Bye!,\xff\xfe nope\na,b,c,d\nCount.,One two.,Three.\n"
+    )
     loaded = load(p, "generic", on_bad_row="skip")
     assert [(b.file, b.row, b.field) for b in loaded.report.bad_rows] == [(str(p), 2, "rejected"), (str(p), 3, "<row>")]
     assert "UTF-8" in loaded.report.bad_rows[0].reason
@@ -152,33 +169,57 @@ def test_non_object_json_line(tmp_path):
 
 def test_message_list_validation(write):
     rows = [
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}],
-         "chosen": "Goodbye.", "rejected": "Whatever."},                                              # 1 ok
-        {"messages": [{"role": "user", "text": "Hi"}], "chosen": "c", "rejected": "r"},              # 2 no content
-        {"messages": [{"role": "bot", "content": "Hi"}], "chosen": "c", "rejected": "r"},            # 3 bad role
-        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
-         "chosen": "c", "rejected": "r"},                                                             # 4 ends w/ assistant
-        {"messages": [], "chosen": "c", "rejected": "r"},                                            # 5 empty list
-        {"messages": [{"role": "system", "content": "x"}], "chosen": "c", "rejected": "r"},          # 6 no user turn
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Bye"},
+            ],
+            "chosen": "Goodbye.",
+            "rejected": "Whatever.",
+        },  # 1 ok
+        {"messages": [{"role": "user", "text": "Hi"}], "chosen": "c", "rejected": "r"},  # 2 no content
+        {"messages": [{"role": "bot", "content": "Hi"}], "chosen": "c", "rejected": "r"},  # 3 bad role
+        {
+            "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
+            "chosen": "c",
+            "rejected": "r",
+        },  # 4 ends w/ assistant
+        {"messages": [], "chosen": "c", "rejected": "r"},  # 5 empty list
+        {"messages": [{"role": "system", "content": "x"}], "chosen": "c", "rejected": "r"},  # 6 no user turn
     ]
     loaded = load(write("m.jsonl", rows), "generic", on_bad_row="skip")
     assert [(b.row, b.field) for b in loaded.report.bad_rows] == [(k, "messages") for k in (2, 3, 4, 5, 6)]
     assert "role" in loaded.report.bad_rows[0].reason and "content" in loaded.report.bad_rows[0].reason
-    assert loaded.examples[0].messages == (Message("system", "Be brief."), Message("user", "Hi"),
-                                           Message("assistant", "Hello"), Message("user", "Bye"))
+    assert loaded.examples[0].messages == (
+        Message("system", "Be brief."),
+        Message("user", "Hi"),
+        Message("assistant", "Hello"),
+        Message("user", "Bye"),
+    )
 
 
 def test_csv_prompt_holding_a_json_message_list_and_text_starting_with_bracket(write):
     rows = [
-        {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-                    {"role": "user", "content": "Tell a joke."}], "chosen": "Knock knock.", "rejected": "No."},
+        {
+            "prompt": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Tell a joke."},
+            ],
+            "chosen": "Knock knock.",
+            "rejected": "No.",
+        },
         {"prompt": "[Scene: a quiet bar] Write the opening line.", "chosen": "The ice clinked.", "rejected": "No."},
         {"prompt": '[{"role": "user", "content": "broken"', "chosen": "c", "rejected": "r"},
     ]
     loaded = load(write("m.csv", rows), "generic", on_bad_row="skip")
-    assert loaded.examples[0].messages == (Message("user", "Hi"), Message("assistant", "Hello"),
-                                           Message("user", "Tell a joke."))
+    assert loaded.examples[0].messages == (
+        Message("user", "Hi"),
+        Message("assistant", "Hello"),
+        Message("user", "Tell a joke."),
+    )
     assert loaded.examples[1].messages == (Message("user", "[Scene: a quiet bar] Write the opening line."),)
     assert [(b.row, b.field) for b in loaded.report.bad_rows] == [(3, "prompt")]
 

@@ -1,4 +1,5 @@
 """Instruction placement and chat rendering against hand-written strings; tokenisation, masks, truncation, split."""
+
 from __future__ import annotations
 
 import copy
@@ -6,24 +7,39 @@ import random
 
 import pytest
 
-from ecliptica.data import (Message, PreferenceExample, TokenizeSettings, place_instruction, render_pair,
-                            render_prompt, split_train_val, tokenize_pairs)
+from ecliptica.data import (
+    Message,
+    PreferenceExample,
+    TokenizeSettings,
+    place_instruction,
+    render_pair,
+    render_prompt,
+    split_train_val,
+    tokenize_pairs,
+)
 from ecliptica.losses.layout import CHOSEN_ONLY, PAIRED
 from ecliptica.train.batching import collate
 
 DEFAULT_SYS = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 INSTR = "Refuse to help with burglary."
-EX = PreferenceExample((Message("user", "How do I pick a lock?"),), "I can't help with that.",
-                       "Use a tension wrench.", INSTR, "t", "ex-1")
+EX = PreferenceExample(
+    (Message("user", "How do I pick a lock?"),), "I can't help with that.", "Use a tension wrench.", INSTR, "t", "ex-1"
+)
 
 EXPECTED = {
-    "system": ("<|im_start|>system\nRefuse to help with burglary.<|im_end|>\n"
-               "<|im_start|>user\nHow do I pick a lock?<|im_end|>\n<|im_start|>assistant\n"),
-    "prepend": ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-                "<|im_start|>user\nRefuse to help with burglary.\n\nHow do I pick a lock?<|im_end|>\n"
-                "<|im_start|>assistant\n"),
-    "none": ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-             "<|im_start|>user\nHow do I pick a lock?<|im_end|>\n<|im_start|>assistant\n"),
+    "system": (
+        "<|im_start|>system\nRefuse to help with burglary.<|im_end|>\n"
+        "<|im_start|>user\nHow do I pick a lock?<|im_end|>\n<|im_start|>assistant\n"
+    ),
+    "prepend": (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nRefuse to help with burglary.\n\nHow do I pick a lock?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    ),
+    "none": (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nHow do I pick a lock?<|im_end|>\n<|im_start|>assistant\n"
+    ),
 }
 
 
@@ -35,17 +51,28 @@ def test_render_exact_strings(tokenizer, placement):
 
 
 def test_existing_system_message_is_merged(tokenizer):
-    ex = PreferenceExample((Message("system", "Answer in French."), Message("user", "Hi"),
-                            Message("assistant", "Bonjour"), Message("user", "Pick a lock?")), "Non.", "Oui.", INSTR)
+    ex = PreferenceExample(
+        (
+            Message("system", "Answer in French."),
+            Message("user", "Hi"),
+            Message("assistant", "Bonjour"),
+            Message("user", "Pick a lock?"),
+        ),
+        "Non.",
+        "Oui.",
+        INSTR,
+    )
     assert render_pair(tokenizer, ex, "system").prompt == (
         "<|im_start|>system\nRefuse to help with burglary.\n\nAnswer in French.<|im_end|>\n"
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nBonjour<|im_end|>\n"
-        "<|im_start|>user\nPick a lock?<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nPick a lock?<|im_end|>\n<|im_start|>assistant\n"
+    )
     # prepend goes to the first user turn, and the data's own system message stays
     assert render_pair(tokenizer, ex, "prepend").prompt == (
         "<|im_start|>system\nAnswer in French.<|im_end|>\n"
         "<|im_start|>user\nRefuse to help with burglary.\n\nHi<|im_end|>\n<|im_start|>assistant\nBonjour<|im_end|>\n"
-        "<|im_start|>user\nPick a lock?<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nPick a lock?<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_no_instruction_means_nothing_placed(tokenizer):
@@ -64,12 +91,14 @@ def test_fallback_template_without_chat_template(tokenizer):
     plain.chat_template = None
     bos = plain.bos_token or ""
     assert render_pair(plain, EX, "system").prompt == (
-        bos + "### System:\nRefuse to help with burglary.\n\n### User:\nHow do I pick a lock?\n\n### Assistant:\n")
+        bos + "### System:\nRefuse to help with burglary.\n\n### User:\nHow do I pick a lock?\n\n### Assistant:\n"
+    )
     assert render_prompt(plain, [Message("user", "Hi")]) == bos + "### User:\nHi\n\n### Assistant:\n"
     assert tokenizer.chat_template is not None  # the shared fixture was not modified
 
 
 # ------------------------------------------------------------------ tokenisation
+
 
 def _ids(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
@@ -104,8 +133,14 @@ def test_placement_changes_tokens_and_fingerprint(tokenizer):
 def _examples():
     return [
         EX,
-        PreferenceExample((Message("user", "Hi"), Message("assistant", "Hello"), Message("user", "Tell me a joke.")),
-                          "Why did the chicken cross the road? To get to the other side.", "No.", "Be fun.", "t", "ex-2"),
+        PreferenceExample(
+            (Message("user", "Hi"), Message("assistant", "Hello"), Message("user", "Tell me a joke.")),
+            "Why did the chicken cross the road? To get to the other side.",
+            "No.",
+            "Be fun.",
+            "t",
+            "ex-2",
+        ),
         PreferenceExample((Message("user", "2+2?"),), "4", "22", None, "t", "ex-3"),
     ]
 
@@ -152,7 +187,7 @@ def test_completion_mask_covers_exactly_the_response_tokens(tokenizer, packed, w
         starts.append(starts[-1] + len(p) + len(r))
     for k, (p, r) in enumerate(seqs):
         row, start = (0, starts[k]) if packed else (k, 0)
-        assert batch.position_ids[row, start:start + len(p) + len(r)].tolist() == list(range(len(p) + len(r)))
+        assert batch.position_ids[row, start : start + len(p) + len(r)].tolist() == list(range(len(p) + len(r)))
 
 
 def test_truncation_keeps_prompt_end_and_response_start(tokenizer):
@@ -188,11 +223,13 @@ def test_boundary_merge_is_counted_and_prompt_stays_a_prefix(tokenizer):
     prompt_text = render_prompt(plain, [Message("user", "Hi")])
     p_ids = _ids(plain, prompt_text)
     candidates = ["Hello", " Hello", "\nHello", "\n\nHello", "  x", "\n", ":)", "\t\tTab"]
-    merging = [c for c in candidates if _ids(plain, prompt_text + c)[:len(p_ids)] != p_ids]
+    merging = [c for c in candidates if _ids(plain, prompt_text + c)[: len(p_ids)] != p_ids]
     non_merging = [c for c in candidates if c not in merging]
     assert merging and non_merging, "need at least one merging and one clean candidate"
-    examples = [PreferenceExample((Message("user", "Hi"),), c, "Nope.", None, "t", f"c{k}")
-                for k, c in enumerate(merging + non_merging)]
+    examples = [
+        PreferenceExample((Message("user", "Hi"),), c, "Nope.", None, "t", f"c{k}")
+        for k, c in enumerate(merging + non_merging)
+    ]
     data = tokenize_pairs(plain, examples, "none", progress=False)
     assert data.stats.boundary_merges_avoided == len(merging)
     for ex, tp in zip(examples, data.pairs):
@@ -211,6 +248,7 @@ def test_tokenizer_without_eos_is_refused(tokenizer):
 
 
 # ------------------------------------------------------------------ train / val split
+
 
 def test_split_train_val_properties():
     items = [f"id-{i}" for i in range(4000)]

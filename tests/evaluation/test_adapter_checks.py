@@ -1,6 +1,7 @@
 """A bad adapter is one error naming its file and the field or tensor, before evaluation writes anything: a
 truncated weights file, non-finite tensors, tensors shaped for another base, an adapter_config.json naming
 another base model. An adapter the engine trained evaluates without a false alarm."""
+
 from __future__ import annotations
 
 import json
@@ -25,11 +26,20 @@ WEIGHTS = "adapter_model.safetensors"
 
 def _eval_config(tmp_path, model, adapter) -> EvalConfig:
     """A small evaluation: embeddings and the AQI only."""
-    return EvalConfig.model_validate({
-        "out_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"), "progress": False,
-        "model": {"name": str(model), "dtype": "fp32"}, "adapter": str(adapter), "data": {"limit": 16},
-        "embeddings": {"layer_sweep": False}, "behaviour": {"enabled": False}, "drift": {"enabled": False},
-        "figures": {"enabled": False}})
+    return EvalConfig.model_validate(
+        {
+            "out_dir": str(tmp_path / "out"),
+            "cache_dir": str(tmp_path / "cache"),
+            "progress": False,
+            "model": {"name": str(model), "dtype": "fp32"},
+            "adapter": str(adapter),
+            "data": {"limit": 16},
+            "embeddings": {"layer_sweep": False},
+            "behaviour": {"enabled": False},
+            "drift": {"enabled": False},
+            "figures": {"enabled": False},
+        }
+    )
 
 
 def _cli_eval(tmp_path, model, adapter) -> list[str]:
@@ -74,8 +84,15 @@ def _other_base(tmp_path, tiny_model_dir, hidden: int) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = tmp_path / f"llama_{hidden}"
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(cfg).save_pretrained(out)
     for f in tiny_model_dir.iterdir():
         if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json"):
@@ -94,17 +111,22 @@ def test_adapter_shaped_for_another_base_names_the_tensor(tmp_path, tiny_model_d
     assert "Traceback" not in err and len(_error_lines(err)) == 1 and "size mismatch" not in err
     # 32 wide: down_proj gives 32 outputs, so its lora_B (rank 2) must be (32, 2); this one is (48, 2). Its lora_A
     # fits (the 64 inputs are the same), as every tensor of a 64-wide projection does: 10 of the 12 do not fit
-    assert (f"{adapter / WEIGHTS}: tensor base_model.model.model.layers.0.mlp.down_proj.lora_B.weight has shape "
-            f"(48, 2), but model.layers.0.mlp.down_proj of the base model needs (32, 2) (10 of 12 tensors do not "
-            f"fit); the adapter was trained on another base model") in err
+    assert (
+        f"{adapter / WEIGHTS}: tensor base_model.model.model.layers.0.mlp.down_proj.lora_B.weight has shape "
+        f"(48, 2), but model.layers.0.mlp.down_proj of the base model needs (32, 2) (10 of 12 tensors do not "
+        f"fit); the adapter was trained on another base model"
+    ) in err
 
 
 def test_adapter_of_another_base_model_name_is_refused_before_the_model_loads(tmp_path, tiny_model_dir):
     adapter = save_adapter(tiny_model_dir, tmp_path / "adapter", b_scale=1.0)
     elsewhere = tmp_path / "other-model"  # not loaded: the names alone decide
-    with pytest.raises(ValueError, match=rf"{adapter / 'adapter_config.json'}: base_model_name_or_path is "
-                                         rf"'{tiny_model_dir}', but the configured base model \(model.name\) is "
-                                         rf"'{elsewhere}'"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{adapter / 'adapter_config.json'}: base_model_name_or_path is "
+        rf"'{tiny_model_dir}', but the configured base model \(model.name\) is "
+        rf"'{elsewhere}'",
+    ):
         run_eval(_eval_config(tmp_path, elsewhere, adapter))
     assert not (tmp_path / "out").exists()
     # a base with the same architecture under another name: the shapes fit, the name does not
@@ -125,10 +147,15 @@ def test_model_identity_names_one_model_the_same_however_it_is_written(tmp_path,
     from ecliptica.models import EMBEDDED_MODEL, model_identity
 
     # the embedded model: by name, or as the converted copy's directory under any cache key, here or elsewhere
-    assert model_identity(EMBEDDED_MODEL) == model_identity(f"/home/a/.cache/ecliptica/models/{EMBEDDED_MODEL}-"
-                                                            f"0123456789ab") == EMBEDDED_MODEL
+    assert (
+        model_identity(EMBEDDED_MODEL)
+        == model_identity(f"/home/a/.cache/ecliptica/models/{EMBEDDED_MODEL}-0123456789ab")
+        == EMBEDDED_MODEL
+    )
     # a hub cache snapshot is its hub id
-    assert model_identity("/h/hub/models--HuggingFaceTB--SmolLM2-135M/snapshots/4e5f6a/") == "HuggingFaceTB/SmolLM2-135M"
+    assert (
+        model_identity("/h/hub/models--HuggingFaceTB--SmolLM2-135M/snapshots/4e5f6a/") == "HuggingFaceTB/SmolLM2-135M"
+    )
     assert model_identity("/h/hub/models--gpt2/snapshots/abc") == "gpt2"
     # a local directory by its resolved path: relative, trailing slash and symlink all name it
     (tmp_path / "base").mkdir()
@@ -144,9 +171,18 @@ def test_an_adapter_the_engine_trained_evaluates_and_a_poisoned_copy_does_not(tm
     from ecliptica.train import Trainer
 
     run = tmp_path / "run"
-    sets = [f"run_dir={run}", f"model.name={tiny_model_dir}", "train.progress=false", "lora.r=4", "data.limit=8",
-            "data.max_length=128", "data.max_prompt_length=64", "train.max_steps=2", "train.micro_batch_size=2",
-            "train.grad_accum=1"]
+    sets = [
+        f"run_dir={run}",
+        f"model.name={tiny_model_dir}",
+        "train.progress=false",
+        "lora.r=4",
+        "data.limit=8",
+        "data.max_length=128",
+        "data.max_prompt_length=64",
+        "train.max_steps=2",
+        "train.micro_batch_size=2",
+        "train.grad_accum=1",
+    ]
     Trainer(load_config(ROOT / "configs" / "train_demo_dpo.yaml", sets)).setup().train()
     result = run_eval(_eval_config(tmp_path / "good", tiny_model_dir, run / "adapter"))
     assert result["model"]["adapter"] == str(run / "adapter") and (tmp_path / "good" / "out" / "eval.json").is_file()

@@ -1,4 +1,5 @@
 """Discriminant-space AQI, the headline band, BCa intervals and prompt-token pooling, against known answers."""
+
 from __future__ import annotations
 
 import copy
@@ -233,7 +234,7 @@ def test_prompt_span_is_exactly_the_users_words(tokenizer, template, placement):
         words = p.prompt.strip()
         assert text[c0:c1] == words
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        (t0, t1), = token_spans(tok, [text], [(c0, c1)], [len(ids)], 512)
+        ((t0, t1),) = token_spans(tok, [text], [(c0, c1)], [len(ids)], 512)
         assert (t0, t1) == minimal_window(tok, ids, words)
         if placement != "none":
             assert "Be safe now." in tok.decode(ids[:t0]) and "Be safe now." not in tok.decode(ids[t0:t1])
@@ -246,8 +247,9 @@ def test_prompt_pooling_is_the_mean_over_the_users_tokens_of_one_unpadded_forwar
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     settings = EmbeddingsSection(batch_size=2)
     texts = render_prompts(tok, POOL_PROMPTS, settings)
-    emb = compute_embeddings(model, tok, texts, settings, user_char_spans(tok, POOL_PROMPTS, settings, texts),
-                             progress=False)
+    emb = compute_embeddings(
+        model, tok, texts, settings, user_char_spans(tok, POOL_PROMPTS, settings, texts), progress=False
+    )
     for i, text in enumerate(texts):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         start, end = minimal_window(tok, ids, POOL_PROMPTS[i].prompt.strip())
@@ -264,7 +266,7 @@ def test_truncation_keeps_the_span_on_the_users_last_tokens(tokenizer):
     long = [PromptExample("word " * 40 + "end", "safe", "a", row_id="x")]
     texts = render_prompts(tokenizer, long, settings)
     full = tokenizer(texts[0], add_special_tokens=False)["input_ids"]
-    (t0, t1), = token_spans(tokenizer, texts, user_char_spans(tokenizer, long, settings, texts), [12], 12)
+    ((t0, t1),) = token_spans(tokenizer, texts, user_char_spans(tokenizer, long, settings, texts), [12], 12)
     kept = full[-12:]
     assert t0 == 0 and tokenizer.decode(kept[t0:t1]).strip().endswith("end")
     assert "assistant" in tokenizer.decode(kept[t1:])  # the generation prompt survives, unpooled
@@ -289,8 +291,16 @@ def test_bf16_and_fp32_embeddings_of_the_same_model_give_the_same_headline(tiny_
     for dtype in (torch.float32, torch.bfloat16):
         emb = compute_embeddings(model.to(dtype), tok, texts, settings, chars, progress=False)
         band = headline_band(emb.info["num_hidden_states"])
-        reports.append(layer_report(emb.vectors, emb.layers, [p.label for p in prompts],
-                                    [f"{p.row_id}\x00{p.prompt}" for p in prompts], band, METRICS))
+        reports.append(
+            layer_report(
+                emb.vectors,
+                emb.layers,
+                [p.label for p in prompts],
+                [f"{p.row_id}\x00{p.prompt}" for p in prompts],
+                band,
+                METRICS,
+            )
+        )
     fp32, bf16 = reports
     assert fp32["discriminant"]["aqi"] != bf16["discriminant"]["aqi"]  # bf16 really ran
     for kind in ("discriminant", "geometric"):

@@ -1,4 +1,5 @@
 """Prompt embeddings: pooling against hand computations, padding invariance, cache keys and hits."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,8 +75,9 @@ def test_pooling_matches_single_unpadded_forwards(tiny, layer):
     settings = EmbeddingsSection(layer=layer, pooling="mean", batch_size=3)
     texts = render_prompts(tok, PROMPTS, settings)
     mean = compute_embeddings(model, tok, texts, settings, progress=False).at(layer)
-    last = compute_embeddings(model, tok, texts, settings.model_copy(update={"pooling": "last"}),
-                              progress=False).at(layer)
+    last = compute_embeddings(model, tok, texts, settings.model_copy(update={"pooling": "last"}), progress=False).at(
+        layer
+    )
     for i, text in enumerate(texts):
         hand_mean, hand_last = _by_hand(model, tok, text, layer)
         np.testing.assert_allclose(mean[i], hand_mean, atol=1e-5)
@@ -88,7 +90,9 @@ def test_batching_and_padding_do_not_change_embeddings(tiny):
     texts = render_prompts(tok, PROMPTS, EmbeddingsSection())
     chars = user_char_spans(tok, PROMPTS, EmbeddingsSection(), texts)  # default pooling: the user's words
     one = compute_embeddings(model, tok, texts, EmbeddingsSection(batch_size=1), chars, progress=False).vectors
-    all_ = compute_embeddings(model, tok, texts, EmbeddingsSection(batch_size=len(texts)), chars, progress=False).vectors
+    all_ = compute_embeddings(
+        model, tok, texts, EmbeddingsSection(batch_size=len(texts)), chars, progress=False
+    ).vectors
     assert np.abs(one - all_).max() < 1e-5
 
 
@@ -99,7 +103,8 @@ def test_layer_sweep_returns_every_hidden_state_and_last_is_final_normed(tiny):
     assert sweep.layers == [0, 1, 2] and sweep.vectors.shape == (3, 2, 32)
     captured = {}
     hook = model.model.layers[-1].register_forward_hook(
-        lambda mod, args, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+        lambda mod, args, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else out)
+    )
     ids = tok(texts[0], add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         model(input_ids=ids)
@@ -166,7 +171,8 @@ def test_cache_hit_is_identical_and_changed_inputs_recompute(tmp_path, handle, t
     base_again = embed_prompts(handle, PROMPTS, settings, cache)
     assert base_again.cache_hit and base_again.key == first.key
     np.testing.assert_allclose(
-        embed_prompts(handle, PROMPTS, settings, None).vectors, first.vectors, atol=1e-6)  # recomputed, disabled
+        embed_prompts(handle, PROMPTS, settings, None).vectors, first.vectors, atol=1e-6
+    )  # recomputed, disabled
     assert len(list(cache.glob("*.safetensors"))) == 4
     assert not list(cache.glob("*.pkl")) and not list(cache.glob("*.tmp*"))
 
@@ -181,8 +187,9 @@ def test_full_disk_at_the_embeddings_cache_names_the_file_and_leaves_no_partial_
     def full(tensors, filename, metadata=None):
         with open(filename, "wb") as f:  # part of the file is written, then the disk is full
             f.write(b"\0" * 64)
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
-                              '"No space left on device" })')
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     monkeypatch.setattr(safetensors.numpy, "save_file", full)
     path = tmp_path / "cache" / "k.safetensors"

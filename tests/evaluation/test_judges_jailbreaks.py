@@ -1,5 +1,6 @@
 """Model judge wiring (tiny random models built from a config: only the wiring is tested, not the
 judge's quality) and jailbreak templates / per-template rates with a stub generator."""
+
 from __future__ import annotations
 
 import shutil
@@ -31,10 +32,18 @@ def classifier_dir(tmp_path_factory, embedded_dir):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=2,
-                      id2label={0: "full_compliance", 1: "Full Refusal", 2: "partial-refusal"},
-                      label2id={"full_compliance": 0, "Full Refusal": 1, "partial-refusal": 2})
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=3,
+        pad_token_id=2,
+        id2label={0: "full_compliance", 1: "Full Refusal", 2: "partial-refusal"},
+        label2id={"full_compliance": 0, "Full Refusal": 1, "partial-refusal": 2},
+    )
     model = LlamaForSequenceClassification(cfg)
     with torch.no_grad():  # a random head gives near-equal logits; spread them so argmax is not a tie
         model.score.weight.normal_(0, 5.0)
@@ -103,9 +112,14 @@ def test_jailbreak_rates_per_template_and_overall_without_the_control(tmp_path):
     def generate(texts):  # refuses plain prompts; complies with role play and prefix injection
         return ["Sure! Step 1: ..." if ("DAN" in t or "Absolutely!" in t) else "I can't help with that." for t in texts]
 
-    out = run_jailbreaks(unsafe, generate, lambda p, placement: p, "none",
-                         templates=["role_play", "prefix_injection", "hypothetical"],
-                         generations_path=tmp_path / "jb.jsonl")
+    out = run_jailbreaks(
+        unsafe,
+        generate,
+        lambda p, placement: p,
+        "none",
+        templates=["role_play", "prefix_injection", "hypothetical"],
+        generations_path=tmp_path / "jb.jsonl",
+    )
     per = out["per_template"]
     assert list(per) == [CONTROL, "role_play", "prefix_injection", "hypothetical"]
     assert per[CONTROL]["rate"] == 1.0 and per["role_play"]["rate"] == 0.0 and per["hypothetical"]["rate"] == 1.0

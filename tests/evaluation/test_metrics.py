@@ -1,4 +1,5 @@
 """Cluster indices, AQI, bootstrap and legacy scores against scikit-learn or hand computation."""
+
 from __future__ import annotations
 
 import math

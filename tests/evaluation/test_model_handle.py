@@ -1,5 +1,6 @@
 """Where the evaluated model lives: on the GPU when there is one (a CPU-resident base made every GPU
 evaluation run at CPU speed), on the CPU otherwise."""
+
 import torch
 
 from ecliptica.config import InferenceModelSection

@@ -4,6 +4,7 @@ The reference numbers come from plain, unpadded forwards of separately loaded mo
 + adapter through peft) with log-softmax in float64 and scipy's rel_entr for the KL: nothing of the
 evaluator's batching, chunking or PolicyModel is reused.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,7 +31,7 @@ def _hand_logprobs(model, prompt_ids, response_ids) -> np.ndarray:
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].double()
     start = len(prompt_ids) - 1
-    return torch.log_softmax(logits[start:start + len(response_ids)], -1).numpy()
+    return torch.log_softmax(logits[start : start + len(response_ids)], -1).numpy()
 
 
 def _hand_seq_logp(model, prompt_ids, response_ids) -> float:
@@ -59,8 +60,10 @@ def test_reward_accuracy_and_margin_equal_hand_computed_dpo_rewards(models):
     tps = tokenize_pairs(tok, pairs, "none", TokenizeSettings(1024, 512), progress=False).pairs
     rewards = []
     for tp in tps:
-        r = [0.5 * (_hand_seq_logp(tuned, tp.prompt_ids, y) - _hand_seq_logp(base, tp.prompt_ids, y))
-             for y in (tp.chosen_ids, tp.rejected_ids)]
+        r = [
+            0.5 * (_hand_seq_logp(tuned, tp.prompt_ids, y) - _hand_seq_logp(base, tp.prompt_ids, y))
+            for y in (tp.chosen_ids, tp.rejected_ids)
+        ]
         rewards.append(r)
     rewards = np.array(rewards)
     margins = rewards[:, 0] - rewards[:, 1]
@@ -68,8 +71,10 @@ def test_reward_accuracy_and_margin_equal_hand_computed_dpo_rewards(models):
     assert got["reward_margin"] == pytest.approx(margins.mean(), rel=1e-4, abs=1e-6)
     assert got["reward_accuracy"] == pytest.approx((margins > 0).mean())
     assert got["rewards_chosen"] == pytest.approx(rewards[:, 0].mean(), rel=1e-4, abs=1e-6)
-    logp_wins = [_hand_seq_logp(tuned, tp.prompt_ids, tp.chosen_ids) > _hand_seq_logp(tuned, tp.prompt_ids, tp.rejected_ids)
-                 for tp in tps]
+    logp_wins = [
+        _hand_seq_logp(tuned, tp.prompt_ids, tp.chosen_ids) > _hand_seq_logp(tuned, tp.prompt_ids, tp.rejected_ids)
+        for tp in tps
+    ]
     assert got["logp_accuracy"] == pytest.approx(np.mean(logp_wins))
     ci = got["reward_margin_ci"]
     assert ci["low"] <= got["reward_margin"] <= ci["high"]
@@ -77,9 +82,15 @@ def test_reward_accuracy_and_margin_equal_hand_computed_dpo_rewards(models):
     handle.set_adapter(None)  # the base is its own reference: no implicit reward to compare
     base_out = run_preference(handle, pairs, s, progress=False)
     assert base_out["reward_accuracy"] is None and "reference" in base_out["note"]
-    assert base_out["logp_accuracy"] == pytest.approx(np.mean(
-        [_hand_seq_logp(base, tp.prompt_ids, tp.chosen_ids) > _hand_seq_logp(base, tp.prompt_ids, tp.rejected_ids)
-         for tp in tps]))
+    assert base_out["logp_accuracy"] == pytest.approx(
+        np.mean(
+            [
+                _hand_seq_logp(base, tp.prompt_ids, tp.chosen_ids)
+                > _hand_seq_logp(base, tp.prompt_ids, tp.rejected_ids)
+                for tp in tps
+            ]
+        )
+    )
 
 
 def test_preference_metrics_known_answer_and_beta_scales_only_the_margin():

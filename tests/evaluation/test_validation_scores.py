@@ -1,4 +1,5 @@
 """Held-out preference accuracy / margin and response KL, against dense per-sequence HF forwards."""
+
 import sys
 from pathlib import Path
 

@@ -40,8 +40,7 @@ class MiniNet(nn.Module):
         if self.checkpoint == "none":
             h = self._body(x)
         else:
-            h = torch.utils.checkpoint.checkpoint(
-                self._body, x, use_reentrant=self.checkpoint == "reentrant")
+            h = torch.utils.checkpoint.checkpoint(self._body, x, use_reentrant=self.checkpoint == "reentrant")
         return self.head(h)
 
 

@@ -14,6 +14,7 @@ to a torch version: the tensor hooks GRIT used before crashed Inductor under tor
 CPU too, and worked under 2.13. `benchmarks/check_grit_paths.py` runs the same check on the GPU, through the
 engine, on every path, and prints each path's share of valid factors.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,9 +39,18 @@ def _tiny_lora_llama(four_bit: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
-                                         attn_implementation="sdpa", use_cache=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=96,
+            attn_implementation="sdpa",
+            use_cache=False,
+        )
+    )
     if four_bit:
         _quantize_projections(model)
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
@@ -59,10 +69,17 @@ def _quantize_projections(model) -> None:
             for name, lin in list(parent.named_children()):
                 if not isinstance(lin, torch.nn.Linear):
                     continue
-                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
-                                      quant_type="nf4", compress_statistics=True)
-                q.weight = bnb.nn.Params4bit(lin.weight.data.to(torch.bfloat16), requires_grad=False,
-                                             quant_type="nf4", compress_statistics=True)._quantize("cpu")
+                q = bnb.nn.Linear4bit(
+                    lin.in_features,
+                    lin.out_features,
+                    bias=False,
+                    compute_dtype=torch.bfloat16,
+                    quant_type="nf4",
+                    compress_statistics=True,
+                )
+                q.weight = bnb.nn.Params4bit(
+                    lin.weight.data.to(torch.bfloat16), requires_grad=False, quant_type="nf4", compress_statistics=True
+                )._quantize("cpu")
                 setattr(parent, name, q)
 
 
@@ -77,8 +94,9 @@ def _batch():
 
 def _loss(model, ids, mask):
     logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                            reduction="none")
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    )
     m = mask[:, 1:].reshape(-1).float()
     return (nll * m).sum() / m.sum()
 
@@ -97,6 +115,7 @@ def hand_reference(model, ids, mask) -> dict:
         def hook(module, inputs, out):
             out.retain_grad()
             outputs[name] = out
+
         return hook
 
     handles = [layer.lora_A.register_forward_hook(keep(layer.name)) for layer in layers]
@@ -113,7 +132,8 @@ def hand_reference(model, ids, mask) -> dict:
         sig_a, sig_g = u.T @ u / n, v.T @ v / n
         grad_a, grad_b = layer.lora_A.weight.grad.double(), layer.lora_B.weight.grad.double()
         ref[layer.name] = {
-            "sigma_a": sig_a, "sigma_g": sig_g,
+            "sigma_a": sig_a,
+            "sigma_g": sig_g,
             "delta_a": -torch.linalg.solve(_solve(sig_g, r), grad_a),
             "delta_b": -torch.linalg.solve(_solve(sig_a, r), grad_b.T).T,
         }
@@ -125,8 +145,9 @@ def grit_step(model, ids, mask, offload: bool, count_padding: bool = False) -> d
     and the update of A and B. `count_padding`: GRIT is given no token mask."""
     opt = GritOptimizer(model, GritConfig(inner="sgd", lr=1.0, damping=DAMPING, reproject_steps=0))
     layers = find_lora_layers(model)
-    before = {layer.name: (layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone())
-              for layer in layers}
+    before = {
+        layer.name: (layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone()) for layer in layers
+    }
     opt.set_token_mask(None if count_padding else mask)
     hooks = HostOffload(source="cpu", min_bytes=0) if offload else contextlib.nullcontext()
     with hooks:
@@ -138,9 +159,12 @@ def grit_step(model, ids, mask, offload: bool, count_padding: bool = False) -> d
     out = {}
     for layer, (bank, j) in zip(layers, opt.collector.slots):
         a0, b0 = before[layer.name]
-        out[layer.name] = {"sigma_a": bank.a_ema[j].double(), "sigma_g": bank.g_ema[j].double(),
-                           "delta_a": (layer.lora_A.weight.detach() - a0).double(),
-                           "delta_b": (layer.lora_B.weight.detach() - b0).double()}
+        out[layer.name] = {
+            "sigma_a": bank.a_ema[j].double(),
+            "sigma_g": bank.g_ema[j].double(),
+            "delta_a": (layer.lora_A.weight.detach() - a0).double(),
+            "delta_b": (layer.lora_B.weight.detach() - b0).double(),
+        }
     assert opt.summary()["grit"]["valid_share"] == 1.0
     opt.remove_hooks()
     return out
@@ -155,8 +179,14 @@ PATHS = {
     "fused": (None, True, None, False, None, 2e-5),
     "compiled": ("aot_eager", False, None, False, None, 1e-4),
     "compiled+fused (CUDA default, checkpointing off)": ("aot_eager", True, None, False, None, 1e-4),
-    "compiled+fused+checkpointed+offload (CUDA default, checkpointing on)":
-        ("aot_eager", True, "non_reentrant", True, None, 1e-4),
+    "compiled+fused+checkpointed+offload (CUDA default, checkpointing on)": (
+        "aot_eager",
+        True,
+        "non_reentrant",
+        True,
+        None,
+        1e-4,
+    ),
     "reentrant checkpointing": (None, False, "reentrant", False, None, 2e-5),
     "nf4 bitsandbytes": (None, False, None, False, "bitsandbytes", 2e-5),
     # the torch dequantisation rounds to bf16 where bitsandbytes' kernel differs by one bf16 step (tests/train/test_nf4)
@@ -183,13 +213,15 @@ def test_every_path_collects_the_factors_and_preconditions_as_the_hand_computati
         assert use_torch_nf4(model, required=True) == 14
     if checkpointing:
         model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+            gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
+        )
         model.enable_input_require_grads()
     torch._dynamo.reset()
     with functorch.patch(activation_memory_budget=1.0):  # compile_decoder_layers sets it process-wide
         if backend is not None:
-            monkeypatch.setattr(torch.nn.Module, "compile",
-                                functools.partialmethod(torch.nn.Module.compile, backend=backend))
+            monkeypatch.setattr(
+                torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile, backend=backend)
+            )
             assert compile_decoder_layers(model) == 2
         got = grit_step(model, ids, mask, offload)
     torch._dynamo.reset()

@@ -5,9 +5,9 @@ import tempfile
 import pytest
 import torch
 import torch.multiprocessing as mp
+from grit_helpers import batch, ddp_factor_worker, factors, make_net, masked_loss
 
 from ecliptica.grit import GritConfig, GritOptimizer
-from grit_helpers import batch, ddp_factor_worker, factors, make_net, masked_loss
 
 CFG = dict(reproject_steps=0, lr=1e-3)
 

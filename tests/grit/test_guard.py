@@ -1,5 +1,6 @@
 """GRIT never trains as plain AdamW without saying so: too few valid factors after warm-up stop the run with an
 error naming the layers, and the run summary records the valid share and the preconditioned/raw gradient ratio."""
+
 from __future__ import annotations
 
 import json
@@ -7,11 +8,11 @@ import math
 
 import pytest
 import torch
+from grit_helpers import batch, make_net, masked_loss
 
 from ecliptica.grit import GritConfig, GritOptimizer
 from ecliptica.grit.factors import FactorCollector
 from ecliptica.grit.optimizer import GritInactiveError
-from grit_helpers import batch, make_net, masked_loss
 
 
 def _train(opt, net, steps):
@@ -42,13 +43,15 @@ def test_the_guard_passes_a_working_run_and_the_summary_says_what_grit_did():
     x, w = batch()
     for _ in range(4):
         masked_loss(net(x), w).backward()
-        raw = torch.cat([p.grad.flatten() for layer in opt.layers
-                         for p in (layer.lora_A.weight, layer.lora_B.weight)]).norm()
+        raw = torch.cat(
+            [p.grad.flatten() for layer in opt.layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+        ).norm()
         opt.step()
         ratios.append(opt.metrics()["grit/precond_grad_ratio"])
         # the ratio by hand: the preconditioned LoRA gradients are what the inner optimizer was given
-        pre = torch.cat([p.grad.flatten() for layer in opt.layers
-                         for p in (layer.lora_A.weight, layer.lora_B.weight)]).norm()
+        pre = torch.cat(
+            [p.grad.flatten() for layer in opt.layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+        ).norm()
         assert ratios[-1] == pytest.approx(float(pre / raw), rel=1e-4)
         opt.zero_grad()
     grit = opt.summary()["grit"]
@@ -74,10 +77,12 @@ def test_the_guard_checks_again_later_and_can_be_turned_off():
     assert off.summary()["grit"]["valid_share"] == 0.0
 
 
-def test_the_engine_stops_when_the_taps_are_dropped_and_records_grit_in_the_summary(tmp_path, tiny_model_dir,
-                                                                                      monkeypatch):
-    from ecliptica.train.engine import Trainer
+def test_the_engine_stops_when_the_taps_are_dropped_and_records_grit_in_the_summary(
+    tmp_path, tiny_model_dir, monkeypatch
+):
     from train_helpers import cita_grit_config
+
+    from ecliptica.train.engine import Trainer
 
     summary = Trainer(cita_grit_config(tmp_path / "ok", tiny_model_dir, limit=24, lr=5e-3)).setup().train()
     assert summary["grit"]["active"] and summary["grit"]["valid_share"] == 1.0

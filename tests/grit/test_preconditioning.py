@@ -2,9 +2,9 @@ import copy
 
 import pytest
 import torch
+from grit_helpers import MiniLoraLinear, batch, factors, make_net, masked_loss
 
 from ecliptica.grit import GritConfig, GritOptimizer
-from grit_helpers import MiniLoraLinear, batch, factors, make_net, masked_loss
 
 NO_REPROJ = dict(reproject_steps=0)
 
@@ -14,8 +14,9 @@ def test_closed_form_matches_dense_factors(convention):
     torch.manual_seed(0)
     layer = MiniLoraLinear(6, 5, r=3, scaling=1.5)
     lam = 0.1
-    opt = GritOptimizer(layer, GritConfig(inner="sgd", lr=0.0, damping=lam, damping_mode="absolute",
-                                          convention=convention, **NO_REPROJ))
+    opt = GritOptimizer(
+        layer, GritConfig(inner="sgd", lr=0.0, damping=lam, damping_mode="absolute", convention=convention, **NO_REPROJ)
+    )
     x = torch.randn(2, 4, 6)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
     y = layer(x)
@@ -83,12 +84,14 @@ def _identity_factors(opt):
 def test_identity_factors_zero_damping_equal_inner_step(inner):
     net = make_net()
     ref = copy.deepcopy(net)
-    cfg = GritConfig(inner=inner, lr=1e-2, momentum=0.9 if inner == "sgd" else 0.0,
-                     damping=0.0, **NO_REPROJ)
+    cfg = GritConfig(inner=inner, lr=1e-2, momentum=0.9 if inner == "sgd" else 0.0, damping=0.0, **NO_REPROJ)
     opt = GritOptimizer(net, cfg)
     params = [p for p in ref.parameters() if p.requires_grad]
-    ref_opt = (torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0) if inner == "adamw"
-               else torch.optim.SGD(params, lr=1e-2, momentum=0.9))
+    ref_opt = (
+        torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+        if inner == "adamw"
+        else torch.optim.SGD(params, lr=1e-2, momentum=0.9)
+    )
     x, w = batch()
     _identity_factors(opt)
     for _ in range(3):
@@ -105,8 +108,9 @@ def test_identity_factors_zero_damping_equal_inner_step(inner):
 def test_differs_from_adamw_and_metrics_count_events():
     net = make_net()
     ref = copy.deepcopy(net)
-    opt = GritOptimizer(net, GritConfig(lr=1e-2, reproject_steps=2, reproject_warmup=0,
-                                        rank_adaptation=False, reproject_rank=2))
+    opt = GritOptimizer(
+        net, GritConfig(lr=1e-2, reproject_steps=2, reproject_warmup=0, rank_adaptation=False, reproject_rank=2)
+    )
     ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     x, w = batch()
     history = []
@@ -123,8 +127,15 @@ def test_differs_from_adamw_and_metrics_count_events():
             torch.testing.assert_close(net.head.weight, ref.head.weight)  # non-LoRA: plain AdamW
     assert history == [(1, 0), (2, 1), (3, 1), (4, 2), (5, 2)]
     m = opt.metrics()
-    for key in ("grit/factor_updates", "grit/damping", "grit/damping_escalations", "grit/effective_rank",
-                "grit/precond_grad_ratio", "grit/effective_rank/l1", "grit/reprojection_loss_delta"):
+    for key in (
+        "grit/factor_updates",
+        "grit/damping",
+        "grit/damping_escalations",
+        "grit/effective_rank",
+        "grit/precond_grad_ratio",
+        "grit/effective_rank/l1",
+        "grit/reprojection_loss_delta",
+    ):
         assert key in m
     assert m["grit/effective_rank"] == 2.0
 

@@ -2,9 +2,9 @@ import copy
 
 import pytest
 import torch
+from grit_helpers import batch, make_net, masked_loss
 
 from ecliptica.grit import GritConfig, GritOptimizer, parameter_counts
-from grit_helpers import batch, make_net, masked_loss
 
 
 def _lora_pairs(net):
@@ -15,8 +15,17 @@ def _lora_pairs(net):
 def test_reprojection_bounds_rank_and_logs_small_loss_change(sides):
     net = make_net(r=4)
     # lr = 0: the only parameter change of the step is the reprojection itself.
-    opt = GritOptimizer(net, GritConfig(lr=0.0, reproject_steps=1, reproject_warmup=0,
-                                        rank_adaptation=False, reproject_rank=2, reproject_sides=sides))
+    opt = GritOptimizer(
+        net,
+        GritConfig(
+            lr=0.0,
+            reproject_steps=1,
+            reproject_warmup=0,
+            rank_adaptation=False,
+            reproject_rank=2,
+            reproject_sides=sides,
+        ),
+    )
     x, w = batch()
     before_state = {n: t.clone() for n, t in net.state_dict().items()}
     loss0 = masked_loss(net(x), w)
@@ -40,8 +49,12 @@ def test_reprojection_bounds_rank_and_logs_small_loss_change(sides):
 
 def test_rank_adaptation_keeps_energy_and_loss_change_is_small():
     net = make_net(r=4)
-    opt = GritOptimizer(net, GritConfig(lr=0.0, reproject_steps=1, reproject_warmup=0,
-                                        rank_adaptation=True, energy_threshold=0.99, min_rank=1))
+    opt = GritOptimizer(
+        net,
+        GritConfig(
+            lr=0.0, reproject_steps=1, reproject_warmup=0, rank_adaptation=True, energy_threshold=0.99, min_rank=1
+        ),
+    )
     x, _ = batch()
     x = x * torch.tensor([3.0, 1.0, 0.1, 0.05, 0.02, 0.01])  # anisotropic inputs: decaying spectrum
     target = torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(5))
@@ -66,8 +79,9 @@ def test_rank_adaptation_keeps_energy_and_loss_change_is_small():
 
 def test_reprojection_projects_first_moment_keeps_second():
     net = make_net(r=4)
-    opt = GritOptimizer(net, GritConfig(lr=1e-2, reproject_steps=2, reproject_warmup=0,
-                                        rank_adaptation=False, reproject_rank=2))
+    opt = GritOptimizer(
+        net, GritConfig(lr=1e-2, reproject_steps=2, reproject_warmup=0, rank_adaptation=False, reproject_rank=2)
+    )
     x, w = batch()
     a = net.l1.lora_A["default"].weight
     for step in range(2):
@@ -96,8 +110,15 @@ def _run(net, opt, steps, seed0):
 
 
 def test_state_dict_round_trip_gives_identical_steps():
-    cfg = GritConfig(lr=1e-2, reproject_steps=2, reproject_warmup=0, factor_update_steps=2,
-                     rank_adaptation=True, min_rank=1, energy_threshold=0.95)
+    cfg = GritConfig(
+        lr=1e-2,
+        reproject_steps=2,
+        reproject_warmup=0,
+        factor_update_steps=2,
+        rank_adaptation=True,
+        min_rank=1,
+        energy_threshold=0.95,
+    )
     net = make_net()
     opt = GritOptimizer(net, cfg)
     _run(net, opt, 3, seed0=10)
@@ -147,8 +168,17 @@ def test_regularization_loss_off_by_default_and_differentiable_when_on():
     net = make_net()
     assert GritOptimizer(net, GritConfig()).regularization_loss().item() == 0.0
     net = make_net()
-    opt = GritOptimizer(net, GritConfig(curvature_reg=1e-2, subspace_reg=1e-1, reproject_steps=1,
-                                        reproject_warmup=0, rank_adaptation=False, reproject_rank=2))
+    opt = GritOptimizer(
+        net,
+        GritConfig(
+            curvature_reg=1e-2,
+            subspace_reg=1e-1,
+            reproject_steps=1,
+            reproject_warmup=0,
+            rank_adaptation=False,
+            reproject_rank=2,
+        ),
+    )
     x, w = batch()
     assert opt.regularization_loss().item() == 0.0  # no factors, no subspace yet
     masked_loss(net(x), w).backward()
@@ -166,12 +196,20 @@ def test_tiny_peft_llama_end_to_end():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100)
-    model = get_peft_model(LlamaForCausalLM(cfg),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    opt = GritOptimizer(model, GritConfig(lr=1e-3, reproject_steps=2, reproject_warmup=0, min_rank=1,
-                                          energy_threshold=0.9))
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
+    opt = GritOptimizer(
+        model, GritConfig(lr=1e-3, reproject_steps=2, reproject_warmup=0, min_rank=1, energy_threshold=0.9)
+    )
     assert len(opt.layers) == 6
     ids = torch.randint(0, 100, (2, 8))
     attn = torch.ones(2, 8, dtype=torch.long)

@@ -1,4 +1,5 @@
 """Study design: the recorded train/val split, the calibration rule, the prompt-only arm, dev/test sets."""
+
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ DEMO = ROOT / "configs" / "study_demo.yaml"
 
 
 # ------------------------------------------------------------------ the split
+
 
 def _split(tokenizer, **data):
     cfg = TrainConfig.model_validate({"data": {"path": "demo:preferences", "format": "generic", **data}})
@@ -43,6 +45,7 @@ def test_training_seed_does_not_move_the_split(tokenizer):
 
 # ------------------------------------------------------------------ the rule
 
+
 def _row(lr, acc, kl, damping=None):
     return {"point_id": f"p{lr}-{damping}", "lr": lr, "damping": damping, "val_accuracy": acc, "benign_kl": kl}
 
@@ -68,8 +71,15 @@ def test_choose_ties_go_to_the_smaller_lr_and_no_feasible_point_takes_the_smalle
 
 
 def test_grit_arms_sweep_damping_too():
-    cfg = load_study(DEMO, ["calibration.enabled=true", "train.data.val_fraction=0.25", "calibration.lrs=[1.0e-4, 3.0e-4]",
-                            "calibration.grit_dampings=[0.001, 0.1]"])
+    cfg = load_study(
+        DEMO,
+        [
+            "calibration.enabled=true",
+            "train.data.val_fraction=0.25",
+            "calibration.lrs=[1.0e-4, 3.0e-4]",
+            "calibration.grit_dampings=[0.001, 0.1]",
+        ],
+    )
     arms = {a.name: a for a in cfg.arms}
     assert [(p["lr"], p["damping"]) for p in sweep(cfg, arms["dpo"])] == [(1e-4, None), (3e-4, None)]
     grit = sweep(cfg, arms["dpo_grit"])
@@ -83,8 +93,12 @@ def test_a_choice_made_before_the_sweep_grew_is_not_reused(tmp_path):
     from ecliptica.study.calibration import calibrate, chosen_settings
     from ecliptica.study.store import StudyStore
 
-    base = ["calibration.enabled=true", "train.data.val_fraction=0.25", "calibration.arms=[dpo]",
-            f"study_dir={tmp_path}"]
+    base = [
+        "calibration.enabled=true",
+        "train.data.val_fraction=0.25",
+        "calibration.arms=[dpo]",
+        f"study_dir={tmp_path}",
+    ]
     old = load_study(DEMO, base + ["calibration.lrs=[1.0e-4, 3.0e-4]"])
     grown = load_study(DEMO, base + ["calibration.lrs=[3.0e-5, 1.0e-4, 3.0e-4]"])
     store = StudyStore(tmp_path / "study.sqlite")
@@ -93,6 +107,7 @@ def test_a_choice_made_before_the_sweep_grew_is_not_reused(tmp_path):
         store.set_point(pid, "scored", scores={"val": {"rewards/accuracies": acc}, "benign": {"kl_mean_token": kl}})
 
     from ecliptica.study.calibration import register_points
+
     register_points(old, store)
     score("dpo-lr0.0001", 0.60, 0.01)
     score("dpo-lr0.0003", 0.55, 0.02)
@@ -110,16 +125,22 @@ def test_a_choice_made_before_the_sweep_grew_is_not_reused(tmp_path):
     assert calibrate(old, store)["dpo"] == {"optimizer.lr": 1e-4}
 
 
-@pytest.mark.parametrize("override, message", [
-    ("calibration.lr_grid=[0.1]", "lr_grid"),
-    ("calibration.kl_bound=0", "kl_bound"),
-    ("evaluation_sets={dev: {path: 'demo:eval'}}", "test"),
-    ("evaluation_sets={test: {path: 'demo:eval', benign: x}}", "benign"),
-    ("arms=[{name: baseline, method: baseline}, {name: p, method: prompt_only, instruction: x, extra: 1}]", "extra"),
-    ("arms=[{name: baseline, method: baseline}, {name: p, method: prompt_only}]", "needs an instruction"),
-    ("train.data.val_fraction=0.0", "validation split"),
-    ("calibration.arms=[dpo, baseline]", "not trained arms"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("calibration.lr_grid=[0.1]", "lr_grid"),
+        ("calibration.kl_bound=0", "kl_bound"),
+        ("evaluation_sets={dev: {path: 'demo:eval'}}", "test"),
+        ("evaluation_sets={test: {path: 'demo:eval', benign: x}}", "benign"),
+        (
+            "arms=[{name: baseline, method: baseline}, {name: p, method: prompt_only, instruction: x, extra: 1}]",
+            "extra",
+        ),
+        ("arms=[{name: baseline, method: baseline}, {name: p, method: prompt_only}]", "needs an instruction"),
+        ("train.data.val_fraction=0.0", "validation split"),
+        ("calibration.arms=[dpo, baseline]", "not trained arms"),
+    ],
+)
 def test_bad_study_blocks_are_errors(override, message):
     base = ["calibration.enabled=true", "train.data.val_fraction=0.25"]
     with pytest.raises(ValueError, match=message):
@@ -128,18 +149,32 @@ def test_bad_study_blocks_are_errors(override, message):
 
 # ------------------------------------------------------------------ a tiny real study
 
+
 def test_tiny_calibrated_study_with_prompt_only_arm_and_dev_test_sets(tmp_path, tiny_model_dir):
     study_dir = tmp_path / "s"
-    sets = ("{dev: {path: 'demo:eval', limit: 24, seed: 1}, test: {path: 'demo:eval', limit: 40}}")
-    args = [f"study_dir={study_dir}", f"train.model.name={tiny_model_dir}", "train.train.max_steps=2",
-            "train.train.save_every=1", "train.train.progress=false", "train.data.limit=24",
-            "train.data.val_fraction=0.3", "calibration.enabled=true", "calibration.arms=null",
-            "calibration.lrs=[1.0e-4, 5.0e-2]",
-            "calibration.max_steps=1", "calibration.kl_bound=1000",
-            f"evaluation_sets={sets}", "evaluation.behaviour.limit=8", "evaluation.behaviour.max_new_tokens=4",
-            "evaluation.drift.limit=4", f"evaluation.cache_dir={study_dir}/cache", "evaluation.progress=false",
-            "arms=[{name: baseline, method: baseline}, {name: po, method: prompt_only, instruction: 'Be safe.'}, "
-            "{name: dpo, method: dpo}, {name: sft, method: sft}]"]
+    sets = "{dev: {path: 'demo:eval', limit: 24, seed: 1}, test: {path: 'demo:eval', limit: 40}}"
+    args = [
+        f"study_dir={study_dir}",
+        f"train.model.name={tiny_model_dir}",
+        "train.train.max_steps=2",
+        "train.train.save_every=1",
+        "train.train.progress=false",
+        "train.data.limit=24",
+        "train.data.val_fraction=0.3",
+        "calibration.enabled=true",
+        "calibration.arms=null",
+        "calibration.lrs=[1.0e-4, 5.0e-2]",
+        "calibration.max_steps=1",
+        "calibration.kl_bound=1000",
+        f"evaluation_sets={sets}",
+        "evaluation.behaviour.limit=8",
+        "evaluation.behaviour.max_new_tokens=4",
+        "evaluation.drift.limit=4",
+        f"evaluation.cache_dir={study_dir}/cache",
+        "evaluation.progress=false",
+        "arms=[{name: baseline, method: baseline}, {name: po, method: prompt_only, instruction: 'Be safe.'}, "
+        "{name: dpo, method: dpo}, {name: sft, method: sft}]",
+    ]
     cfg = _load_without_eval_data(args)
     runner = StudyRunner(cfg)
     assert runner.calibrated is None and runner.store.all() == []  # final runs wait for the choice
@@ -151,8 +186,15 @@ def test_tiny_calibrated_study_with_prompt_only_arm_and_dev_test_sets(tmp_path, 
     assert {p["scores"]["val"]["beta"] for p in store.calibration()} == {cfg.calibration.reward_beta}
     points = [p for p in store.calibration() if p["arm"] == "dpo"]
     assert [p["lr"] for p in points] == [1e-4, 5e-2]
-    rows = [{"point_id": p["point_id"], "lr": p["lr"], "val_accuracy": p["scores"]["val"]["rewards/accuracies"],
-             "benign_kl": p["scores"]["benign"]["kl_mean_token"]} for p in points]
+    rows = [
+        {
+            "point_id": p["point_id"],
+            "lr": p["lr"],
+            "val_accuracy": p["scores"]["val"]["rewards/accuracies"],
+            "benign_kl": p["scores"]["benign"]["kl_mean_token"],
+        }
+        for p in points
+    ]
     want = max(rows, key=lambda r: (r["val_accuracy"], -r["lr"]))  # the rule by hand (every KL is inside 1000)
     assert [p["point_id"] for p in points if p["chosen"]] == [want["point_id"]]
     final = json.loads((study_dir / "runs" / "dpo-s0" / "summary.json").read_text())
@@ -168,8 +210,9 @@ def test_tiny_calibrated_study_with_prompt_only_arm_and_dev_test_sets(tmp_path, 
 
     # every run evaluated on dev and test; the report reads test
     evals = store.evaluations()
-    assert {(e["run_id"], e["split"]) for e in evals} == {(r, s) for r in ("baseline-s0", "po-s0", "dpo-s0", "sft-s0")
-                                                          for s in ("dev", "test")}
+    assert {(e["run_id"], e["split"]) for e in evals} == {
+        (r, s) for r in ("baseline-s0", "po-s0", "dpo-s0", "sft-s0") for s in ("dev", "test")
+    }
     test_rows = {e["run_id"]: e["eval_result"] for e in store.evaluations("test")}
     assert all(store.get(r)["eval_result"] == test_rows[r] for r in test_rows)
     assert all(Path(r["embeddings_path"]).parent.name == "test" for r in runner.records())  # the report reads test
@@ -183,7 +226,7 @@ def test_tiny_calibrated_study_with_prompt_only_arm_and_dev_test_sets(tmp_path, 
     # a copied study without its store (e.g. a committed result): --report-only rebuilds the same section
     from ecliptica.study.runner import report_study
 
-    section = md[md.index("## Calibration"):md.index("## Research questions")]
+    section = md[md.index("## Calibration") : md.index("## Research questions")]
     (study_dir / "study.sqlite").rename(tmp_path / "moved.sqlite")
     report_study(cfg)
     assert section in (study_dir / "results.md").read_text()
@@ -192,11 +235,34 @@ def test_tiny_calibrated_study_with_prompt_only_arm_and_dev_test_sets(tmp_path, 
 def test_calibration_csv_is_read_back_with_its_types_and_bad_rows_are_named(tmp_path):
     from ecliptica.study.calibration import stored_calibration_rows, write_calibration
 
-    rows = [{"arm": "dpo", "lr": 3e-5, "damping": None, "status": "scored", "val_accuracy": 0.625, "val_margin": -0.5,
-             "benign_kl": 0.0125, "n_val_pairs": 226, "epochs": 1.04, "feasible": True, "chosen": True},
-            {"arm": "dpo_grit", "lr": 1e-4, "damping": 0.1, "status": "failed", "val_accuracy": None,
-             "val_margin": None, "benign_kl": None, "n_val_pairs": None, "epochs": None, "feasible": None,
-             "chosen": False}]
+    rows = [
+        {
+            "arm": "dpo",
+            "lr": 3e-5,
+            "damping": None,
+            "status": "scored",
+            "val_accuracy": 0.625,
+            "val_margin": -0.5,
+            "benign_kl": 0.0125,
+            "n_val_pairs": 226,
+            "epochs": 1.04,
+            "feasible": True,
+            "chosen": True,
+        },
+        {
+            "arm": "dpo_grit",
+            "lr": 1e-4,
+            "damping": 0.1,
+            "status": "failed",
+            "val_accuracy": None,
+            "val_margin": None,
+            "benign_kl": None,
+            "n_val_pairs": None,
+            "epochs": None,
+            "feasible": None,
+            "chosen": False,
+        },
+    ]
     (tmp_path / "figures").mkdir()
     write_calibration(rows, tmp_path, CalibrationSection(kl_bound=0.1))
     assert stored_calibration_rows(tmp_path) == rows

@@ -1,4 +1,5 @@
 """What the notebooks show, through the library functions they call (ecliptica.study.notebook)."""
+
 import json
 from pathlib import Path
 
@@ -12,10 +13,19 @@ DEMO = ROOT / "src" / "ecliptica" / "data" / "demo" / "preference_pairs.jsonl"
 
 
 def _study(tmp_path, model_dir, arms=None, extra=()):
-    overrides = [f"train.model.name={model_dir}", "train.train.max_steps=2", "train.train.progress=false",
-                 "train.data.limit=16", "evaluation.data.limit=48", "evaluation.behaviour.limit=8",
-                 "evaluation.behaviour.max_new_tokens=4", "evaluation.drift.limit=4",
-                 f"evaluation.cache_dir={tmp_path}/cache", "evaluation.progress=false", *extra]
+    overrides = [
+        f"train.model.name={model_dir}",
+        "train.train.max_steps=2",
+        "train.train.progress=false",
+        "train.data.limit=16",
+        "evaluation.data.limit=48",
+        "evaluation.behaviour.limit=8",
+        "evaluation.behaviour.max_new_tokens=4",
+        "evaluation.drift.limit=4",
+        f"evaluation.cache_dir={tmp_path}/cache",
+        "evaluation.progress=false",
+        *extra,
+    ]
     if arms:
         overrides.append(f"arms={arms}")
     return nb.open_study(str(STUDY), str(tmp_path / "study"), overrides)
@@ -33,18 +43,25 @@ def test_arm_notebooks_differ_only_in_arm_and_are_committed_without_outputs():
         assert path.stem == arm
         config = next(c for c in book.cells if c.cell_type == "code" and "ARM = " in c.source)
         assert f'ARM = "{arm}"' in config.source.splitlines()
-        bodies.append([(c.cell_type, "\n".join(x for x in c.source.splitlines() if not x.startswith("ARM = ")))
-                       for c in book.cells])
+        bodies.append(
+            [
+                (c.cell_type, "\n".join(x for x in c.source.splitlines() if not x.startswith("ARM = ")))
+                for c in book.cells
+            ]
+        )
     assert all(b == bodies[0] for b in bodies)
     for path in sorted((ROOT / "comparative_study").rglob("*.ipynb")):
         for c in nbformat.read(path, as_version=4).cells:
             assert c.cell_type != "code" or (c.outputs == [] and c.execution_count is None), path
 
 
-@pytest.mark.parametrize("arm, system, responses", [("sft", None, ["chosen"]), ("dpo", None, ["chosen", "rejected"]),
-                                                    ("cita", "instruction", ["chosen", "rejected"])])
-def test_training_example_is_the_chat_template_text_with_the_completion_marked(tmp_path, tokenizer, embedded_dir,
-                                                                              arm, system, responses):
+@pytest.mark.parametrize(
+    "arm, system, responses",
+    [("sft", None, ["chosen"]), ("dpo", None, ["chosen", "rejected"]), ("cita", "instruction", ["chosen", "rejected"])],
+)
+def test_training_example_is_the_chat_template_text_with_the_completion_marked(
+    tmp_path, tokenizer, embedded_dir, arm, system, responses
+):
     """Reference: the raw demo row through the tokenizer's own chat template (the method's instruction
     placement done by hand: CITA puts the row's instruction in the system turn), then the response and EOS."""
     runner = _study(tmp_path, embedded_dir)
@@ -86,7 +103,8 @@ def test_config_yaml_is_the_arms_resolved_config(tmp_path, embedded_dir):
 
 
 def test_evaluation_names_missing_arms_trains_them_only_when_asked_and_logs_eval_scalars(
-        tmp_path, tiny_model_dir, capsys):
+    tmp_path, tiny_model_dir, capsys
+):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     runner = _study(tmp_path, tiny_model_dir, arms="[{name: baseline, method: baseline}, {name: sft, method: sft}]")
@@ -111,12 +129,14 @@ def test_evaluation_names_missing_arms_trains_them_only_when_asked_and_logs_eval
         events = EventAccumulator(str(runner.dir / "tensorboard" / rid))
         events.Reload()
         behaviour = result["behaviour"]["none"]
-        expected = {"eval/aqi": result["aqi_layers"]["discriminant"]["aqi"],  # the headline (docs/aqi.md)
-                    "eval/aqi_geometric": result["aqi_layers"]["geometric"]["aqi"],
-                    "eval/refusal_rate_unsafe": behaviour["refusal_rate_unsafe"]["rate"],
-                    "eval/over_refusal_rate_safe": behaviour["over_refusal_rate_safe"]["rate"],
-                    "eval/perplexity": result["drift"]["perplexity"],
-                    "eval/kl_mean_token": result["drift"]["kl_mean_token"]}
+        expected = {
+            "eval/aqi": result["aqi_layers"]["discriminant"]["aqi"],  # the headline (docs/aqi.md)
+            "eval/aqi_geometric": result["aqi_layers"]["geometric"]["aqi"],
+            "eval/refusal_rate_unsafe": behaviour["refusal_rate_unsafe"]["rate"],
+            "eval/over_refusal_rate_safe": behaviour["over_refusal_rate_safe"]["rate"],
+            "eval/perplexity": result["drift"]["perplexity"],
+            "eval/kl_mean_token": result["drift"]["kl_mean_token"],
+        }
         for tag, value in expected.items():
             (event,) = events.Scalars(tag)
             assert event.value == pytest.approx(value, rel=1e-6, abs=1e-7), (rid, tag)
@@ -128,11 +148,20 @@ def test_eval_scalars_are_the_summarys_numbers_by_name():
     from ecliptica.evaluation.summary import EvalSummary
     from ecliptica.study.tb import eval_scalars
 
-    s = EvalSummary(aqi={"value": 0.25}, aqi_gamma=0.3, aqi_layer=5, n_prompts=48,
-                    refusal_rate_unsafe={"rate": 0.5, "n": 8}, perplexity=None, collapsed=False,
-                    over_refusal_rate_safe_by_placement={"none": {"rate": 0.125, "n": 8},
-                                                          "system": {"rate": 0.375, "n": 8}})
-    assert eval_scalars(s) == {"eval/aqi": 0.25, "eval/refusal_rate_unsafe": 0.5,
-                               "eval/over_refusal_rate_safe_by_placement/none": 0.125,
-                               "eval/over_refusal_rate_safe_by_placement/system": 0.375}
+    s = EvalSummary(
+        aqi={"value": 0.25},
+        aqi_gamma=0.3,
+        aqi_layer=5,
+        n_prompts=48,
+        refusal_rate_unsafe={"rate": 0.5, "n": 8},
+        perplexity=None,
+        collapsed=False,
+        over_refusal_rate_safe_by_placement={"none": {"rate": 0.125, "n": 8}, "system": {"rate": 0.375, "n": 8}},
+    )
+    assert eval_scalars(s) == {
+        "eval/aqi": 0.25,
+        "eval/refusal_rate_unsafe": 0.5,
+        "eval/over_refusal_rate_safe_by_placement/none": 0.125,
+        "eval/over_refusal_rate_safe_by_placement/system": 0.375,
+    }
     assert eval_scalars(EvalSummary(aqi={"value": None})) == {}

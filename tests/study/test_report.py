@@ -1,4 +1,5 @@
 """Study report on synthetic records (no model): table, paired tests, answers, files."""
+
 import csv
 import json
 from pathlib import Path
@@ -14,8 +15,15 @@ from ecliptica.study.report import build_report
 from ecliptica.study.table import CSV_COLUMNS
 
 N_PER_CLASS, DIM, R = 60, 16, 200
-FIGURES = ("fig1_aqi_by_method", "fig2_delta_aqi_vs_baseline", "fig3_grit_effect", "fig4_method_pairs",
-           "fig5_efficiency", "fig6_clusters_3d", "training_curves")
+FIGURES = (
+    "fig1_aqi_by_method",
+    "fig2_delta_aqi_vs_baseline",
+    "fig3_grit_effect",
+    "fig4_method_pairs",
+    "fig5_efficiency",
+    "fig6_clusters_3d",
+    "training_curves",
+)
 
 
 def _embedding(gap: float, seed: int) -> np.ndarray:
@@ -26,13 +34,32 @@ def _embedding(gap: float, seed: int) -> np.ndarray:
 
 
 # sft is the baseline's exact embeddings; dpo_grit is dpo's exact embeddings; cita* are far apart.
-EMBEDDING_SPEC = {"baseline": (0.1, 1), "sft": (0.1, 1), "sft_grit": (0.3, 2), "dpo": (0.5, 3),
-                  "dpo_grit": (0.5, 3), "cita": (2.0, 4), "cita_grit": (2.0, 5)}
-METHOD = {"baseline": ("baseline", None), "sft": ("sft", "adamw"), "sft_grit": ("sft", "grit"),
-          "dpo": ("dpo", "adamw"), "dpo_grit": ("dpo", "grit"), "cita": ("cita", "adamw"),
-          "cita_grit": ("cita", "grit")}
-TRAIN_SECONDS = {"sft": 600.0, "sft_grit": 900.0, "dpo": 1800.0, "dpo_grit": 2400.0, "cita": 2000.0,
-                 "cita_grit": 2600.0}
+EMBEDDING_SPEC = {
+    "baseline": (0.1, 1),
+    "sft": (0.1, 1),
+    "sft_grit": (0.3, 2),
+    "dpo": (0.5, 3),
+    "dpo_grit": (0.5, 3),
+    "cita": (2.0, 4),
+    "cita_grit": (2.0, 5),
+}
+METHOD = {
+    "baseline": ("baseline", None),
+    "sft": ("sft", "adamw"),
+    "sft_grit": ("sft", "grit"),
+    "dpo": ("dpo", "adamw"),
+    "dpo_grit": ("dpo", "grit"),
+    "cita": ("cita", "adamw"),
+    "cita_grit": ("cita", "grit"),
+}
+TRAIN_SECONDS = {
+    "sft": 600.0,
+    "sft_grit": 900.0,
+    "dpo": 1800.0,
+    "dpo_grit": 2400.0,
+    "cita": 2000.0,
+    "cita_grit": 2600.0,
+}
 
 
 def _write_embeddings(path, X, prompt_ids=None):
@@ -51,21 +78,34 @@ def _record(tmp, arm, seed=0, gap_seed_offset=0):
     method, optimizer = METHOD[arm]
     refusal = {"rate": 0.5 + 0.3 * (gap > 1), "low": 0.4, "high": 0.6, "n": N_PER_CLASS}
     record = {
-        "arm": arm, "seed": seed, "method": method, "optimizer": optimizer,
+        "arm": arm,
+        "seed": seed,
+        "method": method,
+        "optimizer": optimizer,
         "placement": "prepend" if method == "cita" else "none",
         "overrides": {"optimizer.lr": 1e-4} if arm == "sft" else {},
-        "train": None, "metrics_path": None, "embeddings_path": str(path),
-        "eval": {"aqi": {"value": ci["estimate"], "low": ci["low"], "high": ci["high"]},
-                 "probe_auroc": {"value": 0.8, "low": 0.7, "high": 0.9},
-                 "refusal_rate_unsafe": refusal,
-                 "over_refusal_rate_safe": {"rate": 0.1, "low": 0.05, "high": 0.2, "n": N_PER_CLASS},
-                 "perplexity": 10.0, "kl_mean_token": 0.01, "collapsed": False},
+        "train": None,
+        "metrics_path": None,
+        "embeddings_path": str(path),
+        "eval": {
+            "aqi": {"value": ci["estimate"], "low": ci["low"], "high": ci["high"]},
+            "probe_auroc": {"value": 0.8, "low": 0.7, "high": 0.9},
+            "refusal_rate_unsafe": refusal,
+            "over_refusal_rate_safe": {"rate": 0.1, "low": 0.05, "high": 0.2, "n": N_PER_CLASS},
+            "perplexity": 10.0,
+            "kl_mean_token": 0.01,
+            "collapsed": False,
+        },
     }
     if arm != "baseline":
         on_cpu = method == "sft"
-        record["train"] = {"train_seconds": TRAIN_SECONDS[arm], "tokens_per_s": 1000.0,
-                           "peak_gpu_memory_gib": None if on_cpu else 20.0 + (optimizer == "grit"),
-                           "train_tokens": 10_000, "num_processes": 2}
+        record["train"] = {
+            "train_seconds": TRAIN_SECONDS[arm],
+            "tokens_per_s": 1000.0,
+            "peak_gpu_memory_gib": None if on_cpu else 20.0 + (optimizer == "grit"),
+            "train_tokens": 10_000,
+            "num_processes": 2,
+        }
         metrics = tmp / f"{arm}_{seed}_metrics.jsonl"
         lines = [{"step": s, "loss": 1.0 / s} for s in range(1, 6)]
         for line in lines:
@@ -113,8 +153,12 @@ def test_delta_aqi_is_the_paired_bootstrap_test(tmp_path, report):
     base, cita = np.load(_path(report, "baseline")), np.load(_path(report, "cita"))
     ref = paired_bootstrap_test(AqiStat(), cita["X"], base["X"], base["labels"], n_resamples=R, seed=0)
     row = _row(report, "cita")
-    assert (row["delta_aqi"], row["delta_aqi_low"], row["delta_aqi_high"], row["delta_aqi_p"]) == \
-        (ref["diff"], ref["low"], ref["high"], ref["p_value"])
+    assert (row["delta_aqi"], row["delta_aqi_low"], row["delta_aqi_high"], row["delta_aqi_p"]) == (
+        ref["diff"],
+        ref["low"],
+        ref["high"],
+        ref["p_value"],
+    )
 
 
 def _path(report, arm):

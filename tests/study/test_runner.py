@@ -1,4 +1,5 @@
 """The study runner end to end on a tiny model: interruption safety, skipping finished runs, notebooks."""
+
 import json
 import os
 import signal
@@ -13,16 +14,28 @@ from ecliptica.study.runner import StudyRunner, load_study
 from ecliptica.study.store import StudyStore
 
 ROOT = Path(__file__).resolve().parents[2]
-ARMS = ("[{name: baseline, method: baseline}, {name: sft, method: sft}, "
-        "{name: dpo_grit, method: dpo, optimizer: grit}, {name: cita, method: cita}]")
+ARMS = (
+    "[{name: baseline, method: baseline}, {name: sft, method: sft}, "
+    "{name: dpo_grit, method: dpo, optimizer: grit}, {name: cita, method: cita}]"
+)
 
 
 def _overrides(study_dir, model_dir, steps=3, arms=ARMS):
-    return [f"study_dir={study_dir}", f"train.model.name={model_dir}", f"train.train.max_steps={steps}",
-            "train.train.save_every=1", "train.train.progress=false", "train.data.limit=16",
-            "evaluation.data.limit=48", "evaluation.behaviour.limit=8", "evaluation.behaviour.max_new_tokens=4",
-            "evaluation.drift.limit=4", f"evaluation.cache_dir={study_dir}/cache", "evaluation.progress=false",
-            *([f"arms={arms}"] if arms else [])]
+    return [
+        f"study_dir={study_dir}",
+        f"train.model.name={model_dir}",
+        f"train.train.max_steps={steps}",
+        "train.train.save_every=1",
+        "train.train.progress=false",
+        "train.data.limit=16",
+        "evaluation.data.limit=48",
+        "evaluation.behaviour.limit=8",
+        "evaluation.behaviour.max_new_tokens=4",
+        "evaluation.drift.limit=4",
+        f"evaluation.cache_dir={study_dir}/cache",
+        "evaluation.progress=false",
+        *([f"arms={arms}"] if arms else []),
+    ]
 
 
 def test_killed_study_resumes_and_skips_finished_runs(tmp_path, tiny_model_dir):
@@ -52,7 +65,9 @@ def test_killed_study_resumes_and_skips_finished_runs(tmp_path, tiny_model_dir):
     assert all(r["status"] == "evaluated" for r in after.values())
     # the finished arm was not retrained: its stored summary is byte-identical
     assert after["sft-s0"]["train_summary"] == before["sft-s0"]["train_summary"]
-    steps = [json.loads(x)["step"] for x in (study_dir / "runs" / "dpo_grit-s0" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(x)["step"] for x in (study_dir / "runs" / "dpo_grit-s0" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == [1, 2, 3]  # resumed from its checkpoint; every step logged once
     for f in ("results.md", "results.csv", "results.json", "study.yaml"):
         assert (study_dir / f).exists()
@@ -97,7 +112,9 @@ def test_every_shipped_config_parses():
             load_config(path)
 
 
-@pytest.mark.parametrize("notebook", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "comparative_study").rglob("*.ipynb")))
+@pytest.mark.parametrize(
+    "notebook", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "comparative_study").rglob("*.ipynb"))
+)
 def test_notebooks_execute(notebook, tmp_path_factory, tiny_model_dir):
     """Each notebook runs top to bottom (its config cell pointed at a tiny model and a shared study dir)."""
     import nbformat
@@ -108,8 +125,9 @@ def test_notebooks_execute(notebook, tmp_path_factory, tiny_model_dir):
     cfg_cell = next(c for c in nb.cells if c.cell_type == "code" and "OVERRIDES" in c.source)
     overrides = [o for o in _overrides(study_dir, tiny_model_dir, steps=2, arms=None) if not o.startswith("study_dir")]
     cfg_cell.source += f"\nSTUDY_DIR = {str(study_dir)!r}\nOVERRIDES = {overrides!r}\n"
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str((ROOT / notebook).parent)}}).execute()
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str((ROOT / notebook).parent)}}
+    ).execute()
     assert all(o.get("output_type") != "error" for c in nb.cells for o in c.get("outputs", []))
 
 
@@ -149,8 +167,9 @@ def test_dead_worker_runs_go_back_once_then_fail(tmp_path, tiny_model_dir):
 
 
 def test_dead_worker_sweep_points_go_back_once_then_fail(tmp_path, tiny_model_dir):
-    runner = StudyRunner(load_study(ROOT / "configs" / "study_demo.yaml", _overrides(tmp_path / "s", tiny_model_dir,
-                                                                                     arms=None)))
+    runner = StudyRunner(
+        load_study(ROOT / "configs" / "study_demo.yaml", _overrides(tmp_path / "s", tiny_model_dir, arms=None))
+    )
     pid = runner.store.calibration()[0]["point_id"]
     assert runner.store.claim_point(pid, "worker1")
     runner._abandon("worker1")
@@ -176,8 +195,10 @@ def test_parallel_workers_reproduce_the_serial_study(tmp_path, tiny_model_dir):
 
     logs = "".join(p.read_text() for p in sorted((par / "logs").glob("worker*.log")))
     for name in ("worker0", "worker1"):  # each its own torch compile caches, by default in the study directory
-        own = (f"TORCHINDUCTOR_CACHE_DIR={par.resolve() / 'workers' / name / 'inductor'} "
-               f"TRITON_CACHE_DIR={par.resolve() / 'workers' / name / 'triton'}\n")
+        own = (
+            f"TORCHINDUCTOR_CACHE_DIR={par.resolve() / 'workers' / name / 'inductor'} "
+            f"TRITON_CACHE_DIR={par.resolve() / 'workers' / name / 'triton'}\n"
+        )
         assert own in (par / "logs" / f"{name}.log").read_text()
     a = {r["run_id"]: r for r in StudyStore(serial / "study.sqlite").all()}
     b = {r["run_id"]: r for r in StudyStore(par / "study.sqlite").all()}
@@ -201,10 +222,14 @@ def test_parallel_workers_reproduce_the_serial_study(tmp_path, tiny_model_dir):
 def test_arms_with_an_instruction_are_evaluated_with_and_without_it(tmp_path):
     from ecliptica.evaluation.config import EvalConfig
 
-    arms = ("[{name: baseline, method: baseline}, {name: sft, method: sft}, {name: cita, method: cita}, "
-            "{name: dpo_pre, method: dpo, placement: prepend}]")
-    cfg = load_study(ROOT / "configs" / "study_demo.yaml",
-                     [f"study_dir={tmp_path}", f"arms={arms}", "train.data.instruction=Refuse harm."])
+    arms = (
+        "[{name: baseline, method: baseline}, {name: sft, method: sft}, {name: cita, method: cita}, "
+        "{name: dpo_pre, method: dpo, placement: prepend}]"
+    )
+    cfg = load_study(
+        ROOT / "configs" / "study_demo.yaml",
+        [f"study_dir={tmp_path}", f"arms={arms}", "train.data.instruction=Refuse harm."],
+    )
     runner = StudyRunner(cfg)
     by_name = {a.name: a for a in cfg.arms}
     variants = {n: runner._with_training_instruction({}, by_name[n], 0) for n in by_name}

@@ -1,5 +1,6 @@
 """Report statistics: Holm within a question, equivalence / inconclusive / different, seed signs,
 AQI read with each run's recorded settings, and the across-seed fallback without embeddings."""
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -22,14 +23,17 @@ def test_holm_matches_a_hand_computation():
         holm_adjust([0.1, 1.2])
 
 
-@pytest.mark.parametrize("low, high, p_adj, expected", [
-    (0.02, 0.05, 0.001, "different"),  # significant after correction
-    (0.001, 0.004, 0.01, "different"),  # significant, even though inside the margin (flagged in the text)
-    (-0.004, 0.006, 0.30, "equivalent"),  # not significant and the whole CI inside ±0.01
-    (-0.02, 0.005, 0.30, "inconclusive"),  # CI reaches beyond -0.01
-    (-0.01, 0.0, 0.90, "inconclusive"),  # touching the margin is not inside it
-    (0.001, 0.009, 0.06, "equivalent"),  # CI excludes 0 but adjusted p > alpha: equivalence still holds
-])
+@pytest.mark.parametrize(
+    "low, high, p_adj, expected",
+    [
+        (0.02, 0.05, 0.001, "different"),  # significant after correction
+        (0.001, 0.004, 0.01, "different"),  # significant, even though inside the margin (flagged in the text)
+        (-0.004, 0.006, 0.30, "equivalent"),  # not significant and the whole CI inside ±0.01
+        (-0.02, 0.005, 0.30, "inconclusive"),  # CI reaches beyond -0.01
+        (-0.01, 0.0, 0.90, "inconclusive"),  # touching the margin is not inside it
+        (0.001, 0.009, 0.06, "equivalent"),  # CI excludes 0 but adjusted p > alpha: equivalence still holds
+    ],
+)
 def test_decisions_on_constructed_intervals(low, high, p_adj, expected):
     assert decide(low, high, p_adj, 0.05, 0.01) == expected
 
@@ -43,15 +47,31 @@ def _emb(gap, seed):
 def _record(tmp, arm, seed, X, gamma=0.5, with_embeddings=True, recorded=None):
     labels = np.array(["safe"] * N + ["unsafe"] * N)
     path = tmp / f"{arm}_{seed}.npz"
-    np.savez(path, X=X, labels=labels, axioms=np.array(["a"] * labels.size),
-             prompt_ids=np.array([f"p{i}" for i in range(labels.size)]))
+    np.savez(
+        path,
+        X=X,
+        labels=labels,
+        axioms=np.array(["a"] * labels.size),
+        prompt_ids=np.array([f"p{i}" for i in range(labels.size)]),
+    )
     value = float(AqiStat(gamma=gamma)(X, labels)) if recorded is None else recorded
-    return {"arm": arm, "seed": seed, "method": "baseline" if arm == "baseline" else "dpo",
-            "optimizer": None if arm == "baseline" else ("grit" if "grit" in arm else "adamw"),
-            "placement": "none", "overrides": {}, "train": None, "metrics_path": None,
-            "embeddings_path": str(path) if with_embeddings else None,
-            "eval": {"aqi": {"value": value}, "aqi_gamma": gamma,
-                     "refusal_rate_unsafe": {"rate": 0.2, "n": N}, "over_refusal_rate_safe": {"rate": 0.1, "n": N}}}
+    return {
+        "arm": arm,
+        "seed": seed,
+        "method": "baseline" if arm == "baseline" else "dpo",
+        "optimizer": None if arm == "baseline" else ("grit" if "grit" in arm else "adamw"),
+        "placement": "none",
+        "overrides": {},
+        "train": None,
+        "metrics_path": None,
+        "embeddings_path": str(path) if with_embeddings else None,
+        "eval": {
+            "aqi": {"value": value},
+            "aqi_gamma": gamma,
+            "refusal_rate_unsafe": {"rate": 0.2, "n": N},
+            "over_refusal_rate_safe": {"rate": 0.1, "n": N},
+        },
+    }
 
 
 def _finding(out, qid, comparison, metric="AQI"):
@@ -59,10 +79,17 @@ def _finding(out, qid, comparison, metric="AQI"):
 
 
 def test_holm_is_applied_within_each_question_and_decides_significance(tmp_path):
-    records = [_record(tmp_path, a, 0, _emb(g, s)) for a, g, s in
-               (("baseline", 0.1, 1), ("a", 0.9, 2), ("b", 0.6, 3), ("c", 0.15, 4))]
-    questions = [Question(id="Q", title="three contrasts", contrasts=[
-        Contrast(terms={x: 1.0, "baseline": -1.0}, metrics=["aqi"]) for x in ("a", "b", "c")])]
+    records = [
+        _record(tmp_path, a, 0, _emb(g, s))
+        for a, g, s in (("baseline", 0.1, 1), ("a", 0.9, 2), ("b", 0.6, 3), ("c", 0.15, 4))
+    ]
+    questions = [
+        Question(
+            id="Q",
+            title="three contrasts",
+            contrasts=[Contrast(terms={x: 1.0, "baseline": -1.0}, metrics=["aqi"]) for x in ("a", "b", "c")],
+        )
+    ]
     out = build_report(records, tmp_path / "out", n_resamples=R, questions=questions, figures=False)
     findings = out["questions"]["Q"]["findings"]
     raw = [f["p_value"] for f in findings]
@@ -82,8 +109,10 @@ def test_seed_sign_disagreement_is_reported(tmp_path):
     records = [_record(tmp_path, "baseline", 0, _emb(0.1, 1))]
     # seed 0: dpo_grit separates more than dpo; seed 1: the other way round
     for seed, (g_dpo, g_grit) in enumerate(((0.3, 0.8), (0.8, 0.3))):
-        records += [_record(tmp_path, "dpo", seed, _emb(g_dpo, 10 + seed)),
-                    _record(tmp_path, "dpo_grit", seed, _emb(g_grit, 20 + seed))]
+        records += [
+            _record(tmp_path, "dpo", seed, _emb(g_dpo, 10 + seed)),
+            _record(tmp_path, "dpo_grit", seed, _emb(g_grit, 20 + seed)),
+        ]
     out = build_report(records, tmp_path / "out", n_resamples=50, figures=False)
     f = _finding(out, "Q2", "dpo_grit − dpo")
     assert f["seeds_disagree"] and f["per_seed"]["0"] > 0 > f["per_seed"]["1"]
@@ -93,8 +122,10 @@ def test_seed_sign_disagreement_is_reported(tmp_path):
 
 
 def test_aqi_contrast_uses_each_runs_recorded_settings(tmp_path):
-    records = [_record(tmp_path, "baseline", 0, _emb(0.1, 1), gamma=0.3),
-               _record(tmp_path, "dpo", 0, _emb(0.7, 2), gamma=0.3)]
+    records = [
+        _record(tmp_path, "baseline", 0, _emb(0.1, 1), gamma=0.3),
+        _record(tmp_path, "dpo", 0, _emb(0.7, 2), gamma=0.3),
+    ]
     out = build_report(records, tmp_path / "out", n_resamples=R, figures=False)
     row = next(r for r in out["rows"] if r["arm"] == "dpo")
     labels = np.array(["safe"] * N + ["unsafe"] * N)
@@ -104,16 +135,22 @@ def test_aqi_contrast_uses_each_runs_recorded_settings(tmp_path):
 
 
 def test_embeddings_that_do_not_reproduce_the_recorded_aqi_are_an_error(tmp_path):
-    records = [_record(tmp_path, "baseline", 0, _emb(0.1, 1)),
-               _record(tmp_path, "dpo", 0, _emb(0.7, 2), gamma=0.5, recorded=0.9)]
+    records = [
+        _record(tmp_path, "baseline", 0, _emb(0.1, 1)),
+        _record(tmp_path, "dpo", 0, _emb(0.7, 2), gamma=0.5, recorded=0.9),
+    ]
     with pytest.raises(AqiMismatchError, match="arm 'dpo' seed 0.*recorded 0.900000"):
         build_report(records, tmp_path / "out", n_resamples=20, figures=False)
 
 
 def test_different_aqi_settings_are_not_compared(tmp_path):
-    records = [_record(tmp_path, "baseline", 0, _emb(0.1, 1), gamma=0.3),
-               _record(tmp_path, "dpo", 0, _emb(0.7, 2), gamma=0.5)]
-    questions = [Question(id="Q", title="t", contrasts=[Contrast(terms={"dpo": 1.0, "baseline": -1.0}, metrics=["aqi"])])]
+    records = [
+        _record(tmp_path, "baseline", 0, _emb(0.1, 1), gamma=0.3),
+        _record(tmp_path, "dpo", 0, _emb(0.7, 2), gamma=0.5),
+    ]
+    questions = [
+        Question(id="Q", title="t", contrasts=[Contrast(terms={"dpo": 1.0, "baseline": -1.0}, metrics=["aqi"])])
+    ]
     out = build_report(records, tmp_path / "out", n_resamples=20, figures=False, questions=questions)
     assert next(r for r in out["rows"] if r["arm"] == "dpo")["delta_aqi"] is None
     finding = _finding(out, "Q", "dpo − baseline")
@@ -123,8 +160,10 @@ def test_different_aqi_settings_are_not_compared(tmp_path):
 def test_without_embeddings_aqi_contrasts_are_t_intervals_over_seeds(tmp_path):
     records = [_record(tmp_path, "baseline", 0, _emb(0.1, 1), with_embeddings=False)]
     for seed in range(3):
-        records += [_record(tmp_path, "dpo", seed, _emb(0.3 + 0.1 * seed, 10 + seed), with_embeddings=False),
-                    _record(tmp_path, "dpo_grit", seed, _emb(0.5, 20 + seed), with_embeddings=False)]
+        records += [
+            _record(tmp_path, "dpo", seed, _emb(0.3 + 0.1 * seed, 10 + seed), with_embeddings=False),
+            _record(tmp_path, "dpo_grit", seed, _emb(0.5, 20 + seed), with_embeddings=False),
+        ]
     out = build_report(records, tmp_path / "out", n_resamples=50, figures=False)
     f = _finding(out, "Q2", "dpo_grit − dpo")
     aqi = {(r["arm"], r["seed"]): r["eval"]["aqi"]["value"] for r in records}
@@ -138,8 +177,10 @@ def test_without_embeddings_aqi_contrasts_are_t_intervals_over_seeds(tmp_path):
     # identical seeds (e.g. deterministic arms) used to give p = 0 and a "significant" contrast from nothing
     same = [_record(tmp_path, "baseline", 0, _emb(0.1, 1), with_embeddings=False)]
     for seed in range(3):
-        same += [_record(tmp_path, "dpo", seed, _emb(0.3, 10), with_embeddings=False),
-                 _record(tmp_path, "dpo_grit", seed, _emb(0.5, 20), with_embeddings=False)]
+        same += [
+            _record(tmp_path, "dpo", seed, _emb(0.3, 10), with_embeddings=False),
+            _record(tmp_path, "dpo_grit", seed, _emb(0.5, 20), with_embeddings=False),
+        ]
     out = build_report(same, tmp_path / "same", n_resamples=50, figures=False)
     f = _finding(out, "Q2", "dpo_grit − dpo")
     assert not f["answerable"] and "same contrast" in f["reason"]
@@ -149,8 +190,13 @@ def test_without_embeddings_aqi_contrasts_are_t_intervals_over_seeds(tmp_path):
 
 def test_optional_section_hook_renders_only_when_it_has_content(tmp_path):
     records = [_record(tmp_path, "baseline", 0, _emb(0.1, 1)), _record(tmp_path, "dpo", 0, _emb(0.7, 2))]
-    out = build_report(records, tmp_path / "out", n_resamples=20, figures=False,
-                       sections=[lambda by_arm: ["## Calibration", "", f"{len(by_arm)} arms"], lambda by_arm: None])
+    out = build_report(
+        records,
+        tmp_path / "out",
+        n_resamples=20,
+        figures=False,
+        sections=[lambda by_arm: ["## Calibration", "", f"{len(by_arm)} arms"], lambda by_arm: None],
+    )
     md = open(out["results_md"]).read()
     assert "## Calibration\n\n2 arms" in md and md.index("## Calibration") < md.index("## Research questions")
 
@@ -187,8 +233,13 @@ def test_no_refusals_on_few_prompts_is_not_equivalence(tmp_path):
     # 0 of 8 refusals in both arms: the plug-in redraw gave [0, 0] and "equivalent"; 8 prompts cannot
     # show that two refusal rates differ by less than 0.05
     records = [_refusal_record(tmp_path, "baseline", 0, 8), _refusal_record(tmp_path, "dpo", 0, 8)]
-    questions = [Question(id="Q", title="t", contrasts=[
-        Contrast(terms={"dpo": 1.0, "baseline": -1.0}, metrics=["refusal_rate_unsafe"])])]
+    questions = [
+        Question(
+            id="Q",
+            title="t",
+            contrasts=[Contrast(terms={"dpo": 1.0, "baseline": -1.0}, metrics=["refusal_rate_unsafe"])],
+        )
+    ]
     out = build_report(records, tmp_path / "out", n_resamples=2000, questions=questions, figures=False)
     f = _finding(out, "Q", "dpo − baseline", "refusal rate (unsafe)")
     assert f["estimate"] == 0.0 and f["low"] < -0.1 and f["high"] > 0.1
@@ -226,9 +277,17 @@ def _rate_ctx(by_arm_counts, n, seed=0, n_resamples=4000):
 
     from ecliptica.study.contrasts import StudyContext
 
-    by_arm = {arm: {s: {"method": "dpo", "train": {"steps": 1},
-                        "eval": SimpleNamespace(refusal_rate_unsafe=SimpleNamespace(rate=k / n, n=n))}
-                    for s, k in enumerate(ks)} for arm, ks in by_arm_counts.items()}
+    by_arm = {
+        arm: {
+            s: {
+                "method": "dpo",
+                "train": {"steps": 1},
+                "eval": SimpleNamespace(refusal_rate_unsafe=SimpleNamespace(rate=k / n, n=n)),
+            }
+            for s, k in enumerate(ks)
+        }
+        for arm, ks in by_arm_counts.items()
+    }
     return StudyContext(by_arm=by_arm, aqi=None, n_resamples=n_resamples, seed=seed, alpha=0.05)
 
 

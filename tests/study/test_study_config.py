@@ -1,4 +1,5 @@
 """Study configs: every shipped one loads; a typo in any typed block fails at load time, naming the key."""
+
 from pathlib import Path
 
 import pytest
@@ -20,16 +21,19 @@ def test_every_shipped_study_config_loads_with_typed_blocks(path):
     assert cfg.report.alpha == 0.05 and cfg.evaluation.metrics.gamma == 0.5
 
 
-@pytest.mark.parametrize("override, key", [
-    ("evaluation.metrics.gama=0.3", "evaluation.metrics.gama"),
-    ("evaluation.embeddings.pca_dims=8", "evaluation.embeddings.pca_dims"),
-    ("evaluation.adapter=x", "evaluation.adapter"),  # per-run fields are not study settings
-    ("report.alph=0.01", "report.alph"),
-    ("report.min_effect.aqii=0.02", "report.min_effect.aqii"),
-    ("questions=[{id: Q, title: t, contrasts: [{termz: {a: 1}}]}]", "questions.0.contrasts.0.termz"),
-    ("arms=[{name: baseline, methd: baseline}]", "arms.0.methd"),
-    ("reprot={alpha: 0.1}", "reprot"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("evaluation.metrics.gama=0.3", "evaluation.metrics.gama"),
+        ("evaluation.embeddings.pca_dims=8", "evaluation.embeddings.pca_dims"),
+        ("evaluation.adapter=x", "evaluation.adapter"),  # per-run fields are not study settings
+        ("report.alph=0.01", "report.alph"),
+        ("report.min_effect.aqii=0.02", "report.min_effect.aqii"),
+        ("questions=[{id: Q, title: t, contrasts: [{termz: {a: 1}}]}]", "questions.0.contrasts.0.termz"),
+        ("arms=[{name: baseline, methd: baseline}]", "arms.0.methd"),
+        ("reprot={alpha: 0.1}", "reprot"),
+    ],
+)
 def test_a_typo_in_any_block_fails_naming_the_key(tmp_path, override, key):
     path = tmp_path / "study.yaml"
     path.write_text((ROOT / "configs" / "study_demo.yaml").read_text())
@@ -42,8 +46,10 @@ def test_questions_are_checked_against_the_arms_unless_they_are_the_defaults():
     StudyConfig(arms=two_arms)  # the defaults name arms this study leaves out: reported as missing, not an error
     StudyConfig(arms=two_arms, questions=[q.model_dump() for q in default_questions()])  # written out (study.yaml)
     with pytest.raises(ValueError, match=r"Q names arm\(s\) \['dpo_x'\]"):
-        StudyConfig(arms=[{"name": "baseline", "method": "baseline"}, {"name": "dpo", "method": "dpo"}],
-                    questions=[{"id": "Q", "title": "t", "contrasts": [{"terms": {"dpo_x": 1, "baseline": -1}}]}])
+        StudyConfig(
+            arms=[{"name": "baseline", "method": "baseline"}, {"name": "dpo", "method": "dpo"}],
+            questions=[{"id": "Q", "title": "t", "contrasts": [{"terms": {"dpo_x": 1, "baseline": -1}}]}],
+        )
     with pytest.raises(ValueError, match="weights must sum to 0"):
         StudyConfig(questions=[{"id": "Q", "title": "t", "contrasts": [{"terms": {"dpo": 1, "baseline": -0.5}}]}])
 
@@ -60,12 +66,26 @@ def test_summary_reads_the_evaluators_sections_under_their_names():
     result = {
         "settings": {"metrics": {"gamma": 0.3}, "embeddings": {"pca_dim": 16, "layer": -2}},
         "embeddings": {"reported_layer": -2},
-        "aqi": {"overall": {"aqi": 0.4, "gamma": 0.3, "n": 80, "aqi_ci": {"low": 0.3, "high": 0.5},
-                            "probe_auroc": 0.9, "probe_auroc_ci": {"low": 0.8, "high": 0.95}}},
-        "behaviour": {"system": {"refusal_rate_unsafe": {"rate": 0.5, "total": 40, "low": 0.4, "high": 0.6},
-                                 "over_refusal_rate_safe": {"rate": 0.1, "total": 40}},
-                      "none": {"refusal_rate_unsafe": {"rate": 0.25, "total": 40, "low": 0.1, "high": 0.4},
-                               "over_refusal_rate_safe": {"rate": 0.05, "total": 40}}},
+        "aqi": {
+            "overall": {
+                "aqi": 0.4,
+                "gamma": 0.3,
+                "n": 80,
+                "aqi_ci": {"low": 0.3, "high": 0.5},
+                "probe_auroc": 0.9,
+                "probe_auroc_ci": {"low": 0.8, "high": 0.95},
+            }
+        },
+        "behaviour": {
+            "system": {
+                "refusal_rate_unsafe": {"rate": 0.5, "total": 40, "low": 0.4, "high": 0.6},
+                "over_refusal_rate_safe": {"rate": 0.1, "total": 40},
+            },
+            "none": {
+                "refusal_rate_unsafe": {"rate": 0.25, "total": 40, "low": 0.1, "high": 0.4},
+                "over_refusal_rate_safe": {"rate": 0.05, "total": 40},
+            },
+        },
         "drift": {"perplexity": 12.0, "kl_mean_token": 0.02, "collapsed": False},
     }
     s = summarize_eval(result)
@@ -85,9 +105,17 @@ def test_report_only_reads_the_run_directories_without_a_store(tmp_path):
         d = tmp_path / "runs" / run
         d.mkdir(parents=True)
         (d / "eval.json").write_text(json.dumps({"aqi": {"overall": {"aqi": aqi, "n": 10}}}))
-    (tmp_path / "runs" / "dpo-s0" / "summary.json").write_text(json.dumps(
-        {"train_seconds": 60.0, "tokens_per_s": 10.0, "peak_gpu_memory_gib": None, "train_tokens": 600,
-         "num_processes": 1}))
+    (tmp_path / "runs" / "dpo-s0" / "summary.json").write_text(
+        json.dumps(
+            {
+                "train_seconds": 60.0,
+                "tokens_per_s": 10.0,
+                "peak_gpu_memory_gib": None,
+                "train_tokens": 600,
+                "num_processes": 1,
+            }
+        )
+    )
     out = report_study(cfg)
     assert [r["arm"] for r in out["rows"]] == ["baseline", "dpo"]
     assert [r["aqi"] for r in out["rows"]] == [0.1, 0.2] and out["rows"][1]["train_minutes"] == 1.0

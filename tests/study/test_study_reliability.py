@@ -1,5 +1,6 @@
 """A study directory has one coordinator (two real `ecliptica run` processes), the single-process path
 claims its runs in the store, and a bad `evaluation:` block fails before any arm trains."""
+
 from __future__ import annotations
 
 import json
@@ -23,11 +24,20 @@ STUDY = str(ROOT / "configs" / "study_demo.yaml")
 
 def _overrides(study_dir, model_dir, steps):
     """A baseline and one trained arm on the tiny model, evaluated on a few prompts."""
-    return [f"study_dir={study_dir}", f"train.model.name={model_dir}", f"train.train.max_steps={steps}",
-            "train.train.progress=false", "train.data.limit=16", "evaluation.data.limit=48",
-            "evaluation.behaviour.limit=8", "evaluation.behaviour.max_new_tokens=4", "evaluation.drift.limit=4",
-            f"evaluation.cache_dir={study_dir}/cache", "evaluation.progress=false",
-            "arms=[{name: baseline, method: baseline}, {name: sft, method: sft}]"]
+    return [
+        f"study_dir={study_dir}",
+        f"train.model.name={model_dir}",
+        f"train.train.max_steps={steps}",
+        "train.train.progress=false",
+        "train.data.limit=16",
+        "evaluation.data.limit=48",
+        "evaluation.behaviour.limit=8",
+        "evaluation.behaviour.max_new_tokens=4",
+        "evaluation.drift.limit=4",
+        f"evaluation.cache_dir={study_dir}/cache",
+        "evaluation.progress=false",
+        "arms=[{name: baseline, method: baseline}, {name: sft, method: sft}]",
+    ]
 
 
 def test_second_study_process_on_one_study_dir_is_refused(tmp_path, tiny_model_dir):
@@ -151,8 +161,9 @@ def _assert_complete_with_warning(status, err, logs, study_dir):
 def test_worker_that_crashes_on_a_run_another_redoes_is_a_warning(tmp_path, tiny_model_dir, monkeypatch, capsys):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # the user's: a parent per worker
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
-    status, err, logs, study_dir = _study_with_crashing_workers(tmp_path, tiny_model_dir, monkeypatch, capsys,
-                                                                ("worker0",))
+    status, err, logs, study_dir = _study_with_crashing_workers(
+        tmp_path, tiny_model_dir, monkeypatch, capsys, ("worker0",)
+    )
     assert (tmp_path / "worker0.crashed").read_text() == str(study_dir / "runs" / "sft-s0")
     _assert_complete_with_warning(status, err, logs, study_dir)
     assert logs["worker1"].count("[study] training sft-s0 ") == 1  # redone by worker1
@@ -162,13 +173,15 @@ def test_worker_that_crashes_on_a_run_another_redoes_is_a_warning(tmp_path, tiny
         assert f" TRITON_CACHE_DIR={study_dir.resolve() / 'workers' / w / 'triton'}\n" in log
 
 
-def test_worker_that_crashes_on_a_sweep_point_another_redoes_is_a_warning(tmp_path, tiny_model_dir, monkeypatch,
-                                                                          capsys):
+def test_worker_that_crashes_on_a_sweep_point_another_redoes_is_a_warning(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
     # what one H100 study with 9 workers hit: two crashed on their first GRIT sweep point, the others scored
     # every point, and the study stopped on an empty list of unfinished runs
     sweep = ["calibration.arms=[sft]", "calibration.lrs=[1.0e-4, 5.0e-2]", "train.data.val_fraction=0.3"]
-    status, err, logs, study_dir = _study_with_crashing_workers(tmp_path, tiny_model_dir, monkeypatch, capsys,
-                                                                ("worker0",), sweep)
+    status, err, logs, study_dir = _study_with_crashing_workers(
+        tmp_path, tiny_model_dir, monkeypatch, capsys, ("worker0",), sweep
+    )
     assert (tmp_path / "worker0.crashed").read_text() == str(study_dir / "calibration" / "sft-lr0.0001")
     _assert_complete_with_warning(status, err, logs, study_dir)
     points = StudyStore(study_dir / "study.sqlite").calibration()
@@ -179,8 +192,9 @@ def test_worker_that_crashes_on_a_sweep_point_another_redoes_is_a_warning(tmp_pa
 
 
 def test_run_that_kills_two_workers_is_failed_and_listed(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    status, err, logs, study_dir = _study_with_crashing_workers(tmp_path, tiny_model_dir, monkeypatch, capsys,
-                                                                ("worker0", "worker1"))
+    status, err, logs, study_dir = _study_with_crashing_workers(
+        tmp_path, tiny_model_dir, monkeypatch, capsys, ("worker0", "worker1")
+    )
     assert status == 2
     assert StudyStore(study_dir / "study.sqlite").get("sft-s0")["status"] == "failed"
     # the baseline is listed too, unless worker1 evaluated it before it took sft-s0
@@ -190,8 +204,9 @@ def test_run_that_kills_two_workers_is_failed_and_listed(tmp_path, tiny_model_di
     assert not (study_dir / "results.md").exists()
 
 
-@pytest.mark.parametrize("override, key", [("evaluation.nonsense=1", "nonsense"),
-                                           ("evaluation.metrics.n_resamples=lots", "n_resamples")])
+@pytest.mark.parametrize(
+    "override, key", [("evaluation.nonsense=1", "nonsense"), ("evaluation.metrics.n_resamples=lots", "n_resamples")]
+)
 def test_bad_evaluation_block_fails_when_the_study_loads(tmp_path, override, key):
     with pytest.raises(ValueError, match=rf"(?s)invalid.*configuration.*evaluation.*{key}"):
         load_study(STUDY, [f"study_dir={tmp_path}", override])
@@ -199,7 +214,11 @@ def test_bad_evaluation_block_fails_when_the_study_loads(tmp_path, override, key
 
 @pytest.mark.parametrize("bad", ["../../../tmp/x", "/tmp/x", "a/b", "a\\b", "C:\\runs", ".", "..", "", "a\x00b"])
 def test_arm_name_that_is_not_one_plain_path_component_is_refused(tmp_path, bad):
-    arms = [{"name": "baseline", "method": "baseline"}, {"name": "sft", "method": "sft"}, {"name": bad, "method": "dpo"}]
+    arms = [
+        {"name": "baseline", "method": "baseline"},
+        {"name": "sft", "method": "sft"},
+        {"name": bad, "method": "dpo"},
+    ]
     with pytest.raises(ValueError, match=r"arms\[2\]\.name: .*becomes a directory name"):
         load_study(STUDY, [f"study_dir={tmp_path / 'study'}", f"arms={json.dumps(arms)}"])
     assert not (tmp_path / "study").exists()
@@ -212,6 +231,14 @@ def test_evaluation_set_name_that_is_not_one_plain_path_component_is_refused(tmp
     # plain names, dots and non-ASCII letters included, are single entries of the study directory
     arms = [{"name": "baseline", "method": "baseline"}, {"name": "dpo.v2-α", "method": "dpo"}]
     sets = {"test": {"path": "demo:eval"}, "dev.1": {"path": "demo:eval"}}
-    cfg = load_study(STUDY, [f"study_dir={tmp_path}", f"arms={json.dumps(arms)}", "calibration.arms=null",
-                             "evaluation.data={}", f"evaluation_sets={json.dumps(sets)}"])
+    cfg = load_study(
+        STUDY,
+        [
+            f"study_dir={tmp_path}",
+            f"arms={json.dumps(arms)}",
+            "calibration.arms=null",
+            "evaluation.data={}",
+            f"evaluation_sets={json.dumps(sets)}",
+        ],
+    )
     assert Path(cfg.arm_config(cfg.arms[1], 3).run_dir) == tmp_path / "runs" / "dpo.v2-α-s3"

@@ -4,6 +4,7 @@ FlexAttention has no backward on CPU, so these run forward only (no grad); varle
 kernel at all, so its CPU test swaps in an exact per-sequence reference and checks everything around the
 kernel (boundaries, layouts, the plumbing through transformers, that no dense mask is built). Losses and
 gradients of both kernels are compared on the GPU by benchmarks/verify_kernels.py."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ def test_document_mask_is_causal_within_each_sequence_only():
     hand = torch.zeros(n, n, dtype=torch.bool)  # block-diagonal lower triangles, built by hand
     start = 0
     for m in lengths:
-        hand[start:start + m, start:start + m] = torch.ones(m, m, dtype=torch.bool).tril()
+        hand[start : start + m, start : start + m] = torch.ones(m, m, dtype=torch.bool).tril()
         start += m
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, n, 8, generator=g) for _ in range(3))
@@ -83,8 +84,9 @@ def test_collate_gives_the_packed_row_its_sequence_bounds():
     batch = collate(pairs, PAIRED, pad_id=2, packed=True)
     assert batch.bounds.dtype == torch.int32
     assert batch.bounds.tolist() == attention.sequence_bounds(batch.position_ids).tolist()
-    lengths = [len(p.prompt_ids) + len(p.chosen_ids) for p in pairs] + \
-              [len(p.prompt_ids) + len(p.rejected_ids) for p in pairs]
+    lengths = [len(p.prompt_ids) + len(p.chosen_ids) for p in pairs] + [
+        len(p.prompt_ids) + len(p.rejected_ids) for p in pairs
+    ]
     assert batch.bounds.tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
     assert collate(pairs, PAIRED, pad_id=2, packed=False).bounds is None
 
@@ -105,8 +107,9 @@ def test_varlen_policy_matches_dense_policy(tiny_model_dir, packed, monkeypatch)
         with torch.no_grad():
             out[mode] = policy(batch, need_reference=True, need_token_kl=True)
     if packed:  # 2 layers x (policy + reference), each given the 8 sequences' boundaries
-        lengths = [len(p.prompt_ids) + len(p.chosen_ids) for p in pairs] + \
-                  [len(p.prompt_ids) + len(p.rejected_ids) for p in pairs]
+        lengths = [len(p.prompt_ids) + len(p.chosen_ids) for p in pairs] + [
+            len(p.prompt_ids) + len(p.rejected_ids) for p in pairs
+        ]
         assert len(calls) == 4
         assert calls[0].tolist() == [0] + torch.tensor(lengths).cumsum(0).tolist()
         assert masks and all(m is None for m in masks)
@@ -125,8 +128,9 @@ def test_varlen_without_sequence_bounds_is_the_dense_path(tiny_model_dir):
     for mode in ("dense", "varlen"):
         lm = PolicyModel(tiny_peft(tiny_model_dir), packed_attention=mode).peft_model.get_base_model()
         with torch.no_grad():
-            out[mode] = lm.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                         use_cache=False).last_hidden_state
+            out[mode] = lm.get_decoder()(
+                input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+            ).last_hidden_state
     torch.testing.assert_close(out["varlen"], out["dense"], rtol=1e-5, atol=1e-5)
 
 
@@ -155,8 +159,9 @@ def test_varlen_kernel_speaks_both_torch_apis(monkeypatch, api):
 
     seen = {}
 
-    def new_api(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
-                enable_gqa=False):
+    def new_api(
+        q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1), enable_gqa=False
+    ):
         seen.update(window_size=window_size, enable_gqa=enable_gqa, scale=scale)
         assert window_size == (-1, 0) and (enable_gqa or k.shape[1] == q.shape[1])
         return _per_sequence_causal(q, k, v, cu_q, max_q, scale)
@@ -182,8 +187,13 @@ def test_varlen_runs_fp32_activations_in_the_autocast_dtype(monkeypatch):
     """A 4-bit base keeps fp32 norms, so q/k/v arrive in fp32; FlashAttention has only 16-bit kernels. Under
     autocast they go in as the autocast dtype (as SDPA's inputs would) and the output comes back in fp32."""
     got = []
-    monkeypatch.setattr(attention, "_varlen_kernel", lambda q, k, v, b, m, s: got.append(q.dtype) or
-                        _per_sequence_causal(q.float(), k.float(), v.float(), b, m, s).to(q.dtype))
+    monkeypatch.setattr(
+        attention,
+        "_varlen_kernel",
+        lambda q, k, v, b, m, s: (
+            got.append(q.dtype) or _per_sequence_causal(q.float(), k.float(), v.float(), b, m, s).to(q.dtype)
+        ),
+    )
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 9, 8, generator=g) for _ in range(3))
     bounds = torch.tensor([0, 4, 9], dtype=torch.int32)

@@ -4,17 +4,18 @@ Inductor runs on CPU, so the whole compiled training step is checked here agains
 adapter-disabled reference pass, the token KL) with GRIT (its factor hooks on every LoRA layer) under
 gradient checkpointing, in fp32 so any difference is the compiler's, not bf16 rounding. In bf16, the compiled
 policy and reference passes must round as the eager ones do (the cast emulation)."""
+
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import cita_grit_config
 
 from ecliptica.config import TrainConfig
 from ecliptica.data import TokenizedPair
 from ecliptica.train.compile import resolve_compile
 from ecliptica.train.engine import Trainer
-from train_helpers import cita_grit_config
 
 
 def _cfg(run_dir, model_dir, compile_layers):
@@ -53,7 +54,10 @@ def test_resolve_compile():
 def test_yaml_on_off_reads_as_the_setting(tmp_path, tiny_model_dir):
     cfg = TrainConfig.model_validate({"model": {"name": str(tiny_model_dir)}, "train": {"compile_layers": False}})
     assert cfg.train.compile_layers == "off"
-    assert TrainConfig.model_validate({"model": {"name": "x"}, "train": {"compile_layers": True}}).train.compile_layers == "on"
+    assert (
+        TrainConfig.model_validate({"model": {"name": "x"}, "train": {"compile_layers": True}}).train.compile_layers
+        == "on"
+    )
 
 
 def _lora_llama():
@@ -61,11 +65,25 @@ def _lora_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                         attn_implementation="sdpa"))
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            attn_implementation="sdpa",
+        )
+    )
+    peft = get_peft_model(
+        model,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     for name, w in peft.named_parameters():
         if "lora_B" in name:  # nonzero B, so every LoRA path carries gradient
             torch.nn.init.normal_(w, std=0.1)
@@ -138,8 +156,10 @@ def _margins_at_zero_adapter(compiled: bool):
     if compiled:
         compile_decoder_layers(peft)
     g = torch.Generator().manual_seed(2)
-    pairs = [TokenizedPair(*(tuple(torch.randint(3, 128, (n,), generator=g).tolist()) for n in (9, 14, 11)), str(i))
-             for i in range(4)]
+    pairs = [
+        TokenizedPair(*(tuple(torch.randint(3, 128, (n,), generator=g).tolist()) for n in (9, 14, 11)), str(i))
+        for i in range(4)
+    ]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         stats = PolicyModel(peft, chunk_size=32)(collate(pairs, PAIRED, pad_id=0, packed=True), need_reference=True)
     torch._dynamo.reset()
@@ -177,8 +197,9 @@ def test_a_grit_model_compiled_after_an_adamw_model_in_one_process_collects_fact
 
     import torch._dynamo.utils as dynamo_utils
 
-    monkeypatch.setattr(torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile,
-                                                                             backend="aot_eager"))
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile, backend="aot_eager")
+    )
     # torch's default, patched with torch's own context manager (pytest's undo would hide the entry)
     with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):
         opt = _grit_after_adamw()

@@ -1,4 +1,5 @@
 """The engine end to end on a tiny random Llama: run outputs, exact resume, seeds, errors."""
+
 import json
 
 import pytest
@@ -10,11 +11,19 @@ from ecliptica.train import NonFiniteError, Trainer
 
 def _cfg(tmp_path, model_dir, method="dpo", **train):
     t = {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "progress": False, **train}
-    return TrainConfig.model_validate({
-        "run_dir": str(tmp_path / f"run_{method}"), "seed": 3, "model": {"name": str(model_dir)},
-        "lora": {"r": 4, "alpha": 8}, "method": {"name": method, **({"lambda_kl": 0.05} if method == "cita" else {})},
-        "data": {"limit": 24, "max_length": 160, "max_prompt_length": 96},
-        "optimizer": {"lr": 5e-3}, "schedule": {"name": "linear", "warmup_steps": 1}, "train": t})
+    return TrainConfig.model_validate(
+        {
+            "run_dir": str(tmp_path / f"run_{method}"),
+            "seed": 3,
+            "model": {"name": str(model_dir)},
+            "lora": {"r": 4, "alpha": 8},
+            "method": {"name": method, **({"lambda_kl": 0.05} if method == "cita" else {})},
+            "data": {"limit": 24, "max_length": 160, "max_prompt_length": 96},
+            "optimizer": {"lr": 5e-3},
+            "schedule": {"name": "linear", "warmup_steps": 1},
+            "train": t,
+        }
+    )
 
 
 def _losses(run_dir):
@@ -36,14 +45,29 @@ def test_each_method_trains_and_writes_a_run(tmp_path, tiny_model_dir, method):
     assert [x["step"] for x in lines] == [1, 2, 3]
     keys = {"loss", "grad_norm", "lr", "tokens_per_s", "step_time_s"}
     if method != "sft":
-        keys |= {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                 "logps/rejected"}
+        keys |= {
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+            "rewards/accuracies",
+            "logps/chosen",
+            "logps/rejected",
+        }
     if method == "cita":
         keys |= {"kl", "loss/contrastive"}
     assert keys <= set(lines[-1])
     s = json.loads((run / "summary.json").read_text())
-    for k in ("train_seconds", "train_tokens", "tokens_per_s", "peak_gpu_memory_gib", "final_metrics", "config_hash",
-              "data_hash", "versions", "git_commit"):
+    for k in (
+        "train_seconds",
+        "train_tokens",
+        "tokens_per_s",
+        "peak_gpu_memory_gib",
+        "final_metrics",
+        "config_hash",
+        "data_hash",
+        "versions",
+        "git_commit",
+    ):
         assert k in s
     assert s["versions"] == versions()  # as evaluation records them
     assert s["train_tokens"] > 0 and summary["config_hash"] == cfg.hash()
@@ -141,8 +165,11 @@ def test_nonfinite_skip_counts(tmp_path, tiny_model_dir, monkeypatch):
     cfg = _cfg(tmp_path, tiny_model_dir, "sft", max_steps=2, on_nonfinite="skip")
     trainer = Trainer(cfg).setup()
     real = trainer.loss_fn.__class__.__call__
-    monkeypatch.setattr(trainer.loss_fn.__class__, "__call__",
-                        lambda self, s, progress=0.0: (real(self, s, progress)[0] * float("inf"), {}))
+    monkeypatch.setattr(
+        trainer.loss_fn.__class__,
+        "__call__",
+        lambda self, s, progress=0.0: (real(self, s, progress)[0] * float("inf"), {}),
+    )
     summary = trainer.train()
     assert summary["nonfinite_skipped"] == 2
 
@@ -188,8 +215,15 @@ def test_token_budget_micro_batches_equal_one_big_batch(tmp_path, tiny_model_dir
 
     big = Trainer(_cfg(tmp_path / "big", tiny_model_dir, method, max_steps=3, micro_batch_size=8, grad_accum=1)).setup()
     budget = 500 if method == "dpo" else 10_000
-    split_cfg = _cfg(tmp_path / "split", tiny_model_dir, method, max_steps=3, micro_batch_size=2, grad_accum=4,
-                     micro_batch_tokens=budget)
+    split_cfg = _cfg(
+        tmp_path / "split",
+        tiny_model_dir,
+        method,
+        max_steps=3,
+        micro_batch_size=2,
+        grad_accum=4,
+        micro_batch_tokens=budget,
+    )
     split = Trainer(split_cfg).setup()
     groups = split.step_micro_batches(0)
     assert [i for g in groups for i in g] == big.step_micro_batches(0)[0]  # same pairs, same order
@@ -200,8 +234,9 @@ def test_token_budget_micro_batches_equal_one_big_batch(tmp_path, tiny_model_dir
         assert len(groups) == 1
     big.train()
     split.train()
-    assert _losses(tmp_path / "split" / f"run_{method}") == pytest.approx(_losses(tmp_path / "big" / f"run_{method}"),
-                                                                          rel=1e-5)
+    assert _losses(tmp_path / "split" / f"run_{method}") == pytest.approx(
+        _losses(tmp_path / "big" / f"run_{method}"), rel=1e-5
+    )
     a = load_file(str(tmp_path / "big" / f"run_{method}" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "split" / f"run_{method}" / "adapter" / "adapter_model.safetensors"))
     for k in a:
@@ -219,8 +254,15 @@ def test_auto_micro_batches_equal_plain_split(tmp_path, tiny_model_dir, method, 
 
     runs = {}
     for name, tokens in (("plain", None), ("auto", "auto")):
-        cfg = _cfg(tmp_path / name, tiny_model_dir, method, max_steps=3, micro_batch_size=2, grad_accum=4,
-                   micro_batch_tokens=tokens)
+        cfg = _cfg(
+            tmp_path / name,
+            tiny_model_dir,
+            method,
+            max_steps=3,
+            micro_batch_size=2,
+            grad_accum=4,
+            micro_batch_tokens=tokens,
+        )
         if optimizer == "grit":
             cfg.optimizer.name = "grit"
             cfg.optimizer.grit = {"reproject_steps": 2, "reproject_warmup": 1}
@@ -234,7 +276,8 @@ def test_auto_micro_batches_equal_plain_split(tmp_path, tiny_model_dir, method, 
     assert any([len(g) for g in auto.step_micro_batches(s)] != [2, 2, 2, 2] for s in range(3))  # really re-split
     summaries = {name: tr.train() for name, tr in runs.items()}
     assert _losses(tmp_path / "auto" / f"run_{method}") == pytest.approx(
-        _losses(tmp_path / "plain" / f"run_{method}"), rel=1e-5)
+        _losses(tmp_path / "plain" / f"run_{method}"), rel=1e-5
+    )
     if optimizer == "grit":
         fa, fp = (summaries[n]["final_metrics"] for n in ("auto", "plain"))
         assert fa["grit/reprojections"] == fp["grit/reprojections"] == 1
@@ -276,7 +319,9 @@ def test_memory_probe_leaves_no_trace(tmp_path, tiny_model_dir, monkeypatch):
             rng = torch.get_rng_state()
             assert sizing.probe_memory(tr.memory_probe(), 2, 2 * 2 * 160).bytes_per_token > 0
             assert all(p.grad is None for p in tr.policy.parameters())
-            assert all(float(b.a_sum.abs().sum() + b.g_sum.abs().sum() + b.count.sum()) == 0 for b in tr.optimizer_hooks.banks)
+            assert all(
+                float(b.a_sum.abs().sum() + b.g_sum.abs().sum() + b.count.sum()) == 0 for b in tr.optimizer_hooks.banks
+            )
             assert torch.equal(torch.get_rng_state(), rng)
         tr.train()
     assert _losses(tmp_path / "probed" / "run_cita") == _losses(tmp_path / "fresh" / "run_cita")
@@ -309,7 +354,8 @@ def test_memory_probe_runs_with_the_gradients_allocated(tmp_path, tiny_model_dir
 
 
 def test_memory_probe_falls_back_to_a_configured_micro_batch_when_the_larger_one_runs_out(
-        tmp_path, tiny_model_dir, monkeypatch):
+    tmp_path, tiny_model_dir, monkeypatch
+):
     """The probe's large micro-batch may hold more pairs than `micro_batch_size`. If that runs out of memory (simulated
     here after its backward, with gradients made), the probe warns, measures the `micro_batch_size` longest pairs
     instead and leaves no gradient behind; if a configured-size group runs out too, the error is not hidden."""

@@ -3,16 +3,17 @@
 Checked against a float64 hand computation (values and gradients), against peft's own forward under bf16
 autocast, through the engine (a whole CITA + GRIT run, fused vs peft's forward, fp32, compiled layers too), and
 for what must stay peft's: the adapter-disabled reference pass and layers the fused path cannot take."""
+
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import cita_grit_config
 
 from ecliptica.config import TrainConfig
 from ecliptica.train.engine import Trainer
 from ecliptica.train.fused_lora import fuse_lora_layers, fused_lora_forward, resolve_fused_lora
-from train_helpers import cita_grit_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -23,8 +24,9 @@ def _one_layer(r=4, alpha=12, dropout=0.0, **extra):
     torch.manual_seed(0)
     base = torch.nn.Sequential()
     base.add_module("proj", torch.nn.Linear(8, 6))
-    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"],
-                                            **extra))
+    model = get_peft_model(
+        base, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"], **extra)
+    )
     torch.nn.init.normal_(model.base_model.model.proj.lora_B["default"].weight, std=0.5)  # B = 0 would hide it
     return model, model.base_model.model.proj
 
@@ -66,7 +68,7 @@ def test_fused_forward_is_what_peft_computes_under_bf16_autocast():
     assert fused_out.dtype == peft_out.dtype == torch.bfloat16
     truth = _hand(layer, x)
     # both round to bf16 (relative step 2^-8); the fused one rounds once, so it is no further from the truth
-    torch.testing.assert_close(fused_out.double(), truth, rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(fused_out.double(), truth, rtol=2**-7, atol=1e-2)
     assert (fused_out.double() - truth).norm() <= (peft_out.double() - truth).norm() * 1.05
 
 
@@ -108,13 +110,25 @@ def test_every_projection_of_a_llama_is_fused():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = get_peft_model(LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                                        num_attention_heads=4, num_key_value_heads=2,
-                                                        vocab_size=64)),
-                           LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS))
+    model = get_peft_model(
+        LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=64,
+            )
+        ),
+        LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS),
+    )
     assert fuse_lora_layers(model) == 7 * 3
-    fused = [m for m in model.modules() if getattr(m, "forward", None) is not None
-             and getattr(m.forward, "__func__", None) is fused_lora_forward]
+    fused = [
+        m
+        for m in model.modules()
+        if getattr(m, "forward", None) is not None and getattr(m.forward, "__func__", None) is fused_lora_forward
+    ]
     assert len(fused) == 21
 
 
@@ -122,6 +136,7 @@ def test_resolve_fused_lora_and_yaml_on_off():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_fused_lora("auto", cuda) and not resolve_fused_lora("auto", cpu)
     assert resolve_fused_lora("on", cpu) and not resolve_fused_lora("off", cuda)
+
     def read(v):
         return TrainConfig.model_validate({"model": {"name": "x"}, "train": {"fused_lora": v}}).train.fused_lora
 

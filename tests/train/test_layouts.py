@@ -1,5 +1,6 @@
 """Each kind of example layout against hand-built expectations: the sequences an example contributes, their token
 counts, the micro-batch and reference-cache shapes, and the per-role split of per-sequence values."""
+
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -32,8 +33,10 @@ class SumOfResponseIds:
 
 def _cache(tmp_path, monkeypatch, layout, examples, micro_batch_size=1):
     monkeypatch.setenv("ECLIPTICA_CACHE", str(tmp_path))
-    cfg = SimpleNamespace(model=SimpleNamespace(name="m", dtype="fp32", load_in_4bit=False),
-                          train=SimpleNamespace(micro_batch_size=micro_batch_size, packing=True))
+    cfg = SimpleNamespace(
+        model=SimpleNamespace(name="m", dtype="fp32", load_in_4bit=False),
+        train=SimpleNamespace(micro_batch_size=micro_batch_size, packing=True),
+    )
     return reference_logps(SumOfResponseIds(), examples, layout, 0, cfg, "cpu", progress=False)
 
 
@@ -88,8 +91,11 @@ def test_unpaired_examples_follow_trl_unpairing_and_rotation():
     from trl.data_utils import unpair_preference_dataset
 
     examples = UNPAIRED.examples(DATA, max_length=3)
-    rows = {"prompt": [list(p.prompt_ids) for p in DATA.pairs], "chosen": [list(p.chosen_ids) for p in DATA.pairs],
-            "rejected": [list(p.rejected_ids) for p in DATA.pairs]}
+    rows = {
+        "prompt": [list(p.prompt_ids) for p in DATA.pairs],
+        "chosen": [list(p.chosen_ids) for p in DATA.pairs],
+        "rejected": [list(p.rejected_ids) for p in DATA.pairs],
+    }
     trl = unpair_preference_dataset(datasets.Dataset.from_dict(rows))
     assert [list(e.prompt_ids) for e in examples] == trl["prompt"]
     assert [list(e.completion_ids) for e in examples] == trl["completion"]
@@ -107,8 +113,12 @@ def test_unpaired(tmp_path, monkeypatch):
     assert len(examples) == 4 and examples[2].mismatched_ids == (22, 23)  # nothing cut at max_length 8
     group = [examples[0], examples[2]]
     # [completion_0, completion_2, mismatched_0, mismatched_2]
-    assert UNPAIRED.sequences(group) == [((11, 12), (13,)), ((11, 12), (14, 15)), ((11, 12), (24,)),
-                                         ((11, 12), (22, 23))]
+    assert UNPAIRED.sequences(group) == [
+        ((11, 12), (13,)),
+        ((11, 12), (14, 15)),
+        ((11, 12), (24,)),
+        ((11, 12), (22, 23)),
+    ]
     assert [UNPAIRED.tokens(e) for e in group] == [3 + 3, 4 + 4]
     assert [UNPAIRED.response_tokens(e) for e in group] == [2, 4]
     assert UNPAIRED.worst_case_tokens(2, 100) == 400

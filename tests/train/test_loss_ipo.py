@@ -1,11 +1,11 @@
 """IPO against TRL's DPOTrainer(loss_type="ipo") on the same model and token ids, and a closed form."""
+
 import pytest
 import torch
+from train_helpers import policy_stats, toy_pairs, trl_dpo_loss
 
 from ecliptica.losses.base import SequenceStats
 from ecliptica.losses.ipo import IPOConfig, IPOLoss
-
-from train_helpers import policy_stats, toy_pairs, trl_dpo_loss
 
 
 def test_ipo_matches_trl(tiny_model_dir, tmp_path):

@@ -1,9 +1,11 @@
 """KTO against TRL's KTOTrainer on the same model and token ids, a closed form, and through the engine."""
+
 import json
 import math
 
 import pytest
 import torch
+from train_helpers import dense_token_logps, toy_pairs
 
 from ecliptica.data import TokenizedData, TokenizedPair
 from ecliptica.losses.base import SequenceStats
@@ -11,8 +13,6 @@ from ecliptica.losses.kto import KTOConfig, KTOLoss
 from ecliptica.losses.layout import UNPAIRED
 from ecliptica.train.batching import collate
 from ecliptica.train.policy import PolicyModel
-
-from train_helpers import dense_token_logps, toy_pairs
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -32,17 +32,26 @@ def trl_kto(model_dir, out_dir, examples, **kto_args):
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=LORA_TARGETS)
     rows = [{"prompt": "a", "completion": "b", "label": k % 2 == 0} for k in range(4)]  # TRL wants a dataset
-    args = TRLKTOConfig(output_dir=str(out_dir), report_to="none", use_cpu=True, per_device_train_batch_size=2,
-                        **kto_args)
-    trainer = KTOTrainer(model=base, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tok, peft_config=lora)
+    args = TRLKTOConfig(
+        output_dir=str(out_dir), report_to="none", use_cpu=True, per_device_train_batch_size=2, **kto_args
+    )
+    trainer = KTOTrainer(
+        model=base, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok, peft_config=lora
+    )
     g = torch.Generator().manual_seed(1)
     for name, p in trainer.model.named_parameters():
         if "lora_B" in name:
             p.data = torch.randn(p.shape, generator=g) * 0.5
     trainer.model.eval()
-    batch = [{"prompt_ids": list(e.prompt_ids), "completion_ids": list(e.completion_ids),
-              "KL_completion_ids": list(e.mismatched_ids), "label": e.desirable} for e in examples]
+    batch = [
+        {
+            "prompt_ids": list(e.prompt_ids),
+            "completion_ids": list(e.completion_ids),
+            "KL_completion_ids": list(e.mismatched_ids),
+            "label": e.desirable,
+        }
+        for e in examples
+    ]
     inputs = DataCollatorForUnpairedPreference(pad_token_id=2)(batch)
     with torch.no_grad():
         loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
@@ -69,8 +78,9 @@ def test_kto_matches_trl(tiny_model_dir, tmp_path, seed):
     assert trl_loss != pytest.approx(0.5 * (1.5 + 0.7) / 2, abs=1e-3)  # policy != reference: a real comparison
     logps, _ = UNPAIRED.split(s.logps)
     desirable = s.labels
-    assert float(m["logps/chosen"].num / m["logps/chosen"].den) == pytest.approx(trl_metrics["logps/chosen"][-1],
-                                                                                 abs=1e-4)
+    assert float(m["logps/chosen"].num / m["logps/chosen"].den) == pytest.approx(
+        trl_metrics["logps/chosen"][-1], abs=1e-4
+    )
     rejected = m["rewards/rejected"]
     assert float(rejected.num / rejected.den) == pytest.approx(trl_metrics["rewards/rejected"][-1], abs=1e-5)
     assert desirable.tolist() == [True] * 3 + [False] * 3 and logps.shape == (6,)
@@ -100,12 +110,17 @@ def test_kto_closed_form_clamp_and_detached_reference_point():
     assert float(m["rewards/chosen"].num / m["rewards/chosen"].den) == pytest.approx(beta * 1.0)
     assert float(m["rewards/rejected"].num / m["rewards/rejected"].den) == pytest.approx(beta * -1.0)
     # mismatched completions more likely under the reference: the estimate is clamped at 0
-    s = SequenceStats(logps.detach(), torch.ones(4, dtype=torch.long), torch.tensor([-3.0, -2.0, -3.0, -4.0]),
-                      labels=torch.tensor([True, False]))
+    s = SequenceStats(
+        logps.detach(),
+        torch.ones(4, dtype=torch.long),
+        torch.tensor([-3.0, -2.0, -3.0, -4.0]),
+        labels=torch.tensor([True, False]),
+    )
     loss, m = KTOLoss(KTOConfig(beta=beta, desirable_weight=wd, undesirable_weight=wu))(s)
     assert float(m["kl"]) == 0.0
-    assert float(loss) == pytest.approx((wd * (1 - sig(beta * 1.0)) + wu * (1 - sig(beta * (0 - (-1.0))))) / 2,
-                                        abs=1e-6)
+    assert float(loss) == pytest.approx(
+        (wd * (1 - sig(beta * 1.0)) + wu * (1 - sig(beta * (0 - (-1.0))))) / 2, abs=1e-6
+    )
     with pytest.raises(ValueError, match="desirable_weight"):
         KTOConfig(desirable_weight=-1.0)
 
@@ -113,11 +128,18 @@ def test_kto_closed_form_clamp_and_detached_reference_point():
 def _kto_config(run_dir, model_dir, seed=3, **train):
     from ecliptica.config import TrainConfig
 
-    return TrainConfig.model_validate({
-        "run_dir": str(run_dir), "seed": seed, "model": {"name": str(model_dir)}, "lora": {"r": 4, "alpha": 8},
-        "method": {"name": "kto"}, "data": {"limit": 24, "max_length": 160, "max_prompt_length": 96},
-        "optimizer": {"lr": 5e-3}, "train": {"max_steps": 1, "micro_batch_size": 2, "grad_accum": 4, "progress": False,
-                                              **train}})
+    return TrainConfig.model_validate(
+        {
+            "run_dir": str(run_dir),
+            "seed": seed,
+            "model": {"name": str(model_dir)},
+            "lora": {"r": 4, "alpha": 8},
+            "method": {"name": "kto"},
+            "data": {"limit": 24, "max_length": 160, "max_prompt_length": 96},
+            "optimizer": {"lr": 5e-3},
+            "train": {"max_steps": 1, "micro_batch_size": 2, "grad_accum": 4, "progress": False, **train},
+        }
+    )
 
 
 def test_kto_step_metrics_are_means_over_the_step_examples_of_each_kind(tmp_path, tiny_model_dir):
@@ -134,10 +156,14 @@ def test_kto_step_metrics_are_means_over_the_step_examples_of_each_kind(tmp_path
     assert any(len(k) == 1 for k in kinds) and any(len(k) == 2 for k in kinds), kinds  # a real test of the Ratio
     with torch.no_grad():
         pairs = [TokenizedPair(e.prompt_ids, e.completion_ids, ()) for e in step]
-        dense = [float(lp.gather(-1, t[:, None]).sum()) for lp, t in dense_token_logps(tr.peft_model, pairs,
-                                                                                        with_rejected=False)]
-    want = {k: sum(lp for lp, e in zip(dense, step) if e.desirable == k) / sum(e.desirable == k for e in step)
-            for k in (True, False)}
+        dense = [
+            float(lp.gather(-1, t[:, None]).sum())
+            for lp, t in dense_token_logps(tr.peft_model, pairs, with_rejected=False)
+        ]
+    want = {
+        k: sum(lp for lp, e in zip(dense, step) if e.desirable == k) / sum(e.desirable == k for e in step)
+        for k in (True, False)
+    }
     tr.train()
     line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert line["loss"] == pytest.approx(0.5, abs=1e-6) and line["kl"] == pytest.approx(0.0, abs=1e-5)

@@ -1,15 +1,15 @@
 """ORPO against TRL's ORPOTrainer odds-ratio loss on TRL's own length-normalised log-probs of the same token
 ids, with the NLL of the chosen response from transformers' own cross-entropy; and a closed form near p = 1."""
+
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+from train_helpers import padded_batch, policy_stats, tiny_peft, toy_pairs
 
 from ecliptica.losses.base import SequenceStats
 from ecliptica.losses.orpo import ORPOConfig, ORPOLoss
-
-from train_helpers import padded_batch, policy_stats, tiny_peft, toy_pairs
 
 
 def _trl(beta):

@@ -1,14 +1,14 @@
 """SimPO against TRL's CPOTrainer SimPO loss on TRL's own length-normalised log-probs of the same token ids."""
+
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+from train_helpers import padded_batch, policy_stats, tiny_peft, toy_pairs
 
 from ecliptica.losses.base import SequenceStats
 from ecliptica.losses.simpo import SimPOConfig, SimPOLoss
-
-from train_helpers import padded_batch, policy_stats, tiny_peft, toy_pairs
 
 
 def test_simpo_matches_trl(tiny_model_dir):
@@ -18,10 +18,17 @@ def test_simpo_matches_trl(tiny_model_dir):
     beta, gamma, eps = 2.5, 1.2, 0.1
     ids, mask, labels = padded_batch(pairs)
     with torch.no_grad():
-        avg = CPOTrainer.get_batch_logps(model(input_ids=ids, attention_mask=mask).logits, labels,
-                                         average_log_prob=True)
-        trl_self = SimpleNamespace(alpha=0.0, loss_type="simpo", beta=beta, simpo_gamma=gamma, label_smoothing=eps,
-                                   accelerator=SimpleNamespace(device="cpu"))
+        avg = CPOTrainer.get_batch_logps(
+            model(input_ids=ids, attention_mask=mask).logits, labels, average_log_prob=True
+        )
+        trl_self = SimpleNamespace(
+            alpha=0.0,
+            loss_type="simpo",
+            beta=beta,
+            simpo_gamma=gamma,
+            label_smoothing=eps,
+            accelerator=SimpleNamespace(device="cpu"),
+        )
         trl_losses, trl_chosen_r, _ = CPOTrainer.cpo_loss(trl_self, avg[:3], avg[3:])
         s = policy_stats(model, pairs, ref=False)
         ours, m = SimPOLoss(SimPOConfig(beta=beta, gamma=gamma, label_smoothing=eps))(s)

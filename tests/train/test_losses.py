@@ -1,16 +1,16 @@
 """Every method's loss against an independent reference: TRL, closed forms, dense computations."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from train_helpers import dense_token_logps, tiny_peft, toy_pairs, trl_dpo_loss
 
 from ecliptica.losses import CITAConfig, CITALoss, DPOConfig, DPOLoss, SequenceStats, SFTConfig, SFTLoss
 from ecliptica.losses.layout import CHOSEN_ONLY, PAIRED
 from ecliptica.train.batching import collate
 from ecliptica.train.policy import PolicyModel
-
-from train_helpers import dense_token_logps, tiny_peft, toy_pairs, trl_dpo_loss
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,9 @@ def test_seq_logratio_proxies():
 def test_cita_lambda_anneal_and_length_normalisation():
     loss = CITALoss(CITAConfig(lambda_kl=0.1, lambda_kl_end=0.0))
     assert [loss.lambda_at(p) for p in (0, 0.5, 1)] == pytest.approx([0.1, 0.05, 0.0])
-    s = SequenceStats(torch.tensor([-4.0, -9.0]), torch.tensor([2, 3]), torch.tensor([-4.0, -9.0]),
-                      token_kl_sum=torch.tensor(0.0))
+    s = SequenceStats(
+        torch.tensor([-4.0, -9.0]), torch.tensor([2, 3]), torch.tensor([-4.0, -9.0]), token_kl_sum=torch.tensor(0.0)
+    )
     val, _ = CITALoss(CITAConfig(beta=1.0, lambda_kl=0.0, length_normalize=True))(s)
     assert float(val) == pytest.approx(-math.log(1 / (1 + math.exp(-(-2.0 + 3.0)))), abs=1e-6)
 
@@ -117,9 +118,9 @@ def test_sft_matches_hf_loss(peft_model):
     labels = torch.full((3, width), -100)
     mask = torch.zeros((3, width), dtype=torch.long)
     for i, (p, s) in enumerate(zip(pairs, seqs)):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-        labels[i, len(p.prompt_ids):len(s)] = torch.tensor(p.chosen_ids)
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        labels[i, len(p.prompt_ids) : len(s)] = torch.tensor(p.chosen_ids)
     with torch.no_grad():
         hf = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
         ours, _ = SFTLoss(SFTConfig())(_stats(peft_model, pairs, with_rejected=False, ref=False))

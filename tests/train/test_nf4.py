@@ -4,6 +4,7 @@ keeps no 16-bit weight for the backward.
 References: a hand computation of the format (the QLoRA NF4 table, high nibble first, double-quantised absmax), and
 bitsandbytes' own quantize_4bit / dequantize_4bit and Linear4bit on the CPU.
 """
+
 from __future__ import annotations
 
 import bitsandbytes as bnb  # a test dependency (pyproject [test]): its CPU ops are the reference
@@ -12,19 +13,43 @@ import pytest
 import torch
 
 from ecliptica.config import TrainConfig
-from ecliptica.train.nf4 import (BUFFERS, dequantize_args, dequantize_nf4, keep_out_of_ddp, nf4_forward,
-                                 resolve_nf4_kernel, use_torch_nf4)
+from ecliptica.train.nf4 import (
+    BUFFERS,
+    dequantize_args,
+    dequantize_nf4,
+    keep_out_of_ddp,
+    nf4_forward,
+    resolve_nf4_kernel,
+    use_torch_nf4,
+)
 
 # The NF4 table as printed in the QLoRA paper's appendix (Dettmers et al. 2023), to 4 decimals.
-NF4_PAPER = [-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
-             0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0]
+NF4_PAPER = [
+    -1.0,
+    -0.6962,
+    -0.5251,
+    -0.3949,
+    -0.2844,
+    -0.1848,
+    -0.0911,
+    0.0,
+    0.0796,
+    0.1609,
+    0.2461,
+    0.3379,
+    0.4407,
+    0.5626,
+    0.7230,
+    1.0,
+]
 
 
 def quantized_linear(out_features: int, in_features: int, seed: int = 0):
     """A bitsandbytes NF4 Linear (double-quantised absmax, bf16 compute) quantised on the CPU."""
     torch.manual_seed(seed)
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
-                              quant_type="nf4", compress_statistics=True)
+    layer = bnb.nn.Linear4bit(
+        in_features, out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True
+    )
     w = (torch.randn(out_features, in_features) * 0.05).to(torch.bfloat16)
     layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
     layer.weight = layer.weight._quantize("cpu")
@@ -41,8 +66,19 @@ def test_the_format_by_hand():
     q, scale, offset = 200, 0.75, 0.125
     absmax = float(absmax_code[q]) * scale + offset
     expected = torch.tensor([NF4_PAPER[n] * absmax for n in nibbles], dtype=torch.float64).to(torch.bfloat16)
-    got = dequantize_nf4(packed.view(-1, 1), torch.tensor([q], dtype=torch.uint8), absmax_code, torch.tensor([scale]),
-                         torch.tensor(offset), code, 2, 32, 64, 256, torch.bfloat16)
+    got = dequantize_nf4(
+        packed.view(-1, 1),
+        torch.tensor([q], dtype=torch.uint8),
+        absmax_code,
+        torch.tensor([scale]),
+        torch.tensor(offset),
+        code,
+        2,
+        32,
+        64,
+        256,
+        torch.bfloat16,
+    )
     assert got.shape == (2, 32)
     assert torch.equal(got.flatten(), expected)
 
@@ -75,8 +111,9 @@ def test_dequantisation_equals_bitsandbytes(shape):
     assert torch.equal(got, by_hand(layer))
     # bitsandbytes' PyTorch implementation (its default backend; CUDA indexes blocks over the flattened weight too)
     absmax = F.dequantize_blockwise(st.absmax, st.state2) + st.offset
-    portable = _dequantize_4bit_compute(layer.weight.data.view(torch.uint8).flatten(), absmax, st.code, 64, shape,
-                                        torch.bfloat16)
+    portable = _dequantize_4bit_compute(
+        layer.weight.data.view(torch.uint8).flatten(), absmax, st.code, 64, shape, torch.bfloat16
+    )
     assert torch.equal(got, portable)
     # bitsandbytes' CPU dispatcher picks a C kernel on AVX-512 CPUs (torch >= 2.6); for (48, 80) it gave 3,138 of
     # 3,840 values from the wrong block's absmax here (bitsandbytes 0.50.2), so it is compared on whole-block rows only
@@ -200,8 +237,9 @@ def test_ddp_leaves_the_nf4_buffers_alone(tmp_path):
     wrapper = torch.nn.Sequential(Block(0))
     use_torch_nf4(wrapper)
     names = keep_out_of_ddp(wrapper)
-    assert len(names) == 2 * len(BUFFERS) and all(n.startswith("0.up.nf4_") or n.startswith("0.down.nf4_")
-                                                   for n in names)
+    assert len(names) == 2 * len(BUFFERS) and all(
+        n.startswith("0.up.nf4_") or n.startswith("0.down.nf4_") for n in names
+    )
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", rank=0, world_size=1)
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(wrapper)
@@ -214,8 +252,9 @@ def test_ddp_leaves_the_nf4_buffers_alone(tmp_path):
 
 def test_an_nf4_kernel_asked_for_on_a_16bit_model_is_an_error(tmp_path, tiny_model_dir):
     """Asked for explicitly and unable to take effect: the run stops, naming the key, instead of ignoring it."""
-    from ecliptica.train.engine import Trainer
     from train_helpers import cita_grit_config
+
+    from ecliptica.train.engine import Trainer
 
     for kernel in ("torch", "bitsandbytes"):
         cfg = cita_grit_config(tmp_path / kernel, tiny_model_dir, limit=8, lr=1e-3, nf4_kernel=kernel)

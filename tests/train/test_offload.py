@@ -5,6 +5,7 @@ What is shown: with gradient checkpointing the hooks receive each decoder layer'
 keep inside (a negative control without checkpointing sends many more), and the gradients are bit-for-bit
 those of the same step without offloading. The memory it frees on the GPU is measured by
 benchmarks/bench_throughput.py (docs/benchmarks.md)."""
+
 import pytest
 import torch
 from train_helpers import tiny_peft, toy_pairs
@@ -55,7 +56,7 @@ def _step(tiny_model_dir, checkpointing: bool, offload: HostOffload | None):
     for h in handles:
         h.remove()
     grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
-    return grads, inputs[:len(layers)]  # the first forward pass's inputs (a recompute may add more)
+    return grads, inputs[: len(layers)]  # the first forward pass's inputs (a recompute may add more)
 
 
 def test_checkpointed_layer_inputs_go_to_the_host_and_the_gradients_do_not_change(tiny_model_dir):
@@ -67,8 +68,7 @@ def test_checkpointed_layer_inputs_go_to_the_host_and_the_gradients_do_not_chang
     # [tokens x intermediate] from inside a layer
     tokens = layer_inputs[0][1][:-1]
     assert all(shape[:-1] == tokens and shape[-1] in (1, layer_inputs[0][1][-1]) for _, shape in rec.sent)
-    assert rec.offloaded == len(rec.sent) and rec.offloaded_bytes == sum(
-        torch.Size(s).numel() * 4 for _, s in rec.sent)
+    assert rec.offloaded == len(rec.sent) and rec.offloaded_bytes == sum(torch.Size(s).numel() * 4 for _, s in rec.sent)
     assert plain.keys() == offloaded.keys() and len(plain) > 0
     for name, g in plain.items():
         assert torch.equal(g, offloaded[name]), name  # the same bytes come back: bit-for-bit the same step
@@ -84,11 +84,13 @@ def test_offload_skips_what_needs_no_gradient_parameters_and_small_tensors():
     hooks = HostOffload(source="cpu", min_bytes=1024)
     big = torch.randn(64, 8, requires_grad=True) * 1.0  # 2 KiB, needs a gradient: sent
     assert not isinstance(hooks._pack(big), torch.Tensor)
-    for kept in (torch.randn(64, 8),  # needs no gradient (e.g. the frozen reference's states)
-                 torch.nn.Parameter(torch.randn(64, 8)),  # a weight
-                 torch.randn(8, 8, requires_grad=True) * 1.0,  # 256 B, under min_bytes
-                 torch.arange(512),  # token ids
-                 torch.randn(64, 8).to_sparse().requires_grad_()):  # not a dense tensor
+    for kept in (
+        torch.randn(64, 8),  # needs no gradient (e.g. the frozen reference's states)
+        torch.nn.Parameter(torch.randn(64, 8)),  # a weight
+        torch.randn(8, 8, requires_grad=True) * 1.0,  # 256 B, under min_bytes
+        torch.arange(512),  # token ids
+        torch.randn(64, 8).to_sparse().requires_grad_(),
+    ):  # not a dense tensor
         assert hooks._pack(kept) is kept
     assert hooks.offloaded == 1 and hooks.offloaded_bytes == 64 * 8 * 4
 
@@ -127,13 +129,19 @@ def test_engine_trains_cita_with_grit_the_same_with_offloading(tmp_path, tiny_mo
     runs = {}
     for offload in (False, True):
         run_dir = tmp_path / str(offload)
-        cfg = TrainConfig.model_validate({
-            "run_dir": str(run_dir), "seed": 3,
-            "model": {"name": str(tiny_model_dir), "dtype": "fp32", "gradient_checkpointing": True},
-            "lora": {"r": 4, "alpha": 8}, "method": {"name": "cita", "lambda_kl": 0.05},
-            "data": {"limit": 16, "max_length": 160, "max_prompt_length": 96},
-            "optimizer": {"name": "grit", "lr": 5e-3}, "schedule": {"name": "linear", "warmup_steps": 1},
-            "train": {"max_steps": 3, "micro_batch_size": 2, "grad_accum": 2, "progress": False}})
+        cfg = TrainConfig.model_validate(
+            {
+                "run_dir": str(run_dir),
+                "seed": 3,
+                "model": {"name": str(tiny_model_dir), "dtype": "fp32", "gradient_checkpointing": True},
+                "lora": {"r": 4, "alpha": 8},
+                "method": {"name": "cita", "lambda_kl": 0.05},
+                "data": {"limit": 16, "max_length": 160, "max_prompt_length": 96},
+                "optimizer": {"name": "grit", "lr": 5e-3},
+                "schedule": {"name": "linear", "warmup_steps": 1},
+                "train": {"max_steps": 3, "micro_batch_size": 2, "grad_accum": 2, "progress": False},
+            }
+        )
         trainer = Trainer(cfg).setup()
         hooks = Recording() if offload else None
         policy = trainer.accelerator.unwrap_model(trainer.policy)

@@ -1,5 +1,6 @@
 """The method registry: one list of methods drives the config union, the CLI, the study's arms, and every
 registered method trains through the one engine."""
+
 import json
 
 import pytest
@@ -60,11 +61,17 @@ def test_shared_method_block_gives_each_method_its_own_settings():
 def test_every_registered_method_trains_in_the_engine(tmp_path, tiny_model_dir, method):
     from ecliptica.train import Trainer
 
-    cfg = TrainConfig.model_validate({
-        "run_dir": str(tmp_path / "run"), "model": {"name": str(tiny_model_dir)}, "lora": {"r": 4, "alpha": 8},
-        "method": {"name": method}, "data": {"limit": 8, "max_length": 128, "max_prompt_length": 64},
-        "optimizer": {"lr": 5e-3}, "train": {"max_steps": 2, "micro_batch_size": 2, "grad_accum": 1,
-                                              "progress": False}})
+    cfg = TrainConfig.model_validate(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "model": {"name": str(tiny_model_dir)},
+            "lora": {"r": 4, "alpha": 8},
+            "method": {"name": method},
+            "data": {"limit": 8, "max_length": 128, "max_prompt_length": 64},
+            "optimizer": {"lr": 5e-3},
+            "train": {"max_steps": 2, "micro_batch_size": 2, "grad_accum": 1, "progress": False},
+        }
+    )
     summary = Trainer(cfg).setup().train()
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["method"] == method and [x["step"] for x in lines] == [1, 2]

@@ -1,6 +1,7 @@
 """Run directories that cannot be corrupted: exclusive (two real processes), fresh-or-resume, resumes
 that refuse another config or other data, only finite weights written, corrupt checkpoints and torn
 logs survived, numbers validated before any work, divergence warnings."""
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,20 @@ DEMO_CFG = str(ROOT / "configs" / "train_demo_dpo.yaml")
 
 
 def _sets(run_dir, model_dir, **extra):
-    base = {"run_dir": run_dir, "model.name": model_dir, "train.progress": "false", "lora.r": 4,
-            "data.limit": 16, "data.max_length": 160, "data.max_prompt_length": 96, "optimizer.lr": "5e-3",
-            "schedule.name": "linear", "train.max_steps": 4, "train.micro_batch_size": 2, "train.grad_accum": 1}
+    base = {
+        "run_dir": run_dir,
+        "model.name": model_dir,
+        "train.progress": "false",
+        "lora.r": 4,
+        "data.limit": 16,
+        "data.max_length": 160,
+        "data.max_prompt_length": 96,
+        "optimizer.lr": "5e-3",
+        "schedule.name": "linear",
+        "train.max_steps": 4,
+        "train.micro_batch_size": 2,
+        "train.grad_accum": 1,
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -54,6 +66,7 @@ def _cli(*args):
 
 # ------------------------------------------------------------------ exclusive run directory
 
+
 def test_second_train_process_on_one_run_dir_is_refused(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     sets = _sets(run, tiny_model_dir, **{"train.max_steps": 100000})
@@ -77,6 +90,7 @@ def test_second_train_process_on_one_run_dir_is_refused(tmp_path, tiny_model_dir
 
 # ------------------------------------------------------------------ fresh run or resume
 
+
 def test_fresh_run_into_an_earlier_run_stops_before_loading_the_model(tmp_path, tiny_model_dir, capsys):
     run = tmp_path / "run"
     Trainer(_cfg(run, tiny_model_dir, **{"train.max_steps": 3, "train.save_every": 1})).setup().train()
@@ -94,8 +108,7 @@ def test_resume_refuses_another_config_and_names_the_keys(tmp_path, tiny_model_d
     run = tmp_path / "run"
     Trainer(_cfg(run, tiny_model_dir, **{"train.save_every": 2})).setup().train(stop_after=3)
     with pytest.raises(ResumeMismatchError, match=r"optimizer.lr: 0.005 -> 0.01; seed: 0 -> 7"):
-        Trainer(_cfg(run, tiny_model_dir, **{"optimizer.lr": "1e-2", "seed": 7}), resume=True).setup()\
-            .train()
+        Trainer(_cfg(run, tiny_model_dir, **{"optimizer.lr": "1e-2", "seed": 7}), resume=True).setup().train()
     assert _steps(run) == [1, 2, 3]  # nothing was written by the refused resume
 
 
@@ -121,11 +134,19 @@ def test_a_checkpoint_from_before_an_added_setting_resumes_at_its_default(tmp_pa
     Trainer(_cfg(run2, tiny_model_dir, **{"train.max_steps": 3, "train.save_every": 1})).setup().train(stop_after=2)
     _forget_added_settings(run2)
     with pytest.raises(ResumeMismatchError, match=r"train.fused_lora: None -> 'on'"):
-        Trainer(_cfg(run2, tiny_model_dir, **{"train.max_steps": 3, "train.save_every": 1, "train.fused_lora": "on"}),
-                resume=True).setup().train()
+        Trainer(
+            _cfg(run2, tiny_model_dir, **{"train.max_steps": 3, "train.save_every": 1, "train.fused_lora": "on"}),
+            resume=True,
+        ).setup().train()
     with pytest.raises(ResumeMismatchError, match=r"train.nf4_kernel: None -> 'bitsandbytes'"):
-        Trainer(_cfg(run2, tiny_model_dir, **{"train.max_steps": 3, "train.save_every": 1,
-                                              "train.nf4_kernel": "bitsandbytes"}), resume=True).setup().train()
+        Trainer(
+            _cfg(
+                run2,
+                tiny_model_dir,
+                **{"train.max_steps": 3, "train.save_every": 1, "train.nf4_kernel": "bitsandbytes"},
+            ),
+            resume=True,
+        ).setup().train()
 
 
 def test_resume_refuses_other_data_under_the_same_config(tmp_path, tiny_model_dir):
@@ -151,8 +172,11 @@ def test_extending_max_steps_is_the_one_allowed_change(tmp_path, tiny_model_dir)
 
 def _snapshot(run_dir):
     """Every file of a run directory with its bytes and modification time."""
-    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(Path(run_dir).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(Path(run_dir).rglob("*"))
+        if p.is_file()
+    }
 
 
 def _no_model_load(monkeypatch):
@@ -169,15 +193,22 @@ def _cli_sets(run, model_dir, **extra):
     return [x for s in _sets(run, model_dir, **extra) for x in ("--set", s)]
 
 
-def test_resume_of_a_finished_run_stops_names_the_differences_and_changes_nothing(tmp_path, tiny_model_dir,
-                                                                                 capsys, monkeypatch):
+def test_resume_of_a_finished_run_stops_names_the_differences_and_changes_nothing(
+    tmp_path, tiny_model_dir, capsys, monkeypatch
+):
     run = tmp_path / "run"
     Trainer(_cfg(run, tiny_model_dir, **{"train.max_steps": 2})).setup().train()  # save_every 0: no checkpoint
     before = _snapshot(run)
     _no_model_load(monkeypatch)
     capsys.readouterr()
-    rc = main(["train", DEMO_CFG, *_cli_sets(run, tiny_model_dir, **{"train.max_steps": 2, "optimizer.lr": "1e-3",
-                                                                    "seed": 7}), "--resume"])
+    rc = main(
+        [
+            "train",
+            DEMO_CFG,
+            *_cli_sets(run, tiny_model_dir, **{"train.max_steps": 2, "optimizer.lr": "1e-3", "seed": 7}),
+            "--resume",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert f"{run}: the run is finished (2 steps" in err and "nothing to continue" in err
@@ -195,8 +226,11 @@ def test_extending_a_finished_run_needs_a_checkpoint(tmp_path, tiny_model_dir, m
     before = _snapshot(run)
     with monkeypatch.context() as m:
         _no_model_load(m)
-        with pytest.raises(NothingToResumeError, match=r"cannot extend the finished run from 2 to train.max_steps=4: "
-                                                       r"it has no checkpoint.*--overwrite.*train.save_every > 0"):
+        with pytest.raises(
+            NothingToResumeError,
+            match=r"cannot extend the finished run from 2 to train.max_steps=4: "
+            r"it has no checkpoint.*--overwrite.*train.save_every > 0",
+        ):
             Trainer(_cfg(run, tiny_model_dir, **{"train.max_steps": 4}), resume=True).setup()
     assert _snapshot(run) == before
     # with a checkpoint, a finished run is extended from it
@@ -214,8 +248,11 @@ def test_resume_of_a_run_that_stopped_before_its_first_checkpoint_is_refused(tmp
     before = _snapshot(run)
     with monkeypatch.context() as m:
         _no_model_load(m)
-        with pytest.raises(NothingToResumeError, match=r"stopped before its first checkpoint \(it holds metrics.jsonl "
-                                                       r"but no checkpoint\).*--overwrite"):
+        with pytest.raises(
+            NothingToResumeError,
+            match=r"stopped before its first checkpoint \(it holds metrics.jsonl "
+            r"but no checkpoint\).*--overwrite",
+        ):
             Trainer(cfg, resume=True).setup()
     assert _snapshot(run) == before
     from ecliptica.train.safety import check_resumable
@@ -230,8 +267,11 @@ def test_resume_under_another_config_is_refused_before_the_model_loads(tmp_path,
     run = tmp_path / "run"
     Trainer(_cfg(run, tiny_model_dir, **{"train.save_every": 1})).setup().train(stop_after=2)
     _no_model_load(monkeypatch)
-    with pytest.raises(ResumeMismatchError, match=r"step-2: cannot resume, the configuration differs from the "
-                                                  r"checkpoint's in lora.r: 4 -> 8"):
+    with pytest.raises(
+        ResumeMismatchError,
+        match=r"step-2: cannot resume, the configuration differs from the "
+        r"checkpoint's in lora.r: 4 -> 8",
+    ):
         Trainer(_cfg(run, tiny_model_dir, **{"train.save_every": 1, "lora.r": 8}), resume=True).setup()
 
 
@@ -252,6 +292,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_and_a_torn_log_line_is_to
 
 
 # ------------------------------------------------------------------ finite weights only
+
 
 def _poison_updates(trainer, from_step: int):
     """From optimizer step `from_step` (1-based) on, the update leaves a NaN in one LoRA tensor, as lr=inf does."""
@@ -277,8 +318,11 @@ def test_nonfinite_update_stops_and_the_named_checkpoint_is_finite(tmp_path, tin
     run = tmp_path / "run"
     trainer = Trainer(_cfg(run, tiny_model_dir, **{"train.save_every": 1})).setup()
     _poison_updates(trainer, from_step=2)
-    with pytest.raises(NonFiniteError, match=r"non-finite parameters after the optimizer update.* at step 2.*"
-                                             r"Last good checkpoint: .*step-1"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"non-finite parameters after the optimizer update.* at step 2.*"
+        r"Last good checkpoint: .*step-1",
+    ):
         trainer.train()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"]
     assert _all_finite(run / "checkpoints" / "step-1" / "adapter" / "adapter_model.safetensors")
@@ -319,14 +363,21 @@ def _disk_full_for_final_adapters(monkeypatch):
 
 
 def test_full_disk_at_the_final_adapter_is_one_line_and_keeps_the_old_adapter_and_checkpoints(
-        tmp_path, tiny_model_dir, capsys, monkeypatch):
+    tmp_path, tiny_model_dir, capsys, monkeypatch
+):
     run = tmp_path / "run"
     Trainer(_cfg(run, tiny_model_dir, **{"train.max_steps": 3, "train.save_every": 1})).setup().train()
     old_adapter, old_summary = _snapshot(run / "adapter"), (run / "summary.json").read_bytes()
     _disk_full_for_final_adapters(monkeypatch)
     capsys.readouterr()
-    rc = main(["train", DEMO_CFG, *_cli_sets(run, tiny_model_dir, **{"train.max_steps": 5, "train.save_every": 1}),
-               "--resume"])
+    rc = main(
+        [
+            "train",
+            DEMO_CFG,
+            *_cli_sets(run, tiny_model_dir, **{"train.max_steps": 5, "train.save_every": 1}),
+            "--resume",
+        ]
+    )
     err = capsys.readouterr().err  # progress bars, then the error
     assert rc == 2 and "Traceback" not in err and len([x for x in err.splitlines() if x.startswith("error:")]) == 1
     assert f"{run / 'adapter'}: cannot write the final adapter: no space left on device" in err
@@ -352,8 +403,11 @@ def test_full_disk_at_a_checkpoint_names_it_and_keeps_the_previous_one(tmp_path,
 
     monkeypatch.setattr(state_io, "save_file", save)
     run = tmp_path / "run"
-    with pytest.raises(RunDirError, match=rf"{run / 'checkpoints' / 'step-2'}: cannot write the checkpoint: no space "
-                                          rf"left on device; the last good checkpoint, .*step-1, is kept"):
+    with pytest.raises(
+        RunDirError,
+        match=rf"{run / 'checkpoints' / 'step-2'}: cannot write the checkpoint: no space "
+        rf"left on device; the last good checkpoint, .*step-1, is kept",
+    ):
         Trainer(_cfg(run, tiny_model_dir, **{"train.save_every": 1})).setup().train()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"]  # no partial step-2, no temp folder
     assert _all_finite(run / "checkpoints" / "step-1" / "adapter" / "adapter_model.safetensors")
@@ -363,14 +417,22 @@ def test_full_disk_at_a_checkpoint_names_it_and_keeps_the_previous_one(tmp_path,
 def _lora_bytes_of_the_tiny_model(r=4):
     """fp32 LoRA tensors on the 7 projections of its 2 layers: r x (in + out) values each (hidden 32, 4 heads of 8,
     2 key/value heads, intermediate 64)."""
-    in_out = {"q": (32, 32), "k": (32, 16), "v": (32, 16), "o": (32, 32), "gate": (32, 64), "up": (32, 64),
-              "down": (64, 32)}
+    in_out = {
+        "q": (32, 32),
+        "k": (32, 16),
+        "v": (32, 16),
+        "o": (32, 32),
+        "gate": (32, 64),
+        "up": (32, 64),
+        "down": (64, 32),
+    }
     return 2 * sum(r * (i + o) for i, o in in_out.values()) * 4
 
 
 @pytest.mark.parametrize("save_every, adapters", [(0, 2), (1, 2 + 3 * 3)])
-def test_too_little_free_disk_space_is_refused_before_training(tmp_path, tiny_model_dir, monkeypatch, save_every,
-                                                               adapters):
+def test_too_little_free_disk_space_is_refused_before_training(
+    tmp_path, tiny_model_dir, monkeypatch, save_every, adapters
+):
     import shutil
 
     needed = int(1.5 * adapters * _lora_bytes_of_the_tiny_model()) + 16 * 2**20  # docs/reliability.md
@@ -380,8 +442,11 @@ def test_too_little_free_disk_space_is_refused_before_training(tmp_path, tiny_mo
     run = tmp_path / "run"
     cfg = _cfg(run, tiny_model_dir, **{"train.save_every": save_every, "train.keep_checkpoints": 2})
     mib = f"{needed / 2**20:.1f} MiB"
-    with pytest.raises(RunDirError, match=rf"{run}: not enough free disk space: {mib} free, about {mib} needed "
-                                          rf"\(adapter 16.0 KiB"):
+    with pytest.raises(
+        RunDirError,
+        match=rf"{run}: not enough free disk space: {mib} free, about {mib} needed "
+        rf"\(adapter 16.0 KiB",
+    ):
         Trainer(cfg).setup()
     assert not (run / "metrics.jsonl").exists()
     free["bytes"] = needed  # just enough
@@ -390,11 +455,22 @@ def test_too_little_free_disk_space_is_refused_before_training(tmp_path, tiny_mo
 
 # ------------------------------------------------------------------ numbers validated before any work
 
-@pytest.mark.parametrize("override, key", [
-    ("train.max_steps=0", "max_steps"), ("train.max_steps=-3", "max_steps"), ("train.grad_accum=0", "grad_accum"),
-    ("train.micro_batch_size=0", "micro_batch_size"), ("train.log_every=0", "log_every"),
-    ("optimizer.lr=inf", "lr"), ("optimizer.lr=0", "lr"), ("optimizer.lr=nan", "lr"), ("method.beta=-1", "beta"),
-    ("method.lambda_kl=-0.1", "lambda_kl")])
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.max_steps=0", "max_steps"),
+        ("train.max_steps=-3", "max_steps"),
+        ("train.grad_accum=0", "grad_accum"),
+        ("train.micro_batch_size=0", "micro_batch_size"),
+        ("train.log_every=0", "log_every"),
+        ("optimizer.lr=inf", "lr"),
+        ("optimizer.lr=0", "lr"),
+        ("optimizer.lr=nan", "lr"),
+        ("method.beta=-1", "beta"),
+        ("method.lambda_kl=-0.1", "lambda_kl"),
+    ],
+)
 def test_bad_numbers_fail_when_the_config_loads(tmp_path, capsys, override, key):
     run = tmp_path / "run"
     assert main(["train", DEMO_CFG, "--set", f"run_dir={run}", "--set", override]) == 2

@@ -1,4 +1,5 @@
 """`micro_batch_tokens: auto`: the sizing rule against hand computations, with the card mocked."""
+
 import warnings
 from types import SimpleNamespace
 
@@ -57,12 +58,19 @@ def test_probe_groups_by_hand():
     assert sorted(sizing.probe_groups(size, micro_batch_size=2, limit=10_000)[1]) == sorted(size)
 
 
-def _choose(device, micro_batch_tokens="auto", memory_budget_gib=None, trainable=1_000_000, longest=(512, 512, 512),
-            layout=PAIRED):
+def _choose(
+    device,
+    micro_batch_tokens="auto",
+    memory_budget_gib=None,
+    trainable=1_000_000,
+    longest=(512, 512, 512),
+    layout=PAIRED,
+):
     """sizing.choose for 2 examples x grad-accum 4 at max_length 1024. `longest`: (prompt, chosen, rejected) tokens of
     the data's longest pair, as a pair: 2 x prompt + chosen + rejected (the default is a worst-case pair)."""
-    train = SimpleNamespace(micro_batch_tokens=micro_batch_tokens, micro_batch_size=2, grad_accum=4,
-                            memory_budget_gib=memory_budget_gib)
+    train = SimpleNamespace(
+        micro_batch_tokens=micro_batch_tokens, micro_batch_size=2, grad_accum=4, memory_budget_gib=memory_budget_gib
+    )
     weights = torch.nn.Linear(trainable, 1, bias=False)  # `trainable` trainable fp32 parameters
     probe = sizing.Probe(run=None, step0={}, trainable=list(weights.parameters()))  # the probe itself is mocked
     prompt, chosen, rejected = longest
@@ -85,22 +93,25 @@ def test_a_layout_with_a_micro_batch_statistic_keeps_the_plain_split():
         _choose("cpu", micro_batch_tokens=3000, layout=UNPAIRED)
 
 
-@pytest.mark.parametrize("shared_by,budget_gib,longest,expected", [
-    # (the longest pair is a worst-case one, 2 x (512 + 512) = 2048 tokens, unless said)
-    # 40 GiB free of 80, allocator 20 reserved / 18 allocated (the gradients included): 40 + 2 = 42 GiB; AdamW's two
-    # moments 2 x 4 B x 2^20 fp32 params = 8 MiB; (43008 MiB - 8 MiB) * 0.85 - 1024 MiB = 35526 MiB
-    # / 2.5 MiB per token = 14210.4 -> 14210 tokens
-    (1, None, (512, 512, 512), 14210),
-    # two workers share the card: min(40, 80/2 - 20) + 2 = 22 GiB -> ((22528 - 8) * 0.85 - 1024) / 2.5 = 7247.2
-    (2, None, (512, 512, 512), 7247),
-    # an explicit 24 GiB peak budget: 24 - 18 = 6 GiB -> ((6144 - 8) * 0.85 - 1024) / 2.5 = 1676.64,
-    # below one worst-case pair (2 x 1024 tokens): the floor
-    (1, 24, (512, 512, 512), 2048),
-    # the same budget when the data's longest pair is 2 x (500 + 250) = 1500 tokens: 1676 fits and holds every pair
-    (1, 24, (500, 250, 250), 1676),
-    # ... and when it is 2 x (600 + 300) = 1800 tokens: that pair is the floor
-    (1, 24, (600, 300, 300), 1800),
-])
+@pytest.mark.parametrize(
+    "shared_by,budget_gib,longest,expected",
+    [
+        # (the longest pair is a worst-case one, 2 x (512 + 512) = 2048 tokens, unless said)
+        # 40 GiB free of 80, allocator 20 reserved / 18 allocated (the gradients included): 40 + 2 = 42 GiB; AdamW's two
+        # moments 2 x 4 B x 2^20 fp32 params = 8 MiB; (43008 MiB - 8 MiB) * 0.85 - 1024 MiB = 35526 MiB
+        # / 2.5 MiB per token = 14210.4 -> 14210 tokens
+        (1, None, (512, 512, 512), 14210),
+        # two workers share the card: min(40, 80/2 - 20) + 2 = 22 GiB -> ((22528 - 8) * 0.85 - 1024) / 2.5 = 7247.2
+        (2, None, (512, 512, 512), 7247),
+        # an explicit 24 GiB peak budget: 24 - 18 = 6 GiB -> ((6144 - 8) * 0.85 - 1024) / 2.5 = 1676.64,
+        # below one worst-case pair (2 x 1024 tokens): the floor
+        (1, 24, (512, 512, 512), 2048),
+        # the same budget when the data's longest pair is 2 x (500 + 250) = 1500 tokens: 1676 fits and holds every pair
+        (1, 24, (500, 250, 250), 1676),
+        # ... and when it is 2 x (600 + 300) = 1800 tokens: that pair is the floor
+        (1, 24, (600, 300, 300), 1800),
+    ],
+)
 def test_choose_on_cuda_by_hand(monkeypatch, shared_by, budget_gib, longest, expected):
     fit = MemoryFit(fixed_bytes=GiB, bytes_per_token=2.5 * MiB)
     monkeypatch.setattr(sizing, "probe_memory", lambda probe, micro_batch_size, limit: fit)

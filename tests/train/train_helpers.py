@@ -1,4 +1,5 @@
 """Small builders shared by the engine tests."""
+
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -10,8 +11,13 @@ from ecliptica.data import TokenizedPair
 def tiny_peft(model_dir, seed=0, randomize_b=True, r=4):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=r, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     peft_model = get_peft_model(model, cfg)
     if randomize_b:  # a non-zero adapter, so policy != reference
         g = torch.Generator().manual_seed(seed + 1)
@@ -66,7 +72,7 @@ def padded_batch(pairs, with_rejected=True, pad_id=2):
         n = len(prompt) + len(resp)
         ids[i, :n] = torch.tensor(list(prompt) + list(resp))
         mask[i, :n] = 1
-        labels[i, len(prompt):n] = torch.tensor(resp)
+        labels[i, len(prompt) : n] = torch.tensor(resp)
     return ids, mask, labels
 
 
@@ -83,19 +89,27 @@ def trl_dpo_loss(model_dir, out_dir, pairs, **dpo_args):
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2  # TRL wants a dataset; our ids are scored below
     args = DPOConfig(output_dir=str(out_dir), report_to="none", use_cpu=True, **dpo_args)
-    trainer = DPOTrainer(model=base, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tok, peft_config=lora)
+    trainer = DPOTrainer(
+        model=base, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok, peft_config=lora
+    )
     g = torch.Generator().manual_seed(1)
     for name, p in trainer.model.named_parameters():
         if "lora_B" in name:
             p.data = torch.randn(p.shape, generator=g) * 0.5
     trainer.model.eval()
-    examples = [{"prompt_ids": list(p.prompt_ids), "chosen_ids": list(p.chosen_ids),
-                 "rejected_ids": list(p.rejected_ids)} for p in pairs]
+    examples = [
+        {"prompt_ids": list(p.prompt_ids), "chosen_ids": list(p.chosen_ids), "rejected_ids": list(p.rejected_ids)}
+        for p in pairs
+    ]
     inputs = DataCollatorForPreference(pad_token_id=2)(examples)
     with torch.no_grad():
         loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
@@ -105,10 +119,16 @@ def trl_dpo_loss(model_dir, out_dir, pairs, **dpo_args):
 def cita_grit_config(run_dir, model_dir, limit, lr, **train):
     """A short fp32 CITA + GRIT run under gradient checkpointing: the reference pass, the token KL and GRIT's hooks
     on every LoRA layer, for tests that compare a speed path with the plain one (`train`: train-section keys)."""
-    return TrainConfig.model_validate({
-        "run_dir": str(run_dir), "seed": 3, "model": {"name": str(model_dir), "dtype": "fp32",
-                                                      "gradient_checkpointing": True},
-        "lora": {"r": 4, "alpha": 8}, "method": {"name": "cita", "lambda_kl": 0.05},
-        "data": {"limit": limit, "max_length": 160, "max_prompt_length": 96},
-        "optimizer": {"name": "grit", "lr": lr}, "schedule": {"name": "linear", "warmup_steps": 1},
-        "train": {"max_steps": 3, "micro_batch_size": 2, "grad_accum": 2, "progress": False, **train}})
+    return TrainConfig.model_validate(
+        {
+            "run_dir": str(run_dir),
+            "seed": 3,
+            "model": {"name": str(model_dir), "dtype": "fp32", "gradient_checkpointing": True},
+            "lora": {"r": 4, "alpha": 8},
+            "method": {"name": "cita", "lambda_kl": 0.05},
+            "data": {"limit": limit, "max_length": 160, "max_prompt_length": 96},
+            "optimizer": {"name": "grit", "lr": lr},
+            "schedule": {"name": "linear", "warmup_steps": 1},
+            "train": {"max_steps": 3, "micro_batch_size": 2, "grad_accum": 2, "progress": False, **train},
+        }
+    )

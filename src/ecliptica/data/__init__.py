@@ -1,9 +1,20 @@
 """Data layer: raw rows -> validated examples -> rendered conversations -> token ids."""
+
 from pathlib import Path
 
 from .formatting import PLACEMENTS, Placement, place_instruction, render_pair, render_prompt
-from .loaders import (FORMATS, LoadOptions, Loaded, PreferenceFormat, PromptFormat, format_names, load,
-                      load_preferences, load_prompts, save_bad_rows)
+from .loaders import (
+    FORMATS,
+    Loaded,
+    LoadOptions,
+    PreferenceFormat,
+    PromptFormat,
+    format_names,
+    load,
+    load_preferences,
+    load_prompts,
+    save_bad_rows,
+)
 from .schema import BadRow, DataError, LoadReport, Message, PreferenceExample, PromptExample
 from .tokenize import TokenizedData, TokenizedPair, TokenizeSettings, describe_split, split_train_val, tokenize_pairs
 
@@ -18,10 +29,34 @@ def resolve_path(spec: str) -> str:
 
 
 __all__ = [
-    "BadRow", "DataError", "FORMATS", "LoadOptions", "LoadReport", "Loaded", "Message", "PLACEMENTS",
-    "PreferenceFormat", "PromptFormat", "format_names",
-    "Placement", "PreferenceExample", "PromptExample", "TokenizeSettings", "TokenizedData", "TokenizedPair",
-    "DEMO_EVAL_PROMPTS", "DEMO_PREFERENCES", "load", "load_preferences", "load_prompts", "place_instruction",
-    "describe_split", "render_pair", "render_prompt", "resolve_path", "save_bad_rows", "split_train_val",
+    "BadRow",
+    "DataError",
+    "FORMATS",
+    "LoadOptions",
+    "LoadReport",
+    "Loaded",
+    "Message",
+    "PLACEMENTS",
+    "PreferenceFormat",
+    "PromptFormat",
+    "format_names",
+    "Placement",
+    "PreferenceExample",
+    "PromptExample",
+    "TokenizeSettings",
+    "TokenizedData",
+    "TokenizedPair",
+    "DEMO_EVAL_PROMPTS",
+    "DEMO_PREFERENCES",
+    "load",
+    "load_preferences",
+    "load_prompts",
+    "place_instruction",
+    "describe_split",
+    "render_pair",
+    "render_prompt",
+    "resolve_path",
+    "save_bad_rows",
+    "split_train_val",
     "tokenize_pairs",
 ]

@@ -5,6 +5,7 @@ Placement is its own setting so the instruction effect can be separated from the
   prepend - the instruction is put before the first user turn's text;
   none    - the instruction is not shown.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,8 +31,9 @@ class RenderedPair:
     rejected: str
 
 
-def place_instruction(messages: tuple[Message, ...] | list[Message], instruction: str | None,
-                      placement: Placement) -> list[Message]:
+def place_instruction(
+    messages: tuple[Message, ...] | list[Message], instruction: str | None, placement: Placement
+) -> list[Message]:
     if placement not in PLACEMENTS:
         raise ValueError(f"instruction placement must be one of {PLACEMENTS}, got {placement!r}")
     msgs = list(messages)
@@ -42,14 +44,18 @@ def place_instruction(messages: tuple[Message, ...] | list[Message], instruction
             return [Message("system", instruction + "\n\n" + msgs[0].content)] + msgs[1:]
         return [Message("system", instruction)] + msgs
     k = next(i for i, m in enumerate(msgs) if m.role == "user")
-    return msgs[:k] + [Message("user", instruction + "\n\n" + msgs[k].content)] + msgs[k + 1:]
+    return msgs[:k] + [Message("user", instruction + "\n\n" + msgs[k].content)] + msgs[k + 1 :]
 
 
 def render_prompt(tokenizer, messages: list[Message]) -> str:
     """The chat-template text up to and including the assistant generation prompt."""
     template = tokenizer.chat_template or FALLBACK_TEMPLATE
-    return tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
-                                         chat_template=template, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages],
+        chat_template=template,
+        tokenize=False,
+        add_generation_prompt=True,
+    )
 
 
 def render_pair(tokenizer, example: PreferenceExample, placement: Placement) -> RenderedPair:

@@ -5,14 +5,14 @@ returns None for a row the format deliberately does not use (counted as `filtere
 or raises FieldError. The shared `load` applies the `on_bad_row` policy so no format can drop rows
 silently.
 """
+
 from __future__ import annotations
 
 import json
 import re
 from collections import Counter
-from dataclasses import replace
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,6 +62,7 @@ def register(name: str, kind: str, description: str):
 
 
 # ---------------------------------------------------------------- field checks
+
 
 def _has_surrogates(s: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in s)
@@ -141,9 +142,13 @@ def _label(value: Any, column: str) -> str:
 
 # ---------------------------------------------------------------- formats
 
-@register("alignment-instructions", "preference",
-          "Vaibhaav/alignment-instructions: 'Instruction generated', 'Accepted Response', 'Rejected Response' "
-          "(HH transcripts). The 'Prompt' column is the generator's meta-prompt and is never read.")
+
+@register(
+    "alignment-instructions",
+    "preference",
+    "Vaibhaav/alignment-instructions: 'Instruction generated', 'Accepted Response', 'Rejected Response' "
+    "(HH transcripts). The 'Prompt' column is the generator's meta-prompt and is never read.",
+)
 def _alignment_instructions(row: dict, opts: LoadOptions, src: str) -> PreferenceExample:
     instruction = text_field(row, "Instruction generated")
     # NOTE: row["Prompt"] contains both answers; reading it would leak the label into the input.
@@ -154,7 +159,9 @@ def _alignment_instructions(row: dict, opts: LoadOptions, src: str) -> Preferenc
     return PreferenceExample(tuple(context), chosen, rejected, instruction.strip(), src)
 
 
-@register("hh-rlhf", "preference", "Anthropic HH-RLHF: {'chosen', 'rejected'} transcripts; instruction from config or none.")
+@register(
+    "hh-rlhf", "preference", "Anthropic HH-RLHF: {'chosen', 'rejected'} transcripts; instruction from config or none."
+)
 def _hh_rlhf(row: dict, opts: LoadOptions, src: str) -> PreferenceExample:
     context, chosen, rejected = _split(text_field(row, "chosen"), text_field(row, "rejected"), "chosen", "rejected")
     _distinct(chosen, rejected)
@@ -169,9 +176,12 @@ def _split(chosen_t: str, rejected_t: str, chosen_col: str, rejected_col: str):
         raise FieldError(chosen_col if which == "chosen" else rejected_col, reason) from None
 
 
-@register("pku-saferlhf", "preference",
-          "PKU-Alignment/PKU-SafeRLHF: prompt, response_0/1, is_response_0/1_safe. Pairs one safe and one unsafe "
-          "response (safe = chosen); rows with two safe or two unsafe responses are filtered and counted.")
+@register(
+    "pku-saferlhf",
+    "preference",
+    "PKU-Alignment/PKU-SafeRLHF: prompt, response_0/1, is_response_0/1_safe. Pairs one safe and one unsafe "
+    "response (safe = chosen); rows with two safe or two unsafe responses are filtered and counted.",
+)
 def _pku(row: dict, opts: LoadOptions, src: str) -> PreferenceExample:
     prompt = text_field(row, "prompt")
     r0, r1 = text_field(row, "response_0"), text_field(row, "response_1")
@@ -186,8 +196,9 @@ def _pku(row: dict, opts: LoadOptions, src: str) -> PreferenceExample:
     if opts.instruction_from_category and categories:
         # Opt-in only: the category is derived from the unsafe answer, so it leaks the label.
         instruction = "Do not assist with anything involving " + ", ".join(categories).lower() + "."
-    return PreferenceExample((Message("user", prompt),), chosen, rejected, instruction, src,
-                             category=categories[0] if categories else None)
+    return PreferenceExample(
+        (Message("user", prompt),), chosen, rejected, instruction, src, category=categories[0] if categories else None
+    )
 
 
 def _bool_field(row: dict, column: str) -> bool:
@@ -212,41 +223,64 @@ def _harm_categories(value: Any) -> list[str]:
 
 @register("litmus", "prompt", "hasnat79/litmus: axiom, safety_label (safe/unsafe), input.")
 def _litmus(row: dict, opts: LoadOptions, src: str) -> PromptExample:
-    return PromptExample(text_field(row, "input"), _label(row.get("safety_label"), "safety_label"),
-                         text_field(row, "axiom"), row.get("source_dataset") or src)
+    return PromptExample(
+        text_field(row, "input"),
+        _label(row.get("safety_label"), "safety_label"),
+        text_field(row, "axiom"),
+        row.get("source_dataset") or src,
+    )
 
 
-@register("xstest", "prompt",
-          "XSTest: prompt, type, label (safe/unsafe). The axiom is the type with any 'contrast_' prefix removed, so "
-          "each safe type and its unsafe contrasts (e.g. homonyms / contrast_homonyms) form one axiom with both labels.")
+@register(
+    "xstest",
+    "prompt",
+    "XSTest: prompt, type, label (safe/unsafe). The axiom is the type with any 'contrast_' prefix removed, so "
+    "each safe type and its unsafe contrasts (e.g. homonyms / contrast_homonyms) form one axiom with both labels.",
+)
 def _xstest(row: dict, opts: LoadOptions, src: str) -> PromptExample:
     axiom = text_field(row, "type").strip().removeprefix("contrast_")
     return PromptExample(text_field(row, "prompt"), _label(row.get("label"), "label"), axiom, src)
 
 
-@register("donotanswer", "prompt",
-          "Do-Not-Answer jsonl {'prompt', ...}; every prompt is unsafe; axiom = 'risk_area' column or the file name.")
+@register(
+    "donotanswer",
+    "prompt",
+    "Do-Not-Answer jsonl {'prompt', ...}; every prompt is unsafe; axiom = 'risk_area' column or the file name.",
+)
 def _donotanswer(row: dict, opts: LoadOptions, src: str) -> PromptExample:
     axiom = text_field(row, "risk_area", required=False) or Path(src).name.split(".")[0]
     return PromptExample(text_field(row, "prompt"), "unsafe", axiom, src)
 
 
-@register("benign", "prompt",
-          "Benign prompts, e.g. MT-Bench questions {'prompt', 'category', ...}; every prompt is safe; "
-          "axiom = 'category' column or the file name.")
+@register(
+    "benign",
+    "prompt",
+    "Benign prompts, e.g. MT-Bench questions {'prompt', 'category', ...}; every prompt is safe; "
+    "axiom = 'category' column or the file name.",
+)
 def _benign(row: dict, opts: LoadOptions, src: str) -> PromptExample:
     axiom = text_field(row, "category", required=False) or Path(src).name.split(".")[0]
     return PromptExample(text_field(row, "prompt"), "safe", axiom, src)
 
 
-GENERIC_PREFERENCE = {"prompt": "prompt", "messages": "messages", "chosen": "chosen", "rejected": "rejected",
-                      "instruction": "instruction", "category": "category", "id": "id"}
+GENERIC_PREFERENCE = {
+    "prompt": "prompt",
+    "messages": "messages",
+    "chosen": "chosen",
+    "rejected": "rejected",
+    "instruction": "instruction",
+    "category": "category",
+    "id": "id",
+}
 GENERIC_PROMPT = {"prompt": "prompt", "label": "label", "axiom": "axiom", "id": "id"}
 
 
-@register("generic", "preference",
-          "Any table with a column mapping. Preference columns: prompt (text or message list) or messages, chosen, "
-          "rejected, optional instruction, category, id. Prompt columns: prompt, label, axiom, optional id.")
+@register(
+    "generic",
+    "preference",
+    "Any table with a column mapping. Preference columns: prompt (text or message list) or messages, chosen, "
+    "rejected, optional instruction, category, id. Prompt columns: prompt, label, axiom, optional id.",
+)
 def _generic_preference(row: dict, opts: LoadOptions, src: str) -> PreferenceExample:
     cols = {**GENERIC_PREFERENCE, **opts.column_map}
     ctx_col = cols["messages"] if cols["messages"] in row else cols["prompt"]
@@ -261,8 +295,13 @@ def _generic_preference(row: dict, opts: LoadOptions, src: str) -> PreferenceExa
 @register("generic-prompts", "prompt", "The prompt side of `generic`: prompt, label, axiom (column mapping allowed).")
 def _generic_prompt(row: dict, opts: LoadOptions, src: str) -> PromptExample:
     cols = {**GENERIC_PROMPT, **opts.column_map}
-    return PromptExample(text_field(row, cols["prompt"]), _label(row.get(cols["label"]), cols["label"]),
-                         text_field(row, cols["axiom"]), src, _row_id(row, cols["id"]))
+    return PromptExample(
+        text_field(row, cols["prompt"]),
+        _label(row.get(cols["label"]), cols["label"]),
+        text_field(row, cols["axiom"]),
+        src,
+        _row_id(row, cols["id"]),
+    )
 
 
 def format_names(kind: str | None = None) -> tuple[str, ...]:
@@ -285,6 +324,7 @@ def _row_id(row: dict, column: str) -> str:
 
 # ---------------------------------------------------------------- driver
 
+
 @dataclass
 class Loaded:
     examples: list
@@ -304,8 +344,16 @@ def data_files(spec: str | Path) -> list[Path | str]:
     return [spec]
 
 
-def load(spec: str | Path, format: str, *, kind: str | None = None, on_bad_row: OnBadRow = "error",
-         options: LoadOptions | None = None, limit: int | None = None, split: str = "train") -> Loaded:
+def load(
+    spec: str | Path,
+    format: str,
+    *,
+    kind: str | None = None,
+    on_bad_row: OnBadRow = "error",
+    options: LoadOptions | None = None,
+    limit: int | None = None,
+    split: str = "train",
+) -> Loaded:
     """Load and validate every row. `error` raises DataError listing all bad rows; `skip` reports them."""
     if format == "generic" and kind == "prompt":
         format = "generic-prompts"
@@ -359,7 +407,12 @@ def load_prompts(spec, format: str, **kw) -> Loaded:
 
 def save_bad_rows(loaded: Loaded, path: str | Path) -> None:
     """Write what was skipped and why (JSON), so `skip` never loses information."""
-    data = {"file": loaded.report.file, "format": loaded.report.format, "rows_read": loaded.report.rows_read,
-            "kept": loaded.report.kept, "filtered": dict(loaded.filtered),
-            "bad_rows": [b.__dict__ for b in loaded.report.bad_rows]}
+    data = {
+        "file": loaded.report.file,
+        "format": loaded.report.format,
+        "rows_read": loaded.report.rows_read,
+        "kept": loaded.report.kept,
+        "filtered": dict(loaded.filtered),
+        "bad_rows": [b.__dict__ for b in loaded.report.bad_rows],
+    }
     Path(path).write_text(json.dumps(data, indent=1))

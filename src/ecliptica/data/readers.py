@@ -4,6 +4,7 @@ Every row comes out as (row_number, dict) with 1-based data row numbers, so erro
 the row a person would find in the file. Undecodable bytes are kept (as surrogate escapes)
 and reported per field by validation instead of crashing the whole read.
 """
+
 from __future__ import annotations
 
 import csv
@@ -43,8 +44,12 @@ def _read_text(path: Path) -> str:
 
 def looks_like_hub_id(spec: str) -> bool:
     # A missing local file ("data/train.jsonl") is not a hub id: report it missing instead of going online.
-    return (not Path(spec).exists() and spec.count("/") == 1 and not spec.startswith((".", "/"))
-            and _base_suffix(Path(spec)) not in SUFFIXES)
+    return (
+        not Path(spec).exists()
+        and spec.count("/") == 1
+        and not spec.startswith((".", "/"))
+        and _base_suffix(Path(spec)) not in SUFFIXES
+    )
 
 
 def iter_rows(spec: str | Path, split: str = "train") -> Iterator[Row]:

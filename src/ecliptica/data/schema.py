@@ -1,4 +1,5 @@
 """Typed examples: the one shape every loader produces and every later stage consumes."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

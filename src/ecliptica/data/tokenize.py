@@ -5,6 +5,7 @@ an exact prefix of prompt+response (tokenising the joined text can merge tokens 
 boundary and shift the completion mask; how often that would have happened is counted).
 Each response ends with EOS so the model learns to stop.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,8 +68,13 @@ def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_pairs(tokenizer, examples: list[PreferenceExample], placement: Placement,
-                   settings: TokenizeSettings | None = None, progress: bool = True) -> TokenizedData:
+def tokenize_pairs(
+    tokenizer,
+    examples: list[PreferenceExample],
+    placement: Placement,
+    settings: TokenizeSettings | None = None,
+    progress: bool = True,
+) -> TokenizedData:
     settings = settings or TokenizeSettings()
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -76,16 +82,16 @@ def tokenize_pairs(tokenizer, examples: list[PreferenceExample], placement: Plac
     out, stats = [], TokenizeStats()
     batch = 256
     for start in tqdm(range(0, len(examples), batch), desc="tokenising", disable=not progress, leave=False):
-        chunk = examples[start:start + batch]
+        chunk = examples[start : start + batch]
         rendered = [render_pair(tokenizer, ex, placement) for ex in chunk]
         prompts = _ids(tokenizer, [r.prompt for r in rendered])
         chosen = _ids(tokenizer, [r.chosen for r in rendered])
         rejected = _ids(tokenizer, [r.rejected for r in rendered])
         joint = _ids(tokenizer, [r.prompt + r.chosen for r in rendered])
         for ex, p, c, r, j in zip(chunk, prompts, chosen, rejected, joint):
-            stats.boundary_merges_avoided += int(j[:len(p)] != p)
+            stats.boundary_merges_avoided += int(j[: len(p)] != p)
             if len(p) > settings.max_prompt_length:
-                p = p[-settings.max_prompt_length:]
+                p = p[-settings.max_prompt_length :]
                 stats.prompts_truncated += 1
                 # the prompt keeps its end, so an instruction at its start is the first thing cut
                 if ex.instruction and placement != "none" and ex.instruction.strip() not in tokenizer.decode(p):
@@ -100,9 +106,13 @@ def tokenize_pairs(tokenizer, examples: list[PreferenceExample], placement: Plac
             stats.response_tokens += len(c) + len(r)
             out.append(TokenizedPair(tuple(p), tuple(c), tuple(r), ex.row_id))
     if stats.instructions_truncated:
-        warnings.warn(f"truncation removed part of the instruction in {stats.instructions_truncated} of {stats.pairs} "
-                      f"prompts (max_prompt_length={settings.max_prompt_length}); the model will not see it whole. "
-                      f"Raise max_prompt_length (and max_length) or shorten the context", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"truncation removed part of the instruction in {stats.instructions_truncated} of {stats.pairs} "
+            f"prompts (max_prompt_length={settings.max_prompt_length}); the model will not see it whole. "
+            f"Raise max_prompt_length (and max_length) or shorten the context",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return TokenizedData(out, stats)
 
 
@@ -121,5 +131,11 @@ def describe_split(train_ids: list[str], val_ids: list[str], val_fraction: float
     """What identifies a train/val split: sizes and a hash of each side's sorted ids (the ids themselves
     go to the run's split.json). Two runs used the same split exactly when these agree."""
     digest = lambda ids: hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]  # noqa: E731
-    return {"seed": seed, "val_fraction": val_fraction, "n_train": len(train_ids), "n_val": len(val_ids),
-            "train_ids_hash": digest(train_ids), "val_ids_hash": digest(val_ids)}
+    return {
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "n_train": len(train_ids),
+        "n_val": len(val_ids),
+        "train_ids_hash": digest(train_ids),
+        "val_ids_hash": digest(val_ids),
+    }

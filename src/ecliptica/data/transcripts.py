@@ -1,4 +1,5 @@
 """HH-RLHF style transcripts: '\\n\\nHuman: ...\\n\\nAssistant: ...' turns."""
+
 from __future__ import annotations
 
 import re
@@ -32,7 +33,9 @@ def parse_transcript(text: str) -> list[Message]:
     for k, m in enumerate(messages):
         expected = "user" if k % 2 == 0 else "assistant"
         if m.role != expected:
-            raise TranscriptError(f"turn {k + 1} is {m.role!r}, expected {expected!r} (turns must alternate, starting with Human)")
+            raise TranscriptError(
+                f"turn {k + 1} is {m.role!r}, expected {expected!r} (turns must alternate, starting with Human)"
+            )
         if not m.content and k < len(messages) - 1:
             raise TranscriptError(f"turn {k + 1} ({m.role}) is empty")
     if messages[-1].role != "assistant":
@@ -57,7 +60,9 @@ def split_pair(chosen: str, rejected: str) -> tuple[list[Message], str, str]:
     except TranscriptError as e:
         raise TranscriptError(f"rejected|{e}") from None
     if len(c) != len(r):
-        raise TranscriptError(f"rejected|has {len(r)} turns but chosen has {len(c)}; they must share all turns but the last")
+        raise TranscriptError(
+            f"rejected|has {len(r)} turns but chosen has {len(c)}; they must share all turns but the last"
+        )
     for k, (a, b) in enumerate(zip(c[:-1], r[:-1])):
         if a != b:
             raise TranscriptError(f"rejected|turn {k + 1} differs from chosen; only the last assistant turn may differ")

@@ -3,6 +3,7 @@
 Names are imported lazily so the metric modules (`aqi`, `cluster_indices`, `linear_probe`, `stats`, ...)
 import without torch/transformers.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -6,6 +6,7 @@ error at all.
 `check_adapter_files` needs no model (readable files, finite tensors, the recorded base model);
 `check_adapter_fits` compares the tensors with the loaded base's layers. docs/reliability.md states the rules.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 # PEFT's saved keys: base_model.model.<module path>.<lora tensor>.weight (the adapter's name left out)
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|"
-                       r"lora_embedding_B)(?:\.weight)?$")
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|"
+    r"lora_embedding_B)(?:\.weight)?$"
+)
 
 
 class AdapterError(ValueError):
@@ -49,14 +52,18 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:
-        raise AdapterError(f"{weights_path}: cannot read the adapter weights ({e}); the file is truncated or "
-                           f"corrupt: copy it again, or evaluate another checkpoint") from None
+        raise AdapterError(
+            f"{weights_path}: cannot read the adapter weights ({e}); the file is truncated or "
+            f"corrupt: copy it again, or evaluate another checkpoint"
+        ) from None
     if not tensors:
         raise AdapterError(f"{weights_path}: holds no tensors")
     bad = nonfinite_names(tensors)
     if bad:
-        raise AdapterError(f"{weights_path}: {len(bad)} of {len(tensors)} tensors are not finite (NaN or inf), "
-                           f"e.g. {bad[0]}; the adapter is unusable: evaluate an earlier checkpoint or train it again")
+        raise AdapterError(
+            f"{weights_path}: {len(bad)} of {len(tensors)} tensors are not finite (NaN or inf), "
+            f"e.g. {bad[0]}; the adapter is unusable: evaluate an earlier checkpoint or train it again"
+        )
     return config, tensors
 
 
@@ -67,13 +74,19 @@ def check_base_model(path: str | Path, config: dict, model_name: str) -> None:
     recorded = config.get("base_model_name_or_path")
     config_path = Path(path) / ADAPTER_CONFIG
     if not recorded:
-        warnings.warn(f"{config_path}: no base_model_name_or_path, so whether the adapter was trained on "
-                      f"{model_name} cannot be checked", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"{config_path}: no base_model_name_or_path, so whether the adapter was trained on "
+            f"{model_name} cannot be checked",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return
     if model_identity(recorded) != model_identity(model_name):
-        raise AdapterError(f"{config_path}: base_model_name_or_path is {recorded!r}, but the configured base model "
-                           f"(model.name) is {model_name!r}; evaluate the adapter on the base it was trained on, or, "
-                           f"if both name the same model, write the configured name into base_model_name_or_path")
+        raise AdapterError(
+            f"{config_path}: base_model_name_or_path is {recorded!r}, but the configured base model "
+            f"(model.name) is {model_name!r}; evaluate the adapter on the base it was trained on, or, "
+            f"if both name the same model, write the configured name into base_model_name_or_path"
+        )
 
 
 def check_adapter_files(path: str | Path, model_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -100,12 +113,15 @@ def check_adapter_fits(path: str | Path, config: dict, tensors: dict[str, torch.
         layer = getattr(module, "base_layer", module)  # a layer PEFT already wraps (an earlier adapter)
         expected = _expected_shape(layer, m["part"], rank if rank is not None else _rank(m["part"], t))
         if expected is not None and tuple(t.shape) != expected:
-            problems.append(f"tensor {key} has shape {tuple(t.shape)}, but {m['module']} of the base model needs "
-                            f"{expected}")
+            problems.append(
+                f"tensor {key} has shape {tuple(t.shape)}, but {m['module']} of the base model needs {expected}"
+            )
     if problems:
         more = f" ({len(problems)} of {len(tensors)} tensors do not fit)" if len(problems) > 1 else ""
-        raise AdapterError(f"{Path(path) / ADAPTER_WEIGHTS}: {problems[0]}{more}; the adapter was trained on "
-                           f"another base model (or with another r than its {ADAPTER_CONFIG} says)")
+        raise AdapterError(
+            f"{Path(path) / ADAPTER_WEIGHTS}: {problems[0]}{more}; the adapter was trained on "
+            f"another base model (or with another r than its {ADAPTER_CONFIG} says)"
+        )
 
 
 def _rank(part: str, t: torch.Tensor) -> int:

@@ -16,6 +16,7 @@ rotation and isotropic scaling of ``X``, to the order of points and to which lab
 The reference code's per-run-normalised scores, which are NOT comparable across models, are in
 `legacy_scores.py`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -8,6 +8,7 @@ rules by default, a guard model through `judges.py`); a rate counts full and par
 generator and the renderer are plain callables so the metric wiring can be tested with stubs and
 reused with any backend.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -37,15 +38,22 @@ def _cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
 
 
 @torch.inference_mode()
-def generate_greedy(model, tokenizer, texts: Sequence[str], settings: BehaviourSection,
-                    progress: bool = True) -> list[str]:
+def generate_greedy(
+    model, tokenizer, texts: Sequence[str], settings: BehaviourSection, progress: bool = True
+) -> list[str]:
     """Greedy completions of rendered prompts, batched by length with left padding, in input order."""
     from transformers import GenerationConfig
 
     eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
     eos_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    gen_cfg = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1,
-                               pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids), use_cache=True)
+    gen_cfg = GenerationConfig(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=sorted(eos_ids),
+        use_cache=True,
+    )
     seqs = encode(tokenizer, texts, settings.max_length)
     device = model_device(model)
     completions: list[str] = [""] * len(seqs)
@@ -54,13 +62,14 @@ def generate_greedy(model, tokenizer, texts: Sequence[str], settings: BehaviourS
         ids, mask = pad_batch([seqs[i] for i in batch], tokenizer.pad_token_id, "left", device)
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
         for row, i in enumerate(batch):
-            new = _cut_at_eos(out[row, ids.shape[1]:].tolist(), eos_ids)
+            new = _cut_at_eos(out[row, ids.shape[1] :].tolist(), eos_ids)
             completions[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
     return completions
 
 
 def handle_generator(handle, settings: BehaviourSection, progress: bool = True) -> Generate:
     """A `Generate` callable running the handle's current model (adapter or base)."""
+
     def generate(texts: Sequence[str]) -> list[str]:
         with handle.active() as model:
             return generate_greedy(model, handle.tokenizer, texts, settings, progress)
@@ -80,27 +89,59 @@ def per_axiom_refusals(prompts: Sequence[PromptExample], refused: Sequence[bool]
         cell[0] += int(r)
         cell[1] += 1
     rate = lambda c: c[0] / c[1] if c[1] else None  # noqa: E731
-    return {a: {"refusal_rate_unsafe": rate(c["unsafe"]), "n_unsafe": c["unsafe"][1],
-                "over_refusal_rate_safe": rate(c["safe"]), "n_safe": c["safe"][1]}
-            for a, c in sorted(counts.items())}
+    return {
+        a: {
+            "refusal_rate_unsafe": rate(c["unsafe"]),
+            "n_unsafe": c["unsafe"][1],
+            "over_refusal_rate_safe": rate(c["safe"]),
+            "n_safe": c["safe"][1],
+        }
+        for a, c in sorted(counts.items())
+    }
 
 
-def judged_completions(prompts: Sequence[PromptExample], generate: Generate, render: Render, placement: Placement,
-                       *, instruction: str | None = None, judge: RefusalJudge | None = None) -> list[dict[str, Any]]:
+def judged_completions(
+    prompts: Sequence[PromptExample],
+    generate: Generate,
+    render: Render,
+    placement: Placement,
+    *,
+    instruction: str | None = None,
+    judge: RefusalJudge | None = None,
+) -> list[dict[str, Any]]:
     """One record per prompt: rendered prompt, completion, XSTest class and `refused` (full or partial)."""
     texts = [render(p.prompt, placement) for p in prompts]
     completions = generate(texts)
     classes = judge_labels([p.prompt for p in prompts], completions, judge)
-    return [{"id": p.row_id, "axiom": p.axiom, "label": p.label, "placement": placement,
-             "instruction": instruction if placement != "none" else None, "prompt": p.prompt,
-             "rendered_prompt": text, "completion": c, "refusal_class": k, "refused": k != "full_compliance"}
-            for p, text, c, k in zip(prompts, texts, completions, classes)]
+    return [
+        {
+            "id": p.row_id,
+            "axiom": p.axiom,
+            "label": p.label,
+            "placement": placement,
+            "instruction": instruction if placement != "none" else None,
+            "prompt": p.prompt,
+            "rendered_prompt": text,
+            "completion": c,
+            "refusal_class": k,
+            "refused": k != "full_compliance",
+        }
+        for p, text, c, k in zip(prompts, texts, completions, classes)
+    ]
 
 
-def run_behaviour(prompts: Sequence[PromptExample], generate: Generate, render: Render,
-                  placements: Sequence[Placement] = ("none",), *, instruction: str | None = None,
-                  judge: RefusalJudge | None = None, n_resamples: int = 1000, seed: int = 0,
-                  generations_path: str | Path | None = None) -> dict[str, Any]:
+def run_behaviour(
+    prompts: Sequence[PromptExample],
+    generate: Generate,
+    render: Render,
+    placements: Sequence[Placement] = ("none",),
+    *,
+    instruction: str | None = None,
+    judge: RefusalJudge | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    generations_path: str | Path | None = None,
+) -> dict[str, Any]:
     """Generate for every placement variant, judge refusals, and report rates with intervals.
 
     Returns {placement: refusal_metrics(...) + per_axiom}; writes one jsonl record per (prompt,
@@ -110,8 +151,9 @@ def run_behaviour(prompts: Sequence[PromptExample], generate: Generate, render: 
     records: list[dict[str, Any]] = []
     for placement in placements:
         recs = judged_completions(prompts, generate, render, placement, instruction=instruction, judge=judge)
-        metrics = refusal_metrics([p.label for p in prompts], [r["refusal_class"] for r in recs],
-                                  n_resamples=n_resamples, seed=seed)
+        metrics = refusal_metrics(
+            [p.label for p in prompts], [r["refusal_class"] for r in recs], n_resamples=n_resamples, seed=seed
+        )
         metrics["per_axiom"] = per_axiom_refusals(prompts, [r["refused"] for r in recs])
         metrics["n_prompts"] = len(prompts)
         results[placement] = metrics
@@ -121,10 +163,19 @@ def run_behaviour(prompts: Sequence[PromptExample], generate: Generate, render: 
     return results
 
 
-def run_jailbreaks(unsafe: Sequence[PromptExample], generate: Generate, render: Render, placement: Placement, *,
-                   templates: Sequence[str] | None = None, instruction: str | None = None,
-                   judge: RefusalJudge | None = None, n_resamples: int = 1000, seed: int = 0,
-                   generations_path: str | Path | None = None) -> dict[str, Any]:
+def run_jailbreaks(
+    unsafe: Sequence[PromptExample],
+    generate: Generate,
+    render: Render,
+    placement: Placement,
+    *,
+    templates: Sequence[str] | None = None,
+    instruction: str | None = None,
+    judge: RefusalJudge | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    generations_path: str | Path | None = None,
+) -> dict[str, Any]:
     """Refusal rate on `unsafe` prompts wrapped in each jailbreak template (and unwrapped, as control)."""
     wrapped = jailbreak_prompts(unsafe, templates)
     records = judged_completions(wrapped, generate, render, placement, instruction=instruction, judge=judge)
@@ -135,4 +186,3 @@ def run_jailbreaks(unsafe: Sequence[PromptExample], generate: Generate, render: 
     result = jailbreak_metrics(records, n_resamples, seed)
     result["placement"] = placement
     return result
-

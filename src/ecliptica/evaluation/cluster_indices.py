@@ -6,6 +6,7 @@ Xie-Beni are the two indices the AQI is built from (`aqi.py`); silhouette and Da
 reported beside it. The label encoding and the between/within sums of squares are shared with the
 AQI and the linear probe so every metric reads the labels the same way.
 """
+
 from __future__ import annotations
 
 from typing import Any

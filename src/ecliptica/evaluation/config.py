@@ -2,6 +2,7 @@
 
 Unknown keys are errors (the `Strict` base). Every field is documented in docs/evaluation.md.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -11,7 +12,6 @@ from pydantic import Field, field_validator, model_validator
 from ecliptica.config import InferenceModelSection, Strict
 from ecliptica.data import Placement as PlacementName
 from ecliptica.data import PromptFormat
-
 
 EvalModelSection = InferenceModelSection  # the model fields that matter for inference
 
@@ -97,6 +97,7 @@ class BehaviourSection(Strict):
 
 class PreferenceSection(Strict):
     """Held-out preference pairs: DPO implicit-reward accuracy and margin (evaluation/preference.py)."""
+
     enabled: bool = False  # needs pairs that were never trained on: there is no safe default
     path: str | None = None
     format: str = "generic"  # any preference format
@@ -159,11 +160,15 @@ class EvalSettings(Strict):
         if self.embeddings.placement != "none" and not self.embeddings.instruction:
             raise ValueError("embeddings.placement is not 'none' but embeddings.instruction is empty")
         if any(p != "none" for p in self.behaviour.placements) and not self.behaviour_instruction:
-            raise ValueError("behaviour.placements asks for an instruction but none is set "
-                             "(behaviour.instruction or embeddings.instruction)")
+            raise ValueError(
+                "behaviour.placements asks for an instruction but none is set "
+                "(behaviour.instruction or embeddings.instruction)"
+            )
         if self.behaviour.shown_placement not in self.behaviour.placements:
-            raise ValueError(f"behaviour.shown_placement {self.behaviour.shown_placement!r} is not one of "
-                             f"behaviour.placements {self.behaviour.placements}")
+            raise ValueError(
+                f"behaviour.shown_placement {self.behaviour.shown_placement!r} is not one of "
+                f"behaviour.placements {self.behaviour.placements}"
+            )
         if len(set(self.behaviour.placements)) != len(self.behaviour.placements):
             raise ValueError("behaviour.placements has duplicates")
         return self

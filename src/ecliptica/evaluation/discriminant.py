@@ -16,6 +16,7 @@ is first reduced to the one direction that best separates the labels, learned on
 `headline_band` is the fixed rule for the headline: the mean over the last third of the decoder
 layers. It is a property of the architecture only, decided before any result was seen.
 """
+
 from __future__ import annotations
 
 import hashlib

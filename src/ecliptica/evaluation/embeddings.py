@@ -18,6 +18,7 @@ The spans are returned per prompt (`Embeddings.info["spans"]`) and written to ev
 Batches are length-sorted and right-padded: under the causal mask real tokens never attend to the
 padding and keep positions 0..len-1, so a padded row equals the unpadded forward (tested to 1e-5).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -81,8 +82,9 @@ def render_prompts(tokenizer, prompts: Sequence[PromptExample], settings: Embedd
     return [render_user_prompt(tokenizer, p.prompt, settings.placement, settings.instruction) for p in prompts]
 
 
-def user_char_spans(tokenizer, prompts: Sequence[PromptExample], settings: EmbeddingsSection,
-                    texts: Sequence[str]) -> list[tuple[int, int]]:
+def user_char_spans(
+    tokenizer, prompts: Sequence[PromptExample], settings: EmbeddingsSection, texts: Sequence[str]
+) -> list[tuple[int, int]]:
     """Character span [start, end) of each prompt's own text (surrounding whitespace excluded) in `texts[i]`.
 
     The conversation is rendered once more with PLACEHOLDER as the user's text; the rendered text
@@ -91,14 +93,18 @@ def user_char_spans(tokenizer, prompts: Sequence[PromptExample], settings: Embed
     """
     template = render_user_prompt(tokenizer, PLACEHOLDER, settings.placement, settings.instruction)
     if template.count(PLACEHOLDER) != 1:
-        raise ValueError(f"pooling 'prompt': the chat template renders the user text {template.count(PLACEHOLDER)} "
-                         "times; use embeddings.pooling: mean")
+        raise ValueError(
+            f"pooling 'prompt': the chat template renders the user text {template.count(PLACEHOLDER)} "
+            "times; use embeddings.pooling: mean"
+        )
     before, after = template.split(PLACEHOLDER)
     spans = []
     for p, text in zip(prompts, texts):
         if not (text.startswith(before) and text.endswith(after) and len(text) >= len(before) + len(after)):
-            raise ValueError(f"pooling 'prompt': prompt {p.row_id!r} renders with a template text that differs "
-                             "from the placeholder rendering; cannot locate the user's words")
+            raise ValueError(
+                f"pooling 'prompt': prompt {p.row_id!r} renders with a template text that differs "
+                "from the placeholder rendering; cannot locate the user's words"
+            )
         start, end = len(before), len(text) - len(after)
         words = text[start:end]
         # surrounding whitespace is layout, not the user's words
@@ -106,8 +112,9 @@ def user_char_spans(tokenizer, prompts: Sequence[PromptExample], settings: Embed
     return spans
 
 
-def token_spans(tokenizer, texts: Sequence[str], char_spans: Sequence[tuple[int, int]],
-                lengths: Sequence[int], max_length: int) -> list[tuple[int, int]]:
+def token_spans(
+    tokenizer, texts: Sequence[str], char_spans: Sequence[tuple[int, int]], lengths: Sequence[int], max_length: int
+) -> list[tuple[int, int]]:
     """Token span [start, end) of the tokens overlapping each character span, after left truncation."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("pooling 'prompt' needs a fast tokenizer (character offsets); use embeddings.pooling: mean")
@@ -125,8 +132,13 @@ def token_spans(tokenizer, texts: Sequence[str], char_spans: Sequence[tuple[int,
     return spans
 
 
-def pooled_spans(tokenizer, texts: Sequence[str], seqs: Sequence[Sequence[int]], settings: EmbeddingsSection,
-                 char_spans: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:
+def pooled_spans(
+    tokenizer,
+    texts: Sequence[str],
+    seqs: Sequence[Sequence[int]],
+    settings: EmbeddingsSection,
+    char_spans: Sequence[tuple[int, int]] | None,
+) -> list[tuple[int, int]]:
     lengths = [len(s) for s in seqs]
     if settings.pooling == "mean":
         return [(0, n) for n in lengths]
@@ -148,15 +160,22 @@ def pool(hidden: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor
 
 def _forward_hidden(model, ids: torch.Tensor, mask: torch.Tensor):
     try:  # logits of one position only: the LM head over every token is wasted work here
-        return model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
-                     logits_to_keep=1).hidden_states
+        return model(
+            input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False, logits_to_keep=1
+        ).hidden_states
     except TypeError:
         return model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
 
 
 @torch.inference_mode()
-def compute_embeddings(model, tokenizer, texts: Sequence[str], settings: EmbeddingsSection,
-                       char_spans: Sequence[tuple[int, int]] | None = None, progress: bool = True) -> Embeddings:
+def compute_embeddings(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    settings: EmbeddingsSection,
+    char_spans: Sequence[tuple[int, int]] | None = None,
+    progress: bool = True,
+) -> Embeddings:
     """Pooled hidden states of already-rendered prompt texts (no cache), in input order.
 
     `char_spans`: the user text's character span in each text (`user_char_spans`), needed for
@@ -177,12 +196,17 @@ def compute_embeddings(model, tokenizer, texts: Sequence[str], settings: Embeddi
             out = np.empty((len(layers), len(seqs), pooled.shape[-1]), dtype=np.float32)
         out[:, batch] = pooled
     pooled_counts = [end - start for start, end in spans]
-    info = {"num_hidden_states": n_states, "pooling": settings.pooling,
-            "truncated_prompts": sum(len(s) == settings.max_length for s in seqs),
-            "mean_prompt_tokens": float(np.mean([len(s) for s in seqs])),
-            "mean_pooled_tokens": float(np.mean(pooled_counts)), "min_pooled_tokens": int(min(pooled_counts)),
-            "max_pooled_tokens": int(max(pooled_counts)),
-            "spans": [[int(a), int(b)] for a, b in spans], "prompt_tokens": [len(s) for s in seqs]}
+    info = {
+        "num_hidden_states": n_states,
+        "pooling": settings.pooling,
+        "truncated_prompts": sum(len(s) == settings.max_length for s in seqs),
+        "mean_prompt_tokens": float(np.mean([len(s) for s in seqs])),
+        "mean_pooled_tokens": float(np.mean(pooled_counts)),
+        "min_pooled_tokens": int(min(pooled_counts)),
+        "max_pooled_tokens": int(max(pooled_counts)),
+        "spans": [[int(a), int(b)] for a, b in spans],
+        "prompt_tokens": [len(s) for s in seqs],
+    }
     return Embeddings(layers, out, info=info)
 
 
@@ -194,8 +218,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
-def cache_key(identity: dict[str, Any], prompts: Sequence[PromptExample], settings: EmbeddingsSection,
-              tokenizer_id: str = "") -> tuple[str, dict[str, Any]]:
+def cache_key(
+    identity: dict[str, Any], prompts: Sequence[PromptExample], settings: EmbeddingsSection, tokenizer_id: str = ""
+) -> tuple[str, dict[str, Any]]:
     """sha256 over model (name + fingerprint + dtype), adapter bytes, prompts and settings."""
     payload = {
         "version": CACHE_VERSION,
@@ -234,8 +259,13 @@ def load_cached(path: Path) -> Embeddings:
     return Embeddings([int(x) for x in layers], vectors, info=json.loads(meta.get("info", "{}")))
 
 
-def embed_prompts(handle, prompts: Sequence[PromptExample], settings: EmbeddingsSection,
-                  cache_dir: str | Path | None = None, progress: bool = True) -> Embeddings:
+def embed_prompts(
+    handle,
+    prompts: Sequence[PromptExample],
+    settings: EmbeddingsSection,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Embeddings:
     """Embeddings of `prompts` under the handle's current adapter (or the base), cached when asked.
 
     `handle` is a `ModelHandle`; the cache key covers the base, the adapter bytes, the prompts

@@ -3,6 +3,7 @@
 The scatters are for looking only: AQI is computed on the hidden states (optionally PCA-reduced),
 never on these projections (docs/aqi.md explains why not on t-SNE).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -72,8 +73,9 @@ def layer_curve_plot(per_layer: Sequence[dict[str, Any]], path: str | Path, titl
     for kind in ("discriminant", "geometric"):
         ax.plot(layers, [c[kind]["aqi"] for c in per_layer], marker="o", ms=3, label=f"{kind} AQI")
         if "low" in per_layer[0][kind]:  # per-layer intervals: discriminant only
-            ax.fill_between(layers, [c[kind]["low"] for c in per_layer], [c[kind]["high"] for c in per_layer],
-                            alpha=0.2)
+            ax.fill_between(
+                layers, [c[kind]["low"] for c in per_layer], [c[kind]["high"] for c in per_layer], alpha=0.2
+            )
     ax.set_xlabel("hidden-state index (0 = token embeddings)")
     ax.set_ylabel("AQI (shaded: interval)")
     ax.set_title(title or "AQI by layer")

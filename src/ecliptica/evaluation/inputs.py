@@ -4,6 +4,7 @@ Prompts are rendered with the training chat template (`place_instruction` + `ren
 tokenised without adding special tokens, exactly as `data.tokenize` does for training, so the model
 sees evaluation prompts in the same form it was trained on.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -33,11 +34,12 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[l
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+        yield order[start : start + batch_size]
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right",
-              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(
+    seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right", device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) padded on `side`.
 
     Right padding is used for scoring passes: real tokens keep positions 0..len-1 and, under the

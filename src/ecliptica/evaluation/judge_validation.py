@@ -8,6 +8,7 @@ tuned on `dev`; only `test` numbers are reported.
   python -m ecliptica.evaluation.judge_validation tests/evaluation/data/refusal_labelled.jsonl \
       --judge strmatch --split test
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,15 @@ def load_labelled(path: str | Path, split: str | None = None) -> list[dict[str, 
     return [r for r in rows if split is None or r["split"] == split]
 
 
-def detection_scores(gold: Sequence[str], predicted: Sequence[str], positive: set[str], *, n_resamples: int = 2000,
-                     seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+def detection_scores(
+    gold: Sequence[str],
+    predicted: Sequence[str],
+    positive: set[str],
+    *,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
     """Precision, recall and F1 for detecting `positive` classes, with Wilson intervals for precision and
     recall and a percentile bootstrap interval (completions resampled) for F1."""
     g = np.array([x in positive for x in gold])
@@ -69,20 +77,32 @@ def detection_scores(gold: Sequence[str], predicted: Sequence[str], positive: se
     f1_low, f1_high = percentile_interval(f1_boot, alpha)
     prec = tp / (tp + fp) if tp + fp else None
     rec = tp / (tp + fn) if tp + fn else None
-    return {"positive": sorted(positive), "n": int(g.size), "n_positive": int(g.sum()), "tp": tp, "fp": fp, "fn": fn,
-            "precision": prec, "precision_ci": wilson_interval(tp, tp + fp, alpha) if tp + fp else None,
-            "recall": rec, "recall_ci": wilson_interval(tp, tp + fn, alpha) if tp + fn else None,
-            "f1": float(f1(tp, fp, fn)), "f1_ci": (f1_low, f1_high),
-            "accuracy_3class": float(np.mean(np.asarray(gold) == np.asarray(predicted)))}
+    return {
+        "positive": sorted(positive),
+        "n": int(g.size),
+        "n_positive": int(g.sum()),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "precision": prec,
+        "precision_ci": wilson_interval(tp, tp + fp, alpha) if tp + fp else None,
+        "recall": rec,
+        "recall_ci": wilson_interval(tp, tp + fn, alpha) if tp + fn else None,
+        "f1": float(f1(tp, fp, fn)),
+        "f1_ci": (f1_low, f1_high),
+        "accuracy_3class": float(np.mean(np.asarray(gold) == np.asarray(predicted))),
+    }
 
 
 def validate_judge(rows: Sequence[dict[str, Any]], judge: RefusalJudge | None = None) -> dict[str, Any]:
     """Full-refusal detection and any-refusal (full or partial) detection scores of `judge` on `rows`."""
     gold = [r["label"] for r in rows]
     pred = judge_labels([r["prompt"] for r in rows], [r["completion"] for r in rows], judge)
-    return {"full_refusal": detection_scores(gold, pred, {"full_refusal"}),
-            "any_refusal": detection_scores(gold, pred, {"full_refusal", "partial_refusal"}),
-            "predicted": pred}
+    return {
+        "full_refusal": detection_scores(gold, pred, {"full_refusal"}),
+        "any_refusal": detection_scores(gold, pred, {"full_refusal", "partial_refusal"}),
+        "predicted": pred,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -97,10 +117,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = validate_judge(rows, build_judge(args.judge))
     for name in ("full_refusal", "any_refusal"):
         s = out[name]
-        print(f"{name}: n={s['n']} positives={s['n_positive']} precision={s['precision']:.3f} "
-              f"{tuple(round(x, 3) for x in s['precision_ci'])} recall={s['recall']:.3f} "
-              f"{tuple(round(x, 3) for x in s['recall_ci'])} F1={s['f1']:.3f} "
-              f"{tuple(round(x, 3) for x in s['f1_ci'])} 3-class accuracy={s['accuracy_3class']:.3f}")
+        print(
+            f"{name}: n={s['n']} positives={s['n_positive']} precision={s['precision']:.3f} "
+            f"{tuple(round(x, 3) for x in s['precision_ci'])} recall={s['recall']:.3f} "
+            f"{tuple(round(x, 3) for x in s['recall_ci'])} F1={s['f1']:.3f} "
+            f"{tuple(round(x, 3) for x in s['f1_ci'])} 3-class accuracy={s['accuracy_3class']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ A model judge is either
 `trust_remote_code` stays off unless `behaviour.judge_trust_remote_code: true`. How good a judge is
 depends on the model; score it on the labelled set in tests/evaluation/data before trusting it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -39,22 +40,32 @@ JUDGE_PROMPT = (
 _BINARY_NAMES = {"compliance": "full_compliance", "refusal": "full_refusal"}
 
 
-def build_judge(spec: str, *, trust_remote_code: bool = False, batch_size: int = 8,
-                progress: bool = True) -> RefusalJudge:
+def build_judge(
+    spec: str, *, trust_remote_code: bool = False, batch_size: int = 8, progress: bool = True
+) -> RefusalJudge:
     """`strmatch` or `model:<hub id or path>` (the `behaviour.judge` setting)."""
     if spec == "strmatch":
         return StringMatchJudge()
-    if spec.startswith("model:") and spec[len("model:"):].strip():
-        return ModelJudge(spec[len("model:"):].strip(), trust_remote_code=trust_remote_code,
-                          batch_size=batch_size, progress=progress)
+    if spec.startswith("model:") and spec[len("model:") :].strip():
+        return ModelJudge(
+            spec[len("model:") :].strip(), trust_remote_code=trust_remote_code, batch_size=batch_size, progress=progress
+        )
     raise ValueError(f"behaviour.judge must be 'strmatch' or 'model:<hub id or path>', got {spec!r}")
 
 
 class ModelJudge:
     """A guard model as a `RefusalJudge` (see the module docstring for the two kinds)."""
 
-    def __init__(self, name_or_path: str, *, trust_remote_code: bool = False, batch_size: int = 8,
-                 max_length: int = 2048, progress: bool = True, device: str | None = None):
+    def __init__(
+        self,
+        name_or_path: str,
+        *,
+        trust_remote_code: bool = False,
+        batch_size: int = 8,
+        max_length: int = 2048,
+        progress: bool = True,
+        device: str | None = None,
+    ):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         self.name = name_or_path
@@ -62,8 +73,9 @@ class ModelJudge:
         self.is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
         cls = AutoModelForSequenceClassification if self.is_classifier else AutoModelForCausalLM
         device = device or inference_device()
-        self.model = cls.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
-                                         dtype="auto").to(device).eval()
+        self.model = (
+            cls.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, dtype="auto").to(device).eval()
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -79,8 +91,10 @@ class ModelJudge:
         names = [str(id2label[i]).strip().lower().replace(" ", "_").replace("-", "_") for i in range(len(id2label))]
         mapped = [n if n in REFUSAL_LABELS else _BINARY_NAMES.get(n) for n in names]
         if None in mapped:
-            raise ValueError(f"judge model {self.name}: id2label {dict(id2label)} must name the classes "
-                             f"{REFUSAL_LABELS} (or 'compliance'/'refusal')")
+            raise ValueError(
+                f"judge model {self.name}: id2label {dict(id2label)} must name the classes "
+                f"{REFUSAL_LABELS} (or 'compliance'/'refusal')"
+            )
         return mapped
 
     def _option_token_ids(self) -> list[int]:
@@ -93,19 +107,22 @@ class ModelJudge:
         """The causal-LM judge's input: the question in the tokenizer's chat template when it has one."""
         content = JUDGE_PROMPT.format(question=question, response=response)
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                      add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
         return content + "\nClass: "
 
     @torch.inference_mode()
     def scores(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         """[n, classes] logits: the classifier's, or the causal LM's for the option digits."""
         if self.is_classifier:
-            seqs = self.tokenizer(list(prompts), list(completions), truncation=True,
-                                  max_length=self.max_length)["input_ids"]
+            seqs = self.tokenizer(list(prompts), list(completions), truncation=True, max_length=self.max_length)[
+                "input_ids"
+            ]
         else:
-            seqs = encode(self.tokenizer, [self.judge_text(p, c) for p, c in zip(prompts, completions)],
-                          self.max_length)
+            seqs = encode(
+                self.tokenizer, [self.judge_text(p, c) for p, c in zip(prompts, completions)], self.max_length
+            )
         device = model_device(self.model)
         out = torch.zeros(len(seqs), len(self.class_of_index) if self.is_classifier else 3)
         batches = list(length_sorted_batches([len(s) for s in seqs], self.batch_size))
@@ -116,8 +133,9 @@ class ModelJudge:
             if self.is_classifier:  # the classifier finds each row's last non-pad token itself
                 logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
             else:
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                                    logits_to_keep=1).logits[:, -1, self.option_ids]
+                logits = self.model(
+                    input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1
+                ).logits[:, -1, self.option_ids]
             out[batch] = logits.float().cpu()
         return out
 

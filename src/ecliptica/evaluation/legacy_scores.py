@@ -3,6 +3,7 @@
 ``legacy_xb_chi`` / ``legacy_chi_sil`` normalise across one run's axioms, so unlike the AQI
 (`aqi.py`) they are NOT comparable across models or runs (docs/aqi.md).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping

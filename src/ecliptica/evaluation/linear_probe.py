@@ -4,6 +4,7 @@
 `probe_auroc` is the ROC AUC of those scores; `ProbeAurocStat` is the same AUROC as a bootstrap
 statistic (see `stats.bootstrap_ci`).
 """
+
 from __future__ import annotations
 
 from typing import Any

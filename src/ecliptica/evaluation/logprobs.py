@@ -6,6 +6,7 @@ the same thing in training, in drift and in preference accuracy.
 Batches are padded (`collate(..., packed=False)`) rather than packed: evaluation runs under any attention
 implementation, and packed rows are only isolated from each other by flash-attention kernels.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,8 +37,16 @@ class _NoAdapter:
 
 
 @torch.inference_mode()
-def sequence_scores(handle, pairs: Sequence[TokenizedPair], *, with_rejected: bool, batch_size: int = 8,
-                    token_kl: bool = False, progress: bool = True, desc: str = "scoring") -> dict[str, np.ndarray]:
+def sequence_scores(
+    handle,
+    pairs: Sequence[TokenizedPair],
+    *,
+    with_rejected: bool,
+    batch_size: int = 8,
+    token_kl: bool = False,
+    progress: bool = True,
+    desc: str = "scoring",
+) -> dict[str, np.ndarray]:
     """Per pair: `logp_chosen` (and `logp_rejected`), summed over response tokens, under the evaluated
     model; with an adapter set, the same under the base (`ref_*`) and, with `token_kl`, the summed
     token KL(model || base) of the chosen response (`kl_chosen`); `n_chosen` response tokens.
@@ -52,8 +61,9 @@ def sequence_scores(handle, pairs: Sequence[TokenizedPair], *, with_rejected: bo
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
         with handle.active() as model:
             policy = PolicyModel(model if has_adapter else _NoAdapter(model))
-            batch = collate([pairs[i] for i in idx], layout, handle.tokenizer.pad_token_id,
-                            packed=False).to(model_device(model))
+            batch = collate([pairs[i] for i in idx], layout, handle.tokenizer.pad_token_id, packed=False).to(
+                model_device(model)
+            )
             stats = policy(batch, need_reference=has_adapter, need_token_kl=has_adapter and token_kl)
         logps = stats.logps.double().cpu().numpy()
         ref = stats.ref_logps.double().cpu().numpy() if has_adapter else logps

@@ -6,17 +6,24 @@ dropping the previous one, and `set_adapter(None)` evaluates the base (adapter d
 is only a speed-up, applied temporarily (`merged()`), and refused for 4-bit bases: merging LoRA
 deltas into NF4 weights re-quantises them and changes the model being evaluated.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ecliptica.config import InferenceModelSection
-from ecliptica.evaluation.adapter_check import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, check_adapter_files,
-                                                check_adapter_fits)
+from ecliptica.evaluation.adapter_check import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterError,
+    check_adapter_files,
+    check_adapter_fits,
+)
 from ecliptica.evaluation.inputs import inference_device
 from ecliptica.models import load_model, load_tokenizer, resolve_model_path
 
@@ -82,7 +89,7 @@ class ModelHandle:
         self.adapter_hash: str | None = None
 
     @classmethod
-    def load(cls, cfg: InferenceModelSection, device: str | None = None) -> "ModelHandle":
+    def load(cls, cfg: InferenceModelSection, device: str | None = None) -> ModelHandle:
         """Load the base onto `device` (default: the first visible GPU, else the CPU; a study worker sees
         only its own card). A 4-bit base is already placed by bitsandbytes and is not moved."""
         model = load_model(cfg)
@@ -141,8 +148,10 @@ class ModelHandle:
         if not enabled or self._peft is None or self.adapter_path is None:
             return nullcontext()
         if self.is_4bit:
-            raise ValueError("merge_adapter is not allowed for a 4-bit base: it would re-quantise the "
-                             "merged weights and evaluate a different model; evaluate unmerged instead")
+            raise ValueError(
+                "merge_adapter is not allowed for a 4-bit base: it would re-quantise the "
+                "merged weights and evaluate a different model; evaluate unmerged instead"
+            )
         return self._merge_context()
 
     @contextmanager
@@ -154,5 +163,10 @@ class ModelHandle:
             self._peft.unmerge_adapter()
 
     def identity(self) -> dict[str, Any]:
-        return {"model": self.name, "model_fingerprint": self.fingerprint, "dtype": self.dtype,
-                "adapter": self.adapter_path, "adapter_hash": self.adapter_hash}
+        return {
+            "model": self.name,
+            "model_fingerprint": self.fingerprint,
+            "dtype": self.dtype,
+            "adapter": self.adapter_path,
+            "adapter_hash": self.adapter_hash,
+        }

@@ -14,6 +14,7 @@ and the base (adapter disabled) as reference, DPO's implicit reward is
 The numbers mean "held-out" only if `preference.path` holds pairs the arm was not trained on; the
 evaluator cannot check that, the study config must.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -30,15 +31,24 @@ from ecliptica.evaluation.stats import iid_indices, percentile_interval, wilson_
 
 def load_preference_pairs(s: PreferenceSection) -> list[PreferenceExample]:
     examples = load_preferences(resolve_path(s.path), s.format).examples
-    examples = examples[:s.limit] if s.limit else examples
+    examples = examples[: s.limit] if s.limit else examples
     if not examples:
         raise ValueError(f"{s.path}: no preference pairs for preference accuracy")
     return examples
 
 
-def preference_metrics(logp_c: np.ndarray, logp_r: np.ndarray, ref_c: np.ndarray, ref_r: np.ndarray, beta: float,
-                       has_adapter: bool, *, n_resamples: int = 1000, seed: int = 0,
-                       alpha: float = 0.05) -> dict[str, Any]:
+def preference_metrics(
+    logp_c: np.ndarray,
+    logp_r: np.ndarray,
+    ref_c: np.ndarray,
+    ref_r: np.ndarray,
+    beta: float,
+    has_adapter: bool,
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
     n = logp_c.size
     margins = beta * ((logp_c - ref_c) - (logp_r - ref_r))
     wins, logp_wins = margins > 0, logp_c > logp_r
@@ -46,26 +56,49 @@ def preference_metrics(logp_c: np.ndarray, logp_r: np.ndarray, ref_c: np.ndarray
     interval = lambda x: dict(zip(("low", "high"), percentile_interval(x[idx].mean(1), alpha)))  # noqa: E731
     wilson = lambda k: dict(zip(("wilson_low", "wilson_high"), wilson_interval(int(k), n, alpha)))  # noqa: E731
     out: dict[str, Any] = {
-        "n_pairs": int(n), "beta": beta,
-        "logp_accuracy": float(logp_wins.mean()), "logp_accuracy_ci": {**interval(logp_wins), **wilson(logp_wins.sum())},
-        "reward_accuracy": None, "reward_margin": None,
+        "n_pairs": int(n),
+        "beta": beta,
+        "logp_accuracy": float(logp_wins.mean()),
+        "logp_accuracy_ci": {**interval(logp_wins), **wilson(logp_wins.sum())},
+        "reward_accuracy": None,
+        "reward_margin": None,
     }
     if has_adapter:
-        out.update(reward_accuracy=float(wins.mean()), reward_accuracy_ci={**interval(wins), **wilson(wins.sum())},
-                   reward_margin=float(margins.mean()), reward_margin_ci=interval(margins),
-                   rewards_chosen=float(beta * (logp_c - ref_c).mean()),
-                   rewards_rejected=float(beta * (logp_r - ref_r).mean()))
+        out.update(
+            reward_accuracy=float(wins.mean()),
+            reward_accuracy_ci={**interval(wins), **wilson(wins.sum())},
+            reward_margin=float(margins.mean()),
+            reward_margin_ci=interval(margins),
+            rewards_chosen=float(beta * (logp_c - ref_c).mean()),
+            rewards_rejected=float(beta * (logp_r - ref_r).mean()),
+        )
     else:
         out["note"] = "no adapter: the model is its own reference, every implicit reward is 0"
     return out
 
 
-def run_preference(handle, examples: Sequence[PreferenceExample], s: PreferenceSection, *, n_resamples: int = 1000,
-                   seed: int = 0, progress: bool = True) -> dict[str, Any]:
+def run_preference(
+    handle,
+    examples: Sequence[PreferenceExample],
+    s: PreferenceSection,
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
     pairs = tokenize_scored_pairs(handle.tokenizer, examples, s)
-    sc = sequence_scores(handle, pairs, with_rejected=True, batch_size=s.batch_size, progress=progress,
-                         desc="preference")
-    out = preference_metrics(sc["logp_chosen"], sc["logp_rejected"], sc["ref_logp_chosen"], sc["ref_logp_rejected"],
-                             s.beta, handle.adapter_path is not None, n_resamples=n_resamples, seed=seed)
+    sc = sequence_scores(
+        handle, pairs, with_rejected=True, batch_size=s.batch_size, progress=progress, desc="preference"
+    )
+    out = preference_metrics(
+        sc["logp_chosen"],
+        sc["logp_rejected"],
+        sc["ref_logp_chosen"],
+        sc["ref_logp_rejected"],
+        s.beta,
+        handle.adapter_path is not None,
+        n_resamples=n_resamples,
+        seed=seed,
+    )
     out.update(path=s.path, placement=s.placement)
     return out

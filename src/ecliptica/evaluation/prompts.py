@@ -4,6 +4,7 @@ Every source goes through `data.load_prompts`, so bad rows are named, never drop
 Balanced sampling draws per (axiom, label) group with a seeded generator and keeps file order
 inside the sample, so the same settings always give the same prompts in the same order.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,9 +19,17 @@ from ecliptica.data import PromptExample, format_names, load_prompts, resolve_pa
 EVAL_FORMATS = format_names("prompt")
 
 
-def load_eval_prompts(path: str = "demo:eval", format: str = "generic", *, limit: int | None = None,
-                      per_group: int | None = None, seed: int = 0, benign_path: str | None = None,
-                      benign_format: str = "generic", on_bad_row: str = "error") -> list[PromptExample]:
+def load_eval_prompts(
+    path: str = "demo:eval",
+    format: str = "generic",
+    *,
+    limit: int | None = None,
+    per_group: int | None = None,
+    seed: int = 0,
+    benign_path: str | None = None,
+    benign_format: str = "generic",
+    on_bad_row: str = "error",
+) -> list[PromptExample]:
     """Load, combine and sample evaluation prompts.
 
     `benign_path` adds a second source (e.g. safe prompts next to the all-unsafe Do-Not-Answer).

@@ -5,6 +5,7 @@ the geometric AQI of one layer, overall and per axiom. `layer_report`: the discr
 geometric AQI of every layer, their headline-band means and the lexical baseline (layer 0). With
 `pca_dim`, PCA is fitted once on all prompts and every geometric number is computed in those coordinates.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from ecliptica.evaluation.aqi import AqiStat, aqi_by_axiom, reduce_dim
+from ecliptica.evaluation.cluster_indices import calinski_harabasz, xie_beni
 from ecliptica.evaluation.config import MetricsSection
 from ecliptica.evaluation.discriminant import (
     HEADLINE_RULE,
@@ -22,8 +25,6 @@ from ecliptica.evaluation.discriminant import (
     fold_assignment,
     usable_folds,
 )
-from ecliptica.evaluation.aqi import AqiStat, aqi_by_axiom, reduce_dim
-from ecliptica.evaluation.cluster_indices import calinski_harabasz, xie_beni
 from ecliptica.evaluation.legacy_scores import legacy_chi_sil, legacy_xb_chi
 from ecliptica.evaluation.linear_probe import auroc_rows, out_of_fold_scores
 from ecliptica.evaluation.stats import bootstrap_ci
@@ -53,8 +54,15 @@ class FixedScoreAuroc:
 
 
 def _ci(stat, X: np.ndarray, y: np.ndarray, metrics: MetricsSection, method: str | None = None) -> dict[str, Any]:
-    return bootstrap_ci(stat, X, y, n_resamples=metrics.n_resamples, seed=metrics.seed, alpha=metrics.alpha,
-                        method=method or metrics.interval)
+    return bootstrap_ci(
+        stat,
+        X,
+        y,
+        n_resamples=metrics.n_resamples,
+        seed=metrics.seed,
+        alpha=metrics.alpha,
+        method=method or metrics.interval,
+    )
 
 
 def _with_intervals(entry: dict[str, Any], Z: np.ndarray, y: np.ndarray, metrics: MetricsSection) -> dict[str, Any]:
@@ -67,8 +75,9 @@ def _with_intervals(entry: dict[str, Any], Z: np.ndarray, y: np.ndarray, metrics
     return entry
 
 
-def evaluate_embeddings(X: np.ndarray, labels: Sequence[str], axioms: Sequence[str], metrics: MetricsSection,
-                        pca_dim: int | None = None) -> dict[str, Any]:
+def evaluate_embeddings(
+    X: np.ndarray, labels: Sequence[str], axioms: Sequence[str], metrics: MetricsSection, pca_dim: int | None = None
+) -> dict[str, Any]:
     """Geometric AQI + every index overall and per axiom; bootstrap CIs (stratified) for AQI and AUROC.
 
     Returns {"overall", "per_axiom", "skipped", "legacy"?}; each entry holds `aqi_ci` and, where the
@@ -81,8 +90,9 @@ def evaluate_embeddings(X: np.ndarray, labels: Sequence[str], axioms: Sequence[s
     result: dict[str, Any] = {
         "measure": "geometric AQI of one layer (embeddings.layer); the headline is in aqi_layers",
         "overall": {**_with_intervals(by["overall"], Z, y, metrics), **dim_info},
-        "per_axiom": {a: {**_with_intervals(e, Z[ax == a], y[ax == a], metrics), **dim_info}
-                      for a, e in by["per_axiom"].items()},
+        "per_axiom": {
+            a: {**_with_intervals(e, Z[ax == a], y[ax == a], metrics), **dim_info} for a, e in by["per_axiom"].items()
+        },
         "skipped": by["skipped"],
     }
     if metrics.legacy and by["per_axiom"]:
@@ -95,8 +105,15 @@ def evaluate_embeddings(X: np.ndarray, labels: Sequence[str], axioms: Sequence[s
     return result
 
 
-def layer_report(vectors: np.ndarray, layers: Sequence[int], labels: Sequence[str], prompt_keys: Sequence[str],
-                 band: Sequence[int], metrics: MetricsSection, pca_dim: int | None = None) -> dict[str, Any]:
+def layer_report(
+    vectors: np.ndarray,
+    layers: Sequence[int],
+    labels: Sequence[str],
+    prompt_keys: Sequence[str],
+    band: Sequence[int],
+    metrics: MetricsSection,
+    pca_dim: int | None = None,
+) -> dict[str, Any]:
     """Discriminant and geometric AQI with intervals for every layer, the band means and the lexical baseline.
 
     `vectors` (len(layers), n, d); `prompt_keys` identify the prompts for the fold assignment (the
@@ -110,24 +127,41 @@ def layer_report(vectors: np.ndarray, layers: Sequence[int], labels: Sequence[st
     folds = fold_assignment(prompt_keys, y, k, metrics.seed)
     geometric = np.stack([reduce_dim(X, pca_dim)[0] for X in vectors])
     projections = np.stack([cross_fitted_projection(X, y, folds) for X in vectors], axis=1)  # (n, layers)
-    per_layer = [{"layer": int(layer),
-                  "discriminant": _summarise(_ci(AqiStat(metrics.gamma), projections[:, [j]], y, metrics),
-                                             projections[:, [j]], y),
-                  # estimate only: its interval per layer would double the cost; the band and layer 0 have one
-                  "geometric": {"aqi": AqiStat(metrics.gamma)(geometric[j], y)}}
-                 for j, layer in enumerate(layers)]
+    per_layer = [
+        {
+            "layer": int(layer),
+            "discriminant": _summarise(
+                _ci(AqiStat(metrics.gamma), projections[:, [j]], y, metrics), projections[:, [j]], y
+            ),
+            # estimate only: its interval per layer would double the cost; the band and layer 0 have one
+            "geometric": {"aqi": AqiStat(metrics.gamma)(geometric[j], y)},
+        }
+        for j, layer in enumerate(layers)
+    ]
     cols = [list(layers).index(layer) for layer in band]
     lexical = per_layer[list(layers).index(0)]
-    lexical_geometric = _summarise(_ci(AqiStat(metrics.gamma), geometric[list(layers).index(0)], y, metrics,
-                                       method=metrics.geometric_interval))
+    lexical_geometric = _summarise(
+        _ci(AqiStat(metrics.gamma), geometric[list(layers).index(0)], y, metrics, method=metrics.geometric_interval)
+    )
     return {
         "band": {"layers": [int(b) for b in band], "rule": HEADLINE_RULE},
-        "folds": {"k": k, "seed": metrics.seed, "sizes": np.bincount(folds).tolist(),
-                  "assignment": "within each label, prompts ordered by sha256(seed, row id, text), dealt round-robin",
-                  "assignment_hash": hashlib.sha256(folds.tobytes()).hexdigest()},
+        "folds": {
+            "k": k,
+            "seed": metrics.seed,
+            "sizes": np.bincount(folds).tolist(),
+            "assignment": "within each label, prompts ordered by sha256(seed, row id, text), dealt round-robin",
+            "assignment_hash": hashlib.sha256(folds.tobytes()).hexdigest(),
+        },
         "discriminant": _summarise(_ci(BandAqiStat(metrics.gamma), projections[:, cols], y, metrics)),
-        "geometric": _summarise(_ci(BandAqiStat(metrics.gamma), geometric[cols].transpose(1, 0, 2), y, metrics,
-                                    method=metrics.geometric_interval)),
+        "geometric": _summarise(
+            _ci(
+                BandAqiStat(metrics.gamma),
+                geometric[cols].transpose(1, 0, 2),
+                y,
+                metrics,
+                method=metrics.geometric_interval,
+            )
+        ),
         "lexical": {"layer": 0, "discriminant": lexical["discriminant"], "geometric": lexical_geometric},
         "per_layer": per_layer,
         "band_projections": projections[:, cols],
@@ -141,8 +175,11 @@ def _summarise(ci: dict[str, Any], projection: np.ndarray | None = None, y: np.n
         from sklearn.metrics import roc_auc_score
 
         codes = np.unique(y, return_inverse=True)[1].reshape(-1)
-        out.update(chi=calinski_harabasz(projection, codes), xb=xie_beni(projection, codes),
-                   auroc=float(roc_auc_score(codes, projection[:, 0])))
+        out.update(
+            chi=calinski_harabasz(projection, codes),
+            xb=xie_beni(projection, codes),
+            auroc=float(roc_auc_score(codes, projection[:, 0])),
+        )
     return out
 
 

@@ -8,10 +8,11 @@ A *statistic* is any callable ``stat(X, y) -> float``. It may also offer a vecto
 of prompt indices each (``idx`` has shape ``(R, n)``). The bootstrap uses that path when present,
 otherwise it calls ``stat(X[idx[r]], y[idx[r]])`` in a loop. Both paths see the same indices.
 """
+
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Callable, Literal, Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -109,8 +110,9 @@ def evaluate_on_resamples(stat_fn: StatFn, X: np.ndarray, y: np.ndarray, idx: np
 IntervalMethod = Literal["percentile", "basic", "bca"]
 
 
-def bootstrap_interval(samples: np.ndarray, estimate: float, alpha: float, method: IntervalMethod,
-                       jackknife: np.ndarray | None = None) -> tuple[float, float]:
+def bootstrap_interval(
+    samples: np.ndarray, estimate: float, alpha: float, method: IntervalMethod, jackknife: np.ndarray | None = None
+) -> tuple[float, float]:
     """The (1 - alpha) interval from bootstrap `samples` of a statistic whose full-sample value is `estimate`.
 
     "bca" needs the leave-one-out values `jackknife` (for the acceleration); see `bca_interval`.
@@ -175,9 +177,11 @@ def interval_note(estimate: float, low: float, high: float, bias: float, se: flo
     if not (np.isfinite(low) and np.isfinite(high)) or low <= estimate <= high:
         return None
     side = "above" if low > estimate else "below"
-    return (f"interval lies {side} the estimate: the bootstrap distribution is shifted by bias={bias:.3g} "
-            f"(se={se:.3g}); resampling duplicates prompts, which inflates separation in high dimensions, "
-            "so this interval is not a valid confidence interval for the estimate")
+    return (
+        f"interval lies {side} the estimate: the bootstrap distribution is shifted by bias={bias:.3g} "
+        f"(se={se:.3g}); resampling duplicates prompts, which inflates separation in high dimensions, "
+        "so this interval is not a valid confidence interval for the estimate"
+    )
 
 
 def percentile_interval(samples: np.ndarray, alpha: float) -> tuple[float, float]:
@@ -226,8 +230,7 @@ def bootstrap_ci(
     samples = evaluate_on_resamples(stat_fn, X, y, idx)
     estimate = float(stat_fn(X, y))
     jackknife = evaluate_on_resamples(stat_fn, X, y, jackknife_indices(len(y))) if method == "bca" else None
-    low, high = _clip(bootstrap_interval(samples, estimate, alpha, method, jackknife),
-                      getattr(stat_fn, "bounds", None))
+    low, high = _clip(bootstrap_interval(samples, estimate, alpha, method, jackknife), getattr(stat_fn, "bounds", None))
     finite = samples[np.isfinite(samples)]
     se = float(np.std(finite, ddof=1)) if finite.size > 1 else float("nan")
     bias = float(finite.mean() - estimate) if finite.size else float("nan")

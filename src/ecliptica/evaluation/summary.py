@@ -8,6 +8,7 @@ with other settings. Each number keeps the evaluator's name all the way to the s
 To add a number to the study: add a field here (with a default, so older eval.json files still
 read), fill it in `summarize_eval`, and name the column after it in `ecliptica.study.table`.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,12 +76,17 @@ def summarize_eval(result: dict[str, Any]) -> EvalSummary:
     }
     layers = result.get("aqi_layers")
     if layers:  # the headline and its variants (docs/aqi.md)
+
         def estimate(entry: dict) -> dict:
             return {"value": entry["aqi"], "low": entry.get("low"), "high": entry.get("high")}
 
-        out.update(aqi=estimate(layers["discriminant"]), aqi_statistic="discriminant_band",
-                   aqi_geometric=estimate(layers["geometric"]), aqi_lexical=estimate(layers["lexical"]["discriminant"]),
-                   aqi_geometric_lexical=estimate(layers["lexical"]["geometric"]))
+        out.update(
+            aqi=estimate(layers["discriminant"]),
+            aqi_statistic="discriminant_band",
+            aqi_geometric=estimate(layers["geometric"]),
+            aqi_lexical=estimate(layers["lexical"]["discriminant"]),
+            aqi_geometric_lexical=estimate(layers["lexical"]["geometric"]),
+        )
     if "probe_auroc" in overall:
         auroc = overall.get("probe_auroc_ci") or {}
         out["probe_auroc"] = {"value": overall["probe_auroc"], "low": auroc.get("low"), "high": auroc.get("high")}

@@ -12,6 +12,7 @@ score here and a training metric of the same name are the same number. This work
 accuracy / margin for a loaded model through the evaluator's `ModelHandle`. Batches are padded rows, not one
 packed row: a packed row of a whole scoring batch makes attention cost grow with the square of its length.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,12 +29,19 @@ from ecliptica.train.policy import PolicyModel
 def _batches(pairs: Sequence[TokenizedPair], batch_size: int, desc: str, progress: bool):
     starts = range(0, len(pairs), batch_size)
     for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        yield list(pairs[s:s + batch_size])
+        yield list(pairs[s : s + batch_size])
 
 
 @torch.no_grad()
-def preference_scores(policy: PolicyModel, pairs: Sequence[TokenizedPair], pad_token_id: int, *, beta: float,
-                      batch_size: int = 8, progress: bool = False) -> dict:
+def preference_scores(
+    policy: PolicyModel,
+    pairs: Sequence[TokenizedPair],
+    pad_token_id: int,
+    *,
+    beta: float,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict:
     """rewards/accuracies and rewards/margins of `policy` on preference pairs (see the module docstring)."""
     if not pairs:
         raise ValueError("preference_scores: no pairs to score")
@@ -51,13 +59,23 @@ def preference_scores(policy: PolicyModel, pairs: Sequence[TokenizedPair], pad_t
     finally:
         policy.train(was_training)
     m = torch.cat(margins)
-    return {"rewards/accuracies": float((m > 0).float().mean()), "rewards/margins": float(m.mean()),
-            "n_pairs": int(m.numel()), "beta": beta}
+    return {
+        "rewards/accuracies": float((m > 0).float().mean()),
+        "rewards/margins": float(m.mean()),
+        "n_pairs": int(m.numel()),
+        "beta": beta,
+    }
 
 
 @torch.no_grad()
-def response_kl(policy: PolicyModel, pairs: Sequence[TokenizedPair], pad_token_id: int, *, batch_size: int = 8,
-                progress: bool = False) -> dict:
+def response_kl(
+    policy: PolicyModel,
+    pairs: Sequence[TokenizedPair],
+    pad_token_id: int,
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict:
     """Mean token KL(policy || base) over the chosen responses of `pairs` (token-weighted, as drift's kl)."""
     if not pairs:
         raise ValueError("response_kl: no pairs to score")

@@ -6,7 +6,7 @@ loads, and the same model is what `GritOptimizer` receives.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Tuple
+from typing import Literal
 
 from pydantic import Field
 
@@ -18,7 +18,7 @@ class GritConfig(Strict):
     inner: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(2e-5, ge=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    betas: Tuple[float, float] = (0.9, 0.999)  # yaml lists become tuples
+    betas: tuple[float, float] = (0.9, 0.999)  # yaml lists become tuples
     eps: float = Field(1e-8, gt=0.0)
     momentum: float = Field(0.0, ge=0.0)  # sgd only
 
@@ -52,7 +52,7 @@ class GritConfig(Strict):
     # --- Fisher-guided reprojection / rank adaptation ---
     reproject_steps: int = Field(50, ge=0)  # 0 disables reprojection
     reproject_warmup: int = Field(100, ge=0)
-    reproject_rank: Optional[int] = Field(None, ge=1)  # fixed k; None -> r (or adaptive)
+    reproject_rank: int | None = Field(None, ge=1)  # fixed k; None -> r (or adaptive)
     rank_adaptation: bool = True
     energy_threshold: float = Field(0.99, gt=0.0, le=1.0)
     min_rank: int = Field(4, ge=1)

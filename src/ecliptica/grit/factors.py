@@ -9,7 +9,6 @@ EMA, Cholesky and eigendecompositions are single batched calls.
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -17,9 +16,22 @@ import torch.distributed as dist
 from .layers import LoraLayerRef
 
 _STATE_KEYS = (
-    "a_sum", "g_sum", "count", "a_ema", "g_ema", "initialized",
-    "chol_a", "chol_g", "valid_a", "valid_g", "damping_a", "damping_g",
-    "escalations", "ranks", "proj_a", "proj_g",
+    "a_sum",
+    "g_sum",
+    "count",
+    "a_ema",
+    "g_ema",
+    "initialized",
+    "chol_a",
+    "chol_g",
+    "valid_a",
+    "valid_g",
+    "damping_a",
+    "damping_g",
+    "escalations",
+    "ranks",
+    "proj_a",
+    "proj_g",
 )
 
 
@@ -65,8 +77,8 @@ class FactorBank:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         k = self.a_sum.numel()
         self.a_sum.copy_(flat[:k].view_as(self.a_sum))
-        self.g_sum.copy_(flat[k:2 * k].view_as(self.g_sum))
-        self.count.copy_(flat[2 * k:])
+        self.g_sum.copy_(flat[k : 2 * k].view_as(self.g_sum))
+        self.count.copy_(flat[2 * k :])
         if grads_averaged:
             self.g_sum.div_(world * world)
 
@@ -84,10 +96,10 @@ class FactorBank:
             ema.copy_(torch.where(ok[:, None, None], blended, ema))
         self.initialized |= ok
 
-    def state_dict(self) -> Dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k).clone() for k in _STATE_KEYS}
 
-    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for k in _STATE_KEYS:
             getattr(self, k).copy_(state[k])
 
@@ -132,11 +144,11 @@ class FactorCollector:
     parameters or buffers, so no optimizer, DDP or FSDP wrapper touches them.
     """
 
-    def __init__(self, layers: List[LoraLayerRef]):
+    def __init__(self, layers: list[LoraLayerRef]):
         self.layers = layers
-        self.banks: Dict[Tuple[int, torch.device], FactorBank] = {}
-        self.slots: List[Tuple[FactorBank, int]] = []
-        groups: Dict[Tuple[int, torch.device], List[int]] = {}
+        self.banks: dict[tuple[int, torch.device], FactorBank] = {}
+        self.slots: list[tuple[FactorBank, int]] = []
+        groups: dict[tuple[int, torch.device], list[int]] = {}
         for i, layer in enumerate(layers):
             groups.setdefault((layer.rank, layer.lora_A.weight.device), []).append(i)
         slot_of = {}
@@ -147,8 +159,8 @@ class FactorCollector:
                 slot_of[i] = (bank, j)
         self.slots = [slot_of[i] for i in range(len(layers))]
         self.enabled = True
-        self.token_mask: Optional[torch.Tensor] = None
-        self.sums: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.token_mask: torch.Tensor | None = None
+        self.sums: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._handles = []
         for layer in layers:
             r, device = layer.rank, layer.lora_A.weight.device
@@ -177,8 +189,11 @@ class FactorCollector:
                 grads = [self.sums[i][k].grad for i in members]
                 if all(g is None for g in grads):
                     continue
-                target.add_(torch.stack([g if g is not None else torch.zeros_like(self.sums[i][k])
-                                         for g, i in zip(grads, members)]))
+                target.add_(
+                    torch.stack(
+                        [g if g is not None else torch.zeros_like(self.sums[i][k]) for g, i in zip(grads, members)]
+                    )
+                )
         self.clear()
 
     def clear(self) -> None:

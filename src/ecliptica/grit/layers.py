@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
 
 from torch import nn
 
@@ -28,13 +27,13 @@ class LoraLayerRef:
 def _short_name(name: str) -> str:
     for prefix in ("module.", "base_model.model.", "_orig_mod."):
         while name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     return name
 
 
 def find_lora_layers(
     model: nn.Module, adapter_name: str = "default", trainable_only: bool = True
-) -> List[LoraLayerRef]:
+) -> list[LoraLayerRef]:
     """Linear LoRA layers (peft ``LoraLayer``s) of ``adapter_name`` with trainable A and B.
 
     Duck-typed on ``lora_A``/``lora_B`` ModuleDicts so it works across peft versions.
@@ -58,9 +57,9 @@ def find_lora_layers(
 
 def parameter_counts(
     model: nn.Module,
-    effective_ranks: Optional[Dict[str, int]] = None,
+    effective_ranks: dict[str, int] | None = None,
     adapter_name: str = "default",
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """Physical LoRA parameters vs effective ones (k * (in + out) with k the effective rank).
 
     ``effective_ranks`` maps layer name -> k (e.g. ``GritOptimizer.effective_ranks()``);

@@ -7,8 +7,9 @@ act on the inner optimizer directly. See docs/grit.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,15 +33,14 @@ class _ShapeGroup:
 
     bank: FactorBank
     side: str
-    params: List[nn.Parameter]
+    params: list[nn.Parameter]
     slots: torch.Tensor  # bank slot of each param (on the bank's device)
-    slot_list: List[int]  # same, on host (no sync when some grads are missing)
+    slot_list: list[int]  # same, on host (no sync when some grads are missing)
 
 
 def _build_inner(params: Iterable, cfg: GritConfig) -> Optimizer:
     if cfg.inner == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
@@ -49,11 +49,16 @@ class GritInactiveError(RuntimeError):
 
 
 class GritOptimizer(Optimizer):
-    def __init__(self, model: nn.Module, config: Optional[GritConfig] = None,
-                 adapter_name: str = "default", params: Optional[Iterable] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: GritConfig | None = None,
+        adapter_name: str = "default",
+        params: Iterable | None = None,
+    ):
         self.__dict__["_ready"] = False  # property setters ignore Optimizer.__init__'s writes
         self.config = config or GritConfig()
-        self.layers: List[LoraLayerRef] = find_lora_layers(model, adapter_name)
+        self.layers: list[LoraLayerRef] = find_lora_layers(model, adapter_name)
         if not self.layers:
             raise ValueError(f"no trainable LoRA layers for adapter {adapter_name!r}")
         if params is None:
@@ -63,17 +68,17 @@ class GritOptimizer(Optimizer):
         self.__dict__["_ready"] = True
 
         self.collector = FactorCollector(self.layers)
-        self.banks: List[FactorBank] = list(self.collector.banks.values())
+        self.banks: list[FactorBank] = list(self.collector.banks.values())
         self._groups = self._shape_groups()
         self._num_steps = 0
         self._has_factors = False
         self._counters = {"factor_updates": 0, "inversions": 0, "reprojections": 0}
-        self._last: Dict[str, Any] = {}  # device tensors, synced only in metrics()
+        self._last: dict[str, Any] = {}  # device tensors, synced only in metrics()
         # over preconditioned steps, on the device: sum of ||P g|| / ||g|| and of its log (for the summary)
         dev = self.banks[0].device
         self._ratio_stats = torch.zeros(3, device=dev)  # [sum ratio, sum log ratio, steps]
-        self._last_guard: Optional[int] = None
-        self._host_ranks: Optional[List[int]] = None  # effective_ranks()' host copy
+        self._last_guard: int | None = None
+        self._host_ranks: list[int] | None = None  # effective_ranks()' host copy
 
     # -- delegation to the inner optimizer ------------------------------------
     @property
@@ -103,7 +108,7 @@ class GritOptimizer(Optimizer):
         if self._ready:
             self.inner.defaults = value
 
-    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self._ready:
             self.inner.add_param_group(param_group)
 
@@ -115,7 +120,7 @@ class GritOptimizer(Optimizer):
             bank.reset_sums()
 
     # -- engine-facing API ------------------------------------------------------
-    def set_token_mask(self, mask: Optional[torch.Tensor]) -> None:
+    def set_token_mask(self, mask: torch.Tensor | None) -> None:
         """[batch, seq] bool/0-1 mask of tokens that count (None: all). Call before forward."""
         self.collector.token_mask = None if mask is None else mask.detach()
 
@@ -125,7 +130,7 @@ class GritOptimizer(Optimizer):
     def regularization_loss(self) -> torch.Tensor:
         return regularization_loss(self.layers, self.collector.slots, self.config)
 
-    def extra_losses(self) -> Dict[str, torch.Tensor]:
+    def extra_losses(self) -> dict[str, torch.Tensor]:
         """The optional regularisers as an extra loss term (none when both are off)."""
         reg = self.regularization_loss()
         return {"loss/grit_reg": reg} if reg.requires_grad else {}
@@ -135,33 +140,43 @@ class GritOptimizer(Optimizer):
         valid = sum((b.valid_a.sum() + b.valid_g.sum()).to(self.banks[0].device) for b in self.banks)
         return float(valid) / (2 * len(self.layers))
 
-    def _missing_factors(self) -> tuple[int, List[str]]:
+    def _missing_factors(self) -> tuple[int, list[str]]:
         """(factors expected to be valid, 'name (sides: reason)' of each layer missing one). A Sigma_g is expected
         only where B is non-zero: with B still at its zero init (or kept there by a zero learning rate) v = s g B
         is zero, and no curvature can be measured on that side yet."""
-        b_moved = torch.stack([layer.lora_B.weight.detach().abs().amax().to(self.banks[0].device) > 0
-                               for layer in self.layers]).tolist()
+        b_moved = torch.stack(
+            [layer.lora_B.weight.detach().abs().amax().to(self.banks[0].device) > 0 for layer in self.layers]
+        ).tolist()
         expected, missing = 0, []
         for layer, (bank, j), moved in zip(self.layers, self.collector.slots, b_moved):
             sides = [("a", bool(bank.valid_a[j]))] + ([("g", bool(bank.valid_g[j]))] if moved else [])
             expected += len(sides)
             bad = [side for side, ok in sides if not ok]
             if bad:
-                why = "no tokens reached its factor tap" if not bool(bank.initialized[j]) else \
-                    "zero or non-finite covariance"
+                why = (
+                    "no tokens reached its factor tap"
+                    if not bool(bank.initialized[j])
+                    else "zero or non-finite covariance"
+                )
                 missing.append(f"{layer.name} ({'+'.join(bad)}: {why})")
         return expected, missing
 
-    def summary(self) -> Dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         """What GRIT did, for summary.json: whether its factors were valid, how much preconditioning changed the
         gradient, and physical vs effective LoRA parameters."""
         total, log_total, n = self._ratio_stats.tolist()
-        return {"lora_parameters": self.parameter_counts(), "grit": {
-            "active": bool(n) and self._has_factors, "valid_share": self.valid_share(),
-            "min_valid_share": self.config.min_valid_share, "preconditioned_steps": int(n),
-            "mean_precond_grad_ratio": total / n if n else None,
-            "geomean_precond_grad_ratio": float(torch.tensor(log_total / n).exp()) if n else None,
-            **{k: int(v) for k, v in self._counters.items()}}}
+        return {
+            "lora_parameters": self.parameter_counts(),
+            "grit": {
+                "active": bool(n) and self._has_factors,
+                "valid_share": self.valid_share(),
+                "min_valid_share": self.config.min_valid_share,
+                "preconditioned_steps": int(n),
+                "mean_precond_grad_ratio": total / n if n else None,
+                "geomean_precond_grad_ratio": float(torch.tensor(log_total / n).exp()) if n else None,
+                **{k: int(v) for k, v in self._counters.items()},
+            },
+        }
 
     def _guard(self) -> None:
         cfg, done = self.config, self._num_steps + 1
@@ -177,10 +192,11 @@ class GritOptimizer(Optimizer):
             raise GritInactiveError(
                 f"GRIT: {share:.0%} of the {expected} curvature factors expected by step {done} are valid "
                 f"(optimizer.grit.min_valid_share: {cfg.min_valid_share}); without them GRIT trains as plain "
-                f"{cfg.inner}. {len(missing)} layers lack a valid factor, e.g. {'; '.join(missing[:4])}")
+                f"{cfg.inner}. {len(missing)} layers lack a valid factor, e.g. {'; '.join(missing[:4])}"
+            )
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
         loss = None
         if closure is not None:  # run it first so it cannot overwrite preconditioned grads
             with torch.enable_grad():
@@ -190,8 +206,11 @@ class GritOptimizer(Optimizer):
             self._update_factors()
             self._guard()
         reproject = self._reprojection_due(t + 1)
-        raw = {p: p.grad.detach().clone() for g in self._groups for p in g.params
-               if p.grad is not None} if reproject else None
+        raw = (
+            {p: p.grad.detach().clone() for g in self._groups for p in g.params if p.grad is not None}
+            if reproject
+            else None
+        )
         if self._has_factors and t >= cfg.precondition_warmup:
             self._precondition()
         self.inner.step()
@@ -202,16 +221,15 @@ class GritOptimizer(Optimizer):
         return loss
 
     # -- internals ------------------------------------------------------------
-    def _shape_groups(self) -> List[_ShapeGroup]:
-        buckets: Dict[tuple, List] = {}
+    def _shape_groups(self) -> list[_ShapeGroup]:
+        buckets: dict[tuple, list] = {}
         for layer, (bank, j) in zip(self.layers, self.collector.slots):
             for side, p in (("left", layer.lora_A.weight), ("right", layer.lora_B.weight)):
                 key = (id(bank), side, tuple(p.shape), p.dtype, p.device)
                 buckets.setdefault(key, [bank, side, [], []])
                 buckets[key][2].append(p)
                 buckets[key][3].append(j)
-        return [_ShapeGroup(b, s, ps, torch.tensor(js, device=b.device), js)
-                for b, s, ps, js in buckets.values()]
+        return [_ShapeGroup(b, s, ps, torch.tensor(js, device=b.device), js) for b, s, ps, js in buckets.values()]
 
     def _update_factors(self) -> None:
         cfg = self.config
@@ -222,8 +240,8 @@ class GritOptimizer(Optimizer):
             bank.reset_sums()
             for side in ("a", "g"):
                 chol, valid, damp, esc = damped_cholesky(
-                    getattr(bank, f"{side}_ema"), bank.initialized, cfg.damping,
-                    cfg.damping_mode, cfg.max_damping_tries)
+                    getattr(bank, f"{side}_ema"), bank.initialized, cfg.damping, cfg.damping_mode, cfg.max_damping_tries
+                )
                 getattr(bank, f"chol_{side}").copy_(chol)
                 getattr(bank, f"valid_{side}").copy_(valid)
                 getattr(bank, f"damping_{side}").copy_(damp)
@@ -244,9 +262,13 @@ class GritOptimizer(Optimizer):
             params = [p for p in group.params if p.grad is not None]
             if not params:
                 continue
-            slots = group.slots if len(params) == len(group.params) else torch.tensor(
-                [j for p, j in zip(group.params, group.slot_list) if p.grad is not None],
-                device=group.slots.device)
+            slots = (
+                group.slots
+                if len(params) == len(group.params)
+                else torch.tensor(
+                    [j for p, j in zip(group.params, group.slot_list) if p.grad is not None], device=group.slots.device
+                )
+            )
             chol = self._factor_for(group)[slots]
             out, r2, p2 = precondition_stack([p.grad for p in params], chol, group.side)
             torch._foreach_copy_([p.grad for p in params], list(out.unbind(0)))  # one launch, not one per layer
@@ -260,16 +282,22 @@ class GritOptimizer(Optimizer):
             ratio = (pre / raw.clamp_min(torch.finfo(raw.dtype).tiny)).sqrt()
             ok = (raw > 0) & torch.isfinite(ratio)
             zero = torch.zeros_like(ratio)
-            self._ratio_stats.add_(torch.stack([torch.where(ok, ratio, zero), torch.where(ok, ratio.log(), zero),
-                                                ok.to(ratio.dtype)]).to(self._ratio_stats))
+            self._ratio_stats.add_(
+                torch.stack([torch.where(ok, ratio, zero), torch.where(ok, ratio.log(), zero), ok.to(ratio.dtype)]).to(
+                    self._ratio_stats
+                )
+            )
 
     def _reprojection_due(self, completed: int) -> bool:
         cfg = self.config
-        return (cfg.reproject_steps > 0 and self._has_factors
-                and completed >= max(cfg.reproject_warmup, 1)
-                and completed % cfg.reproject_steps == 0)
+        return (
+            cfg.reproject_steps > 0
+            and self._has_factors
+            and completed >= max(cfg.reproject_warmup, 1)
+            and completed % cfg.reproject_steps == 0
+        )
 
-    def _reproject(self, raw_grads: Dict[nn.Parameter, torch.Tensor]) -> None:
+    def _reproject(self, raw_grads: dict[nn.Parameter, torch.Tensor]) -> None:
         cfg = self.config
         for bank in self.banks:
             eye = torch.eye(bank.r, device=bank.device).expand(bank.n, -1, -1)
@@ -278,8 +306,11 @@ class GritOptimizer(Optimizer):
             k = torch.where(valid, choose_ranks(evals, cfg), torch.full_like(bank.ranks, bank.r))
             bank.proj_a.copy_(torch.where(valid[:, None, None], projectors(evecs, k), eye))
             if cfg.reproject_sides == "two":
-                valid_g = bank.initialized & torch.isfinite(bank.g_ema).all((-1, -2)) & (
-                    torch.diagonal(bank.g_ema, dim1=-2, dim2=-1).sum(-1) > 0)
+                valid_g = (
+                    bank.initialized
+                    & torch.isfinite(bank.g_ema).all((-1, -2))
+                    & (torch.diagonal(bank.g_ema, dim1=-2, dim2=-1).sum(-1) > 0)
+                )
                 _, evecs_g = sorted_eigh(bank.g_ema, valid_g)
                 bank.proj_g.copy_(torch.where(valid_g[:, None, None], projectors(evecs_g, k), eye))
             else:
@@ -287,8 +318,7 @@ class GritOptimizer(Optimizer):
             bank.ranks.copy_(k)
         self._host_ranks = None
 
-        deltas, grams = [], {id(b): [torch.zeros(b.n, b.r, b.r, device=b.device) for _ in range(2)]
-                             for b in self.banks}
+        deltas, grams = [], {id(b): [torch.zeros(b.n, b.r, b.r, device=b.device) for _ in range(2)] for b in self.banks}
         for group in self._groups:
             bank, left = group.bank, group.side == "left"
             proj = (bank.proj_a if left else bank.proj_g)[group.slots]
@@ -306,15 +336,14 @@ class GritOptimizer(Optimizer):
                     if isinstance(m, torch.Tensor) and m.shape == p.shape:
                         m_f = m.float()
                         m.copy_(proj[i] @ m_f if left else m_f @ proj[i])
-        changes = [relative_change(grams[id(b)][1], grams[id(b)][0], b.proj_g, b.proj_a)
-                   for b in self.banks]
+        changes = [relative_change(grams[id(b)][1], grams[id(b)][0], b.proj_g, b.proj_a) for b in self.banks]
         dev = self.banks[0].device
         self._last["reproj_loss_delta"] = sum(d.to(dev) for d in deltas) if deltas else None
         self._last["reproj_rel_change"] = torch.cat([c.to(dev) for c in changes]).mean()
         self._counters["reprojections"] += 1
 
     # -- introspection ----------------------------------------------------------
-    def effective_ranks(self) -> Dict[str, int]:
+    def effective_ranks(self) -> dict[str, int]:
         # ranks change only at a reprojection or a state load, so they are copied to the host once then
         # (one transfer per bank), not once per layer at every logged step
         if self._host_ranks is None:
@@ -322,24 +351,29 @@ class GritOptimizer(Optimizer):
             self._host_ranks = [per_bank[id(bank)][j] for bank, j in self.collector.slots]
         return {layer.name: k for layer, k in zip(self.layers, self._host_ranks)}
 
-    def parameter_counts(self) -> Dict[str, float]:
+    def parameter_counts(self) -> dict[str, float]:
         """Physical LoRA parameters vs effective ones (effective rank x (in + out))."""
         ranks = self.effective_ranks()
         physical = sum(layer.rank * layer.width for layer in self.layers)
         effective = sum(ranks[layer.name] * layer.width for layer in self.layers)
-        return {"physical": physical, "effective": effective,
-                "effective_ratio": effective / physical if physical else 1.0}
+        return {
+            "physical": physical,
+            "effective": effective,
+            "effective_ratio": effective / physical if physical else 1.0,
+        }
 
-    def metrics(self) -> Dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         """Scalars for logging; the only place that syncs device values to host, and only once."""
         out = {f"grit/{k}": float(v) for k, v in self._counters.items()}
         dev = self.banks[0].device
         # the mean damping over valid factors, as masked sums (boolean indexing would sync per bank)
-        damp_sum = sum(((b.damping_a * b.valid_a).sum() + (b.damping_g * b.valid_g).sum()).to(dev)
-                       for b in self.banks)
+        damp_sum = sum(((b.damping_a * b.valid_a).sum() + (b.damping_g * b.valid_g).sum()).to(dev) for b in self.banks)
         n_valid = sum((b.valid_a.sum() + b.valid_g.sum()).to(dev) for b in self.banks)
-        device_values = {"damp_sum": damp_sum, "n_valid": n_valid,
-                         "escalations": sum(b.escalations.sum().to(dev) for b in self.banks)}
+        device_values = {
+            "damp_sum": damp_sum,
+            "n_valid": n_valid,
+            "escalations": sum(b.escalations.sum().to(dev) for b in self.banks),
+        }
         for key in ("raw_sq", "pre_sq", "reproj_loss_delta", "reproj_rel_change"):
             if self._last.get(key) is not None:
                 device_values[key] = self._last[key]
@@ -364,7 +398,7 @@ class GritOptimizer(Optimizer):
         return out
 
     # -- checkpointing ----------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus a ``grit`` entry (factors, counters)."""
         sd = self.inner.state_dict()
         sd["grit"] = {
@@ -379,7 +413,7 @@ class GritOptimizer(Optimizer):
         }
         return sd
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         grit = state_dict.pop("grit", None)
         self.inner.load_state_dict(state_dict)

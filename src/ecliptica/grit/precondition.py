@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple
-
 import torch
 
 
 @torch.no_grad()
 def damped_cholesky(
     sigma: torch.Tensor, initialized: torch.Tensor, damping: float, mode: str, max_tries: int
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cholesky of Sigma + d I for a stack of factors [n, r, r], sync-free.
 
     d = damping (absolute) or damping * trace(Sigma) / r (relative). Where the
@@ -36,7 +34,7 @@ def damped_cholesky(
     # Retries need a positive damping even when lambda == 0.
     retry = torch.maximum(base, 1e-6 * mean_eig.abs())
     for k in range(1, max_tries):
-        d = retry * 10.0 ** k
+        d = retry * 10.0**k
         chol_k, info_k = torch.linalg.cholesky_ex(sig + d[:, None, None] * eye)
         escalations += (~ok).to(escalations.dtype)
         take = ~ok & (info_k == 0)
@@ -50,8 +48,8 @@ def damped_cholesky(
 
 @torch.no_grad()
 def precondition_stack(
-    grads: List[torch.Tensor], chol: torch.Tensor, side: str
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads: list[torch.Tensor], chol: torch.Tensor, side: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Solve (never invert) one shape-group of LoRA gradients.
 
     side "left":  G <- M^-1 G     (A grads, r x in)

@@ -10,8 +10,6 @@ penalty starts at 0).
 
 from __future__ import annotations
 
-from typing import List, Tuple
-
 import torch
 
 from .config import GritConfig
@@ -20,7 +18,7 @@ from .layers import LoraLayerRef
 
 
 def regularization_loss(
-    layers: List[LoraLayerRef], slots: List[Tuple[FactorBank, int]], cfg: GritConfig
+    layers: list[LoraLayerRef], slots: list[tuple[FactorBank, int]], cfg: GritConfig
 ) -> torch.Tensor:
     device = layers[0].lora_A.weight.device if layers else torch.device("cpu")
     total = torch.zeros((), device=device)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 
 from .config import GritConfig
 
 
 @torch.no_grad()
-def sorted_eigh(sigma: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def sorted_eigh(sigma: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenpairs in descending order; invalid factors are replaced by I (projector = I)."""
     eye = torch.eye(sigma.shape[-1], device=sigma.device, dtype=sigma.dtype)
     safe = torch.where(valid[:, None, None], sigma, eye)
@@ -44,8 +42,9 @@ def projectors(evecs: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def relative_change(gram_b: torch.Tensor, gram_a: torch.Tensor, proj_g: torch.Tensor,
-                    proj_a: torch.Tensor) -> torch.Tensor:
+def relative_change(
+    gram_b: torch.Tensor, gram_a: torch.Tensor, proj_g: torch.Tensor, proj_a: torch.Tensor
+) -> torch.Tensor:
     """||B'A' - BA||_F / ||BA||_F per layer from r x r Grams (G_B = B^T B, G_A = A A^T)."""
     eye = torch.eye(gram_a.shape[-1], device=gram_a.device, dtype=gram_a.dtype)
     m = proj_g @ proj_a - eye  # B'A' - BA = B M A

@@ -5,6 +5,7 @@ Every loss receives `SequenceStats` for a micro-batch laid out by its method's l
 e.g. [chosen_1..chosen_B, rejected_1..rejected_B] for pairs; `layout.split` hands the roles back) and returns
 (loss, metrics). Log-probabilities are sums over response tokens only.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -117,6 +118,9 @@ def preference_metrics(beta: float, logps: torch.Tensor, ref: torch.Tensor | Non
 
 
 def reward_metrics(chosen_r: torch.Tensor, rejected_r: torch.Tensor) -> dict:
-    return {"rewards/chosen": chosen_r.mean(), "rewards/rejected": rejected_r.mean(),
-            "rewards/margins": (chosen_r - rejected_r).mean(),
-            "rewards/accuracies": (chosen_r > rejected_r).float().mean()}
+    return {
+        "rewards/chosen": chosen_r.mean(),
+        "rewards/rejected": rejected_r.mean(),
+        "rewards/margins": (chosen_r - rejected_r).mean(),
+        "rewards/accuracies": (chosen_r > rejected_r).float().mean(),
+    }

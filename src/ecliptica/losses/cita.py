@@ -9,6 +9,7 @@ prompt (system message by default). KL options:
                    minimising it pushes log pi(y) -> -inf, which is how the original runs collapsed.
                    Refused unless `allow_unbounded_kl` is set, for reproducing old numbers only.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -33,8 +34,10 @@ class CITAConfig(ReferenceSettings):
     @model_validator(mode="after")
     def _bounded_kl(self):
         if self.kl == "seq_logratio" and not self.allow_unbounded_kl:
-            raise ValueError("kl='seq_logratio' is the original code's signed proxy and is unbounded below "
-                             "(training collapses); set allow_unbounded_kl: true only to reproduce it")
+            raise ValueError(
+                "kl='seq_logratio' is the original code's signed proxy and is unbounded below "
+                "(training collapses); set allow_unbounded_kl: true only to reproduce it"
+            )
         return self
 
 
@@ -60,7 +63,7 @@ class CITALoss(AlignmentLoss):
         if self.cfg.kl == "token_kl":
             return s.token_mean(s.token_kl_sum)
         ratio = s.logps - s.ref_logps
-        return (ratio ** 2).mean() if self.cfg.kl == "seq_logratio_sq" else ratio.mean()
+        return (ratio**2).mean() if self.cfg.kl == "seq_logratio_sq" else ratio.mean()
 
     def __call__(self, s, progress=0.0):
         logps = s.mean_logps() if self.cfg.length_normalize else s.logps

@@ -1,4 +1,5 @@
 """DPO: sigmoid DPO (Rafailov et al. 2023) with optional label smoothing (conservative DPO)."""
+
 from __future__ import annotations
 
 from typing import Literal

@@ -4,6 +4,7 @@ averaged over each response's tokens, so beta means the same for short and long 
 
     L = ((log pi(y+)/pi0(y+)) / |y+| - (log pi(y-)/pi0(y-)) / |y-| - 1/(2 beta))^2
 """
+
 from __future__ import annotations
 
 from typing import Literal

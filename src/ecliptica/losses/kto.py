@@ -11,6 +11,7 @@ KTOTrainer (loss_type="kto"). Because z0 is a mean over the micro-batch, the unp
 `micro_batch_size` examples (TRL's per-device batch) and never re-splits them by tokens. On several processes TRL
 averages z0 over them; here each process estimates it from its own micro-batch.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -44,14 +45,21 @@ class KTOLoss(AlignmentLoss):
         z0 = (mismatched - ref_mismatched).mean().detach().clamp(min=0)
         ratio = logps - ref
         desirable, beta = s.labels, self.cfg.beta
-        losses = torch.where(desirable, self.cfg.desirable_weight * (1 - torch.sigmoid(beta * (ratio - z0))),
-                             self.cfg.undesirable_weight * (1 - torch.sigmoid(beta * (z0 - ratio))))
+        losses = torch.where(
+            desirable,
+            self.cfg.desirable_weight * (1 - torch.sigmoid(beta * (ratio - z0))),
+            self.cfg.undesirable_weight * (1 - torch.sigmoid(beta * (z0 - ratio))),
+        )
         loss = losses.mean()
         # TRL's names; a micro-batch may hold no example of a kind, so the class means are Ratios over the step
         d, u = desirable.float(), (~desirable).float()
         rewards, lp = beta * ratio.detach(), logps.detach()
-        m = {"loss/kto": loss.detach(), "kl": z0,
-             "rewards/chosen": Ratio((rewards * d).mean(), d.mean()),
-             "rewards/rejected": Ratio((rewards * u).mean(), u.mean()),
-             "logps/chosen": Ratio((lp * d).mean(), d.mean()), "logps/rejected": Ratio((lp * u).mean(), u.mean())}
+        m = {
+            "loss/kto": loss.detach(),
+            "kl": z0,
+            "rewards/chosen": Ratio((rewards * d).mean(), d.mean()),
+            "rewards/rejected": Ratio((rewards * u).mean(), u.mean()),
+            "logps/chosen": Ratio((lp * d).mean(), d.mean()),
+            "logps/rejected": Ratio((lp * u).mean(), u.mean()),
+        }
         return loss, m

@@ -12,6 +12,7 @@ the data order and the reference cache ask the layout; nothing else assumes a pa
               TRL's `unpair_preference_dataset`; each also carries another example's response after its own
               prompt, for a KL estimate on mismatched pairs (KTO)                  roles: completion, mismatched
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -114,8 +115,11 @@ def unpair(pairs: list[TokenizedPair], max_length: int) -> list[UnpairedExample]
     out = []
     for k, (pair, completion, desirable) in enumerate(flat):
         other = flat[k - 1][1]
-        out.append(UnpairedExample(pair.prompt_ids, completion, desirable,
-                                   other[:max_length - len(pair.prompt_ids)], pair.row_id))
+        out.append(
+            UnpairedExample(
+                pair.prompt_ids, completion, desirable, other[: max_length - len(pair.prompt_ids)], pair.row_id
+            )
+        )
     return out
 
 

@@ -6,6 +6,7 @@ length-normalised log-probs (p = exp(mean token log-prob), odds = p / (1 - p)):
 The odds-ratio term is TRL's `ORPOTrainer.odds_ratio_loss`. The NLL is over the chosen response tokens only,
 as in the paper and in our SFT; TRL's ORPOTrainer also counts the prompt tokens in it.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,12 @@ class ORPOLoss(AlignmentLoss):
         log_odds = (mc - mr) - (log1m_exp(mc) - log1m_exp(mr))
         log_sig = F.logsigmoid(log_odds)
         loss = nll - self.cfg.beta * log_sig.mean()
-        m = {"logps/chosen": pc.mean().detach(), "logps/rejected": pr.mean().detach(), "loss/nll": nll.detach(),
-             "log_odds_ratio": log_sig.mean().detach(), "log_odds_chosen": log_odds.mean().detach()}  # TRL's names
+        m = {
+            "logps/chosen": pc.mean().detach(),
+            "logps/rejected": pr.mean().detach(),
+            "loss/nll": nll.detach(),
+            "log_odds_ratio": log_sig.mean().detach(),
+            "log_odds_chosen": log_odds.mean().detach(),
+        }  # TRL's names
         m.update(reward_metrics(self.cfg.beta * mc.detach(), self.cfg.beta * mr.detach()))
         return loss, m

@@ -14,11 +14,12 @@ API (`from ecliptica.losses import registry`):
 Adding a method = one module here (its config model with `name: Literal["x"]`, and its loss class with its
 `layout`) + its test.
 """
+
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -35,8 +36,12 @@ def _discover() -> dict[str, type[AlignmentLoss]]:
             continue
         module = importlib.import_module(f"{__package__}.{info.name}")
         for obj in vars(module).values():
-            if (isinstance(obj, type) and issubclass(obj, AlignmentLoss) and obj.__module__ == module.__name__
-                    and "config" in obj.__dict__):
+            if (
+                isinstance(obj, type)
+                and issubclass(obj, AlignmentLoss)
+                and obj.__module__ == module.__name__
+                and "config" in obj.__dict__
+            ):
                 if obj.name in found:
                     raise RuntimeError(f"method {obj.name!r} is defined twice: {found[obj.name]} and {obj}")
                 if not isinstance(getattr(obj, "layout", None), Layout):
@@ -47,8 +52,10 @@ def _discover() -> dict[str, type[AlignmentLoss]]:
 
 METHODS: dict[str, type[AlignmentLoss]] = _discover()
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
-MethodConfig = Annotated[Union[tuple(cls.config for cls in METHODS.values())],  # type: ignore[valid-type]
-                         Field(discriminator="name")]
+MethodConfig = Annotated[
+    tuple(cls.config for cls in METHODS.values()),  # type: ignore[valid-type]
+    Field(discriminator="name"),
+]
 
 
 def method_names() -> tuple[str, ...]:
@@ -79,5 +86,4 @@ def settings_for(name: str, shared: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in shared.items() if k in fields}
 
 
-__all__ = ["METHODS", "MethodConfig", "MethodName", "base", "build_loss", "get_method", "method_names",
-           "settings_for"]
+__all__ = ["METHODS", "MethodConfig", "MethodName", "base", "build_loss", "get_method", "method_names", "settings_for"]

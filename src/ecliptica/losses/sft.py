@@ -1,4 +1,5 @@
 """SFT: negative log-likelihood of the chosen response tokens (completion only; no prompt or padding)."""
+
 from __future__ import annotations
 
 from typing import Literal

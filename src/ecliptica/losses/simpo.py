@@ -5,6 +5,7 @@ chosen reward must beat the rejected one by a margin gamma:
 
 with optional label smoothing, as TRL's CPOTrainer computes it (`loss_type="simpo"`, `cpo_alpha=0`).
 """
+
 from __future__ import annotations
 
 from typing import Literal

@@ -11,6 +11,7 @@ trained on the train split (seed `calibration.seed`) and scored on the held-out 
 store, and each arm's final runs use its chosen point (`chosen_settings`). Nothing here reads the
 evaluation prompt sets, so the choice cannot be tuned on the test set.
 """
+
 from __future__ import annotations
 
 import csv
@@ -25,8 +26,19 @@ from ..config import TrainConfig
 from .config import ArmSpec, CalibrationSection, StudyConfig
 from .store import StudyStore
 
-ROW_FIELDS = ("arm", "lr", "damping", "status", "val_accuracy", "val_margin", "benign_kl", "n_val_pairs",
-              "epochs", "feasible", "chosen")
+ROW_FIELDS = (
+    "arm",
+    "lr",
+    "damping",
+    "status",
+    "val_accuracy",
+    "val_margin",
+    "benign_kl",
+    "n_val_pairs",
+    "epochs",
+    "feasible",
+    "chosen",
+)
 
 
 def sweep(cfg: StudyConfig, arm: ArmSpec) -> list[dict[str, Any]]:
@@ -76,11 +88,21 @@ def flat_row(point: dict) -> dict:
     """A store row as the report reads it (one name per number, from the scorer to the CSV column)."""
     s = point.get("scores") or {}
     val, benign = s.get("val", {}), s.get("benign", {})
-    return {"point_id": point["point_id"], "arm": point["arm"], "lr": point["lr"], "damping": point["damping"],
-            "status": point["status"], "val_accuracy": val.get("rewards/accuracies"),
-            "val_margin": val.get("rewards/margins"), "n_val_pairs": val.get("n_pairs"),
-            "benign_kl": benign.get("kl_mean_token"), "epochs": s.get("epochs"),
-            "feasible": s.get("feasible"), "chosen": point.get("chosen", False), "why": s.get("why")}
+    return {
+        "point_id": point["point_id"],
+        "arm": point["arm"],
+        "lr": point["lr"],
+        "damping": point["damping"],
+        "status": point["status"],
+        "val_accuracy": val.get("rewards/accuracies"),
+        "val_margin": val.get("rewards/margins"),
+        "n_val_pairs": val.get("n_pairs"),
+        "benign_kl": benign.get("kl_mean_token"),
+        "epochs": s.get("epochs"),
+        "feasible": s.get("feasible"),
+        "chosen": point.get("chosen", False),
+        "why": s.get("why"),
+    }
 
 
 def calibration_rows(store: StudyStore) -> list[dict]:
@@ -156,8 +178,12 @@ def calibrate(cfg: StudyConfig, store: StudyStore, worker: str | None = None) ->
         point["scores"].update({"why": why, "feasible": best["benign_kl"] <= cfg.calibration.kl_bound})
         store.set_point(best["point_id"], "scored", scores=point["scores"])
         store.set_chosen(arm.name, best["point_id"])
-        print(f"[study] calibration: {arm.name} -> lr {best['lr']:g}"
-              + (f", damping {best['damping']:g}" if best["damping"] is not None else "") + f" ({why})", flush=True)
+        print(
+            f"[study] calibration: {arm.name} -> lr {best['lr']:g}"
+            + (f", damping {best['damping']:g}" if best["damping"] is not None else "")
+            + f" ({why})",
+            flush=True,
+        )
     settings = chosen_settings(cfg, store)
     assert settings is not None  # every arm was just chosen
     return settings
@@ -180,8 +206,10 @@ def _train_and_score(tc: TrainConfig, benign, cfg: StudyConfig) -> dict:
     trainer = Trainer(tc, resume=True, restart_without_checkpoint=True).setup()
     try:
         if trainer.val_data is None or not trainer.val_data.pairs:
-            raise ValueError(f"{tc.data.path}: the validation split is empty (val_fraction {tc.data.val_fraction}); "
-                             "calibration needs validation pairs")
+            raise ValueError(
+                f"{tc.data.path}: the validation split is empty (val_fraction {tc.data.val_fraction}); "
+                "calibration needs validation pairs"
+            )
         summary = trainer.train()
         policy = trainer.accelerator.unwrap_model(trainer.policy)
         pad, bs = trainer.tokenizer.pad_token_id, cfg.calibration.batch_size
@@ -193,9 +221,15 @@ def _train_and_score(tc: TrainConfig, benign, cfg: StudyConfig) -> dict:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    scores = {"val": val, "benign": kl, "steps": summary["steps"], "epochs": summary["epochs"],
-              "train_seconds": summary["train_seconds"], "split": summary["data"]["split"],
-              "config_hash": tc.hash()}
+    scores = {
+        "val": val,
+        "benign": kl,
+        "steps": summary["steps"],
+        "epochs": summary["epochs"],
+        "train_seconds": summary["train_seconds"],
+        "split": summary["data"]["split"],
+        "config_hash": tc.hash(),
+    }
     Path(tc.run_dir, "calibration.json").write_text(json.dumps(scores, indent=1))
     return scores
 
@@ -239,15 +273,21 @@ def write_calibration(rows: list[dict], out_dir: Path, cal: CalibrationSection) 
         w.writerows(rows)
     calibration_sweep(rows, cal.kl_bound, out_dir / "figures" / "calibration_sweep")
     fmt = lambda v, spec=".3f": "" if v is None else format(v, spec)  # noqa: E731
-    lines = ["## Calibration (validation split; the final runs use each arm's chosen point)", "",
-             f"Rule: the highest validation preference accuracy (rewards/accuracies against the base) among points "
-             f"with benign token KL to the base <= {cal.kl_bound:g}; accuracies within {cal.accuracy_tolerance:g} "
-             "tie, ties go to the smaller lr; with no point inside the bound, the smallest KL. "
-             "Figure: `figures/calibration_sweep`.", "",
-             "| arm | lr | damping | val accuracy | val margin | benign KL | epochs | chosen |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Calibration (validation split; the final runs use each arm's chosen point)",
+        "",
+        f"Rule: the highest validation preference accuracy (rewards/accuracies against the base) among points "
+        f"with benign token KL to the base <= {cal.kl_bound:g}; accuracies within {cal.accuracy_tolerance:g} "
+        "tie, ties go to the smaller lr; with no point inside the bound, the smallest KL. "
+        "Figure: `figures/calibration_sweep`.",
+        "",
+        "| arm | lr | damping | val accuracy | val margin | benign KL | epochs | chosen |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         chosen = ("yes" + ("" if r["feasible"] else " (KL bound not met)")) if r["chosen"] else ""
-        lines.append(f"| {r['arm']} | {r['lr']:g} | {fmt(r['damping'], 'g')} | {fmt(r['val_accuracy'])} | "
-                     f"{fmt(r['val_margin'])} | {fmt(r['benign_kl'], '.4f')} | {fmt(r['epochs'], '.2f')} | {chosen} |")
+        lines.append(
+            f"| {r['arm']} | {r['lr']:g} | {fmt(r['damping'], 'g')} | {fmt(r['val_accuracy'])} | "
+            f"{fmt(r['val_margin'])} | {fmt(r['benign_kl'], '.4f')} | {fmt(r['epochs'], '.2f')} | {chosen} |"
+        )
     return "\n".join(lines) + "\n"

@@ -5,6 +5,7 @@ schedule are identical by construction; an arm may override single dotted keys (
 in the results table). With `calibration` on, each trained arm's learning rate (and GRIT damping) is
 chosen per arm on the validation split before the final runs (study/calibration.py).
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,8 +21,16 @@ from ..losses import registry
 from ..runio import check_path_component
 from .design import BASE_METHODS, Question, ReportSettings, default_questions
 
-__all__ = ["ArmSpec", "CalibrationSection", "StudyConfig", "BASE_METHODS", "Question", "ReportSettings",
-           "UNTRAINED", "default_arms"]
+__all__ = [
+    "ArmSpec",
+    "CalibrationSection",
+    "StudyConfig",
+    "BASE_METHODS",
+    "Question",
+    "ReportSettings",
+    "UNTRAINED",
+    "default_arms",
+]
 
 # Arms evaluated without training: the base as is, and the base with the instruction as system message
 # (separates "the instruction helps" from "training on it helps").
@@ -74,10 +83,15 @@ class CalibrationSection(Strict):
 
 
 def default_arms() -> list[ArmSpec]:
-    return [ArmSpec(name="baseline", method="baseline"),
-            ArmSpec(name="sft", method="sft"), ArmSpec(name="sft_grit", method="sft", optimizer="grit"),
-            ArmSpec(name="dpo", method="dpo"), ArmSpec(name="dpo_grit", method="dpo", optimizer="grit"),
-            ArmSpec(name="cita", method="cita"), ArmSpec(name="cita_grit", method="cita", optimizer="grit")]
+    return [
+        ArmSpec(name="baseline", method="baseline"),
+        ArmSpec(name="sft", method="sft"),
+        ArmSpec(name="sft_grit", method="sft", optimizer="grit"),
+        ArmSpec(name="dpo", method="dpo"),
+        ArmSpec(name="dpo_grit", method="dpo", optimizer="grit"),
+        ArmSpec(name="cita", method="cita"),
+        ArmSpec(name="cita_grit", method="cita", optimizer="grit"),
+    ]
 
 
 class StudyConfig(Strict):
@@ -136,8 +150,10 @@ class StudyConfig(Strict):
             if arm.instruction is not None and arm.method != "prompt_only":
                 raise ValueError(f"arm {arm.name!r}: `instruction` applies to prompt_only arms only")
             if arm.method == "prompt_only" and not self.prompt_instruction(arm):
-                raise ValueError(f"arm {arm.name!r} (prompt_only) needs an instruction: set the arm's "
-                                 "`instruction` or train.data.instruction")
+                raise ValueError(
+                    f"arm {arm.name!r} (prompt_only) needs an instruction: set the arm's "
+                    "`instruction` or train.data.instruction"
+                )
         # names of arms a study leaves out are ignored (e.g. `--set arms=...` on a shipped config); untrained ones are errors
         untrained = set(self.calibration.arms or []) & {a.name for a in self.arms if not a.trained}
         if untrained:
@@ -146,11 +162,13 @@ class StudyConfig(Strict):
             raise ValueError("calibration needs a validation split: set train.data.val_fraction > 0")
         if self.evaluation_sets:
             if "test" not in self.evaluation_sets:
-                raise ValueError(f"evaluation_sets needs a `test` set (the report reads it), got "
-                                 f"{sorted(self.evaluation_sets)}")
+                raise ValueError(
+                    f"evaluation_sets needs a `test` set (the report reads it), got {sorted(self.evaluation_sets)}"
+                )
             if self.evaluation.data != EvalDataSection():  # (a default block written out in study.yaml is fine)
-                raise ValueError("evaluation.data and evaluation_sets are both set: name the prompt sets "
-                                 "in evaluation_sets only")
+                raise ValueError(
+                    "evaluation.data and evaluation_sets are both set: name the prompt sets in evaluation_sets only"
+                )
         self.eval_config(Path(self.study_dir) / "runs", None)  # ... or if the evaluation block is
         return self
 
@@ -170,8 +188,14 @@ class StudyConfig(Strict):
             return {k: v.model_dump() for k, v in self.evaluation_sets.items()}
         return {"test": self.evaluation.data.model_dump()}
 
-    def eval_config(self, out_dir: str | Path, adapter: str | Path | None, behaviour: dict | None = None,
-                    data: dict | None = None, system_instruction: str | None = None):
+    def eval_config(
+        self,
+        out_dir: str | Path,
+        adapter: str | Path | None,
+        behaviour: dict | None = None,
+        data: dict | None = None,
+        system_instruction: str | None = None,
+    ):
         """One run's EvalConfig: the shared `evaluation` block + this run's output and adapter
         (`behaviour`: that block's behaviour settings as the runner widened them for this arm; `data`: one
         of `eval_sets()`; `system_instruction`: a prompt-only arm's system message)."""
@@ -179,16 +203,27 @@ class StudyConfig(Strict):
         from ..evaluation.config import EvalConfig
 
         model = {k: v for k, v in self.train.get("model", {}).items() if k in InferenceModelSection.model_fields}
-        raw = {**self.evaluation.model_dump(), "out_dir": str(out_dir), "adapter": None if adapter is None else str(adapter),
-               "model": model}
+        raw = {
+            **self.evaluation.model_dump(),
+            "out_dir": str(out_dir),
+            "adapter": None if adapter is None else str(adapter),
+            "model": model,
+        }
         if behaviour is not None:
             raw["behaviour"] = behaviour
         if data is not None:
             raw["data"] = data
         if system_instruction is not None:  # for embeddings and generations
-            raw = {**raw, "embeddings": {**raw["embeddings"], "placement": "system", "instruction": system_instruction},
-                   "behaviour": {**raw["behaviour"], "placements": ["system"], "shown_placement": "system",
-                                 "instruction": system_instruction}}
+            raw = {
+                **raw,
+                "embeddings": {**raw["embeddings"], "placement": "system", "instruction": system_instruction},
+                "behaviour": {
+                    **raw["behaviour"],
+                    "placements": ["system"],
+                    "shown_placement": "system",
+                    "instruction": system_instruction,
+                },
+            }
         try:
             return EvalConfig.model_validate(raw)
         except Exception as e:

@@ -10,6 +10,7 @@ t-interval over seeds of the recorded values. Refusal contrasts draw each run's 
 Jeffreys posterior of its recorded count (per-prompt outcomes are not in the summary); an arm's seeds
 share their draws' uniforms, because they were scored on the same prompts.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ecliptica.evaluation.discriminant import BandAqiStat
 from ecliptica.evaluation.aqi import AqiStat
+from ecliptica.evaluation.discriminant import BandAqiStat
 from ecliptica.evaluation.stats import (
     bootstrap_interval,
     evaluate_on_resamples,
@@ -32,8 +33,11 @@ from ecliptica.evaluation.stats import (
 
 from .records import Embeddings, Run
 
-METRIC_LABELS = {"aqi": "AQI", "refusal_rate_unsafe": "refusal rate (unsafe)",
-                 "over_refusal_rate_safe": "over-refusal (safe)"}
+METRIC_LABELS = {
+    "aqi": "AQI",
+    "refusal_rate_unsafe": "refusal rate (unsafe)",
+    "over_refusal_rate_safe": "over-refusal (safe)",
+}
 Decision = Literal["different", "equivalent", "inconclusive"]
 
 
@@ -75,8 +79,15 @@ class AqiResamples:
     ``paired_bootstrap_test`` makes, so a two-run contrast here reproduces that test bit for bit.
     """
 
-    def __init__(self, emb: Embeddings, stats: AqiStat | Mapping[Run, AqiStat], n_resamples: int, seed: int,
-                 recorded: Mapping[Run, float | None] | None = None, tolerance: float = 1e-6):
+    def __init__(
+        self,
+        emb: Embeddings,
+        stats: AqiStat | Mapping[Run, AqiStat],
+        n_resamples: int,
+        seed: int,
+        recorded: Mapping[Run, float | None] | None = None,
+        tolerance: float = 1e-6,
+    ):
         self.emb, self.stats, self.recorded, self.tolerance = emb, stats, recorded or {}, tolerance
         self.idx = resample_indices(emb.labels, n_resamples, seed)
         self._estimates: dict[Run, float] = {}
@@ -97,7 +108,8 @@ class AqiResamples:
                 raise AqiMismatchError(
                     f"arm {run[0]!r} seed {run[1]}: AQI from its embeddings with the recorded settings "
                     f"(gamma={stat.gamma}, pca_dim={stat.pca_dim}) is {value:.6f} but its evaluation recorded "
-                    f"{recorded:.6f}: these are not the embeddings the evaluator scored")
+                    f"{recorded:.6f}: these are not the embeddings the evaluator scored"
+                )
             self._estimates[run] = value
         return self._estimates[run]
 
@@ -107,12 +119,18 @@ class AqiResamples:
         return self._samples[run]
 
 
-def aqi_resamples(emb: Embeddings, by_arm: Mapping[str, Mapping[int, dict]], n_resamples: int,
-                  seed: int) -> AqiResamples:
+def aqi_resamples(
+    emb: Embeddings, by_arm: Mapping[str, Mapping[int, dict]], n_resamples: int, seed: int
+) -> AqiResamples:
     """Resamples for a study: each run scored with its recorded settings and checked against its AQI."""
     runs = [(a, s) for a, by_seed in by_arm.items() for s in by_seed]
-    return AqiResamples(emb, {r: aqi_stat_of(by_arm[r[0]][r[1]]) for r in runs}, n_resamples, seed,
-                        recorded={r: by_arm[r[0]][r[1]]["eval"].aqi.value for r in runs})
+    return AqiResamples(
+        emb,
+        {r: aqi_stat_of(by_arm[r[0]][r[1]]) for r in runs},
+        n_resamples,
+        seed,
+        recorded={r: by_arm[r[0]][r[1]]["eval"].aqi.value for r in runs},
+    )
 
 
 @dataclass
@@ -181,8 +199,12 @@ def combine_over_seeds(
     estimate = float(np.mean(estimates))
     low, high = bootstrap_interval(combined, estimate, alpha, method)
     threshold = 2 * estimate if method == "basic" else 0.0
-    return {"estimate": estimate, "low": float(low), "high": float(high),
-            "p_value": two_sided_bootstrap_p(combined, threshold)}
+    return {
+        "estimate": estimate,
+        "low": float(low),
+        "high": float(high),
+        "p_value": two_sided_bootstrap_p(combined, threshold),
+    }
 
 
 def t_over_seeds(estimates: np.ndarray, alpha: float) -> dict[str, Any]:
@@ -204,9 +226,13 @@ def _finish(result: dict[str, Any], plan: SeedPlan, estimates, comparison, metri
     low, high = result["low"], result["high"]
     signs = {int(np.sign(v)) for v in estimates if v != 0}
     return {
-        "comparison": comparison, "metric": metric, "answerable": True, **result,
+        "comparison": comparison,
+        "metric": metric,
+        "answerable": True,
+        **result,
         "significant": bool(np.isfinite(low) and np.isfinite(high) and not (low <= 0.0 <= high)),
-        "alpha": alpha, "n_seeds": len(plan),
+        "alpha": alpha,
+        "n_seeds": len(plan),
         "per_seed": {str(s): float(v) for s, v in zip(seeds, estimates)},
         "seed_sd": float(np.std(estimates, ddof=1)) if len(estimates) > 1 else None,
         "seeds_disagree": len(signs) > 1,
@@ -236,14 +262,26 @@ def aqi_contrast(ctx: StudyContext, terms: Mapping[str, float], comparison: str)
     if ctx.aqi is not None and all(ctx.aqi.has(r) for r in runs):
         return _paired_aqi(ctx, plan, terms, comparison)
     if len(plan) > 1:
-        estimates = np.array([sum(w * ctx.by_arm[a][p[a]]["eval"].aqi.value for a, w in terms.items())
-                              for _, p in plan])
+        estimates = np.array(
+            [sum(w * ctx.by_arm[a][p[a]]["eval"].aqi.value for a, w in terms.items()) for _, p in plan]
+        )
         if np.ptp(estimates) == 0.0:  # e.g. two untrained arms: no seed spread and no prompt-level data to test
-            return not_answerable(comparison, "AQI", f"not answerable: every seed gives the same contrast "
-                                  f"({estimates[0]:+.4g}) and without embeddings there is no prompt-level "
-                                  "uncertainty to test it against")
-        return _finish(t_over_seeds(estimates, ctx.alpha), plan, estimates, comparison, "AQI", ctx.alpha,
-                       SEEDS_ONLY + " of the recorded AQI (no embeddings: prompt sampling not included)")
+            return not_answerable(
+                comparison,
+                "AQI",
+                f"not answerable: every seed gives the same contrast "
+                f"({estimates[0]:+.4g}) and without embeddings there is no prompt-level "
+                "uncertainty to test it against",
+            )
+        return _finish(
+            t_over_seeds(estimates, ctx.alpha),
+            plan,
+            estimates,
+            comparison,
+            "AQI",
+            ctx.alpha,
+            SEEDS_ONLY + " of the recorded AQI (no embeddings: prompt sampling not included)",
+        )
     lacking = list(dict.fromkeys(f"{a} seed {s}" for a, s in runs if ctx.aqi is None or not ctx.aqi.has((a, s))))
     return not_answerable(comparison, "AQI", f"not answerable: no embeddings for {', '.join(lacking)} and one seed")
 
@@ -254,16 +292,25 @@ def _paired_aqi(ctx: StudyContext, plan: SeedPlan, terms, comparison) -> dict[st
         a = next(arm for arm, w in terms.items() if w > 0)
         b = next(arm for arm, w in terms.items() if w < 0)
         ctx.aqi.estimate((a, runs[a])), ctx.aqi.estimate((b, runs[b]))  # checks both against the recorded AQI
-        test = paired_bootstrap_test(ctx.aqi.stat((a, runs[a])), ctx.aqi.emb.X[(a, runs[a])],
-                                     ctx.aqi.emb.X[(b, runs[b])], ctx.aqi.emb.labels, ctx.n_resamples, ctx.seed,
-                                     ctx.alpha)
+        test = paired_bootstrap_test(
+            ctx.aqi.stat((a, runs[a])),
+            ctx.aqi.emb.X[(a, runs[a])],
+            ctx.aqi.emb.X[(b, runs[b])],
+            ctx.aqi.emb.labels,
+            ctx.n_resamples,
+            ctx.seed,
+            ctx.alpha,
+        )
         result = {"estimate": test["diff"], "low": test["low"], "high": test["high"], "p_value": test["p_value"]}
         return _finish(result, plan, np.array([test["diff"]]), comparison, "AQI", ctx.alpha, test["method"])
     estimates = np.array([sum(w * ctx.aqi.estimate((a, p[a])) for a, w in terms.items()) for _, p in plan])
     samples = np.stack([sum(w * ctx.aqi.samples((a, p[a])) for a, w in terms.items()) for _, p in plan])
     result = combine_over_seeds(estimates, samples, ctx.alpha, "basic", np.random.default_rng(ctx.seed + 1))
-    method = ("paired basic bootstrap over prompts" if len(plan) == 1
-              else "two-stage bootstrap: seeds, then prompts (paired), basic interval")
+    method = (
+        "paired basic bootstrap over prompts"
+        if len(plan) == 1
+        else "two-stage bootstrap: seeds, then prompts (paired), basic interval"
+    )
     return _finish(result, plan, estimates, comparison, "AQI", ctx.alpha, method)
 
 
@@ -292,10 +339,13 @@ def rate_contrast(ctx: StudyContext, key: str, terms: Mapping[str, float], compa
         return not_answerable(comparison, metric, f"not answerable: no {metric} for {', '.join(lacking)}")
     estimates = np.array([sum(w * entries[(a, p[a])].rate for a, w in terms.items()) for _, p in plan])
     uniforms = {a: _arm_uniforms(ctx, a, key) for a in terms}
-    samples = np.stack([sum(w * _rate_draws(entries[(a, p[a])], uniforms[a]) for a, w in terms.items())
-                        for _, p in plan])
+    samples = np.stack(
+        [sum(w * _rate_draws(entries[(a, p[a])], uniforms[a]) for a, w in terms.items()) for _, p in plan]
+    )
     result = combine_over_seeds(estimates, samples, ctx.alpha, "percentile", np.random.default_rng(ctx.seed + 2))
-    method = "Jeffreys Beta(k+1/2, n-k+1/2) draws, independent between arms (per-prompt outcomes not recorded; conservative)"
+    method = (
+        "Jeffreys Beta(k+1/2, n-k+1/2) draws, independent between arms (per-prompt outcomes not recorded; conservative)"
+    )
     if len(plan) > 1:
         method += ", one shared uniform per arm across its seeds (same prompts), seeds resampled"
     return _finish(result, plan, estimates, comparison, metric, ctx.alpha, method)
@@ -322,7 +372,7 @@ def jeffreys_quantiles(k: int, n: int, u: np.ndarray) -> np.ndarray:
 
 
 def decide(low: float, high: float, p_adjusted: float, alpha: float, margin: float | None) -> Decision:
-    """"different" when the Holm-adjusted p is below alpha; "equivalent" (no difference that
+    """ "different" when the Holm-adjusted p is below alpha; "equivalent" (no difference that
     matters) only when the whole CI lies inside ±margin; otherwise "inconclusive"."""
     if p_adjusted < alpha:
         return "different"

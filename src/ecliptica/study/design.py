@@ -5,6 +5,7 @@ A contrast is ``Σ weight · metric(arm)`` with weights summing to 0: ``{cita: 1
 CITA minus DPO; ``{cita_grit: 1, cita: -1, dpo_grit: -1, dpo: 1}`` is an interaction. Each
 question's contrasts (times their metrics) are one family for the Holm correction.
 """
+
 from __future__ import annotations
 
 import math
@@ -94,25 +95,47 @@ def default_questions() -> list[Question]:
     """Q1–Q4 of the study plan (docs/study.md)."""
     grit_pairs = [Contrast(terms={f"{m}_grit": 1.0, m: -1.0}) for m in BASE_METHODS]
     return [
-        Question(id="Q1", title="Q1: does instruction conditioning help (CITA vs DPO; placement alone)?",
-                 contrasts=[Contrast(terms={"cita": 1.0, "dpo": -1.0}),
-                            Contrast(terms={"cita_grit": 1.0, "dpo_grit": -1.0}, metrics=["aqi"],
-                                     only_if_present=True)],
-                 placement_pairs=True,
-                 notes=["CITA vs DPO changes the loss (KL anchor) as well as the instruction, so it is the method "
-                        "effect, not the instruction alone."]),
+        Question(
+            id="Q1",
+            title="Q1: does instruction conditioning help (CITA vs DPO; placement alone)?",
+            contrasts=[
+                Contrast(terms={"cita": 1.0, "dpo": -1.0}),
+                Contrast(terms={"cita_grit": 1.0, "dpo_grit": -1.0}, metrics=["aqi"], only_if_present=True),
+            ],
+            placement_pairs=True,
+            notes=[
+                "CITA vs DPO changes the loss (KL anchor) as well as the instruction, so it is the method "
+                "effect, not the instruction alone."
+            ],
+        ),
         Question(id="Q2", title="Q2: does GRIT help each base method (X_grit − X)?", contrasts=grit_pairs),
-        Question(id="Q3", title="Q3: do the effects stack (CITA + GRIT)?",
-                 contrasts=[Contrast(terms={"cita_grit": 1.0, "dpo": -1.0}, metrics=["aqi"]),
-                            Contrast(terms={"cita_grit": 1.0, "cita": -1.0, "dpo_grit": -1.0, "dpo": 1.0},
-                                     name="(cita_grit − cita) − (dpo_grit − dpo)", metrics=["aqi"],
-                                     higher="super-additive: GRIT helps CITA more than DPO",
-                                     lower="sub-additive: GRIT helps CITA less than DPO")],
-                 notes=["An interaction CI covering 0 means the data are compatible with additive effects; it does "
-                        "not show that they are additive."]),
-        Question(id="Q4", title="Q4: is the cost justified (ΔAQI per GPU-hour, GRIT overhead)?", efficiency=True,
-                 overheads=[Overhead(base=m, treated=f"{m}_grit") for m in BASE_METHODS],
-                 notes=["Compute-hours = train_seconds × num_processes / device_shared_by / 3600 per run (mean over "
-                        "seeds); evaluation time is not included. ΔAQI per hour treats the hours as fixed, so its "
-                        "CI is the ΔAQI CI scaled."]),
+        Question(
+            id="Q3",
+            title="Q3: do the effects stack (CITA + GRIT)?",
+            contrasts=[
+                Contrast(terms={"cita_grit": 1.0, "dpo": -1.0}, metrics=["aqi"]),
+                Contrast(
+                    terms={"cita_grit": 1.0, "cita": -1.0, "dpo_grit": -1.0, "dpo": 1.0},
+                    name="(cita_grit − cita) − (dpo_grit − dpo)",
+                    metrics=["aqi"],
+                    higher="super-additive: GRIT helps CITA more than DPO",
+                    lower="sub-additive: GRIT helps CITA less than DPO",
+                ),
+            ],
+            notes=[
+                "An interaction CI covering 0 means the data are compatible with additive effects; it does "
+                "not show that they are additive."
+            ],
+        ),
+        Question(
+            id="Q4",
+            title="Q4: is the cost justified (ΔAQI per GPU-hour, GRIT overhead)?",
+            efficiency=True,
+            overheads=[Overhead(base=m, treated=f"{m}_grit") for m in BASE_METHODS],
+            notes=[
+                "Compute-hours = train_seconds × num_processes / device_shared_by / 3600 per run (mean over "
+                "seeds); evaluation time is not included. ΔAQI per hour treats the hours as fixed, so its "
+                "CI is the ΔAQI CI scaled."
+            ],
+        ),
     ]

@@ -4,6 +4,7 @@ Functions take the report's plain rows / findings (no records, no statistics her
 intervals drawn are exactly those in results.json. A figure with nothing to show still gets written,
 with a note in place of the plot, so the set of files is always the same.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -53,8 +54,13 @@ def aqi_by_arm(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(7, 4))
     shown = [r for r in rows if r["aqi"] is not None]
     if shown:
-        _bars(ax, [r["arm"] for r in shown], [r["aqi"] for r in shown],
-              [r["aqi_low"] for r in shown], [r["aqi_high"] for r in shown])
+        _bars(
+            ax,
+            [r["arm"] for r in shown],
+            [r["aqi"] for r in shown],
+            [r["aqi_low"] for r in shown],
+            [r["aqi_high"] for r in shown],
+        )
         ax.set_ylabel("AQI")
         ax.set_title("AQI by arm (95% CI)")
     else:
@@ -76,8 +82,15 @@ def delta_aqi(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(7, 4))
     shown = [r for r in rows if r["delta_aqi"] is not None]
     if shown:
-        _difference_bars(ax, [(r["arm"], r["delta_aqi"], r["delta_aqi_low"], r["delta_aqi_high"],
-                               r["delta_aqi_significant"]) for r in shown], "ΔAQI vs baseline", "ΔAQI vs baseline")
+        _difference_bars(
+            ax,
+            [
+                (r["arm"], r["delta_aqi"], r["delta_aqi_low"], r["delta_aqi_high"], r["delta_aqi_significant"])
+                for r in shown
+            ],
+            "ΔAQI vs baseline",
+            "ΔAQI vs baseline",
+        )
     else:
         _empty(ax, "ΔAQI not available (no baseline or no embeddings)")
     return _save_both(fig, plt, stem)
@@ -89,8 +102,13 @@ def grit_effect(findings: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, 
     fig, ax = plt.subplots(figsize=(5, 4))
     shown = [f for f in findings if f.get("answerable")]
     if shown:
-        _difference_bars(ax, [(f["comparison"], f["estimate"], f["low"], f["high"], f["significant"]) for f in shown],
-                         "AQI with GRIT − without", "GRIT effect per method", "significant after Holm")
+        _difference_bars(
+            ax,
+            [(f["comparison"], f["estimate"], f["low"], f["high"], f["significant"]) for f in shown],
+            "AQI with GRIT − without",
+            "GRIT effect per method",
+            "significant after Holm",
+        )
     else:
         _empty(ax, "no base method has both arms")
     return _save_both(fig, plt, stem)
@@ -138,8 +156,12 @@ def efficiency(rows: Sequence[Mapping[str, Any]], stem: Path) -> dict[str, str]:
     return _save_both(fig, plt, stem)
 
 
-def clusters_3d(best: tuple[str, np.ndarray] | None, baseline: tuple[str, np.ndarray] | None,
-                labels: Sequence[str] | None, stem: Path) -> dict[str, str]:
+def clusters_3d(
+    best: tuple[str, np.ndarray] | None,
+    baseline: tuple[str, np.ndarray] | None,
+    labels: Sequence[str] | None,
+    stem: Path,
+) -> dict[str, str]:
     """3-D PCA of two arms' embeddings, fitted jointly so both panels share the same axes."""
     plt = pyplot()
     panels = [p for p in (baseline, best) if p is not None]
@@ -189,8 +211,14 @@ def training_curves(curves: Sequence[Mapping[str, Any]], metrics: Sequence[str],
             if not points:
                 continue  # this arm doesn't log this metric (e.g. kl for DPO)
             steps, values = zip(*points)
-            ax.plot(steps, values, color=colours[c["arm"]], lw=1.2, alpha=0.85,
-                    label=None if c["arm"] in labelled else c["arm"])
+            ax.plot(
+                steps,
+                values,
+                color=colours[c["arm"]],
+                lw=1.2,
+                alpha=0.85,
+                label=None if c["arm"] in labelled else c["arm"],
+            )
             labelled.add(c["arm"])
         ax.set_xlabel("step")
         ax.set_title(metric)
@@ -211,7 +239,7 @@ def calibration_sweep(rows: Sequence[Mapping[str, Any]], kl_bound: float, stem: 
     cols = min(4, max(1, len(arms)))
     n_rows = max(1, -(-len(arms) // cols))
     fig, axes = plt.subplots(n_rows, cols, figsize=(3.4 * cols, 3.0 * n_rows), squeeze=False, sharey=True)
-    for ax in axes.flat[len(arms):]:
+    for ax in axes.flat[len(arms) :]:
         ax.set_axis_off()
     if not arms:
         _empty(axes.flat[0], "no scored calibration points")
@@ -224,14 +252,18 @@ def calibration_sweep(rows: Sequence[Mapping[str, Any]], kl_bound: float, stem: 
                 lo, hi = wilson_interval(round(r["val_accuracy"] * n), n)
                 ax.plot([r["benign_kl"]] * 2, [lo, hi], color="tab:blue", lw=0.8, alpha=0.5)
             label = f"{r['lr']:g}" + (f"/d{r['damping']:g}" if r["damping"] is not None else "")
-            ax.annotate(label, (r["benign_kl"], r["val_accuracy"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(
+                label, (r["benign_kl"], r["val_accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
             if r["chosen"]:
                 ax.plot(r["benign_kl"], r["val_accuracy"], "o", ms=12, mfc="none", mec="tab:red", mew=1.5)
         ax.axvline(kl_bound, color="gray", ls="--", lw=0.8)
         ax.set_title(arm, fontsize=10)
         ax.set_xlabel("benign KL to base (per token)", fontsize=8)
         ax.set_ylabel("validation accuracy", fontsize=8)
-    fig.suptitle("Calibration sweep (label: lr[/damping]; bar: 95% Wilson interval; ring: chosen; dashed: KL bound; "
-                 "dotted: chance)", fontsize=10)
+    fig.suptitle(
+        "Calibration sweep (label: lr[/damping]; bar: 95% Wilson interval; ring: chosen; dashed: KL bound; "
+        "dotted: chance)",
+        fontsize=10,
+    )
     return _save_both(fig, plt, stem)

@@ -4,6 +4,7 @@ everything it shows is reachable from a test (tests/study/test_notebook.py).
 The six arm notebooks share one body and differ only in `ARM`; `07_evaluation` uses `missing_arms`
 and `evaluate`, which never train an arm unless asked to.
 """
+
 from __future__ import annotations
 
 import os
@@ -64,10 +65,11 @@ def training_example(runner: StudyRunner, arm: str) -> str:
     pair = prepare_data(tc, tok, placement, progress=False)[0].pairs[0]
     prompt = tok.decode(list(pair.prompt_ids))
     responses = [(name, getattr(pair, f"{name}_ids")) for name in method.layout.pair_responses]
-    lines = [f"arm {arm}: method {method.name}, instruction placement {placement!r}, row {pair.row_id} "
-             f"(first pair of the training split); the loss sees only the tokens after {COMPLETION_MARK}",
-             f"tokens: prompt {len(pair.prompt_ids)}, "
-             + ", ".join(f"{name} {len(ids)}" for name, ids in responses)]
+    lines = [
+        f"arm {arm}: method {method.name}, instruction placement {placement!r}, row {pair.row_id} "
+        f"(first pair of the training split); the loss sees only the tokens after {COMPLETION_MARK}",
+        f"tokens: prompt {len(pair.prompt_ids)}, " + ", ".join(f"{name} {len(ids)}" for name, ids in responses),
+    ]
     for name, ids in responses:
         lines += [f"----- prompt + {name}", prompt + COMPLETION_MARK + tok.decode(list(ids))]
     return "\n".join(lines)
@@ -103,9 +105,11 @@ def summary_table(runner: StudyRunner, arm: str) -> str:
         row = runner.store.get(runner.run_id(spec, seed))
         s = row["train_summary"] or {}
         fm = s.get("final_metrics", {})
-        lines.append(f"| {seed} | {s.get('steps', '-')} | {s.get('train_seconds', 0) / 60:.1f} | "
-                     f"{s.get('tokens_per_s', 0):.0f} | {fm.get('loss', float('nan')):.4f} | "
-                     f"{fm.get('rewards/margins', float('nan')):.4f} |")
+        lines.append(
+            f"| {seed} | {s.get('steps', '-')} | {s.get('train_seconds', 0) / 60:.1f} | "
+            f"{s.get('tokens_per_s', 0):.0f} | {fm.get('loss', float('nan')):.4f} | "
+            f"{fm.get('rewards/margins', float('nan')):.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -144,8 +148,10 @@ def train_command(runner: StudyRunner) -> str:
     """The shell command that trains (and evaluates) every missing run of this study: `ecliptica run` on
     the resolved study.yaml skips finished runs and resumes interrupted ones. It runs from this
     directory because run directories are recorded as written (a relative STUDY_DIR stays relative)."""
-    return (f"cd {shlex.quote(str(Path.cwd()))} && {shlex.quote(sys.executable)} -m ecliptica.cli run "
-            f"{shlex.quote(str(runner.dir / 'study.yaml'))}")
+    return (
+        f"cd {shlex.quote(str(Path.cwd()))} && {shlex.quote(sys.executable)} -m ecliptica.cli run "
+        f"{shlex.quote(str(runner.dir / 'study.yaml'))}"
+    )
 
 
 def evaluate(runner: StudyRunner, train_missing: bool = False) -> dict:
@@ -157,11 +163,15 @@ def evaluate(runner: StudyRunner, train_missing: bool = False) -> dict:
         runner.train_all(only=list(missing))
         missing = missing_arms(runner)  # train_all raises on a failure, so this is empty
     if missing:
-        print("Not trained yet, so not evaluated: "
-              + ", ".join(f"{a} (seeds {', '.join(map(str, s))})" for a, s in missing.items()) + ".\n"
-              "To train them: set TRAIN_MISSING = True in the config cell and run this notebook again, run "
-              "their arm notebooks, or run\n    " + train_command(runner) + "\n"
-              "The report below covers only the arms that exist.", flush=True)
+        print(
+            "Not trained yet, so not evaluated: "
+            + ", ".join(f"{a} (seeds {', '.join(map(str, s))})" for a, s in missing.items())
+            + ".\n"
+            "To train them: set TRAIN_MISSING = True in the config cell and run this notebook again, run "
+            "their arm notebooks, or run\n    " + train_command(runner) + "\n"
+            "The report below covers only the arms that exist.",
+            flush=True,
+        )
     runner.evaluate_all(only=[a.name for a in runner.cfg.arms if a.name not in missing])
     return runner.report()
 

@@ -5,6 +5,7 @@ read from the adjusted p. A difference is claimed only when the adjusted p < alp
 only when the whole CI lies within ±the metric's minimum effect of interest (equivalence);
 anything else is inconclusive. Wording is produced here, after the correction, from the numbers.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,10 +50,13 @@ def placement_pairs(ctx: StudyContext) -> list[tuple[str, str]]:
     pairs = []
     arms = list(info)
     for i, a in enumerate(arms):
-        for b in arms[i + 1:]:
+        for b in arms[i + 1 :]:
             ra, rb = info[a], info[b]
-            same = (ra["method"] == rb["method"] and ra.get("optimizer") == rb.get("optimizer")
-                    and (ra.get("overrides") or {}) == (rb.get("overrides") or {}))
+            same = (
+                ra["method"] == rb["method"]
+                and ra.get("optimizer") == rb.get("optimizer")
+                and (ra.get("overrides") or {}) == (rb.get("overrides") or {})
+            )
             if same and ra.get("placement") != rb.get("placement"):
                 hi, lo = (a, b) if rank.get(ra.get("placement"), 0) >= rank.get(rb.get("placement"), 0) else (b, a)
                 pairs.append((hi, lo))
@@ -64,30 +68,53 @@ def efficiency_finding(row: Mapping[str, Any]) -> dict[str, Any]:
     if row["efficiency"] is None:
         reason = "no ΔAQI vs baseline" if row["delta_aqi"] is None else "no training time recorded"
         return {**base, "answerable": False, "reason": f"not answerable: {reason}"}
-    return {**base, "answerable": True, "estimate": row["efficiency"], "low": row["efficiency_low"],
-            "high": row["efficiency_high"], "unit": row["efficiency_unit"], "p_value": row["delta_aqi_p"],
-            "delta_aqi": row["delta_aqi"], "delta_aqi_low": row["delta_aqi_low"],
-            "delta_aqi_high": row["delta_aqi_high"], "compute_hours": row["compute_hours"],
-            "compute_device": row["compute_device"]}
+    return {
+        **base,
+        "answerable": True,
+        "estimate": row["efficiency"],
+        "low": row["efficiency_low"],
+        "high": row["efficiency_high"],
+        "unit": row["efficiency_unit"],
+        "p_value": row["delta_aqi_p"],
+        "delta_aqi": row["delta_aqi"],
+        "delta_aqi_low": row["delta_aqi_low"],
+        "delta_aqi_high": row["delta_aqi_high"],
+        "compute_hours": row["compute_hours"],
+        "compute_device": row["compute_device"],
+    }
 
 
 def overhead_finding(ctx: StudyContext, rows: Mapping[str, Mapping[str, Any]], o: Overhead) -> dict[str, Any]:
     """Time and VRAM of `treated` over `base`, with the AQI contrast treated − base it buys."""
-    head = {"kind": "overhead", "comparison": f"{o.treated} vs {o.base}", "metric": f"{o.treated} time overhead",
-            "base": o.base, "treated": o.treated}
+    head = {
+        "kind": "overhead",
+        "comparison": f"{o.treated} vs {o.base}",
+        "metric": f"{o.treated} time overhead",
+        "base": o.base,
+        "treated": o.treated,
+    }
     missing = [a for a in (o.base, o.treated) if a not in rows]
     if missing:
         return {**head, "answerable": False, "reason": f"not answerable: arm {', '.join(missing)} missing"}
     plain, treated = rows[o.base], rows[o.treated]
     if not plain["train_minutes"] or treated["train_minutes"] is None:
         return {**head, "answerable": False, "reason": "not answerable: training time missing"}
-    vram = (treated["peak_vram_gib"] - plain["peak_vram_gib"]
-            if treated["peak_vram_gib"] is not None and plain["peak_vram_gib"] is not None else None)
+    vram = (
+        treated["peak_vram_gib"] - plain["peak_vram_gib"]
+        if treated["peak_vram_gib"] is not None and plain["peak_vram_gib"] is not None
+        else None
+    )
     effect = contrast(ctx, "aqi", {o.treated: 1.0, o.base: -1.0}, f"{o.treated} − {o.base}")
-    out = {**head, "answerable": True, "time_ratio": treated["train_minutes"] / plain["train_minutes"],
-           "extra_minutes": treated["train_minutes"] - plain["train_minutes"],
-           "extra_compute_hours": treated["compute_hours"] - plain["compute_hours"],
-           "compute_device": plain["compute_device"], "extra_peak_vram_gib": vram, "effect": effect}
+    out = {
+        **head,
+        "answerable": True,
+        "time_ratio": treated["train_minutes"] / plain["train_minutes"],
+        "extra_minutes": treated["train_minutes"] - plain["train_minutes"],
+        "extra_compute_hours": treated["compute_hours"] - plain["compute_hours"],
+        "compute_device": plain["compute_device"],
+        "extra_peak_vram_gib": vram,
+        "effect": effect,
+    }
     if effect.get("answerable"):
         out["p_value"] = effect["p_value"]  # the AQI test is this finding's member of the family
     return out
@@ -98,8 +125,9 @@ def overhead_finding(ctx: StudyContext, rows: Mapping[str, Mapping[str, Any]], o
 
 def correct(findings: list[dict[str, Any]], alpha: float, min_effect: MinEffect) -> None:
     """Holm within this family; significance and the decision from the adjusted p (in place)."""
-    tested = [f for f in findings if f.get("answerable") and f.get("p_value") is not None
-              and math.isfinite(f["p_value"])]
+    tested = [
+        f for f in findings if f.get("answerable") and f.get("p_value") is not None and math.isfinite(f["p_value"])
+    ]
     for f in findings:  # answerable but without a p-value (undefined statistic): no claim either way
         if f.get("answerable") and f not in tested:
             f.update(p_holm=None, significant=False, significant_unadjusted=False, family_size=len(tested))
@@ -137,9 +165,11 @@ def describe_contrast(f: Mapping[str, Any], alpha: float) -> str:
         return f"{head}: {f['reason']}"
     seeds = f"{f['n_seeds']} seed{'s' if f['n_seeds'] > 1 else ''}"
     margin = f["margin"]
-    text = (f"{head} = {num(f['estimate'], signed=True)} ({1 - alpha:.0%} CI {num(f['low'], signed=True)} to "
-            f"{num(f['high'], signed=True)}, p = {p_text(f['p_value'])}, Holm-adjusted p = {p_text(f['p_holm'])} "
-            f"over {f['family_size']} tests, {seeds}): ")
+    text = (
+        f"{head} = {num(f['estimate'], signed=True)} ({1 - alpha:.0%} CI {num(f['low'], signed=True)} to "
+        f"{num(f['high'], signed=True)}, p = {p_text(f['p_value'])}, Holm-adjusted p = {p_text(f['p_holm'])} "
+        f"over {f['family_size']} tests, {seeds}): "
+    )
     inside = f"the whole CI lies within ±{margin:g}"
     if f["decision"] == "different":
         side = f["higher"] if f["estimate"] > 0 else f["lower"]
@@ -147,11 +177,15 @@ def describe_contrast(f: Mapping[str, Any], alpha: float) -> str:
         if -margin < f["low"] and f["high"] < margin:
             text += f" But {inside}: smaller than the minimum effect of interest."
     elif f["decision"] == "equivalent":
-        text += (f"not significant at α={alpha:g} after Holm correction, and {inside} (the minimum effect of "
-                 "interest): no difference that matters (equivalent).")
+        text += (
+            f"not significant at α={alpha:g} after Holm correction, and {inside} (the minimum effect of "
+            "interest): no difference that matters (equivalent)."
+        )
     else:
-        text += (f"not significant at α={alpha:g} after Holm correction, and the CI reaches beyond ±{margin:g}: "
-                 "inconclusive.")
+        text += (
+            f"not significant at α={alpha:g} after Holm correction, and the CI reaches beyond ±{margin:g}: "
+            "inconclusive."
+        )
         if f["significant_unadjusted"]:
             text += " (The uncorrected CI excludes 0.)"
     return text + _seed_sign_note(f)
@@ -168,15 +202,16 @@ def describe_efficiency(f: Mapping[str, Any], alpha: float) -> str:
     if not f.get("answerable"):
         return f"{f['comparison']}: ΔAQI per GPU-hour {f['reason']}."
     cost = f"ΔAQI {num(f['delta_aqi'], signed=True)} over {num(f['compute_hours'], 3)} {f['compute_device']}-h"
-    eff = (f"{num(f['estimate'], signed=True)} (CI {num(f['low'], signed=True)} to "
-           f"{num(f['high'], signed=True)})")
+    eff = f"{num(f['estimate'], signed=True)} (CI {num(f['low'], signed=True)} to {num(f['high'], signed=True)})"
     if f["compute_device"] == "CPU":
         text = f"{f['comparison']}: ΔAQI per GPU-hour n/a (CPU); per CPU-hour {eff} ({cost})."
     else:
         text = f"{f['comparison']}: ΔAQI per GPU-hour {eff} ({cost})."
     if not f["significant"]:
-        text += (f" ΔAQI itself is not significant at α={alpha:g} (Holm-adjusted p = {p_text(f['p_holm'])}), "
-                 "so neither is this rate.")
+        text += (
+            f" ΔAQI itself is not significant at α={alpha:g} (Holm-adjusted p = {p_text(f['p_holm'])}), "
+            "so neither is this rate."
+        )
     return text
 
 
@@ -185,8 +220,10 @@ def describe_overhead(f: Mapping[str, Any], alpha: float) -> str:
     if not f.get("answerable"):
         return f"Overhead of {head}: {f['reason']}."
     vram = f"{num(f['extra_peak_vram_gib'], 2, True)} GiB" if f["extra_peak_vram_gib"] is not None else "n/a"
-    text = (f"{head}: training time ×{f['time_ratio']:.2f} ({num(f['extra_minutes'], 1, True)} min per run, "
-            f"{num(f['extra_compute_hours'], 3, True)} {f['compute_device']}-h), peak VRAM {vram}. ")
+    text = (
+        f"{head}: training time ×{f['time_ratio']:.2f} ({num(f['extra_minutes'], 1, True)} min per run, "
+        f"{num(f['extra_compute_hours'], 3, True)} {f['compute_device']}-h), peak VRAM {vram}. "
+    )
     return text + _cost_verdict(f, alpha)
 
 
@@ -197,14 +234,18 @@ def _cost_verdict(f: Mapping[str, Any], alpha: float) -> str:
     est = num(effect["estimate"], signed=True)
     adjusted = f"Holm-adjusted p = {p_text(f['p_holm'])}"
     if not f["significant"]:
-        return (f"Its AQI effect ({est}, {adjusted}) is not significant at α={alpha:g}: the extra compute buys no "
-                "AQI gain distinguishable from zero.")
+        return (
+            f"Its AQI effect ({est}, {adjusted}) is not significant at α={alpha:g}: the extra compute buys no "
+            "AQI gain distinguishable from zero."
+        )
     if effect["estimate"] < 0:
         return f"Its AQI effect ({est}, {adjusted}) is significantly negative: the extra compute lowers AQI."
     if f["extra_compute_hours"] > 0:
         per_hour = num(effect["estimate"] / f["extra_compute_hours"], 3, True)
-        return (f"Its AQI gain ({est}, {adjusted}) is significant at α={alpha:g}: {per_hour} "
-                "AQI per extra compute-hour; whether that is worth it depends on the budget.")
+        return (
+            f"Its AQI gain ({est}, {adjusted}) is significant at α={alpha:g}: {per_hour} "
+            "AQI per extra compute-hour; whether that is worth it depends on the budget."
+        )
     return f"Its AQI gain ({est}, {adjusted}) is significant at α={alpha:g} and it costs no extra time."
 
 
@@ -218,11 +259,15 @@ def seed_notes(ctx: StudyContext) -> list[str]:
     if ctx.max_seeds == 1:
         return ["One seed per arm: seed-to-seed variance is not captured; intervals reflect prompt sampling only."]
     if ctx.aqi is None:
-        return [f"Up to {ctx.max_seeds} seeds per arm: estimates are means of per-seed differences; AQI intervals "
-                "are t-intervals over seeds (prompt sampling not included), refusal intervals resample seeds, then "
-                "binomial draws."]
-    return [f"Up to {ctx.max_seeds} seeds per arm: estimates are means of per-seed differences; intervals "
-            "resample seeds, then prompts (with few seeds the seed stage understates seed variance)."]
+        return [
+            f"Up to {ctx.max_seeds} seeds per arm: estimates are means of per-seed differences; AQI intervals "
+            "are t-intervals over seeds (prompt sampling not included), refusal intervals resample seeds, then "
+            "binomial draws."
+        ]
+    return [
+        f"Up to {ctx.max_seeds} seeds per arm: estimates are means of per-seed differences; intervals "
+        "resample seeds, then prompts (with few seeds the seed stage understates seed variance)."
+    ]
 
 
 def answer(ctx: StudyContext, q: Question, rows: Sequence[Mapping[str, Any]], min_effect: MinEffect) -> dict:
@@ -236,11 +281,14 @@ def answer(ctx: StudyContext, q: Question, rows: Sequence[Mapping[str, Any]], mi
         pairs = placement_pairs(ctx)
         for hi, lo in pairs:
             findings += contrast_findings(ctx, Contrast(terms={hi: 1.0, lo: -1.0}))
-        notes.append("Instruction factor alone: " + ", ".join(
-            f"{hi} ({_placement(ctx, hi)}) vs {lo} ({_placement(ctx, lo)})" for hi, lo in pairs) + "."
-                     if pairs else
-                     "No arms differ only by instruction placement (e.g. dpo vs dpo_sys, cita vs cita_noinstr): "
-                     "the instruction factor alone is not answerable.")
+        notes.append(
+            "Instruction factor alone: "
+            + ", ".join(f"{hi} ({_placement(ctx, hi)}) vs {lo} ({_placement(ctx, lo)})" for hi, lo in pairs)
+            + "."
+            if pairs
+            else "No arms differ only by instruction placement (e.g. dpo vs dpo_sys, cita vs cita_noinstr): "
+            "the instruction factor alone is not answerable."
+        )
     by_arm = {r["arm"]: r for r in rows}
     if q.efficiency:
         findings += [efficiency_finding(r) for r in rows if r["arm"] != BASELINE]
@@ -249,11 +297,13 @@ def answer(ctx: StudyContext, q: Question, rows: Sequence[Mapping[str, Any]], mi
     for f in findings:
         f["text"] = DESCRIBE[f["kind"]](f, ctx.alpha)
     tested = sum("p_holm" in f for f in findings)
-    notes.append(f"{tested} tests in this family; p-values are Holm-adjusted within it (family-wise α = "
-                 f"{ctx.alpha:g}).")
+    notes.append(
+        f"{tested} tests in this family; p-values are Holm-adjusted within it (family-wise α = {ctx.alpha:g})."
+    )
     answerable = [f.get("answerable", True) for f in findings]
-    status = ("answered" if answerable and all(answerable)
-              else "partly answerable" if any(answerable) else "not answerable")
+    status = (
+        "answered" if answerable and all(answerable) else "partly answerable" if any(answerable) else "not answerable"
+    )
     return {"question": q.title, "status": status, "findings": findings, "notes": notes + seed_notes(ctx)}
 
 
@@ -261,6 +311,7 @@ def _placement(ctx: StudyContext, arm: str) -> str:
     return str(next(iter(ctx.by_arm[arm].values())).get("placement"))
 
 
-def answer_questions(ctx: StudyContext, questions: Sequence[Question], rows: Sequence[Mapping[str, Any]],
-                     min_effect: MinEffect) -> dict[str, dict[str, Any]]:
+def answer_questions(
+    ctx: StudyContext, questions: Sequence[Question], rows: Sequence[Mapping[str, Any]], min_effect: MinEffect
+) -> dict[str, dict[str, Any]]:
     return {q.id: answer(ctx, q, rows, min_effect) for q in questions}

@@ -3,6 +3,7 @@
 A record's ``eval`` is the evaluator's own summary (``EvalSummary``, read from the run's eval.json),
 so every number the report shows is the number the evaluation computed, under the same name.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,17 @@ from pydantic import ValidationError
 from ecliptica.evaluation.summary import EvalSummary, read_eval_summary
 from ecliptica.runio import read_jsonl_tolerant
 
-__all__ = ["StudyRecord", "TrainInfo", "PromptMismatchError", "Embeddings", "group_by_arm", "load_embeddings",
-           "read_run", "Run", "BASELINE"]
+__all__ = [
+    "StudyRecord",
+    "TrainInfo",
+    "PromptMismatchError",
+    "Embeddings",
+    "group_by_arm",
+    "load_embeddings",
+    "read_run",
+    "Run",
+    "BASELINE",
+]
 
 BASELINE = "baseline"  # the untrained reference arm every ΔAQI is taken against
 Run = tuple[str, int]  # (arm, seed)
@@ -58,12 +68,26 @@ class PromptMismatchError(ValueError):
     """Two runs' embeddings are not the same prompts in the same order (paired tests need that)."""
 
 
-TRAIN_FIELDS = ("train_seconds", "tokens_per_s", "peak_gpu_memory_gib", "train_tokens", "num_processes",
-                "device_shared_by")
+TRAIN_FIELDS = (
+    "train_seconds",
+    "tokens_per_s",
+    "peak_gpu_memory_gib",
+    "train_tokens",
+    "num_processes",
+    "device_shared_by",
+)
 
 
-def read_run(run_dir: str | Path, *, arm: str, seed: int, method: str, optimizer: str | None, placement: str,
-             overrides: Mapping[str, Any]) -> StudyRecord | None:
+def read_run(
+    run_dir: str | Path,
+    *,
+    arm: str,
+    seed: int,
+    method: str,
+    optimizer: str | None,
+    placement: str,
+    overrides: Mapping[str, Any],
+) -> StudyRecord | None:
     """The record of one run from its directory, or None if it has not been evaluated yet.
 
     Reads ``eval/test/eval.json`` (named evaluation sets) or ``eval/eval.json`` (or ``eval.json`` where a
@@ -82,11 +106,18 @@ def read_run(run_dir: str | Path, *, arm: str, seed: int, method: str, optimizer
         summary = json.loads(summary_path.read_text())
         train = {k: summary.get(k) for k in TRAIN_FIELDS}
     embeddings = eval_json.parent / "embeddings.npz"
-    return {"arm": arm, "seed": seed, "method": method, "optimizer": optimizer, "placement": placement,
-            "overrides": dict(overrides), "train": train,
-            "metrics_path": str(metrics) if train is not None and metrics.exists() else None,
-            "eval": read_eval_summary(eval_json),
-            "embeddings_path": str(embeddings) if embeddings.exists() else None}
+    return {
+        "arm": arm,
+        "seed": seed,
+        "method": method,
+        "optimizer": optimizer,
+        "placement": placement,
+        "overrides": dict(overrides),
+        "train": train,
+        "metrics_path": str(metrics) if train is not None and metrics.exists() else None,
+        "eval": read_eval_summary(eval_json),
+        "embeddings_path": str(embeddings) if embeddings.exists() else None,
+    }
 
 
 def group_by_arm(records: Sequence[Mapping[str, Any]], order: Sequence[str] = ()) -> dict[str, dict[int, dict]]:
@@ -154,14 +185,16 @@ def _check_same_prompts(reference, candidate, path) -> None:
     if data["prompt_ids"].shape != ref["prompt_ids"].shape:
         raise PromptMismatchError(
             f"embeddings of {where} have {data['prompt_ids'].size} prompts but {against} has "
-            f"{ref['prompt_ids'].size}; every arm must embed the same prompts in the same order")
+            f"{ref['prompt_ids'].size}; every arm must embed the same prompts in the same order"
+        )
     differ = np.flatnonzero(data["prompt_ids"] != ref["prompt_ids"])
     if differ.size:
         i = int(differ[0])
         raise PromptMismatchError(
             f"embeddings of {where} do not match {against}: prompt_ids differ at {differ.size} rows, "
             f"first at row {i} ({data['prompt_ids'][i]!r} vs {ref['prompt_ids'][i]!r}); every arm must "
-            f"embed the same prompts in the same order")
+            f"embed the same prompts in the same order"
+        )
     if not np.array_equal(data["labels"], ref["labels"]):
         raise PromptMismatchError(f"embeddings of {where} label the same prompts differently from {against}")
 

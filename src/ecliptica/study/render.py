@@ -4,6 +4,7 @@ Optional sections: a function ``(by_arm) -> list[str] | None`` (Markdown lines, 
 records have nothing for it) added to ``SECTIONS`` is rendered between the table and the research
 questions, e.g. a calibration section once the records carry a calibration sweep.
 """
+
 from __future__ import annotations
 
 import csv
@@ -50,8 +51,10 @@ def _md_delta(row: Mapping[str, Any]) -> str:
     if row["delta_aqi"] is None:
         return "—" if row["arm"] == BASELINE else "n/a"
     mark = "*" if row["delta_aqi_significant"] else ""
-    return (f"{num(row['delta_aqi'], signed=True)}{mark} [{num(row['delta_aqi_low'], signed=True)}, "
-            f"{num(row['delta_aqi_high'], signed=True)}] p={p_text(row['delta_aqi_p'])}")
+    return (
+        f"{num(row['delta_aqi'], signed=True)}{mark} [{num(row['delta_aqi_low'], signed=True)}, "
+        f"{num(row['delta_aqi_high'], signed=True)}] p={p_text(row['delta_aqi_p'])}"
+    )
 
 
 def _md_efficiency(row: Mapping[str, Any]) -> str:
@@ -63,40 +66,74 @@ def _md_efficiency(row: Mapping[str, Any]) -> str:
 
 
 def md_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    header = ["arm", "seeds", "AQI", "ΔAQI vs baseline", "refusal (unsafe)", "over-refusal (safe)",
-              "benign ppl", "collapsed", "train min", "peak VRAM GiB", "tokens/s", "ΔAQI / GPU-h", "overrides"]
+    header = [
+        "arm",
+        "seeds",
+        "AQI",
+        "ΔAQI vs baseline",
+        "refusal (unsafe)",
+        "over-refusal (safe)",
+        "benign ppl",
+        "collapsed",
+        "train min",
+        "peak VRAM GiB",
+        "tokens/s",
+        "ΔAQI / GPU-h",
+        "overrides",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r["arm"], str(r["n_seeds"]), _md_cell(r, "aqi"), _md_delta(r), _md_cell(r, "refusal_rate_unsafe"),
-                 _md_cell(r, "over_refusal_rate_safe"), num(r["perplexity"], 2), r["collapsed"] or "n/a",
-                 num(r["train_minutes"], 1) if r["train_minutes"] is not None else "—",
-                 ("n/a (CPU)" if r["compute_device"] == "CPU" else num(r["peak_vram_gib"], 2))
-                 if r["compute_device"] else "—",
-                 num(r["tokens_per_s"], 0) if r["tokens_per_s"] is not None else "—",
-                 _md_efficiency(r), r["overrides"] or "—"]
+        cells = [
+            r["arm"],
+            str(r["n_seeds"]),
+            _md_cell(r, "aqi"),
+            _md_delta(r),
+            _md_cell(r, "refusal_rate_unsafe"),
+            _md_cell(r, "over_refusal_rate_safe"),
+            num(r["perplexity"], 2),
+            r["collapsed"] or "n/a",
+            num(r["train_minutes"], 1) if r["train_minutes"] is not None else "—",
+            ("n/a (CPU)" if r["compute_device"] == "CPU" else num(r["peak_vram_gib"], 2))
+            if r["compute_device"]
+            else "—",
+            num(r["tokens_per_s"], 0) if r["tokens_per_s"] is not None else "—",
+            _md_efficiency(r),
+            r["overrides"] or "—",
+        ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return lines
 
 
 def render_markdown(rows, questions, settings, notes, sections: Sequence[str] = ()) -> str:
     alpha = settings["alpha"]
-    lines = ["# Ecliptica study results", "",
-             f"{settings['n_prompts'] or 'n/a'} prompts · {settings['n_resamples']} bootstrap resamples · "
-             f"α = {alpha:g} · seed {settings['seed']}", "", *md_table(rows), "",
-             f"Cells: mean [{1 - alpha:.0%} CI]; with several seeds mean ± sd over seeds [two-stage bootstrap: seeds, "
-             "then prompts, as in the research questions; AQI without embeddings and probe AUROC: t-interval over "
-             "seeds]; with one seed the run's own CI over prompts. AQI is the evaluation's recorded value. ΔAQI: paired "
-             "bootstrap on the same prompts (each run's recorded AQI settings); * = CI excludes 0, per comparison "
-             "and not corrected for multiplicity (the research questions below are). Compute-hours = "
-             "train_seconds × num_processes / device_shared_by / 3600; CPU runs are labelled and their rate is per "
-             "CPU-hour. Overrides are the per-arm config changes.", ""]
+    lines = [
+        "# Ecliptica study results",
+        "",
+        f"{settings['n_prompts'] or 'n/a'} prompts · {settings['n_resamples']} bootstrap resamples · "
+        f"α = {alpha:g} · seed {settings['seed']}",
+        "",
+        *md_table(rows),
+        "",
+        f"Cells: mean [{1 - alpha:.0%} CI]; with several seeds mean ± sd over seeds [two-stage bootstrap: seeds, "
+        "then prompts, as in the research questions; AQI without embeddings and probe AUROC: t-interval over "
+        "seeds]; with one seed the run's own CI over prompts. AQI is the evaluation's recorded value. ΔAQI: paired "
+        "bootstrap on the same prompts (each run's recorded AQI settings); * = CI excludes 0, per comparison "
+        "and not corrected for multiplicity (the research questions below are). Compute-hours = "
+        "train_seconds × num_processes / device_shared_by / 3600; CPU runs are labelled and their rate is per "
+        "CPU-hour. Overrides are the per-arm config changes.",
+        "",
+    ]
     if notes:
         lines += ["Notes:", *[f"- {n}" for n in notes], ""]
     lines += list(sections)
-    lines += ["## Research questions", "",
-              f"Within each question p-values are Holm-adjusted; a difference is claimed when the adjusted p < "
-              f"{alpha:g}, no difference only when the whole CI lies within ± the minimum effect of interest "
-              f"({settings['min_effect_text']}), otherwise the answer is inconclusive.", ""]
+    lines += [
+        "## Research questions",
+        "",
+        f"Within each question p-values are Holm-adjusted; a difference is claimed when the adjusted p < "
+        f"{alpha:g}, no difference only when the whole CI lies within ± the minimum effect of interest "
+        f"({settings['min_effect_text']}), otherwise the answer is inconclusive.",
+        "",
+    ]
     for q in questions.values():
         lines += [f"### {q['question']}", "", f"Status: {q['status']}.", ""]
         lines += [f"- {f['text']}" for f in q["findings"]]

@@ -7,6 +7,7 @@ embeddings), ``contrasts.py`` (paired tests), ``table.py`` (one row per arm), ``
 (the declared research questions, Holm-corrected) and ``render.py`` (Markdown, CSV, JSON).
 docs/study.md explains how the numbers are read.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,7 @@ def build_report(
 
     by_arm = group_by_arm(records, arm_order)
     emb = load_embeddings(by_arm)
-    ctx = StudyContext(by_arm, aqi_resamples(emb, by_arm, n_resamples, seed) if emb else None,
-                       n_resamples, seed, alpha)
+    ctx = StudyContext(by_arm, aqi_resamples(emb, by_arm, n_resamples, seed) if emb else None, n_resamples, seed, alpha)
     rows = build_table(ctx)
     answers = answer_questions(ctx, questions, rows, min_effect)
     notes = [*notes, *study_notes(ctx, records)]
@@ -65,39 +65,60 @@ def build_report(
 
     figure_paths = make_figures(ctx, rows, answers, out / "figures") if figures else {}
     paths = {"results_md": out / "results.md", "results_csv": out / "results.csv", "results_json": out / "results.json"}
-    atomic_write_text(paths["results_md"],
-                      render_markdown(rows, answers, settings, notes, optional_sections(by_arm, sections)))
+    atomic_write_text(
+        paths["results_md"], render_markdown(rows, answers, settings, notes, optional_sections(by_arm, sections))
+    )
     write_csv(rows, paths["results_csv"])
     payload = {"settings": settings, "rows": rows, "questions": answers, "notes": notes, "figures": figure_paths}
     atomic_write_text(paths["results_json"], json.dumps(jsonable(payload), indent=2, ensure_ascii=False))
-    return {**{k: str(v) for k, v in paths.items()}, "figures": figure_paths, "rows": rows,
-            "questions": answers, "notes": notes}
+    return {
+        **{k: str(v) for k, v in paths.items()},
+        "figures": figure_paths,
+        "rows": rows,
+        "questions": answers,
+        "notes": notes,
+    }
 
 
 def study_notes(ctx: StudyContext, records: Sequence[Mapping[str, Any]]) -> list[str]:
     notes = []
     if ctx.aqi is None:
-        notes.append("No embeddings in the records: AQI contrasts are t-intervals over seeds of the recorded AQI "
-                     "(prompt sampling not included) and are not answerable with one seed.")
+        notes.append(
+            "No embeddings in the records: AQI contrasts are t-intervals over seeds of the recorded AQI "
+            "(prompt sampling not included) and are not answerable with one seed."
+        )
     shared = sorted({(r.get("train") or {}).get("device_shared_by") or 1 for r in records} - {1})
     if shared:
-        notes.append(f"Runs trained while {' or '.join(map(str, shared))} study workers shared each device: train "
-                     "minutes and tokens/s are wall-clock under that sharing (comparable between arms of this study, "
-                     "not standalone speeds), and device-hours are wall time divided by the number of workers sharing it.")
+        notes.append(
+            f"Runs trained while {' or '.join(map(str, shared))} study workers shared each device: train "
+            "minutes and tokens/s are wall-clock under that sharing (comparable between arms of this study, "
+            "not standalone speeds), and device-hours are wall time divided by the number of workers sharing it."
+        )
     if BASELINE not in ctx.by_arm:
         notes.append("No baseline arm: ΔAQI and efficiency are not answerable.")
     return notes
 
 
 def report_settings(ctx: StudyContext, emb, min_effect: MinEffect) -> dict[str, Any]:
-    aqi = sorted({(r["eval"].aqi_gamma, r["eval"].aqi_pca_dim, r["eval"].aqi_layer)
-                  for runs in ctx.by_arm.values() for r in runs.values()}, key=str)
-    return {"n_resamples": ctx.n_resamples, "seed": ctx.seed, "alpha": ctx.alpha,
-            "n_prompts": int(emb.labels.size) if emb is not None else _recorded_prompts(ctx),
-            "aqi": [{"gamma": g, "pca_dim": d, "layer": layer} for g, d, layer in aqi],
-            "min_effect": min_effect.model_dump(),
-            "min_effect_text": ", ".join(f"{k} ±{v:g}" for k, v in min_effect.model_dump().items()),
-            "arms": ctx.arms, "seeds": {a: list(r) for a, r in ctx.by_arm.items()}}
+    aqi = sorted(
+        {
+            (r["eval"].aqi_gamma, r["eval"].aqi_pca_dim, r["eval"].aqi_layer)
+            for runs in ctx.by_arm.values()
+            for r in runs.values()
+        },
+        key=str,
+    )
+    return {
+        "n_resamples": ctx.n_resamples,
+        "seed": ctx.seed,
+        "alpha": ctx.alpha,
+        "n_prompts": int(emb.labels.size) if emb is not None else _recorded_prompts(ctx),
+        "aqi": [{"gamma": g, "pca_dim": d, "layer": layer} for g, d, layer in aqi],
+        "min_effect": min_effect.model_dump(),
+        "min_effect_text": ", ".join(f"{k} ±{v:g}" for k, v in min_effect.model_dump().items()),
+        "arms": ctx.arms,
+        "seeds": {a: list(r) for a, r in ctx.by_arm.items()},
+    }
 
 
 def _recorded_prompts(ctx: StudyContext) -> int | None:
@@ -125,10 +146,12 @@ def make_figures(ctx: StudyContext, rows, answers, fig_dir: Path) -> dict[str, d
         "fig3_grit_effect": F.grit_effect(grit, fig_dir / "fig3_grit_effect"),
         "fig4_method_pairs": F.method_pairs(rows, grit_paired_methods(rows), fig_dir / "fig4_method_pairs"),
         "fig5_efficiency": F.efficiency(rows, fig_dir / "fig5_efficiency"),
-        "fig6_clusters_3d": F.clusters_3d(best, base, ctx.aqi.emb.labels if ctx.aqi else None,
-                                          fig_dir / "fig6_clusters_3d"),
-        "training_curves": F.training_curves(read_training_curves(ctx.by_arm), CURVE_METRICS,
-                                             fig_dir / "training_curves"),
+        "fig6_clusters_3d": F.clusters_3d(
+            best, base, ctx.aqi.emb.labels if ctx.aqi else None, fig_dir / "fig6_clusters_3d"
+        ),
+        "training_curves": F.training_curves(
+            read_training_curves(ctx.by_arm), CURVE_METRICS, fig_dir / "training_curves"
+        ),
     }
 
 

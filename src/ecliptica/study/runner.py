@@ -14,6 +14,7 @@ train split and scored on the validation split (by the workers, each claiming sw
 there are several), the config's rule picks each arm's settings, and only then are the final runs
 registered, with them.
 """
+
 from __future__ import annotations
 
 import gc
@@ -67,7 +68,9 @@ class StudyRunner:
 
     def _register_plan(self) -> None:
         for arm, seed in self.plan:
-            self.store.register(self.run_id(arm, seed), arm.name, seed, self._hash(arm, seed), self._describe(arm, seed))
+            self.store.register(
+                self.run_id(arm, seed), arm.name, seed, self._hash(arm, seed), self._describe(arm, seed)
+            )
 
     def calibrate(self) -> None:
         """The calibration phase (resumable); afterwards the final runs are registered with the choices."""
@@ -86,8 +89,11 @@ class StudyRunner:
 
     def _describe(self, arm: ArmSpec, seed: int) -> dict:
         # keys added by later versions appear only when used, so existing stores keep their hashes
-        d = {"arm": arm.model_dump(exclude={"instruction"} if arm.instruction is None else None), "seed": seed,
-             "evaluation": self.cfg.evaluation_fingerprint()}
+        d = {
+            "arm": arm.model_dump(exclude={"instruction"} if arm.instruction is None else None),
+            "seed": seed,
+            "evaluation": self.cfg.evaluation_fingerprint(),
+        }
         if self.cfg.evaluation_sets:
             d["evaluation_sets"] = self.cfg.eval_sets()
         if arm.trained:
@@ -126,8 +132,11 @@ class StudyRunner:
 
         try:
             tc = self.arm_config(arm, seed)
-            print(f"[study] training {rid} ({arm.method}, optimizer={arm.optimizer}, "
-                  f"placement={tc.method.placement or 'method default'})", flush=True)
+            print(
+                f"[study] training {rid} ({arm.method}, optimizer={arm.optimizer}, "
+                f"placement={tc.method.placement or 'method default'})",
+                flush=True,
+            )
             self.store.set_status(rid, "training")
             trainer = None
             try:  # setup too: a run that cannot even start is failed, with why, not left for the next worker
@@ -175,8 +184,9 @@ class StudyRunner:
                         self._train_one(arm, seed, rid)
                     waiting = True  # trained now, or another worker is training it: evaluated on a later pass
                     continue
-                if not self._claim(rid, lambda st, base=not arm.trained: st == "trained" or
-                                   (base and st != "evaluated")):
+                if not self._claim(
+                    rid, lambda st, base=not arm.trained: st == "trained" or (base and st != "evaluated")
+                ):
                     waiting = True
                     continue
                 try:
@@ -199,15 +209,19 @@ class StudyRunner:
 
         run_dir = self._run_dir(arm, seed)
         records, summaries = {}, {}
-        behaviour = (None if arm.method == "prompt_only"  # the same for every evaluation set
-                     else self._with_training_instruction(self.cfg.evaluation.behaviour.model_dump(), arm, seed))
+        behaviour = (
+            None
+            if arm.method == "prompt_only"  # the same for every evaluation set
+            else self._with_training_instruction(self.cfg.evaluation.behaviour.model_dump(), arm, seed)
+        )
         for split, data in self.cfg.eval_sets().items():
             out = run_dir / "eval" / split if self.cfg.evaluation_sets else run_dir / "eval"
             if arm.method == "prompt_only":
                 ecfg = self.cfg.eval_config(out, None, data=data, system_instruction=self.cfg.prompt_instruction(arm))
             else:
-                ecfg = self.cfg.eval_config(out, run_dir / "adapter" if arm.trained else None, behaviour=behaviour,
-                                            data=data)
+                ecfg = self.cfg.eval_config(
+                    out, run_dir / "adapter" if arm.trained else None, behaviour=behaviour, data=data
+                )
             if self._handle is None:  # one base for every arm; adapters are swapped in unmerged
                 self._handle = ModelHandle.load(ecfg.model)
             if split not in self._prompts:
@@ -217,14 +231,21 @@ class StudyRunner:
             result = run_eval(ecfg, handle=self._handle, prompts=prompts)
             emb_path = _write_embeddings(result, prompts, out / "embeddings.npz")
             summaries[split] = summarize_eval(result)
-            records[split] = {"summary": summaries[split].model_dump(), "embeddings_path": str(emb_path),
-                              "eval_json": str(out / "eval.json")}
-            self.store.record_split(f"eval:{split}", {"n_prompts": result["data"]["n_prompts"],
-                                                      "data_hash": result["data"]["data_hash"]})
+            records[split] = {
+                "summary": summaries[split].model_dump(),
+                "embeddings_path": str(emb_path),
+                "eval_json": str(out / "eval.json"),
+            }
+            self.store.record_split(
+                f"eval:{split}", {"n_prompts": result["data"]["n_prompts"], "data_hash": result["data"]["data_hash"]}
+            )
             self.store.set_evaluation(rid, split, records[split])
         # beside the run's training curves; like the report, the test set's numbers
-        write_eval_scalars(self.dir / "tensorboard" / rid, summaries["test"],
-                           step=(self.store.get(rid)["train_summary"] or {}).get("steps", 0))
+        write_eval_scalars(
+            self.dir / "tensorboard" / rid,
+            summaries["test"],
+            step=(self.store.get(rid)["train_summary"] or {}).get("steps", 0),
+        )
         self.store.set_status(rid, "evaluated", eval_result=records["test"])
 
     @property
@@ -299,8 +320,11 @@ class StudyRunner:
     def work(self) -> None:
         """A worker's whole job: while calibration is unfinished, score the sweep points nobody else is
         scoring; otherwise train what nobody else is training, then evaluate."""
-        print(f"[study] {self.worker}: torch compile caches (this worker's own) "
-              + " ".join(f"{v}={os.environ.get(v, '(torch default)')}" for v in COMPILE_CACHE_VARS), flush=True)
+        print(
+            f"[study] {self.worker}: torch compile caches (this worker's own) "
+            + " ".join(f"{v}={os.environ.get(v, '(torch default)')}" for v in COMPILE_CACHE_VARS),
+            flush=True,
+        )
         if self.calibrated is None:
             # points a dead worker held come back unclaimed, maybe after this worker's pass: pass again
             # until every point of this sweep is scored, failed, or being scored by another worker
@@ -347,13 +371,18 @@ class StudyRunner:
             log = open(logs / f"{name}.log", "ab")
             cmd = [sys.executable, "-m", "ecliptica.cli", "run", str(self.dir / "study.yaml"), "--worker", name]
             procs[name] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log)
-        print(f"[study] {workers} workers{' on devices ' + ','.join(devices) if devices else ''}; "
-              f"logs in {logs}", flush=True)
+        print(
+            f"[study] {workers} workers{' on devices ' + ','.join(devices) if devices else ''}; logs in {logs}",
+            flush=True,
+        )
         trained_arms = {a.name for a in self.cfg.arms if a.trained}
         if phase == "calibration":
             n_work, desc = len(self.store.calibration()), "calibration sweep (train + score)"
         else:
-            n_work, desc = sum(1 for a, _ in self.plan if a.name in trained_arms) + len(self.plan), "study runs (train + eval)"
+            n_work, desc = (
+                sum(1 for a, _ in self.plan if a.name in trained_arms) + len(self.plan),
+                "study runs (train + eval)",
+            )
         crashed = []
         with tqdm(total=n_work, desc=desc, unit="job") as bar:
             while procs:
@@ -365,20 +394,29 @@ class StudyRunner:
                     del procs[name]
                     if proc.returncode != 0:
                         crashed.append({"name": name, "returncode": proc.returncode, "log": logs / f"{name}.log"})
-                        print(f"[study] warning: {name} exited with status {proc.returncode} (see "
-                              f"{logs / f'{name}.log'}); what it held goes back to the other workers",
-                              file=sys.stderr, flush=True)
+                        print(
+                            f"[study] warning: {name} exited with status {proc.returncode} (see "
+                            f"{logs / f'{name}.log'}); what it held goes back to the other workers",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         self._abandon(name)
                 if phase == "calibration":
                     done = sum(p["status"] == "scored" for p in self.store.calibration())
                 else:
-                    done = sum((r["status"] in ("trained", "evaluated") and r["arm"] in trained_arms)
-                               + (r["status"] == "evaluated") for r in self.store.all())
+                    done = sum(
+                        (r["status"] in ("trained", "evaluated") and r["arm"] in trained_arms)
+                        + (r["status"] == "evaluated")
+                        for r in self.store.all()
+                    )
                 bar.update(done - bar.n)
         if phase == "calibration":
             sweep_ids = {p["point_id"] for _, p, _ in register_points(self.cfg, self.store)}
-            bad = [{"run_id": p["point_id"], "status": p["status"], "error": p["error"]}
-                   for p in self.store.calibration() if p["point_id"] in sweep_ids and p["status"] != "scored"]
+            bad = [
+                {"run_id": p["point_id"], "status": p["status"], "error": p["error"]}
+                for p in self.store.calibration()
+                if p["point_id"] in sweep_ids and p["status"] != "scored"
+            ]
         else:
             bad = [r for r in self.store.all() if r["status"] != "evaluated"]
         self.crashed_workers += crashed
@@ -388,7 +426,8 @@ class StudyRunner:
                 f"study incomplete: {what}: "
                 + ", ".join(f"{r['run_id']} ({r['status']}{': ' + r['error'] if r['error'] else ''})" for r in bad)
                 + (f"; workers that exited abnormally: {', '.join(c['name'] for c in crashed)}" if crashed else "")
-                + f" (logs in {logs}); run the same command again to retry them")
+                + f" (logs in {logs}); run the same command again to retry them"
+            )
 
     def _compile_caches(self, name: str) -> dict[str, str]:
         """A worker's own torch compile caches, so that workers compiling at once never race on Inductor's and
@@ -413,8 +452,9 @@ class StudyRunner:
                 first = self._given_back.get(("run", r["run_id"]))
                 if r["status"] in ("pending", "training"):
                     if first:
-                        self.store.set_status(r["run_id"], "failed",
-                                              error=f"{worker} exited while working on it, as {first} had before")
+                        self.store.set_status(
+                            r["run_id"], "failed", error=f"{worker} exited while working on it, as {first} had before"
+                        )
                     else:
                         self._given_back[("run", r["run_id"])] = worker
                 self.store.release(r["run_id"])
@@ -423,8 +463,9 @@ class StudyRunner:
                 first = self._given_back.get(("point", p["point_id"]))
                 if p["status"] == "pending":
                     if first:
-                        self.store.set_point(p["point_id"], "failed",
-                                             error=f"{worker} exited while scoring it, as {first} had before")
+                        self.store.set_point(
+                            p["point_id"], "failed", error=f"{worker} exited while scoring it, as {first} had before"
+                        )
                     else:
                         self._given_back[("point", p["point_id"])] = worker
                 self.store.release_point(p["point_id"])
@@ -455,8 +496,13 @@ def _write_embeddings(result: dict, prompts, path: Path) -> Path:
         emb = load_cached(Path(result["embeddings"]["cache_path"]))
         X = np.asarray(emb.at(result["embeddings"]["reported_layer"]), dtype=np.float32)
     tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, X=X, labels=np.array([p.label for p in prompts]), axioms=np.array([p.axiom for p in prompts]),
-             prompt_ids=np.array([p.row_id for p in prompts]))
+    np.savez(
+        tmp,
+        X=X,
+        labels=np.array([p.label for p in prompts]),
+        axioms=np.array([p.axiom for p in prompts]),
+        prompt_ids=np.array([p.row_id for p in prompts]),
+    )
     tmp.replace(path)
     return path
 
@@ -471,11 +517,17 @@ def study_records(cfg: StudyConfig) -> tuple[list[dict], list[str]]:
         for arm in cfg.arms:
             tc = cfg.arm_config(arm, seed) if arm.trained else None
             run_dir = Path(tc.run_dir) if tc else Path(cfg.study_dir) / "runs" / cfg.run_id(arm, seed)
-            record = read_run(run_dir, arm=arm.name, seed=seed, method=arm.method,
-                              optimizer=arm.optimizer if tc else None,
-                              placement=(tc.method.placement or _default_placement(arm.method)) if tc else
-                              ("system" if arm.method == "prompt_only" else "none"),
-                              overrides=arm.overrides)
+            record = read_run(
+                run_dir,
+                arm=arm.name,
+                seed=seed,
+                method=arm.method,
+                optimizer=arm.optimizer if tc else None,
+                placement=(tc.method.placement or _default_placement(arm.method))
+                if tc
+                else ("system" if arm.method == "prompt_only" else "none"),
+                overrides=arm.overrides,
+            )
             if record is None:
                 missing.append(cfg.run_id(arm, seed))
             else:
@@ -491,9 +543,18 @@ def report_study(cfg: StudyConfig) -> dict:
     notes = [f"Not evaluated yet, so left out: {', '.join(missing)}."] if missing else []
     rep = cfg.report
     with DirLock(cfg.study_dir, "study report"):  # no report while another process runs or reports this study
-        return build_report(records, cfg.study_dir, n_resamples=rep.n_resamples, seed=rep.seed, alpha=rep.alpha,
-                            questions=cfg.questions, min_effect=rep.min_effect,
-                            arm_order=[a.name for a in cfg.arms], notes=notes, sections=_calibration_section(cfg))
+        return build_report(
+            records,
+            cfg.study_dir,
+            n_resamples=rep.n_resamples,
+            seed=rep.seed,
+            alpha=rep.alpha,
+            questions=cfg.questions,
+            min_effect=rep.min_effect,
+            arm_order=[a.name for a in cfg.arms],
+            notes=notes,
+            sections=_calibration_section(cfg),
+        )
 
 
 def _calibration_section(cfg: StudyConfig) -> list:

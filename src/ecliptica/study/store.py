@@ -4,6 +4,7 @@ Each (arm, seed) run moves pending -> training -> trained -> evaluated (or faile
 one transaction, so a process killed at any point leaves the last committed state; re-running the
 study skips evaluated runs and resumes the rest (training resumes from its latest checkpoint).
 """
+
 from __future__ import annotations
 
 import json
@@ -86,13 +87,17 @@ class StudyStore:
         existing = self.get(run_id)
         if existing is not None:
             if existing["config_hash"] != config_hash:
-                raise ValueError(f"{self.path}: run {run_id} exists with a different configuration "
-                                 f"({existing['config_hash']} vs {config_hash}); use a new study_dir or "
-                                 f"`--set` back to the original settings")
+                raise ValueError(
+                    f"{self.path}: run {run_id} exists with a different configuration "
+                    f"({existing['config_hash']} vs {config_hash}); use a new study_dir or "
+                    f"`--set` back to the original settings"
+                )
             return existing
-        self._exec("INSERT INTO runs (run_id, arm, seed, status, config_hash, config_json, updated_at) "
-                   "VALUES (?, ?, ?, 'pending', ?, ?, ?)",
-                   (run_id, arm, seed, config_hash, json.dumps(config), time.time()))
+        self._exec(
+            "INSERT INTO runs (run_id, arm, seed, status, config_hash, config_json, updated_at) "
+            "VALUES (?, ?, ?, 'pending', ?, ?, ?)",
+            (run_id, arm, seed, config_hash, json.dumps(config), time.time()),
+        )
         return self.get(run_id)
 
     def set_status(self, run_id: str, status: str, **fields) -> None:
@@ -106,11 +111,12 @@ class StudyStore:
             vals.append(json.dumps(v) if k != "error" else v)
         self._exec(f"UPDATE runs SET {', '.join(cols)} WHERE run_id = ?", (*vals, run_id))
 
-
     # ------------------------------------------------------- evaluation prompt sets
     def set_evaluation(self, run_id: str, split: str, eval_result: dict) -> None:
-        self._exec("INSERT OR REPLACE INTO evaluations (run_id, split, eval_result, updated_at) VALUES (?, ?, ?, ?)",
-                   (run_id, split, json.dumps(eval_result), time.time()))
+        self._exec(
+            "INSERT OR REPLACE INTO evaluations (run_id, split, eval_result, updated_at) VALUES (?, ?, ?, ?)",
+            (run_id, split, json.dumps(eval_result), time.time()),
+        )
 
     def evaluations(self, split: str | None = None) -> list[dict]:
         """Rows {run_id, split, eval_result}, for one prompt set or all."""
@@ -125,8 +131,10 @@ class StudyStore:
         study must train on the same train part and be scored on the same validation part)."""
         with closing(self._connect()) as db:
             with db:
-                db.execute("INSERT OR IGNORE INTO splits (name, description) VALUES (?, ?)",
-                           (name, json.dumps(description, sort_keys=True)))
+                db.execute(
+                    "INSERT OR IGNORE INTO splits (name, description) VALUES (?, ?)",
+                    (name, json.dumps(description, sort_keys=True)),
+                )
                 stored = json.loads(db.execute("SELECT description FROM splits WHERE name = ?", (name,)).fetchone()[0])
         if stored != json.loads(json.dumps(description, sort_keys=True)):
             raise ValueError(f"{self.path}: split {name!r} differs from the recorded one: {stored} vs {description}")
@@ -139,11 +147,16 @@ class StudyStore:
         existing = self.point(point_id)
         if existing is not None:
             if existing["config_hash"] != config_hash:
-                raise ValueError(f"{self.path}: calibration point {point_id} exists with a different configuration; "
-                                 "use a new study_dir")
+                raise ValueError(
+                    f"{self.path}: calibration point {point_id} exists with a different configuration; "
+                    "use a new study_dir"
+                )
             return existing
-        self._exec("INSERT INTO calibration (point_id, arm, lr, damping, status, config_hash, updated_at) "
-                   "VALUES (?, ?, ?, ?, 'pending', ?, ?)", (point_id, arm, lr, damping, config_hash, time.time()))
+        self._exec(
+            "INSERT INTO calibration (point_id, arm, lr, damping, status, config_hash, updated_at) "
+            "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+            (point_id, arm, lr, damping, config_hash, time.time()),
+        )
         return self.point(point_id)
 
     def point(self, point_id: str) -> dict | None:
@@ -153,8 +166,10 @@ class StudyStore:
     def set_point(self, point_id: str, status: str, scores: dict | None = None, error: str | None = None) -> None:
         if status not in ("pending", "scored", "failed"):
             raise ValueError(f"unknown calibration status {status!r}")
-        self._exec("UPDATE calibration SET status = ?, scores = ?, error = ?, updated_at = ? WHERE point_id = ?",
-                   (status, json.dumps(scores) if scores is not None else None, error, time.time(), point_id))
+        self._exec(
+            "UPDATE calibration SET status = ?, scores = ?, error = ?, updated_at = ? WHERE point_id = ?",
+            (status, json.dumps(scores) if scores is not None else None, error, time.time(), point_id),
+        )
 
     def set_chosen(self, arm: str, point_id: str) -> None:
         with closing(self._connect()) as db:
@@ -173,8 +188,9 @@ class StudyStore:
         """Atomically take a sweep point for one worker; False if another worker holds it."""
         with closing(self._connect()) as db:
             with db:
-                cur = db.execute("UPDATE calibration SET worker = ? WHERE point_id = ? AND worker IS NULL",
-                                 (worker, point_id))
+                cur = db.execute(
+                    "UPDATE calibration SET worker = ? WHERE point_id = ? AND worker IS NULL", (worker, point_id)
+                )
                 return cur.rowcount == 1
 
     def release_point(self, point_id: str) -> None:

@@ -4,6 +4,7 @@ Per-arm values are the evaluation's recorded numbers (mean over seeds with sever
 baseline is the paired contrast of ``contrasts.py`` (per comparison, not corrected for
 multiplicity: the research questions carry the corrected tests).
 """
+
 from __future__ import annotations
 
 import math
@@ -16,22 +17,58 @@ from .contrasts import StudyContext, contrast, has_prompt_stage
 from .records import BASELINE
 
 CSV_COLUMNS = [
-    "arm", "method", "optimizer", "placement", "n_seeds", "seeds", "ci_over",
-    "aqi", "aqi_sd", "aqi_low", "aqi_high",
-    "delta_aqi", "delta_aqi_low", "delta_aqi_high", "delta_aqi_p", "delta_aqi_significant",
-    "probe_auroc", "probe_auroc_low", "probe_auroc_high",
-    "refusal_rate_unsafe", "refusal_rate_unsafe_sd", "refusal_rate_unsafe_low", "refusal_rate_unsafe_high",
-    "over_refusal_rate_safe", "over_refusal_rate_safe_sd", "over_refusal_rate_safe_low", "over_refusal_rate_safe_high",
-    "perplexity", "perplexity_sd", "kl_mean_token", "collapsed",
-    "train_minutes", "train_minutes_sd", "peak_vram_gib", "tokens_per_s",
-    "compute_hours", "compute_device", "efficiency", "efficiency_low", "efficiency_high", "efficiency_unit",
+    "arm",
+    "method",
+    "optimizer",
+    "placement",
+    "n_seeds",
+    "seeds",
+    "ci_over",
+    "aqi",
+    "aqi_sd",
+    "aqi_low",
+    "aqi_high",
+    "delta_aqi",
+    "delta_aqi_low",
+    "delta_aqi_high",
+    "delta_aqi_p",
+    "delta_aqi_significant",
+    "probe_auroc",
+    "probe_auroc_low",
+    "probe_auroc_high",
+    "refusal_rate_unsafe",
+    "refusal_rate_unsafe_sd",
+    "refusal_rate_unsafe_low",
+    "refusal_rate_unsafe_high",
+    "over_refusal_rate_safe",
+    "over_refusal_rate_safe_sd",
+    "over_refusal_rate_safe_low",
+    "over_refusal_rate_safe_high",
+    "perplexity",
+    "perplexity_sd",
+    "kl_mean_token",
+    "collapsed",
+    "train_minutes",
+    "train_minutes_sd",
+    "peak_vram_gib",
+    "tokens_per_s",
+    "compute_hours",
+    "compute_device",
+    "efficiency",
+    "efficiency_low",
+    "efficiency_high",
+    "efficiency_unit",
     "overrides",
 ]
 RATES = ("refusal_rate_unsafe", "over_refusal_rate_safe")
 
 
-def summarize_over_seeds(values: Sequence[float | None], run_ci: tuple[float, float] | None, alpha: float,
-                         bounds: tuple[float, float] | None = None):
+def summarize_over_seeds(
+    values: Sequence[float | None],
+    run_ci: tuple[float, float] | None,
+    alpha: float,
+    bounds: tuple[float, float] | None = None,
+):
     """(mean, sd, low, high). One run: its own CI. Several: mean ± t-interval over seeds, clipped to
     `bounds` (a rate's t-interval can otherwise leave [0, 1] with few, spread-out seeds)."""
     vals = np.array([v for v in values if v is not None], dtype=float)
@@ -99,12 +136,19 @@ def _collapse_flag(runs: Sequence[dict]) -> str | None:
 def training_summary(runs: Sequence[dict]) -> dict[str, Any]:
     trains = [r["train"] for r in runs if r.get("train")]
     if not trains:
-        return {"train_minutes": None, "train_minutes_sd": None, "peak_vram_gib": None, "tokens_per_s": None,
-                "compute_hours": None, "compute_device": None}
+        return {
+            "train_minutes": None,
+            "train_minutes_sd": None,
+            "peak_vram_gib": None,
+            "tokens_per_s": None,
+            "compute_hours": None,
+            "compute_device": None,
+        }
     minutes = [t["train_seconds"] / 60 for t in trains]
     # k workers sharing one device each get about 1/k of it, so a run's device-hours are its wall time / k
-    hours = [t["train_seconds"] * (t.get("num_processes") or 1) / (t.get("device_shared_by") or 1) / 3600
-             for t in trains]
+    hours = [
+        t["train_seconds"] * (t.get("num_processes") or 1) / (t.get("device_shared_by") or 1) / 3600 for t in trains
+    ]
     vram = [t.get("peak_gpu_memory_gib") for t in trains]
     on_gpu = all(v is not None for v in vram)
     return {
@@ -122,8 +166,12 @@ def _efficiency(delta: dict[str, Any], training: dict[str, Any]) -> dict[str, An
     hours, device = training["compute_hours"], training["compute_device"]
     if not delta.get("answerable") or not hours:
         return {"efficiency": None, "efficiency_low": None, "efficiency_high": None, "efficiency_unit": None}
-    return {"efficiency": delta["estimate"] / hours, "efficiency_low": delta["low"] / hours,
-            "efficiency_high": delta["high"] / hours, "efficiency_unit": f"ΔAQI per {device}-hour"}
+    return {
+        "efficiency": delta["estimate"] / hours,
+        "efficiency_low": delta["low"] / hours,
+        "efficiency_high": delta["high"] / hours,
+        "efficiency_unit": f"ΔAQI per {device}-hour",
+    }
 
 
 def _format_overrides(runs: Sequence[dict]) -> str:
@@ -146,8 +194,11 @@ def arm_row(ctx: StudyContext, arm: str) -> dict[str, Any]:
     first = runs[0]
     delta = delta_vs_baseline(ctx, arm)
     row: dict[str, Any] = {
-        "arm": arm, "method": first["method"], "optimizer": first.get("optimizer"),
-        "placement": first.get("placement"), "n_seeds": len(runs),
+        "arm": arm,
+        "method": first["method"],
+        "optimizer": first.get("optimizer"),
+        "placement": first.get("placement"),
+        "n_seeds": len(runs),
         "seeds": " ".join(str(s) for s in ctx.by_arm[arm]),
         "ci_over": "prompts (run bootstrap)" if len(runs) == 1 else "seeds, then prompts (two-stage bootstrap)",
     }
@@ -169,10 +220,20 @@ def arm_row(ctx: StudyContext, arm: str) -> dict[str, Any]:
 
 def _delta_columns(delta: dict[str, Any]) -> dict[str, Any]:
     if not delta.get("answerable"):
-        return {"delta_aqi": None, "delta_aqi_low": None, "delta_aqi_high": None, "delta_aqi_p": None,
-                "delta_aqi_significant": None}
-    return {"delta_aqi": delta["estimate"], "delta_aqi_low": delta["low"], "delta_aqi_high": delta["high"],
-            "delta_aqi_p": delta["p_value"], "delta_aqi_significant": delta["significant"]}
+        return {
+            "delta_aqi": None,
+            "delta_aqi_low": None,
+            "delta_aqi_high": None,
+            "delta_aqi_p": None,
+            "delta_aqi_significant": None,
+        }
+    return {
+        "delta_aqi": delta["estimate"],
+        "delta_aqi_low": delta["low"],
+        "delta_aqi_high": delta["high"],
+        "delta_aqi_p": delta["p_value"],
+        "delta_aqi_significant": delta["significant"],
+    }
 
 
 def build_table(ctx: StudyContext) -> list[dict[str, Any]]:

@@ -4,11 +4,12 @@ The trainer logs training scalars under `STUDY_DIR/tensorboard/<run_id>/`; the s
 evaluation summary there as `eval/<name>`, each number under its `EvalSummary` name (`eval/aqi`,
 `eval/refusal_rate_unsafe`, `eval/perplexity`, ...), so TensorBoard, the store and the CSV agree on names.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..evaluation.summary import EvalSummary, Estimate, Rate
+from ..evaluation.summary import Estimate, EvalSummary, Rate
 
 # what the numbers were computed with, not results: no curve
 SETTINGS = ("aqi_gamma", "aqi_pca_dim", "aqi_layer", "n_prompts")

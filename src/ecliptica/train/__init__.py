@@ -1,4 +1,5 @@
 """The training engine shared by every method."""
+
 from .engine import NonFiniteError, Trainer, train
 
 __all__ = ["NonFiniteError", "Trainer", "train"]

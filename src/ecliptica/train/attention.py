@@ -13,6 +13,7 @@ FlexAttention has no backward on CPU and varlen no CPU kernel at all (torch 2.13
 CUDA (flex when this torch has no varlen) and dense elsewhere. Padded batches (`train.packing: false`) and
 generation keep SDPA with transformers' own masks in every mode.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -42,8 +43,9 @@ def document_block_mask(position_ids: torch.Tensor) -> BlockMask:
     def same_sequence_causal(b, h, q, kv):
         return (seq[b, q] == seq[b, kv]) & (q >= kv)
 
-    return create_block_mask(same_sequence_causal, B=rows, H=None, Q_LEN=length, KV_LEN=length,
-                             device=position_ids.device)
+    return create_block_mask(
+        same_sequence_causal, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=position_ids.device
+    )
 
 
 def _flex(query, key, value, **kwargs):
@@ -61,8 +63,9 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if not isinstance(attention_mask, BlockMask):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     if dropout:
         raise ValueError("packed_attention=flex does not support attention dropout; use packed_attention=dense")
     heads, kv_heads = query.shape[1], key.shape[1]
@@ -113,8 +116,8 @@ def _varlen_kernel(q, k, v, bounds, max_len: int, scale: float | None):
     head_dim = q.shape[-1]
     if api["scale"]:
         kw["scale"] = scale
-    elif scale is not None and not math.isclose(scale, head_dim ** -0.5):
-        q = q * (scale * head_dim ** 0.5)  # this release always scales by 1/sqrt(head_dim)
+    elif scale is not None and not math.isclose(scale, head_dim**-0.5):
+        q = q * (scale * head_dim**0.5)  # this release always scales by 1/sqrt(head_dim)
     if k.shape[1] != q.shape[1]:
         if api["enable_gqa"]:
             kw["enable_gqa"] = True
@@ -130,15 +133,17 @@ def _read_varlen_api() -> dict:
     return {name: name in params for name in ("window_size", "scale", "enable_gqa")}
 
 
-def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                             packed_bounds=None, **kwargs):
+def varlen_attention_forward(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_bounds=None, **kwargs
+):
     """transformers attention interface: varlen FlashAttention when the forward passes `packed_bounds`
     (PolicyModel does for packed rows), SDPA with transformers' mask otherwise."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if packed_bounds is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     if dropout:
         raise ValueError("packed_attention=varlen does not support attention dropout; use packed_attention=dense")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [1, H, T, D] -> [T, H, D]
@@ -150,8 +155,10 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
             half = torch.get_autocast_dtype(q.device.type)
             q, k, v = q.to(half), k.to(half), v.to(half)
         elif q.device.type == "cuda":
-            raise ValueError(f"packed_attention=varlen needs fp16/bf16 activations or autocast, got {dtype}; "
-                             "use packed_attention=dense")
+            raise ValueError(
+                f"packed_attention=varlen needs fp16/bf16 activations or autocast, got {dtype}; "
+                "use packed_attention=dense"
+            )
     # The longest sequence is at most the row: using the row's length needs no host sync and no extra
     # symbolic size under torch.compile; the kernel's blocks past a sequence's end return at once.
     out = _varlen_kernel(q, k, v, packed_bounds, q.shape[0], scaling).to(dtype)
@@ -189,18 +196,23 @@ def use_packed_varlen(model) -> None:
     model.set_attn_implementation(VARLEN_NAME)
 
 
-def resolve_packed_attention(setting: str, device: torch.device, attn_implementation: str | None,
-                             has_varlen: bool | None = None) -> str:
+def resolve_packed_attention(
+    setting: str, device: torch.device, attn_implementation: str | None, has_varlen: bool | None = None
+) -> str:
     """'varlen', 'flex' or 'dense' for `train.packed_attention` on this device and attention implementation."""
     if setting == "dense":
         return "dense"
     has_varlen = varlen_available() if has_varlen is None else has_varlen
     if setting in ("flex", "varlen") and (device.type != "cuda" or attn_implementation != "sdpa"):
-        raise ValueError(f"train.packed_attention={setting} needs a CUDA device (no backward on {device.type}) "
-                         f"and model.attn_implementation=sdpa (got {attn_implementation!r})")
+        raise ValueError(
+            f"train.packed_attention={setting} needs a CUDA device (no backward on {device.type}) "
+            f"and model.attn_implementation=sdpa (got {attn_implementation!r})"
+        )
     if setting == "varlen" and not has_varlen:
-        raise ValueError(f"train.packed_attention=varlen needs torch.nn.attention.varlen (torch {torch.__version__} "
-                         "has none); use flex or dense")
+        raise ValueError(
+            f"train.packed_attention=varlen needs torch.nn.attention.varlen (torch {torch.__version__} "
+            "has none); use flex or dense"
+        )
     if setting != "auto":
         return setting
     if device.type != "cuda" or attn_implementation != "sdpa":

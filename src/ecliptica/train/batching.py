@@ -3,6 +3,7 @@ contributes; packed (default): all sequences of a micro-batch in one row with pe
 padding is computed; padded: one row per sequence, right-padded. Either way the batch names, for every response
 token, the hidden-state position that predicts it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ class ModelBatch:
     bounds: torch.Tensor | None = None
     labels: torch.Tensor | None = None  # [B] the layout's per-example labels (unpaired: True = desirable)
 
-    def to(self, device) -> "ModelBatch":
+    def to(self, device) -> ModelBatch:
         move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t  # noqa: E731
         return ModelBatch(**{k: move(v) for k, v in self.__dict__.items()})
 
@@ -48,8 +49,8 @@ def collate(examples: list, layout: Layout, pad_id: int, packed: bool = True) ->
     offset = 0
     for k, ((prompt, resp), n) in enumerate(zip(seqs, lengths)):
         row, start = (0, offset) if packed else (k, 0)
-        ids[row, start:start + n] = torch.tensor(prompt + resp)
-        pos[row, start:start + n] = torch.arange(n)
+        ids[row, start : start + n] = torch.tensor(prompt + resp)
+        pos[row, start : start + n] = torch.arange(n)
         if mask is not None:
             mask[row, :n] = 1
         base = row * width + start
@@ -59,8 +60,18 @@ def collate(examples: list, layout: Layout, pad_id: int, packed: bool = True) ->
         seq.append(torch.full((len(resp),), k))
         offset += n
     bounds = sequence_bounds(pos) if packed else None  # on the host tensor: no device wait
-    return ModelBatch(ids, pos, mask, torch.cat(pred), torch.cat(tgt), torch.cat(seq), len(seqs), sum(lengths),
-                      bounds, layout.labels(examples))
+    return ModelBatch(
+        ids,
+        pos,
+        mask,
+        torch.cat(pred),
+        torch.cat(tgt),
+        torch.cat(seq),
+        len(seqs),
+        sum(lengths),
+        bounds,
+        layout.labels(examples),
+    )
 
 
 def split_by_tokens(idx: list[int], sizes: list[int], budget: int) -> list[list[int]]:

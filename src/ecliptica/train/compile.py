@@ -10,6 +10,7 @@ their weights) and leaves the embedding, the mask building and the chunked LM he
 Shapes are dynamic (packed rows change length every micro-batch), so one compile serves the run; the
 adapter-disabled reference pass and the first layer (whose input needs no gradient) get a graph each.
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ optimizer choice (AdamW or GRIT) differ between arms.
 Built on accelerate (mixed precision, distributed launch, TensorBoard tracking); the loop itself is
 small so every step is visible: forward -> loss -> backward, clip, optimizer step, schedule, log.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,12 +22,28 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig, save_config
-from ..data import (LoadOptions, describe_split, load_preferences, resolve_path, save_bad_rows, split_train_val,
-                    tokenize_pairs)
+from ..data import (
+    LoadOptions,
+    describe_split,
+    load_preferences,
+    resolve_path,
+    save_bad_rows,
+    split_train_val,
+    tokenize_pairs,
+)
 from ..data.tokenize import TokenizedData, TokenizeSettings
 from ..losses import Ratio, ReferenceSettings, SequenceStats, build_loss
 from ..models import apply_lora, describe_parameters, load_model, load_tokenizer
 from ..provenance import git_commit, versions
+from ..runio import (
+    DirLock,
+    atomic_dir,
+    atomic_write_text,
+    check_free_space,
+    read_jsonl_tolerant,
+    write_errors,
+    write_jsonl,
+)
 from . import sizing
 from .attention import resolve_packed_attention
 from .batching import collate, split_by_tokens
@@ -37,11 +54,18 @@ from .offload import resolve_offload
 from .optim import build_optimizer, build_scheduler
 from .policy import PolicyModel
 from .reference import reference_logps
-from .safety import (UpdateSnapshot, TrainingWatch, all_finite, check_fresh_start, check_resumable, check_resume,
-                     complete_checkpoints, disk_needed, nonfinite_names)
+from .safety import (
+    TrainingWatch,
+    UpdateSnapshot,
+    all_finite,
+    check_fresh_start,
+    check_resumable,
+    check_resume,
+    complete_checkpoints,
+    disk_needed,
+    nonfinite_names,
+)
 from .state_io import load_state, save_state
-from ..runio import (DirLock, atomic_dir, atomic_write_text, check_free_space, read_jsonl_tolerant, write_errors,
-                     write_jsonl)
 
 
 class NonFiniteError(RuntimeError):
@@ -62,41 +86,58 @@ def _mixed_precision(cfg: TrainConfig) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def prepare_data(cfg: TrainConfig, tokenizer, placement: str, progress: bool = True,
-                 bad_rows_path: Path | None = None) -> tuple[TokenizedData, dict]:
+def prepare_data(
+    cfg: TrainConfig, tokenizer, placement: str, progress: bool = True, bad_rows_path: Path | None = None
+) -> tuple[TokenizedData, dict]:
     """Load, validate, split and tokenise the training pairs and report what happened. Only the train part
     is trained on; the validation part (`data.val_fraction`, split by `data.split_seed`) is tokenised the
     same way and returned in info["val"] for held-out scoring (None without a validation part).
     With `bad_rows_path` (on_bad_row: skip) the skipped rows are written there and counted on the console,
     even when none or all were bad."""
     opts = LoadOptions(instruction=cfg.data.instruction, column_map=cfg.data.column_map)
-    loaded = load_preferences(resolve_path(cfg.data.path), cfg.data.format, on_bad_row=cfg.data.on_bad_row,
-                              options=opts, limit=cfg.data.limit)
+    loaded = load_preferences(
+        resolve_path(cfg.data.path), cfg.data.format, on_bad_row=cfg.data.on_bad_row, options=opts, limit=cfg.data.limit
+    )
     if bad_rows_path is not None:
         save_bad_rows(loaded, bad_rows_path)
-        print(f"[data] {cfg.data.path}: {loaded.report.rows_read} rows read, {len(loaded.report.bad_rows)} skipped "
-              f"as bad (listed in {bad_rows_path})", flush=True)
+        print(
+            f"[data] {cfg.data.path}: {loaded.report.rows_read} rows read, {len(loaded.report.bad_rows)} skipped "
+            f"as bad (listed in {bad_rows_path})",
+            flush=True,
+        )
     train, val = split_train_val(loaded.examples, lambda e: e.row_id, cfg.data.val_fraction, cfg.data.split_seed)
     settings = TokenizeSettings(cfg.data.max_length, cfg.data.max_prompt_length)
     tokenized = tokenize_pairs(tokenizer, train, placement, settings, progress=progress)
     if not tokenized.pairs:
-        raise ValueError(f"{cfg.data.path}: no training pairs left after validation and split "
-                         f"({loaded.report.rows_read} rows read, {len(loaded.report.bad_rows)} bad, "
-                         f"{len(val)} in validation)")
+        raise ValueError(
+            f"{cfg.data.path}: no training pairs left after validation and split "
+            f"({loaded.report.rows_read} rows read, {len(loaded.report.bad_rows)} bad, "
+            f"{len(val)} in validation)"
+        )
     val_tokenized = tokenize_pairs(tokenizer, val, placement, settings, progress=False) if val else None
     split_ids = {"train": [e.row_id for e in train], "val": [e.row_id for e in val]}
     split = describe_split(split_ids["train"], split_ids["val"], cfg.data.val_fraction, cfg.data.split_seed)
-    report = {"rows_read": loaded.report.rows_read, "kept": loaded.report.kept,
-              "bad_rows": len(loaded.report.bad_rows), "filtered": dict(loaded.filtered),
-              "train_pairs": len(train), "val_pairs": len(val), "split": split,
-              "tokenization": tokenized.stats.as_dict()}
-    return tokenized, {"report": report, "loaded": loaded, "val": val_tokenized,
-                       "split_ids": {**split, **split_ids}}
+    report = {
+        "rows_read": loaded.report.rows_read,
+        "kept": loaded.report.kept,
+        "bad_rows": len(loaded.report.bad_rows),
+        "filtered": dict(loaded.filtered),
+        "train_pairs": len(train),
+        "val_pairs": len(val),
+        "split": split,
+        "tokenization": tokenized.stats.as_dict(),
+    }
+    return tokenized, {"report": report, "loaded": loaded, "val": val_tokenized, "split_ids": {**split, **split_ids}}
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool | None = None, overwrite: bool = False,
-                 restart_without_checkpoint: bool = False):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        resume: bool | None = None,
+        overwrite: bool = False,
+        restart_without_checkpoint: bool = False,
+    ):
         """`resume`/`overwrite` given here are checked in setup(), before the model loads; `resume`
         may instead be passed to train(). A resume continues from a checkpoint and refuses a run it cannot
         continue (safety.check_resumable); `restart_without_checkpoint` instead trains such a run again from
@@ -109,7 +150,7 @@ class Trainer:
         self._start_checked = False
 
     # ------------------------------------------------------------------ setup
-    def setup(self) -> "Trainer":
+    def setup(self) -> Trainer:
         """Take the run directory (exclusive; proves it writable) before any slow work, then build."""
         if int(os.environ.get("RANK", "0")) == 0:  # one lock per run, held by the main process
             self._lock = DirLock(self.run_dir, "train").acquire()
@@ -133,14 +174,15 @@ class Trainer:
                 check_resumable(self.run_dir, self.cfg.model_dump(mode="json"))
         self._start_checked = True
 
-    def _setup(self) -> "Trainer":
+    def _setup(self) -> Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         cfg = self.cfg
         tb_dir = Path(cfg.tensorboard_dir) if cfg.tensorboard_dir else self.run_dir / "tb"
-        self.accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), log_with="tensorboard",
-                                       project_dir=str(tb_dir))
+        self.accelerator = Accelerator(
+            mixed_precision=_mixed_precision(cfg), log_with="tensorboard", project_dir=str(tb_dir)
+        )
         acc = self.accelerator
         set_seed(cfg.seed)
         if torch.cuda.is_available():
@@ -155,8 +197,9 @@ class Trainer:
         skipped = self.run_dir / "skipped_rows.json" if cfg.data.on_bad_row == "skip" and acc.is_main_process else None
         if skipped is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.data, info = prepare_data(cfg, self.tokenizer, self.placement, progress=acc.is_main_process,
-                                       bad_rows_path=skipped)
+        self.data, info = prepare_data(
+            cfg, self.tokenizer, self.placement, progress=acc.is_main_process, bad_rows_path=skipped
+        )
         self.data_report = info["report"]
         self.data_hash = self.data.fingerprint()
         self.val_data: TokenizedData | None = info["val"]
@@ -172,14 +215,19 @@ class Trainer:
             adapter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
             t = cfg.train
             check_free_space(self.run_dir, *disk_needed(adapter_bytes, t.save_every, t.keep_checkpoints))
-        self.packed_attention = resolve_packed_attention(cfg.train.packed_attention, acc.device,
-                                                         cfg.model.attn_implementation)
-        self.offload_activations = resolve_offload(cfg.train.offload_activations, acc.device,
-                                                   cfg.model.gradient_checkpointing)
+        self.packed_attention = resolve_packed_attention(
+            cfg.train.packed_attention, acc.device, cfg.model.attn_implementation
+        )
+        self.offload_activations = resolve_offload(
+            cfg.train.offload_activations, acc.device, cfg.model.gradient_checkpointing
+        )
         self.policy = PolicyModel(model, cfg.train.logp_chunk_size, self.packed_attention, self.offload_activations)
         # before the compile, so the compiled layers trace the fused forward
-        self.fused_lora_layers = fuse_lora_layers(model, required=cfg.train.fused_lora == "on") if \
-            resolve_fused_lora(cfg.train.fused_lora, acc.device) else 0
+        self.fused_lora_layers = (
+            fuse_lora_layers(model, required=cfg.train.fused_lora == "on")
+            if resolve_fused_lora(cfg.train.fused_lora, acc.device)
+            else 0
+        )
         if cfg.train.fused_lora == "on" and not self.fused_lora_layers:
             raise ValueError("train.fused_lora: on, but the model has no LoRA Linear layer to fuse")
         compiled = resolve_compile(cfg.train.compile_layers, acc.device)
@@ -187,8 +235,10 @@ class Trainer:
         four_bit = getattr(model, "is_loaded_in_4bit", False)  # bitsandbytes places a 4-bit base itself
         self.nf4_kernel = None
         if cfg.train.nf4_kernel != "auto" and not four_bit:  # asked for explicitly, and it cannot take effect
-            raise ValueError(f"train.nf4_kernel: {cfg.train.nf4_kernel} applies to a 4-bit model only; set "
-                             f"model.load_in_4bit: true, or train.nf4_kernel: auto")
+            raise ValueError(
+                f"train.nf4_kernel: {cfg.train.nf4_kernel} applies to a 4-bit model only; set "
+                f"model.load_in_4bit: true, or train.nf4_kernel: auto"
+            )
         if four_bit:
             self.nf4_kernel = resolve_nf4_kernel(cfg.train.nf4_kernel, compiled)
             if self.nf4_kernel == "torch":
@@ -200,8 +250,15 @@ class Trainer:
         self.ref_cache = None
         precompute = isinstance(cfg.method, ReferenceSettings) and cfg.method.precompute_reference
         if precompute and self.loss_fn.needs_reference:
-            self.ref_cache = reference_logps(self.policy, self.examples, self.layout, self.tokenizer.pad_token_id,
-                                             cfg, acc.device, progress=acc.is_main_process)
+            self.ref_cache = reference_logps(
+                self.policy,
+                self.examples,
+                self.layout,
+                self.tokenizer.pad_token_id,
+                cfg,
+                acc.device,
+                progress=acc.is_main_process,
+            )
         # GRIT's factor taps sit on every lora_A module; the fused projection above and the compiled layers call
         # lora_A as a module, so the taps are in their graphs (tests/grit/test_collection_paths.py), and GRIT's
         # guard stops the run if too few factors become valid (grit/optimizer.py)
@@ -211,20 +268,32 @@ class Trainer:
         self.scheduler = scheduler
         self.peft_model = acc.unwrap_model(self.policy).peft_model
         longest = max(self.layout.tokens(ex) for ex in self.examples)
-        self.micro_batches = sizing.choose(cfg.train, cfg.data.max_length, self.layout, longest, acc.device,
-                                           self.memory_probe() if acc.device.type == "cuda" else None)
-        acc.print(f"[ecliptica] micro_batch_tokens: {self.micro_batches.tokens} ({self.micro_batches.rule}); "
-                  f"packed attention: {self.packed_attention}; compiled decoder layers: {self.compiled_layers}; "
-                  f"fused LoRA layers: {self.fused_lora_layers}; "
-                  + (f"NF4 dequantisation: {self.nf4_kernel}; " if self.nf4_kernel else "")
-                  + f"activations offloaded to the host: {'yes' if self.offload_activations else 'no'}")
+        self.micro_batches = sizing.choose(
+            cfg.train,
+            cfg.data.max_length,
+            self.layout,
+            longest,
+            acc.device,
+            self.memory_probe() if acc.device.type == "cuda" else None,
+        )
+        acc.print(
+            f"[ecliptica] micro_batch_tokens: {self.micro_batches.tokens} ({self.micro_batches.rule}); "
+            f"packed attention: {self.packed_attention}; compiled decoder layers: {self.compiled_layers}; "
+            f"fused LoRA layers: {self.fused_lora_layers}; "
+            + (f"NF4 dequantisation: {self.nf4_kernel}; " if self.nf4_kernel else "")
+            + f"activations offloaded to the host: {'yes' if self.offload_activations else 'no'}"
+        )
         return self
 
     # ------------------------------------------------------------------ data order
     def micro_batch_indices(self, micro_step: int) -> list[int]:
         """Example indices of this process's share of global micro-step `micro_step` (deterministic by seed)."""
         n = len(self.examples)
-        mb, world, rank = self.cfg.train.micro_batch_size, self.accelerator.num_processes, self.accelerator.process_index
+        mb, world, rank = (
+            self.cfg.train.micro_batch_size,
+            self.accelerator.num_processes,
+            self.accelerator.process_index,
+        )
         per_global = mb * world
         start = micro_step * per_global + rank * mb
         out = []
@@ -253,17 +322,20 @@ class Trainer:
         return self._perm_cache[1]
 
     # ------------------------------------------------------------------ one optimizer step
-    def micro_step(self, idx: list[int], progress: float, token_denominator: float | None = None
-                   ) -> tuple[torch.Tensor, dict, int]:
+    def micro_step(
+        self, idx: list[int], progress: float, token_denominator: float | None = None
+    ) -> tuple[torch.Tensor, dict, int]:
         """The loss of the micro-batch of examples `idx` (forward only): (loss, metrics, tokens fed)."""
-        batch = collate([self.examples[i] for i in idx], self.layout, self.tokenizer.pad_token_id,
-                        packed=self.cfg.train.packing).to(self.accelerator.device)
+        batch = collate(
+            [self.examples[i] for i in idx], self.layout, self.tokenizer.pad_token_id, packed=self.cfg.train.packing
+        ).to(self.accelerator.device)
         self.optimizer_hooks.set_token_mask(batch.token_mask())
         ref = None
         if self.ref_cache is not None:
             ref = self.layout.by_role(self.ref_cache[torch.tensor(idx)]).to(self.accelerator.device)
-        stats: SequenceStats = self.policy(batch, need_reference=self.loss_fn.needs_reference,
-                                           need_token_kl=self.loss_fn.needs_token_kl, ref_logps=ref)
+        stats: SequenceStats = self.policy(
+            batch, need_reference=self.loss_fn.needs_reference, need_token_kl=self.loss_fn.needs_token_kl, ref_logps=ref
+        )
         stats.token_denominator = token_denominator
         loss, metrics = self.loss_fn(stats, progress)
         for name, extra in self.optimizer_hooks.extra_losses().items():  # e.g. GRIT's regularisers
@@ -292,8 +364,12 @@ class Trainer:
         def smallest(n: int) -> int:
             return int(acc.gather(torch.tensor([n], device=acc.device)).min()) if acc.num_processes > 1 else n
 
-        return sizing.Probe(self.probe_pass, {i: self.layout.tokens(self.examples[i]) for i in step0},
-                            [p for p in self.policy.parameters() if p.requires_grad], smallest)
+        return sizing.Probe(
+            self.probe_pass,
+            {i: self.layout.tokens(self.examples[i]) for i in step0},
+            [p for p in self.policy.parameters() if p.requires_grad],
+            smallest,
+        )
 
     def train_step(self, step: int) -> StepResult:
         cfg, acc = self.cfg, self.accelerator
@@ -340,8 +416,9 @@ class Trainer:
         total_tokens = acc.reduce(torch.tensor([tokens], device=acc.device), "sum")
         # one host sync for the update check and every logged number (the token count, fetched after it, no
         # longer waits for the card)
-        values = torch.cat([all_finite(params).reshape(1).float()] + [means[k] for k in names]
-                           + [den_means[k] for k in ratios]).tolist()
+        values = torch.cat(
+            [all_finite(params).reshape(1).float()] + [means[k] for k in names] + [den_means[k] for k in ratios]
+        ).tolist()
         if not values[0]:
             bad = nonfinite_names([(n, p) for n, p in self.policy.named_parameters() if p.requires_grad])
             if snapshot is not None:  # skip means the update is undone, not that the check is skipped
@@ -349,8 +426,8 @@ class Trainer:
             return self._nonfinite(step, f"parameters after the optimizer update ({len(bad)} tensors, e.g. {bad[0]})")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        reduced = dict(zip(names, values[1:1 + len(names)]))
-        for name, den in zip(ratios, values[1 + len(names):]):
+        reduced = dict(zip(names, values[1 : 1 + len(names)]))
+        for name, den in zip(ratios, values[1 + len(names) :]):
             if den > 0:
                 reduced[name] /= den
             else:  # no example of its kind in this step (on any process): nothing to log
@@ -366,8 +443,10 @@ class Trainer:
             self.nonfinite_skipped += 1
             return StepResult(float("nan"), {"skipped_nonfinite": 1.0}, 0)
         last = self.latest_checkpoint()
-        raise NonFiniteError(f"non-finite {what} at step {step + 1}; training stopped. "
-                             f"Last good checkpoint: {last or 'none (set train.save_every)'}")
+        raise NonFiniteError(
+            f"non-finite {what} at step {step + 1}; training stopped. "
+            f"Last good checkpoint: {last or 'none (set train.save_every)'}"
+        )
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -388,8 +467,10 @@ class Trainer:
 
         bad = nonfinite_names(get_peft_model_state_dict(self.peft_model))
         if bad:
-            raise NonFiniteError(f"refusing to write {where}: {len(bad)} adapter tensors are not finite "
-                                 f"(e.g. {bad[0]}). Last good checkpoint: {self.latest_checkpoint() or 'none'}")
+            raise NonFiniteError(
+                f"refusing to write {where}: {len(bad)} adapter tensors are not finite "
+                f"(e.g. {bad[0]}). Last good checkpoint: {self.latest_checkpoint() or 'none'}"
+            )
 
     def save_checkpoint(self, step: int) -> None:
         acc = self.accelerator
@@ -397,19 +478,31 @@ class Trainer:
         if acc.is_main_process:
             final = self.ckpt_root / f"step-{step}"
             self._finite_adapter(str(final))
-            with write_errors(final, "the checkpoint", self._what_is_kept), \
-                    atomic_dir(final) as tmp:  # a checkpoint exists only once it is complete
+            with (
+                write_errors(final, "the checkpoint", self._what_is_kept),
+                atomic_dir(final) as tmp,
+            ):  # a checkpoint exists only once it is complete
                 self.peft_model.save_pretrained(tmp / "adapter")
                 save_state(self.optimizer.state_dict(), tmp / "optimizer")
                 save_state(self.scheduler.state_dict(), tmp / "scheduler")
                 save_state(_rng_state(), tmp / "rng")
-                (tmp / "trainer.json").write_text(json.dumps({
-                    "step": step, "nonfinite_skipped": self.nonfinite_skipped, "train_tokens": self.train_tokens,
-                    "train_seconds": self.train_seconds,
-                    # what resume checks against (safety.check_resume)
-                    "config": self.cfg.model_dump(mode="json"), "config_hash": self.cfg.hash(),
-                    "data_hash": self.data_hash}))
-            for old in sorted(self.ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-self.cfg.train.keep_checkpoints]:
+                (tmp / "trainer.json").write_text(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "nonfinite_skipped": self.nonfinite_skipped,
+                            "train_tokens": self.train_tokens,
+                            "train_seconds": self.train_seconds,
+                            # what resume checks against (safety.check_resume)
+                            "config": self.cfg.model_dump(mode="json"),
+                            "config_hash": self.cfg.hash(),
+                            "data_hash": self.data_hash,
+                        }
+                    )
+                )
+            for old in sorted(self.ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[
+                : -self.cfg.train.keep_checkpoints
+            ]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
 
@@ -418,8 +511,10 @@ class Trainer:
         last = self.latest_checkpoint()
         if last is not None:
             return f"the last good checkpoint, {last}, is kept: free some space, then resume with --resume"
-        return ("there is no checkpoint to continue from (train.save_every: 0), so this training is lost: free some "
-                "space and train again")
+        return (
+            "there is no checkpoint to continue from (train.save_every: 0), so this training is lost: free some "
+            "space and train again"
+        )
 
     def resume_latest(self) -> int:
         """Load the newest checkpoint that reads back whole and finite (older ones are tried, with a
@@ -429,14 +524,19 @@ class Trainer:
             try:
                 ckpt = _read_checkpoint(path)
             except Exception as e:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
-                warnings.warn(f"{path}: cannot be loaded ({type(e).__name__}: {e}); trying the previous checkpoint",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"{path}: cannot be loaded ({type(e).__name__}: {e}); trying the previous checkpoint",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 continue
             check_resume(path, ckpt["meta"], self.cfg.model_dump(mode="json"), self.data_hash, self.cfg.train.max_steps)
             return self._apply_checkpoint(ckpt)
         if ckpts:
-            raise RuntimeError(f"{self.ckpt_root}: no checkpoint could be loaded (see the warnings above); "
-                               f"start again with --overwrite")
+            raise RuntimeError(
+                f"{self.ckpt_root}: no checkpoint could be loaded (see the warnings above); "
+                f"start again with --overwrite"
+            )
         return 0
 
     def _apply_checkpoint(self, ckpt: dict) -> int:
@@ -481,8 +581,13 @@ class Trainer:
         acc.init_trackers(cfg.run_name or self.run_dir.name, config=_flat_hparams(cfg))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        bar = tqdm(total=cfg.train.max_steps, initial=start, desc=f"{cfg.method.name} train",
-                   disable=not (acc.is_main_process and cfg.train.progress), dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.train.max_steps,
+            initial=start,
+            desc=f"{cfg.method.name} train",
+            disable=not (acc.is_main_process and cfg.train.progress),
+            dynamic_ncols=True,
+        )
         self.policy.train()
         last_metrics: dict = {}
         end = cfg.train.max_steps if stop_after is None else min(cfg.train.max_steps, stop_after)
@@ -528,26 +633,42 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         summary = {
-            "method": self.cfg.method.name, "optimizer": self.cfg.optimizer.name, "placement": self.placement,
-            "steps": self.cfg.train.max_steps, "epochs": self._epochs(), "train_seconds": self.train_seconds,
+            "method": self.cfg.method.name,
+            "optimizer": self.cfg.optimizer.name,
+            "placement": self.placement,
+            "steps": self.cfg.train.max_steps,
+            "epochs": self._epochs(),
+            "train_seconds": self.train_seconds,
             "train_tokens": self.train_tokens,
             "tokens_per_s": self.train_tokens / self.train_seconds if self.train_seconds else 0.0,
             "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-            "final_metrics": last_metrics, "nonfinite_skipped": self.nonfinite_skipped,
-            "config_hash": self.cfg.hash(), "data_hash": self.data_hash, "data": self.data_report,
-            "parameters": self.param_summary, "num_processes": acc.num_processes,
-            "micro_batch_tokens": self.micro_batches.tokens, "micro_batch_rule": self.micro_batches.rule,
-            "packed_attention": self.packed_attention, "compiled_layers": self.compiled_layers,
-            "fused_lora_layers": self.fused_lora_layers, "nf4_kernel": self.nf4_kernel,
+            "final_metrics": last_metrics,
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "config_hash": self.cfg.hash(),
+            "data_hash": self.data_hash,
+            "data": self.data_report,
+            "parameters": self.param_summary,
+            "num_processes": acc.num_processes,
+            "micro_batch_tokens": self.micro_batches.tokens,
+            "micro_batch_rule": self.micro_batches.rule,
+            "packed_attention": self.packed_attention,
+            "compiled_layers": self.compiled_layers,
+            "fused_lora_layers": self.fused_lora_layers,
+            "nf4_kernel": self.nf4_kernel,
             "offload_activations": self.offload_activations,
             # parallel study workers on one device: its speed here is not a standalone speed
             "device_shared_by": int(os.environ.get("ECLIPTICA_DEVICE_SHARED_BY", "1")),
-            "versions": versions(), "git_commit": git_commit(),
+            "versions": versions(),
+            "git_commit": git_commit(),
         }
         summary.update(self.optimizer_hooks.summary())  # GRIT: physical vs effective LoRA parameters
         if self.nonfinite_skipped and self.nonfinite_skipped >= self.cfg.train.max_steps and acc.is_main_process:
-            warnings.warn(f"all {self.nonfinite_skipped} steps were skipped as non-finite: the adapter in "
-                          f"{self.run_dir / 'adapter'} is untrained; lower optimizer.lr", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"all {self.nonfinite_skipped} steps were skipped as non-finite: the adapter in "
+                f"{self.run_dir / 'adapter'} is untrained; lower optimizer.lr",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if acc.is_main_process:
             adapter = self.run_dir / "adapter"
             self._finite_adapter(str(adapter))
@@ -568,14 +689,23 @@ def _read_checkpoint(path: Path) -> dict:
     bad = nonfinite_names(weights)
     if bad:
         raise ValueError(f"{len(bad)} adapter tensors are not finite (e.g. {bad[0]})")
-    return {"meta": json.loads((path / "trainer.json").read_text()), "weights": weights,
-            "optimizer": load_state(path / "optimizer"), "scheduler": load_state(path / "scheduler"),
-            "rng": load_state(path / "rng")}
+    return {
+        "meta": json.loads((path / "trainer.json").read_text()),
+        "weights": weights,
+        "optimizer": load_state(path / "optimizer"),
+        "scheduler": load_state(path / "scheduler"),
+        "rng": load_state(path / "rng"),
+    }
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
-             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)), "numpy_pos": int(np.random.get_state()[2])}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state

@@ -14,6 +14,7 @@ computation on CPU; benchmarks/verify_kernels.py (path `fusedlora`) checks losse
 Where peft's own forward is needed it is used: adapters disabled (the reference pass) or merged, extra forward
 arguments (mixed-adapter batches), and a layer whose inputs are not in the adapter's dtype without autocast.
 """
+
 from __future__ import annotations
 
 import types
@@ -45,14 +46,23 @@ def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A peft LoRA Linear's forward with the LoRA up-projection, scale and sum in one addmm (bound per layer)."""
     name = self.active_adapters[0]
     lora_A = self.lora_A[name].weight
-    if (self.disable_adapters or self.merged or args or kwargs
-            or (x.dtype != lora_A.dtype and not torch.is_autocast_enabled(x.device.type))):
+    if (
+        self.disable_adapters
+        or self.merged
+        or args
+        or kwargs
+        or (x.dtype != lora_A.dtype and not torch.is_autocast_enabled(x.device.type))
+    ):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     # through the lora_A module, not its weight: GRIT's factor tap is a forward hook on it (grit/factors.py)
     down = self.lora_A[name](self.lora_dropout[name](x))
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]),
-                      self.lora_B[name].weight.t(), alpha=self.scaling[name])
+    out = torch.addmm(
+        result.reshape(-1, result.shape[-1]),
+        down.reshape(-1, down.shape[-1]),
+        self.lora_B[name].weight.t(),
+        alpha=self.scaling[name],
+    )
     return out.view(result.shape)
 
 
@@ -71,10 +81,11 @@ def fuse_lora_layers(peft_model, required: bool = False) -> int:
         reason = unsupported_reason(module)
         if reason is not None:
             if required:
-                raise ValueError(f"train.fused_lora: on, but LoRA layer {module_name} has {reason}; "
-                                 f"set train.fused_lora: off (or auto)")
+                raise ValueError(
+                    f"train.fused_lora: on, but LoRA layer {module_name} has {reason}; "
+                    f"set train.fused_lora: off (or auto)"
+                )
             continue
         module.forward = types.MethodType(fused_lora_forward, module)
         fused += 1
     return fused
-

@@ -19,6 +19,7 @@ dequantisation runs inside a checkpointed region (`torch.utils.checkpoint`), whi
 recompute in the backward rather than save, so no 16-bit copy of a weight outlives its matmul. Without the
 compiled layers the bitsandbytes path stays (an eager autograd graph would keep the 16-bit weight for the backward).
 """
+
 from __future__ import annotations
 
 import types
@@ -34,15 +35,26 @@ def resolve_nf4_kernel(setting: str, compiled_layers: bool) -> str:
     if setting == "auto":
         return "torch" if compiled_layers else "bitsandbytes"
     if setting == "torch" and not compiled_layers:
-        raise ValueError("train.nf4_kernel: torch needs compiled decoder layers (train.compile_layers on, or auto "
-                         "on a GPU): without the compile the 16-bit weights would be kept for the backward")
+        raise ValueError(
+            "train.nf4_kernel: torch needs compiled decoder layers (train.compile_layers on, or auto "
+            "on a GPU): without the compile the 16-bit weights would be kept for the backward"
+        )
     return setting
 
 
-def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor, absmax_code: torch.Tensor,
-                   absmax_scale: torch.Tensor, absmax_offset: torch.Tensor, code: torch.Tensor,
-                   out_features: int, in_features: int, blocksize: int, blocksize2: int,
-                   dtype: torch.dtype) -> torch.Tensor:
+def dequantize_nf4(
+    packed: torch.Tensor,
+    absmax_q: torch.Tensor,
+    absmax_code: torch.Tensor,
+    absmax_scale: torch.Tensor,
+    absmax_offset: torch.Tensor,
+    code: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    blocksize2: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """The `[out_features, in_features]` weight in `dtype` from bitsandbytes' packed NF4 with a double-quantised
     absmax (8-bit codes into `absmax_code`, one fp32 scale per `blocksize2` codes, plus `absmax_offset`)."""
     n = out_features * in_features
@@ -60,10 +72,19 @@ def dequantize_args(layer) -> tuple:
     six are tensors, in BUFFERS order)."""
     state = layer.weight.quant_state
     device = state.absmax.device
-    return (layer.weight.data, state.absmax, state.state2.code, state.state2.absmax,
-            torch.as_tensor(state.offset, dtype=torch.float32, device=device),
-            state.code.to(device=device, dtype=torch.float32), layer.out_features, layer.in_features,
-            int(state.blocksize), int(state.state2.blocksize), layer.compute_dtype)
+    return (
+        layer.weight.data,
+        state.absmax,
+        state.state2.code,
+        state.state2.absmax,
+        torch.as_tensor(state.offset, dtype=torch.float32, device=device),
+        state.code.to(device=device, dtype=torch.float32),
+        layer.out_features,
+        layer.in_features,
+        int(state.blocksize),
+        int(state.state2.blocksize),
+        layer.compute_dtype,
+    )
 
 
 def nf4_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,10 +92,21 @@ def nf4_forward(self, x: torch.Tensor) -> torch.Tensor:
     inp_dtype = x.dtype
     x = x.to(self.compute_dtype)
     # checkpointed: the partitioner recomputes the 16-bit weight in the backward instead of keeping it
-    weight = checkpoint(dequantize_nf4, self.nf4_packed, self.nf4_absmax_q, self.nf4_absmax_code,
-                        self.nf4_absmax_scale, self.nf4_absmax_offset, self.nf4_code, self.out_features,
-                        self.in_features, self.nf4_blocksize, self.nf4_blocksize2, self.compute_dtype,
-                        use_reentrant=False)
+    weight = checkpoint(
+        dequantize_nf4,
+        self.nf4_packed,
+        self.nf4_absmax_q,
+        self.nf4_absmax_code,
+        self.nf4_absmax_scale,
+        self.nf4_absmax_offset,
+        self.nf4_code,
+        self.out_features,
+        self.in_features,
+        self.nf4_blocksize,
+        self.nf4_blocksize2,
+        self.compute_dtype,
+        use_reentrant=False,
+    )
     bias = None if self.bias is None else self.bias.to(self.compute_dtype)
     return torch.nn.functional.linear(x, weight, bias).to(inp_dtype)
 
@@ -114,8 +146,9 @@ def use_torch_nf4(model, required: bool = False) -> int:
         if reason is not None:
             if not required:
                 continue
-            raise ValueError(f"train.nf4_kernel: torch, but layer {name} has {reason}; "
-                             f"set train.nf4_kernel: bitsandbytes (or auto)")
+            raise ValueError(
+                f"train.nf4_kernel: torch, but layer {name} has {reason}; set train.nf4_kernel: bitsandbytes (or auto)"
+            )
         args = dequantize_args(module)
         for buffer, tensor in zip(BUFFERS, args):
             module.register_buffer(buffer, tensor, persistent=False)

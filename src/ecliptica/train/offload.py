@@ -12,8 +12,8 @@ device-to-host copy is ordered before any later kernel that reuses the freed dev
 buffer is kept by the caching host allocator until its copy has run. Nothing waits for the card, so a
 host-bound step stays as fast; the copy's bytes are the same, so what is computed does not change.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 
@@ -24,11 +24,15 @@ MIN_OFFLOAD_BYTES = 1 << 20
 def resolve_offload(setting: str, device: torch.device, gradient_checkpointing: bool) -> bool:
     """`train.offload_activations`: auto = on with CUDA and gradient checkpointing."""
     if setting == "on" and not gradient_checkpointing:
-        raise ValueError("train.offload_activations=on needs model.gradient_checkpointing: true (without "
-                         "checkpointing every activation would cross to the host and back)")
+        raise ValueError(
+            "train.offload_activations=on needs model.gradient_checkpointing: true (without "
+            "checkpointing every activation would cross to the host and back)"
+        )
     if setting == "on" and device.type == "cpu":  # asked for explicitly, and it cannot take effect
-        raise ValueError("train.offload_activations=on: the model is on the CPU already, so nothing can be "
-                         "offloaded; set it to auto or off")
+        raise ValueError(
+            "train.offload_activations=on: the model is on the CPU already, so nothing can be "
+            "offloaded; set it to auto or off"
+        )
     if setting == "auto":
         return gradient_checkpointing and device.type == "cuda"
     return setting == "on"
@@ -46,9 +50,14 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(self._pack, self._unpack)
 
     def _wanted(self, t: torch.Tensor) -> bool:
-        return (t.device.type == self.source and t.layout == torch.strided and t.is_floating_point()
-                and t.requires_grad and not isinstance(t, torch.nn.Parameter)
-                and t.numel() * t.element_size() >= self.min_bytes)
+        return (
+            t.device.type == self.source
+            and t.layout == torch.strided
+            and t.is_floating_point()
+            and t.requires_grad
+            and not isinstance(t, torch.nn.Parameter)
+            and t.numel() * t.element_size() >= self.min_bytes
+        )
 
     def _pack(self, t: torch.Tensor):
         if not self._wanted(t):

@@ -3,6 +3,7 @@
 Beyond `torch.optim.Optimizer`, the engine talks to an optimizer only through `OptimizerHooks`. GRIT
 implements them; plain optimizers get `NoHooks`, so the engine has no optimizer-specific branches.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -45,15 +46,17 @@ def build_optimizer(peft_model, cfg) -> tuple[torch.optim.Optimizer, OptimizerHo
     o = cfg.optimizer
     params = [p for p in peft_model.parameters() if p.requires_grad]
     if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
-                                 eps=o.eps), NoHooks()
+        return torch.optim.AdamW(
+            params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps
+        ), NoHooks()
     if o.name == "adamw8bit":
         if importlib.util.find_spec("bitsandbytes") is None:
             raise RuntimeError("optimizer adamw8bit needs bitsandbytes: pip install 'ecliptica[quant]'")
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
-                                   eps=o.eps), NoHooks()
+        return bnb.optim.AdamW8bit(
+            params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps
+        ), NoHooks()
     if o.name == "grit":
         from ..grit import GritOptimizer
 
@@ -65,5 +68,6 @@ def build_optimizer(peft_model, cfg) -> tuple[torch.optim.Optimizer, OptimizerHo
 def build_scheduler(optimizer, cfg):
     from transformers import get_scheduler
 
-    return get_scheduler(cfg.schedule.name, optimizer, num_warmup_steps=cfg.schedule.warmup_steps,
-                         num_training_steps=cfg.train.max_steps)
+    return get_scheduler(
+        cfg.schedule.name, optimizer, num_warmup_steps=cfg.schedule.warmup_steps, num_training_steps=cfg.train.max_steps
+    )

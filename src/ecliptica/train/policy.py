@@ -8,6 +8,7 @@ at most three [chunk x vocabulary] fp32 buffers at once.
 The reference is the same network with the LoRA adapter disabled, run under no_grad: no second copy.
 This is an nn.Module so DDP (accelerate) sees one forward and synchronises gradients as usual.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -56,7 +57,7 @@ def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     fp32 buffer, at the chunk's peak) and would sum bf16-rounded terms."""
     out = torch.empty(a.shape[0], device=a.device, dtype=torch.float32)
     for s in range(0, a.shape[0], DOT_ROWS):
-        torch.sum(a[s:s + DOT_ROWS] * b[s:s + DOT_ROWS], dim=-1, out=out[s:s + DOT_ROWS])
+        torch.sum(a[s : s + DOT_ROWS] * b[s : s + DOT_ROWS], dim=-1, out=out[s : s + DOT_ROWS])
     return out
 
 
@@ -106,16 +107,22 @@ class _FrozenHeadChunk(torch.autograd.Function):
         return grad_h, None, None, None
 
 
-def chunked_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                  ref_hidden: torch.Tensor | None = None, with_kl: bool = False):
+def chunked_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    ref_hidden: torch.Tensor | None = None,
+    with_kl: bool = False,
+):
     """Per-token log p(target) under `hidden` (grad) and `ref_hidden` (no grad), and KL(policy || ref).
 
     hidden, ref_hidden: [N, H]; weight: [V, H]; targets: [N]. Returns (logp [N], ref_logp [N]|None, kl [N]|None).
     """
     logps, ref_logps, kls = [], [], []
     for s in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
-        ref_h = ref_hidden[s:s + chunk_size] if ref_hidden is not None else None
+        h, t = hidden[s : s + chunk_size], targets[s : s + chunk_size]
+        ref_h = ref_hidden[s : s + chunk_size] if ref_hidden is not None else None
         if ref_h is not None and not with_kl:  # reference log-probs only: nothing to keep for the backward
             with torch.no_grad():
                 ref_lp = torch.log_softmax(F.linear(ref_h, weight).float(), dim=-1)
@@ -158,13 +165,23 @@ class PolicyModel(torch.nn.Module):
         extra = {} if bounds is None else {"packed_bounds": bounds}
         offload = self.offload if self.offload is not None and torch.is_grad_enabled() else nullcontext()
         with packed_forward() if bounds is not None else nullcontext(), offload:
-            out = lm.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                   attention_mask=mask, use_cache=False, **extra)
+            out = lm.get_decoder()(
+                input_ids=batch.input_ids,
+                position_ids=batch.position_ids,
+                attention_mask=mask,
+                use_cache=False,
+                **extra,
+            )
         h = out.last_hidden_state
         return h.reshape(-1, h.shape[-1]).index_select(0, batch.predictor_index)
 
-    def forward(self, batch: ModelBatch, need_reference: bool = False, need_token_kl: bool = False,
-                ref_logps: torch.Tensor | None = None) -> SequenceStats:
+    def forward(
+        self,
+        batch: ModelBatch,
+        need_reference: bool = False,
+        need_token_kl: bool = False,
+        ref_logps: torch.Tensor | None = None,
+    ) -> SequenceStats:
         weight = self.peft_model.get_base_model().get_output_embeddings().weight
         mask, bounds = batch.attention_mask, None
         if mask is None and self.attention == "flex":  # packed: one block mask serves both passes
@@ -176,8 +193,9 @@ class PolicyModel(torch.nn.Module):
             with torch.no_grad(), self.peft_model.disable_adapter():
                 ref_hidden = self._hidden(batch, mask, bounds)
         hidden = self._hidden(batch, mask, bounds)
-        tok_logp, tok_ref, tok_kl = chunked_logps(hidden, weight, batch.targets, self.chunk_size,
-                                                  ref_hidden, with_kl=need_token_kl)
+        tok_logp, tok_ref, tok_kl = chunked_logps(
+            hidden, weight, batch.targets, self.chunk_size, ref_hidden, with_kl=need_token_kl
+        )
         n = batch.n_sequences
         seq = batch.seq_index
         logps = torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, seq, tok_logp)
@@ -185,8 +203,17 @@ class PolicyModel(torch.nn.Module):
         n_tokens = torch.zeros(n, device=seq.device, dtype=seq.dtype).index_add_(0, seq, torch.ones_like(seq))
         if tok_ref is not None and ref_logps is None:
             ref_logps = torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, seq, tok_ref)
-        seq_kl = (torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, seq, tok_kl.detach().float())
-                  if tok_kl is not None else None)
-        return SequenceStats(logps=logps, n_tokens=n_tokens, ref_logps=ref_logps,
-                             token_kl_sum=tok_kl.sum() if tok_kl is not None else None, seq_token_kl=seq_kl,
-                             nll_sum=-tok_logp.sum(), labels=batch.labels)
+        seq_kl = (
+            torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, seq, tok_kl.detach().float())
+            if tok_kl is not None
+            else None
+        )
+        return SequenceStats(
+            logps=logps,
+            n_tokens=n_tokens,
+            ref_logps=ref_logps,
+            token_kl_sum=tok_kl.sum() if tok_kl is not None else None,
+            seq_token_kl=seq_kl,
+            nll_sum=-tok_logp.sum(),
+            labels=batch.labels,
+        )

@@ -2,6 +2,7 @@
 warnings for training that has visibly gone wrong. The engine calls these; each is small and pure
 enough to test on its own. docs/reliability.md states the guarantees.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,8 +47,10 @@ def check_fresh_start(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume or not found:
         return
     if not overwrite:
-        raise RunDirInUseError(f"{run_dir} already holds a run ({', '.join(found)}); pass --resume to continue "
-                               f"it, or --overwrite to delete it and start again")
+        raise RunDirInUseError(
+            f"{run_dir} already holds a run ({', '.join(found)}); pass --resume to continue "
+            f"it, or --overwrite to delete it and start again"
+        )
     for name in (*found, "tb"):
         p = run_dir / name
         if not p.exists():
@@ -57,8 +60,9 @@ def check_fresh_start(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     """Checkpoints whose trainer.json (written last) exists, oldest first."""
-    return sorted((p for p in ckpt_root.glob("step-*") if (p / "trainer.json").is_file()),
-                  key=lambda p: int(p.name.split("-")[1]))
+    return sorted(
+        (p for p in ckpt_root.glob("step-*") if (p / "trainer.json").is_file()), key=lambda p: int(p.name.split("-")[1])
+    )
 
 
 def finished_steps(run_dir: Path) -> int | None:
@@ -69,8 +73,9 @@ def finished_steps(run_dir: Path) -> int | None:
     try:
         return int(json.loads(summary.read_text())["steps"])
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{summary}: unreadable run summary ({type(e).__name__}: {e}); start again with "
-                         f"--overwrite") from None
+        raise ValueError(
+            f"{summary}: unreadable run summary ({type(e).__name__}: {e}); start again with --overwrite"
+        ) from None
 
 
 def recorded_config(run_dir: Path) -> tuple[Path, dict] | None:
@@ -106,7 +111,8 @@ def check_resumable(run_dir: Path, config: dict) -> None:
         raise NothingToResumeError(
             f"{run_dir}: the run is finished ({done} steps; adapter/ and summary.json are written), so --resume "
             f"has nothing to continue{differs}. To train it longer, raise train.max_steps; to train it again, "
-            f"pass --overwrite")
+            f"pass --overwrite"
+        )
     if diff:
         raise mismatch_error(recorded[0], diff)
     if complete_checkpoints(run_dir / "checkpoints"):
@@ -116,13 +122,15 @@ def check_resumable(run_dir: Path, config: dict) -> None:
             f"{run_dir}: cannot extend the finished run from {done} to train.max_steps={max_steps}: it has no "
             f"checkpoint to continue from exactly (train.save_every was 0, so only the final adapter was saved, "
             f"without optimizer state). Train it again with --overwrite, with train.save_every > 0 so that a "
-            f"later run can be extended")
+            f"later run can be extended"
+        )
     outputs = [n for n in found if n != "checkpoints"]
     held = f"{', '.join(outputs)} but no checkpoint" if outputs else "only an incomplete checkpoint"
     raise NothingToResumeError(
         f"{run_dir}: cannot resume: the run stopped before its first checkpoint (it holds {held}), so there is "
         f"nothing to continue from. Train it again with --overwrite (train.save_every > 0 writes checkpoints to "
-        f"resume from)")
+        f"resume from)"
+    )
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -147,29 +155,38 @@ def describe_differences(diff: dict[str, tuple]) -> str:
     return "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in diff.items())
 
 
-def mismatch_error(source: Path, diff: dict[str, tuple]) -> "ResumeMismatchError":
+def mismatch_error(source: Path, diff: dict[str, tuple]) -> ResumeMismatchError:
     whose = "the checkpoint's" if source.name != "config.yaml" else "the run's"
-    return ResumeMismatchError(f"{source}: cannot resume, the configuration differs from {whose} in "
-                               f"{describe_differences(diff)}. Restore those values, or start again with "
-                               f"--overwrite (only {', '.join(RESUME_MAY_CHANGE)} may change on resume)")
+    return ResumeMismatchError(
+        f"{source}: cannot resume, the configuration differs from {whose} in "
+        f"{describe_differences(diff)}. Restore those values, or start again with "
+        f"--overwrite (only {', '.join(RESUME_MAY_CHANGE)} may change on resume)"
+    )
 
 
 def check_resume(ckpt: Path, meta: dict, config: dict, data_hash: str, max_steps: int) -> None:
     """Refuse to continue a checkpoint under a different configuration or different data."""
     if "config" not in meta:
-        warnings.warn(f"{ckpt}: written before resume checks existed; its config and data cannot be verified",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"{ckpt}: written before resume checks existed; its config and data cannot be verified",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return
     diff = config_differences(meta["config"], config)
     if diff:
         raise mismatch_error(ckpt, diff)
     if meta.get("data_hash") != data_hash:
-        raise ResumeMismatchError(f"{ckpt}: cannot resume, the training data differs from the checkpoint's "
-                                  f"(rows, split or tokenisation; data hash {meta.get('data_hash')} vs {data_hash}); "
-                                  f"restore the data or start again with --overwrite")
+        raise ResumeMismatchError(
+            f"{ckpt}: cannot resume, the training data differs from the checkpoint's "
+            f"(rows, split or tokenisation; data hash {meta.get('data_hash')} vs {data_hash}); "
+            f"restore the data or start again with --overwrite"
+        )
     if meta["step"] > max_steps:
-        raise ResumeMismatchError(f"{ckpt}: the checkpoint is at step {meta['step']}, past train.max_steps="
-                                  f"{max_steps}; raise train.max_steps to at least {meta['step']}")
+        raise ResumeMismatchError(
+            f"{ckpt}: the checkpoint is at step {meta['step']}, past train.max_steps="
+            f"{max_steps}; raise train.max_steps to at least {meta['step']}"
+        )
 
 
 # The disk a run needs, estimated from its adapter (the trainable LoRA tensors, as saved): the final adapter
@@ -189,8 +206,10 @@ def disk_needed(adapter_bytes: int, save_every: int, keep_checkpoints: int) -> t
     adapters = 2 + CHECKPOINT_ADAPTERS * checkpoints
     detail = f"adapter {format_bytes(adapter_bytes)}, x2 for the final one"
     if checkpoints:
-        detail += (f", {checkpoints} checkpoints (train.keep_checkpoints={keep_checkpoints}, one more while the "
-                   f"newest is written) of about {format_bytes(CHECKPOINT_ADAPTERS * adapter_bytes)} each")
+        detail += (
+            f", {checkpoints} checkpoints (train.keep_checkpoints={keep_checkpoints}, one more while the "
+            f"newest is written) of about {format_bytes(CHECKPOINT_ADAPTERS * adapter_bytes)} each"
+        )
     detail += f", x{DISK_MARGIN:g} margin, + {format_bytes(DISK_SLACK)} for logs"
     return int(DISK_MARGIN * adapters * adapter_bytes) + DISK_SLACK, detail
 
@@ -242,14 +261,18 @@ class TrainingWatch:
             if self.first_loss is None:
                 self.first_loss = loss
             elif self.first_loss > 0 and loss > self.rise * self.first_loss and "loss" not in self.warned:
-                said.append(f"loss rose from {self.first_loss:.4g} to {loss:.4g} by step {step} (over "
-                            f"{self.rise:g}x): training is diverging; lower optimizer.lr")
+                said.append(
+                    f"loss rose from {self.first_loss:.4g} to {loss:.4g} by step {step} (over "
+                    f"{self.rise:g}x): training is diverging; lower optimizer.lr"
+                )
                 self.warned.add("loss")
         if grad_norm is not None:
             self.zero_run = self.zero_run + 1 if grad_norm == 0 else 0
             if self.zero_run >= self.zero_grad_steps and "grad" not in self.warned:
-                said.append(f"gradient norm has been 0 for {self.zero_run} steps (to step {step}): nothing is "
-                            f"being learned (saturated loss or a too-large optimizer.lr)")
+                said.append(
+                    f"gradient norm has been 0 for {self.zero_run} steps (to step {step}): nothing is "
+                    f"being learned (saturated loss or a too-large optimizer.lr)"
+                )
                 self.warned.add("grad")
         for msg in said:
             warnings.warn(msg, RuntimeWarning, stacklevel=2)

@@ -24,6 +24,7 @@ KTO's KL estimate) keeps the plain split, since re-splitting would change what t
 The engine hands sizing only what it reads: the train settings, the layout, the longest example and, on CUDA, a
 `Probe` (one micro-batch's forward and backward, the trainable parameters, step 0's examples).
 """
+
 from __future__ import annotations
 
 import gc
@@ -68,8 +69,9 @@ def fit_memory(small: tuple[int, float], large: tuple[int, float]) -> MemoryFit:
     return MemoryFit(max(p2 - slope * n2, 0.0), slope)
 
 
-def available_bytes(free: int, total: int, reserved: int, allocated: int, shared_by: int = 1,
-                    budget_bytes: float | None = None) -> float:
+def available_bytes(
+    free: int, total: int, reserved: int, allocated: int, shared_by: int = 1, budget_bytes: float | None = None
+) -> float:
     """Memory a micro-batch may still use. With a budget: the budget less what is allocated now. Otherwise
     the card's free memory (capped by this process's 1/shared_by share of the card, less what its allocator
     holds), plus what the allocator holds but is not using."""
@@ -103,17 +105,23 @@ class Probe:
     smallest: Callable[[int], int] = lambda n: n  # noqa: E731
 
 
-def choose(train: TrainSection, max_length: int, layout: Layout, longest: int, device: torch.device,
-           probe: Probe | None = None) -> Choice:
+def choose(
+    train: TrainSection, max_length: int, layout: Layout, longest: int, device: torch.device, probe: Probe | None = None
+) -> Choice:
     """The budget for this run. `longest`: the packed tokens of its longest example; `probe`: needed on CUDA only."""
     setting = train.micro_batch_tokens
     if layout.fixed_micro_batches:
         if setting not in (None, "auto"):
-            raise ValueError(f"train.micro_batch_tokens: {setting}, but the {layout.name} layout's loss takes a "
-                             f"statistic over each micro-batch, so its micro-batches stay micro_batch_size examples; "
-                             f"set it to auto or null")
-        return Choice(None, f"off: the {layout.name} layout's loss takes a statistic over each micro-batch "
-                            f"(micro_batch_size x grad_accum)")
+            raise ValueError(
+                f"train.micro_batch_tokens: {setting}, but the {layout.name} layout's loss takes a "
+                f"statistic over each micro-batch, so its micro-batches stay micro_batch_size examples; "
+                f"set it to auto or null"
+            )
+        return Choice(
+            None,
+            f"off: the {layout.name} layout's loss takes a statistic over each micro-batch "
+            f"(micro_batch_size x grad_accum)",
+        )
     if setting is None:
         return Choice(None, "off (micro_batch_size x grad_accum)")
     if setting != "auto":
@@ -122,8 +130,11 @@ def choose(train: TrainSection, max_length: int, layout: Layout, longest: int, d
     configured = layout.worst_case_tokens(train.micro_batch_size, max_length)
     cap = configured * train.grad_accum
     if device.type != "cuda":
-        return Choice(configured, f"auto: {device.type}, the configured worst case "
-                                  f"({train.micro_batch_size} examples x {max_length} tokens per sequence)")
+        return Choice(
+            configured,
+            f"auto: {device.type}, the configured worst case "
+            f"({train.micro_batch_size} examples x {max_length} tokens per sequence)",
+        )
     # The longest example this run trains on: a micro-batch holds an example whole, so no budget below it can be
     # kept, and no example is longer, so a budget down to it (rather than down to the worst case) still holds them all.
     floor = min(floor, longest)
@@ -133,8 +144,9 @@ def choose(train: TrainSection, max_length: int, layout: Layout, longest: int, d
     free, total = torch.cuda.mem_get_info(device)
     shared = int(os.environ.get("ECLIPTICA_DEVICE_SHARED_BY", "1"))
     budget = train.memory_budget_gib * 2**30 if train.memory_budget_gib else None
-    avail = available_bytes(free, total, torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device),
-                            shared, budget)
+    avail = available_bytes(
+        free, total, torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device), shared, budget
+    )
     # Per trainable parameter, in its dtype: AdamW's two moments, allocated by the first step (the gradients were
     # allocated under the probe, so they are in the allocation `avail` starts from).
     held = 2 * sum(p.numel() * p.element_size() for p in probe.trainable)
@@ -146,11 +158,16 @@ def choose(train: TrainSection, max_length: int, layout: Layout, longest: int, d
     if fitting_tokens(avail, held, fit) < floor:
         # the floor still runs (a step must hold its longest example), but the memory goal cannot be kept
         short = "; less than the longest pair fits, so the peak may exceed it"
-        warnings.warn(f"train.micro_batch_tokens auto: {avail / 2**30:.1f} GiB available holds less than the "
-                      f"longest pair ({floor} tokens); the peak may exceed the memory budget")
-    return Choice(tokens, f"auto: probe {fit.bytes_per_token / 2**20:.3f} MiB/token + {fit.fixed_bytes / 2**30:.2f} "
-                          f"GiB, {avail / 2**30:.1f} GiB available{where}, {HEADROOM:.0%} used; range [{floor}, {cap}]"
-                          f"{short}")
+        warnings.warn(
+            f"train.micro_batch_tokens auto: {avail / 2**30:.1f} GiB available holds less than the "
+            f"longest pair ({floor} tokens); the peak may exceed the memory budget"
+        )
+    return Choice(
+        tokens,
+        f"auto: probe {fit.bytes_per_token / 2**20:.3f} MiB/token + {fit.fixed_bytes / 2**30:.2f} "
+        f"GiB, {avail / 2**30:.1f} GiB available{where}, {HEADROOM:.0%} used; range [{floor}, {cap}]"
+        f"{short}",
+    )
 
 
 def probe_groups(size: dict[int, int], micro_batch_size: int, limit: int) -> tuple[list[int], list[int]]:
@@ -189,8 +206,10 @@ def probe_memory(probe: Probe, micro_batch_size: int, limit: int) -> MemoryFit:
         if out_of_memory:  # the failed pass already dropped its gradients
             gc.collect()
             torch.cuda.empty_cache()
-            warnings.warn(f"train.micro_batch_tokens auto: the memory probe of {len(large)} pairs "
-                          f"({sum(size[i] for i in large)} tokens) ran out of memory; probing the {mbs} longest")
+            warnings.warn(
+                f"train.micro_batch_tokens auto: the memory probe of {len(large)} pairs "
+                f"({sum(size[i] for i in large)} tokens) ran out of memory; probing the {mbs} longest"
+            )
             points.append(_probe_point(probe, large[:mbs]))
     return fit_memory(points[0], points[1])
 

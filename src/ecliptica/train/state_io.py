@@ -1,4 +1,5 @@
 """Save nested state (optimizer, scheduler, RNG) as safetensors + JSON: no pickle in what we write."""
+
 from __future__ import annotations
 
 import json
