@@ -343,6 +343,35 @@ def run_ours(
     return res
 
 
+def record_grit(seen: dict, after_step=None):
+    """`hooks` for run_ours that keep GRIT's own evidence that it acted: its scalars after each step
+    (seen["grit_steps"]; the last in seen["grit_metrics"]), its summary block (seen["grit_summary"]) and, with
+    `after_step`, what after_step(trainer) returns after each step (seen["after_step"], the last one)."""
+
+    def hooks(trainer):
+        step, finish = trainer.train_step, trainer._finish
+        seen.update(grit_steps=[], grit_summary=None)
+
+        def recording(i):
+            r = step(i)
+            seen["grit_steps"].append(
+                {k: v for k, v in r.metrics.items() if k.startswith("grit/") and "/" not in k[5:]}
+            )
+            seen["grit_metrics"] = seen["grit_steps"][-1]
+            if after_step is not None:
+                seen["after_step"] = after_step(trainer)
+            return r
+
+        def finishing(last):
+            out = finish(last)
+            seen["grit_summary"] = out.get("grit")
+            return out
+
+        trainer.train_step, trainer._finish = recording, finishing
+
+    return hooks
+
+
 # ---------------------------------------------------------------- TRL
 def run_trl(
     method: str,

@@ -24,31 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 
-def record_grit(seen: dict):
-    """Keep GRIT's own evidence that it acted: its metrics after the last step and its summary block."""
-
-    def hooks(trainer):
-        step = trainer.train_step
-
-        def recording(i):
-            r = step(i)
-            seen["grit_metrics"] = {k: v for k, v in r.metrics.items() if k.startswith("grit/") and "/" not in k[5:]}
-            return r
-
-        trainer.train_step = recording
-        seen["grit_summary"] = None
-        finish = trainer._finish
-
-        def finishing(last):
-            out = finish(last)
-            seen["grit_summary"] = out.get("grit")
-            return out
-
-        trainer._finish = finishing
-
-    return hooks
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(ap)
@@ -77,9 +52,9 @@ def main(argv=None):
                     a.tok,
                     a.vocab,
                     optimizer=opt,
-                    hooks=record_grit(grit_seen) if opt == "grit" else None,
+                    hooks=C.record_grit(grit_seen) if opt == "grit" else None,
                 )
-                r.update(grit_seen)
+                r.update({k: grit_seen.get(k) for k in ("grit_metrics", "grit_summary")})
             except Exception as e:
                 traceback.print_exc()
                 r = {"error": repr(e)[:300]}

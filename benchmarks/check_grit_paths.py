@@ -51,19 +51,7 @@ def factor_state(trainer) -> dict:
 
 def run_path(name: str, a) -> dict:
     gc_on, extra, four_bit = PATHS[name]
-    seen: dict = {"metrics": []}
-
-    def hooks(trainer):
-        step = trainer.train_step
-
-        def recording(i):
-            r = step(i)
-            seen["metrics"].append({k: v for k, v in r.metrics.items() if k.startswith("grit/") and "/" not in k[5:]})
-            seen["last"] = factor_state(trainer)
-            return r
-
-        trainer.train_step = recording
-
+    seen: dict = {}
     model_dir = (
         C.save_random_model(a.shape, a.vocab, a.tok, f"/tmp/ecl_bench_models/{a.shape}_{a.vocab}") if four_bit else None
     )
@@ -79,9 +67,9 @@ def run_path(name: str, a) -> dict:
         tag=f"_paths_{name}",
         train_extra=extra,
         model_dir=model_dir,
-        hooks=hooks,
+        hooks=C.record_grit(seen, after_step=factor_state),
     )
-    last = seen["metrics"][-1]
+    last = seen["grit_metrics"]
     return {
         "path": name,
         "gc": gc_on,
@@ -97,10 +85,10 @@ def run_path(name: str, a) -> dict:
                 "s_per_step",
             )
         },
-        "valid_share": seen["last"]["valid"],
+        "valid_share": seen["after_step"]["valid"],
         "damping": last.get("grit/damping"),
         "precond_grad_ratio": last.get("grit/precond_grad_ratio"),
-        "_factors": seen["last"],
+        "_factors": seen["after_step"],
     }
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field
 
@@ -52,8 +52,9 @@ def _discover() -> dict[str, type[AlignmentLoss]]:
 
 METHODS: dict[str, type[AlignmentLoss]] = _discover()
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+# Union over a runtime tuple of the discovered configs: the `X | Y` form cannot be built from a tuple
 MethodConfig = Annotated[
-    tuple(cls.config for cls in METHODS.values()),  # type: ignore[valid-type]
+    Union[tuple(cls.config for cls in METHODS.values())],  # type: ignore[valid-type]  # noqa: UP007
     Field(discriminator="name"),
 ]
 
