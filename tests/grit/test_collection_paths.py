@@ -24,40 +24,19 @@ import functools
 import pytest
 import torch
 import torch._functorch.config as functorch
+from train_helpers import tiny_lora_llama
 
 from ecliptica.grit import GritConfig, GritOptimizer, find_lora_layers
 from ecliptica.train.compile import compile_decoder_layers
 from ecliptica.train.fused_lora import fuse_lora_layers
 from ecliptica.train.offload import HostOffload
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DAMPING = 1e-3
 
 
 def _tiny_lora_llama(four_bit: bool):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=96,
-            attn_implementation="sdpa",
-            use_cache=False,
-        )
-    )
-    if four_bit:
-        _quantize_projections(model)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
-    for name, w in peft.named_parameters():
-        if "lora_B" in name:  # a non-zero B, so Sigma_g is not zero at the first step
-            torch.nn.init.normal_(w, std=0.2)
-    return peft.train()
+    prepare = _quantize_projections if four_bit else None
+    return tiny_lora_llama(intermediate_size=128, vocab_size=96, b_std=0.2, prepare=prepare, use_cache=False).train()
 
 
 def _quantize_projections(model) -> None:

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import cita_grit_config
+from train_helpers import cita_grit_config, tiny_lora_llama
 
 from ecliptica.config import TrainConfig
 from ecliptica.data import TokenizedPair
@@ -61,33 +61,7 @@ def test_yaml_on_off_reads_as_the_setting(tmp_path, tiny_model_dir):
 
 
 def _lora_llama():
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-            attn_implementation="sdpa",
-        )
-    )
-    peft = get_peft_model(
-        model,
-        LoraConfig(
-            r=4,
-            lora_alpha=8,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        ),
-    )
-    for name, w in peft.named_parameters():
-        if "lora_B" in name:  # nonzero B, so every LoRA path carries gradient
-            torch.nn.init.normal_(w, std=0.1)
-    return peft
+    return tiny_lora_llama(intermediate_size=256, vocab_size=128, b_std=0.1)
 
 
 def _saved_bytes_and_grads(peft, ids):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from train_helpers import dense_token_logps, toy_pairs
+from train_helpers import LORA_TARGETS, dense_token_logps, randomize_lora_b, toy_pairs
 
 from ecliptica.data import TokenizedData, TokenizedPair
 from ecliptica.losses.base import SequenceStats
@@ -13,8 +13,6 @@ from ecliptica.losses.kto import KTOConfig, KTOLoss
 from ecliptica.losses.layout import UNPAIRED
 from ecliptica.train.batching import collate
 from ecliptica.train.policy import PolicyModel
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def trl_kto(model_dir, out_dir, examples, **kto_args):
@@ -38,10 +36,7 @@ def trl_kto(model_dir, out_dir, examples, **kto_args):
     trainer = KTOTrainer(
         model=base, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok, peft_config=lora
     )
-    g = torch.Generator().manual_seed(1)
-    for name, p in trainer.model.named_parameters():
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=g) * 0.5
+    randomize_lora_b(trainer.model, 1)
     trainer.model.eval()
     batch = [
         {

@@ -7,6 +7,43 @@ from transformers import AutoModelForCausalLM
 from ecliptica.config import TrainConfig
 from ecliptica.data import TokenizedPair
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def randomize_lora_b(model, seed: int, scale: float = 0.5) -> None:
+    """A non-zero adapter (B = 0 at LoRA init would make policy and reference the same network)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * scale
+
+
+def tiny_lora_llama(intermediate_size: int, vocab_size: int, b_std: float, prepare=None, **config):
+    """A 2-layer random Llama (hidden 64, seed 0) with LoRA r4 on the seven projections and B drawn with `b_std`, so
+    every LoRA path carries gradient. `prepare(model)` runs on the base before LoRA is applied (e.g. quantising)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=vocab_size,
+            attn_implementation="sdpa",
+            **config,
+        )
+    )
+    if prepare is not None:
+        prepare(model)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    for name, w in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(w, std=b_std)
+    return peft
+
 
 def tiny_peft(model_dir, seed=0, randomize_b=True, r=4):
     torch.manual_seed(seed)
@@ -19,11 +56,8 @@ def tiny_peft(model_dir, seed=0, randomize_b=True, r=4):
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
     peft_model = get_peft_model(model, cfg)
-    if randomize_b:  # a non-zero adapter, so policy != reference
-        g = torch.Generator().manual_seed(seed + 1)
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.data = torch.randn(p.shape, generator=g) * 0.5
+    if randomize_b:
+        randomize_lora_b(peft_model, seed + 1)
     return peft_model.eval()
 
 
@@ -101,10 +135,7 @@ def trl_dpo_loss(model_dir, out_dir, pairs, **dpo_args):
     trainer = DPOTrainer(
         model=base, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok, peft_config=lora
     )
-    g = torch.Generator().manual_seed(1)
-    for name, p in trainer.model.named_parameters():
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=g) * 0.5
+    randomize_lora_b(trainer.model, 1)
     trainer.model.eval()
     examples = [
         {"prompt_ids": list(p.prompt_ids), "chosen_ids": list(p.chosen_ids), "rejected_ids": list(p.rejected_ids)}

@@ -158,6 +158,10 @@ class FactorCollector:
             for j, i in enumerate(members):
                 slot_of[i] = (bank, j)
         self.slots = [slot_of[i] for i in range(len(layers))]
+        # each bank with its layers in slot order: harvest stacks the layers' sums in this order
+        self._members = [
+            (bank, [i for i, (b, _) in enumerate(self.slots) if b is bank]) for bank in self.banks.values()
+        ]
         self.enabled = True
         self.token_mask: torch.Tensor | None = None
         self.sums: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -183,8 +187,7 @@ class FactorCollector:
     @torch.no_grad()
     def harvest(self) -> None:
         """Move the pending sums (the leaves' gradients) into the banks and clear them."""
-        for bank in self.banks.values():
-            members = [i for i, (b, _) in enumerate(self.slots) if b is bank]
+        for bank, members in self._members:
             for k, target in enumerate((bank.a_sum, bank.g_sum, bank.count)):
                 grads = [self.sums[i][k].grad for i in members]
                 if all(g is None for g in grads):

@@ -7,6 +7,7 @@ act on the inner optimizer directly. See docs/grit.md.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -140,26 +141,27 @@ class GritOptimizer(Optimizer):
         valid = sum((b.valid_a.sum() + b.valid_g.sum()).to(self.banks[0].device) for b in self.banks)
         return float(valid) / (2 * len(self.layers))
 
-    def _missing_factors(self) -> tuple[int, list[str]]:
-        """(factors expected to be valid, 'name (sides: reason)' of each layer missing one). A Sigma_g is expected
+    def _missing_factors(self) -> tuple[int, int, list[str]]:
+        """(factors expected to be valid, how many of them are not, 'name (sides: reason)' of each layer missing
+        one). A Sigma_g is expected
         only where B is non-zero: with B still at its zero init (or kept there by a zero learning rate) v = s g B
         is zero, and no curvature can be measured on that side yet."""
         b_moved = torch.stack(
             [layer.lora_B.weight.detach().abs().amax().to(self.banks[0].device) > 0 for layer in self.layers]
         ).tolist()
-        expected, missing = 0, []
+        # one transfer per bank, not three per layer
+        host = {id(b): (b.valid_a.tolist(), b.valid_g.tolist(), b.initialized.tolist()) for b in self.banks}
+        expected, n_bad, missing = 0, 0, []
         for layer, (bank, j), moved in zip(self.layers, self.collector.slots, b_moved):
-            sides = [("a", bool(bank.valid_a[j]))] + ([("g", bool(bank.valid_g[j]))] if moved else [])
+            valid_a, valid_g, initialized = (values[j] for values in host[id(bank)])
+            sides = [("a", valid_a)] + ([("g", valid_g)] if moved else [])
             expected += len(sides)
             bad = [side for side, ok in sides if not ok]
+            n_bad += len(bad)
             if bad:
-                why = (
-                    "no tokens reached its factor tap"
-                    if not bool(bank.initialized[j])
-                    else "zero or non-finite covariance"
-                )
+                why = "no tokens reached its factor tap" if not initialized else "zero or non-finite covariance"
                 missing.append(f"{layer.name} ({'+'.join(bad)}: {why})")
-        return expected, missing
+        return expected, n_bad, missing
 
     def summary(self) -> dict[str, Any]:
         """What GRIT did, for summary.json: whether its factors were valid, how much preconditioning changed the
@@ -173,7 +175,7 @@ class GritOptimizer(Optimizer):
                 "min_valid_share": self.config.min_valid_share,
                 "preconditioned_steps": int(n),
                 "mean_precond_grad_ratio": total / n if n else None,
-                "geomean_precond_grad_ratio": float(torch.tensor(log_total / n).exp()) if n else None,
+                "geomean_precond_grad_ratio": math.exp(log_total / n) if n else None,
                 **{k: int(v) for k, v in self._counters.items()},
             },
         }
@@ -185,8 +187,7 @@ class GritOptimizer(Optimizer):
         if self._last_guard is not None and done - self._last_guard < cfg.guard_every:
             return
         self._last_guard = done
-        expected, missing = self._missing_factors()
-        n_bad = sum(entry.count("+") + 1 for entry in missing)
+        expected, n_bad, missing = self._missing_factors()
         share = 1.0 - n_bad / expected
         if share < cfg.min_valid_share:
             raise GritInactiveError(
