@@ -21,6 +21,7 @@ from .factors import FactorBank, FactorCollector
 from .layers import LoraLayerRef, find_lora_layers
 from .precondition import damped_cholesky, precondition_stack
 from .regularizers import regularization_loss
+from ..sharding import full, is_sharded, write_full
 from .reproject import choose_ranks, projectors, relative_change, sorted_eigh
 
 # Inner-state entries that are linear in the gradient; they are projected together
@@ -34,9 +35,15 @@ class _ShapeGroup:
 
     bank: FactorBank
     side: str
-    params: list[nn.Parameter]
+    modules: list[nn.Module]  # the lora_A or lora_B Linear of each layer
     slots: torch.Tensor  # bank slot of each param (on the bank's device)
     slot_list: list[int]  # same, on host (no sync when some grads are missing)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        # read from the modules at each use: FSDP2 (fully_shard) replaces a module's parameters by sharded ones
+        # after this optimizer is built
+        return [m.weight for m in self.modules]
 
 
 def _build_inner(params: Iterable, cfg: GritConfig) -> Optimizer:
@@ -133,6 +140,12 @@ class GritOptimizer(Optimizer):
 
     def extra_losses(self) -> dict[str, torch.Tensor]:
         """The optional regularisers as an extra loss term (none when both are off)."""
+        cfg = self.config
+        if (cfg.curvature_reg or cfg.subspace_reg) and is_sharded(self.layers[0].lora_A.weight):
+            raise NotImplementedError(
+                "optimizer.grit.curvature_reg / subspace_reg under FSDP2 (sharded LoRA weights) is not supported: "
+                "set both to 0, or train without sharding (DDP)"
+            )
         reg = self.regularization_loss()
         return {"loss/grit_reg": reg} if reg.requires_grad else {}
 
@@ -147,7 +160,7 @@ class GritOptimizer(Optimizer):
         only where B is non-zero: with B still at its zero init (or kept there by a zero learning rate) v = s g B
         is zero, and no curvature can be measured on that side yet."""
         b_moved = torch.stack(
-            [layer.lora_B.weight.detach().abs().amax().to(self.banks[0].device) > 0 for layer in self.layers]
+            [full(layer.lora_B.weight.detach()).abs().amax().to(self.banks[0].device) > 0 for layer in self.layers]
         ).tolist()
         # one transfer per bank, not three per layer
         host = {id(b): (b.valid_a.tolist(), b.valid_g.tolist(), b.initialized.tolist()) for b in self.banks}
@@ -225,10 +238,11 @@ class GritOptimizer(Optimizer):
     def _shape_groups(self) -> list[_ShapeGroup]:
         buckets: dict[tuple, list] = {}
         for layer, (bank, j) in zip(self.layers, self.collector.slots):
-            for side, p in (("left", layer.lora_A.weight), ("right", layer.lora_B.weight)):
+            for side, m in (("left", layer.lora_A), ("right", layer.lora_B)):
+                p = m.weight
                 key = (id(bank), side, tuple(p.shape), p.dtype, p.device)
                 buckets.setdefault(key, [bank, side, [], []])
-                buckets[key][2].append(p)
+                buckets[key][2].append(m)
                 buckets[key][3].append(j)
         return [_ShapeGroup(b, s, ps, torch.tensor(js, device=b.device), js) for b, s, ps, js in buckets.values()]
 
@@ -271,8 +285,13 @@ class GritOptimizer(Optimizer):
                 )
             )
             chol = self._factor_for(group)[slots]
-            out, r2, p2 = precondition_stack([p.grad for p in params], chol, group.side)
-            torch._foreach_copy_([p.grad for p in params], list(out.unbind(0)))  # one launch, not one per layer
+            if is_sharded(params[0].grad):  # FSDP2: M^-1 G mixes the rows of A, so solve on whole gradients
+                out, r2, p2 = precondition_stack([full(p.grad) for p in params], chol, group.side)
+                for p, g in zip(params, out.unbind(0)):
+                    write_full(p.grad, g)
+            else:
+                out, r2, p2 = precondition_stack([p.grad for p in params], chol, group.side)
+                torch._foreach_copy_([p.grad for p in params], list(out.unbind(0)))  # one launch, not one per layer
             raw_sq.append(r2)
             pre_sq.append(p2)
         if raw_sq:
@@ -323,20 +342,20 @@ class GritOptimizer(Optimizer):
         for group in self._groups:
             bank, left = group.bank, group.side == "left"
             proj = (bank.proj_a if left else bank.proj_g)[group.slots]
-            old = torch.stack([p.detach() for p in group.params]).float()
+            old = torch.stack([full(p.detach()) for p in group.params]).float()  # whole, where FSDP2 shards them
             new = proj @ old if left else old @ proj
             gram = old @ old.transpose(1, 2) if left else old.transpose(1, 2) @ old
             grams[id(bank)][0 if left else 1][group.slots] = gram
             for i, p in enumerate(group.params):
                 if p in raw_grads:
-                    deltas.append((raw_grads[p].float() * (new[i] - old[i])).sum())
-                p.data.copy_(new[i])
+                    deltas.append((full(raw_grads[p]).float() * (new[i] - old[i])).sum())
+                write_full(p.data, new[i])
                 state = self.inner.state.get(p, {})
                 for key in _LINEAR_MOMENTS:
                     m = state.get(key)
                     if isinstance(m, torch.Tensor) and m.shape == p.shape:
-                        m_f = m.float()
-                        m.copy_(proj[i] @ m_f if left else m_f @ proj[i])
+                        m_f = full(m).float()
+                        write_full(m, proj[i] @ m_f if left else m_f @ proj[i])
         changes = [relative_change(grams[id(b)][1], grams[id(b)][0], b.proj_g, b.proj_a) for b in self.banks]
         dev = self.banks[0].device
         self._last["reproj_loss_delta"] = sum(d.to(dev) for d in deltas) if deltas else None

@@ -54,6 +54,7 @@ from .offload import resolve_offload
 from .optim import build_optimizer, build_scheduler
 from .policy import PolicyModel
 from .reference import reference_logps
+from ..sharding import full, full_state, is_sharded, write_full
 from .safety import (
     TrainingWatch,
     UpdateSnapshot,
@@ -400,7 +401,7 @@ class Trainer:
                 sums[name] = sums.get(name, 0) + v.detach().float().to(acc.device) * w
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm else float("inf")
-        grad_norm = acc.clip_grad_norm_(params, max_norm)
+        grad_norm = full(acc.clip_grad_norm_(params, max_norm))  # sharded (FSDP2): the norm over every process
         loss_ok, norm_ok = torch.stack([torch.isfinite(loss_total).all(), torch.isfinite(grad_norm).all()]).tolist()
         if not loss_ok:
             return self._nonfinite(step, "loss")

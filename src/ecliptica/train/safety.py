@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from ..config import without_added_defaults
+from ..sharding import agree_all, full, local
 
 # Keys a resume may change: extending a finished or interrupted run (the schedule is recomputed for
 # the new length from the checkpoint's step on), and whether a progress bar is drawn.
@@ -218,15 +219,17 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Device bool: every element of every tensor is finite. The infinity norm is NaN or inf exactly when a
     tensor holds a NaN or an inf (it cannot overflow), and one multi-tensor kernel computes all of them, so
     the check costs a few launches instead of several per tensor."""
-    full = [t.detach() for t in tensors if t.numel()]
+    # sharded (FSDP2): each process checks its own rows, and the processes agree
+    full = [local(t).detach() for t in tensors if local(t).numel()]
     if not full:
-        return torch.ones((), dtype=torch.bool, device=tensors[0].device if tensors else None)
-    return torch.isfinite(torch.stack(torch._foreach_norm(full, float("inf")))).all()
+        return agree_all(torch.ones((), dtype=torch.bool, device=tensors[0].device if tensors else None))
+    return agree_all(torch.isfinite(torch.stack(torch._foreach_norm(full, float("inf")))).all())
 
 
 def nonfinite_names(named: dict[str, torch.Tensor] | list[tuple[str, torch.Tensor]]) -> list[str]:
     items = named.items() if isinstance(named, dict) else named
-    return [name for name, t in items if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    # sharded tensors are gathered whole (every process calls this alike), so every process names the same ones
+    return [name for name, t in items if t.is_floating_point() and not bool(torch.isfinite(full(t)).all())]
 
 
 class UpdateSnapshot:
