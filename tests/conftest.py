@@ -75,6 +75,8 @@ SLOW_MODULES = {
     "tests/train/test_compile.py",
     "tests/train/test_engine.py",
     "tests/train/test_distributed.py",
+    "tests/train/test_fsdp.py",
+    "tests/train/test_reference_cache.py",
     "tests/grit/test_collection_paths.py",
     "tests/evaluation/test_evaluator.py",
     "tests/evaluation/test_aqi_discriminant.py",

@@ -59,3 +59,46 @@ def full_state(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(full_state(v) for v in obj)
     return obj
+
+
+def shard_optimizer_state(optimizer) -> None:
+    """After `load_state_dict` of whole tensors (a checkpoint): each sharded parameter's state tensors of its shape
+    become sharded like it, so the optimizer's update works on the process's own rows."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    for group in inner.param_groups:
+        for p in group["params"]:
+            if not is_sharded(p):
+                continue
+            state = inner.state.get(p, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and not is_sharded(value) and tuple(value.shape) == tuple(p.shape):
+                    state[key] = distribute_tensor(
+                        value.to(device=p.device, dtype=value.dtype), p.device_mesh, p.placements
+                    )
+
+
+def load_sharded_adapter(peft_model, weights: dict[str, torch.Tensor]) -> None:
+    """peft's set_peft_model_state_dict for sharded parameters: the checkpoint's whole tensors (keys without the
+    adapter name, as peft writes them) are copied into this process's rows."""
+    from peft import get_peft_model_state_dict
+
+    names = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    saved = list(get_peft_model_state_dict(peft_model, state_dict=dict(names)))
+    if len(saved) != len(names):  # peft renames each trainable tensor (drops the adapter name); nothing else
+        raise ValueError(f"peft names {len(saved)} adapter tensors for {len(names)} trainable parameters")
+    saved_key = dict(zip(saved, names))
+    missing = sorted(set(saved_key) - set(weights))
+    if missing:
+        raise ValueError(f"the checkpoint's adapter lacks {len(missing)} tensors, e.g. {missing[0]}")
+    with torch.no_grad():
+        for key, name in saved_key.items():
+            write_full(names[name], weights[key].to(names[name].device))
+
+
+def count_shard_units(model: torch.nn.Module) -> int:
+    """How many modules FSDP2 gathers as one unit (0: not sharded)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return 0
+    return sum(isinstance(m, FSDPModule) for m in model.modules())

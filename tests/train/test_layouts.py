@@ -34,10 +34,12 @@ class SumOfResponseIds:
 def _cache(tmp_path, monkeypatch, layout, examples, micro_batch_size=1):
     monkeypatch.setenv("ECLIPTICA_CACHE", str(tmp_path))
     cfg = SimpleNamespace(
-        model=SimpleNamespace(name="m", dtype="fp32", load_in_4bit=False),
-        train=SimpleNamespace(micro_batch_size=micro_batch_size, packing=True),
+        model=SimpleNamespace(name="m", revision=None, dtype="fp32", load_in_4bit=False, attn_implementation=None),
+        train=SimpleNamespace(micro_batch_size=micro_batch_size, packing=True, logp_chunk_size=1024),
     )
-    return reference_logps(SumOfResponseIds(), examples, layout, 0, cfg, "cpu", progress=False)
+    policy = SumOfResponseIds()
+    values, _ = reference_logps(policy, policy.peft_model, examples, layout, 0, cfg, "cpu", {}, progress=False)
+    return values
 
 
 def test_every_method_declares_its_layout():

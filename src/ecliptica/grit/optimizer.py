@@ -16,12 +16,12 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ..sharding import full, is_sharded, write_full
 from .config import GritConfig
 from .factors import FactorBank, FactorCollector
 from .layers import LoraLayerRef, find_lora_layers
 from .precondition import damped_cholesky, precondition_stack
 from .regularizers import regularization_loss
-from ..sharding import full, is_sharded, write_full
 from .reproject import choose_ranks, projectors, relative_change, sorted_eigh
 
 # Inner-state entries that are linear in the gradient; they are projected together

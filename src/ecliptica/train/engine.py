@@ -44,6 +44,7 @@ from ..runio import (
     write_errors,
     write_jsonl,
 )
+from ..sharding import count_shard_units, full, full_state, is_sharded, load_sharded_adapter, shard_optimizer_state
 from . import sizing
 from .attention import resolve_packed_attention
 from .batching import collate, split_by_tokens
@@ -53,8 +54,7 @@ from .nf4 import keep_out_of_ddp, resolve_nf4_kernel, use_torch_nf4
 from .offload import resolve_offload
 from .optim import build_optimizer, build_scheduler
 from .policy import PolicyModel
-from .reference import reference_logps
-from ..sharding import full, full_state, is_sharded, write_full
+from .reference import ReferenceCacheUse, reference_logps
 from .safety import (
     TrainingWatch,
     UpdateSnapshot,
@@ -248,18 +248,6 @@ class Trainer:
         self.compiled_layers = compile_decoder_layers(model) if compiled else 0
         if not four_bit:
             self.policy.to(acc.device)
-        self.ref_cache = None
-        precompute = isinstance(cfg.method, ReferenceSettings) and cfg.method.precompute_reference
-        if precompute and self.loss_fn.needs_reference:
-            self.ref_cache = reference_logps(
-                self.policy,
-                self.examples,
-                self.layout,
-                self.tokenizer.pad_token_id,
-                cfg,
-                acc.device,
-                progress=acc.is_main_process,
-            )
         # GRIT's factor taps sit on every lora_A module; the fused projection above and the compiled layers call
         # lora_A as a module, so the taps are in their graphs (tests/grit/test_collection_paths.py), and GRIT's
         # guard stops the run if too few factors become valid (grit/optimizer.py)
@@ -268,6 +256,13 @@ class Trainer:
         self.policy, self.optimizer = acc.prepare(self.policy, optimizer)
         self.scheduler = scheduler
         self.peft_model = acc.unwrap_model(self.policy).peft_model
+        # what the run is: FSDP2 shards the parameters (accelerate's fsdp_version: 2), DDP copies them
+        sharded = any(is_sharded(p) for p in self.peft_model.parameters())
+        self.sharding = "fsdp2" if sharded else ("ddp" if acc.num_processes > 1 else "none")
+        self.shard_units = count_shard_units(self.policy)
+        # after prepare: the cached values are computed as the loop would compute them (accelerate's autocast, the
+        # sharded model under FSDP2)
+        self.ref_cache, self.reference_cache = self._reference_cache()
         longest = max(self.layout.tokens(ex) for ex in self.examples)
         self.micro_batches = sizing.choose(
             cfg.train,
@@ -285,6 +280,35 @@ class Trainer:
             + f"activations offloaded to the host: {'yes' if self.offload_activations else 'no'}"
         )
         return self
+
+    def _reference_cache(self) -> tuple[torch.Tensor | None, ReferenceCacheUse]:
+        """The reference log-probs from the on-disk cache (train/reference.py) where the run asks for them."""
+        cfg, acc = self.cfg, self.accelerator
+        if not self.loss_fn.needs_reference:
+            return None, ReferenceCacheUse("not used", f"method {cfg.method.name} needs no reference")
+        if not (isinstance(cfg.method, ReferenceSettings) and cfg.method.precompute_reference):
+            return None, ReferenceCacheUse("not used", "method.precompute_reference is off: computed in each step")
+        numerics = {
+            "device": acc.device.type,
+            "mixed_precision": _mixed_precision(cfg),
+            "packed_attention": self.packed_attention,
+            "compiled_layers": self.compiled_layers,
+            "nf4_kernel": self.nf4_kernel,
+            "fused_lora_layers": self.fused_lora_layers,
+            "sharding": self.sharding,
+        }
+        return reference_logps(
+            self.policy,
+            self.peft_model,
+            self.examples,
+            self.layout,
+            self.tokenizer.pad_token_id,
+            cfg,
+            acc.device,
+            numerics,
+            progress=acc.is_main_process,
+            write=acc.is_main_process,
+        )
 
     # ------------------------------------------------------------------ data order
     def micro_batch_indices(self, micro_step: int) -> list[int]:
@@ -462,11 +486,19 @@ class Trainer:
         done = self._checkpoints()
         return done[-1] if done else None
 
-    def _finite_adapter(self, where: str) -> None:
+    def _whole_adapter(self) -> dict[str, torch.Tensor] | None:
+        """The trainable tensors gathered whole where FSDP2 shards them (every process must call this, in step), for
+        peft's save_pretrained(state_dict=...); None when nothing is sharded and peft reads the model itself."""
+        named = [(n, p) for n, p in self.peft_model.named_parameters() if p.requires_grad]
+        if not any(is_sharded(p) for _, p in named):
+            return None
+        return {n: full(p.detach()) for n, p in named}
+
+    def _finite_adapter(self, where: str, whole: dict[str, torch.Tensor] | None = None) -> None:
         """Never write non-finite weights: the step checks should make this unreachable."""
         from peft import get_peft_model_state_dict
 
-        bad = nonfinite_names(get_peft_model_state_dict(self.peft_model))
+        bad = nonfinite_names(get_peft_model_state_dict(self.peft_model, state_dict=whole))
         if bad:
             raise NonFiniteError(
                 f"refusing to write {where}: {len(bad)} adapter tensors are not finite "
@@ -476,15 +508,17 @@ class Trainer:
     def save_checkpoint(self, step: int) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        # sharded (FSDP2): gathered whole on every process, so the checkpoint is the one a single process writes
+        whole, optimizer_state = self._whole_adapter(), full_state(self.optimizer.state_dict())
         if acc.is_main_process:
             final = self.ckpt_root / f"step-{step}"
-            self._finite_adapter(str(final))
+            self._finite_adapter(str(final), whole)
             with (
                 write_errors(final, "the checkpoint", self._what_is_kept),
                 atomic_dir(final) as tmp,
             ):  # a checkpoint exists only once it is complete
-                self.peft_model.save_pretrained(tmp / "adapter")
-                save_state(self.optimizer.state_dict(), tmp / "optimizer")
+                self.peft_model.save_pretrained(tmp / "adapter", state_dict=whole)
+                save_state(optimizer_state, tmp / "optimizer")
                 save_state(self.scheduler.state_dict(), tmp / "scheduler")
                 save_state(_rng_state(), tmp / "rng")
                 (tmp / "trainer.json").write_text(
@@ -543,8 +577,12 @@ class Trainer:
     def _apply_checkpoint(self, ckpt: dict) -> int:
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(self.peft_model, ckpt["weights"])
+        if self._whole_adapter() is None:
+            set_peft_model_state_dict(self.peft_model, ckpt["weights"])
+        else:  # sharded (FSDP2): each process keeps its rows of the whole tensors the checkpoint holds
+            load_sharded_adapter(self.peft_model, ckpt["weights"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        shard_optimizer_state(self.optimizer)
         self.scheduler.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"])
         meta = ckpt["meta"]
@@ -650,6 +688,9 @@ class Trainer:
             "data": self.data_report,
             "parameters": self.param_summary,
             "num_processes": acc.num_processes,
+            "sharding": self.sharding,
+            "shard_units": self.shard_units,  # FSDP2: modules gathered as one (decoder layers + the rest)
+            "reference_cache": self.reference_cache.as_dict(),
             "micro_batch_tokens": self.micro_batches.tokens,
             "micro_batch_rule": self.micro_batches.rule,
             "packed_attention": self.packed_attention,
@@ -670,12 +711,13 @@ class Trainer:
                 RuntimeWarning,
                 stacklevel=2,
             )
+        whole = self._whole_adapter()
         if acc.is_main_process:
             adapter = self.run_dir / "adapter"
-            self._finite_adapter(str(adapter))
+            self._finite_adapter(str(adapter), whole)
             kept = f"the previous adapter/ and summary.json, if any, are kept; {self._what_is_kept()}"
             with write_errors(adapter, "the final adapter", kept), atomic_dir(adapter) as tmp:
-                self.peft_model.save_pretrained(tmp)
+                self.peft_model.save_pretrained(tmp, state_dict=whole)
             with write_errors(self.run_dir / "summary.json", "the run summary", self._what_is_kept):
                 atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return summary

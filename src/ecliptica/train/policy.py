@@ -159,6 +159,13 @@ class PolicyModel(torch.nn.Module):
         elif packed_attention == "varlen":
             use_packed_varlen(peft_model.get_base_model())
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The base model's decoder-layer classes: what accelerate's FSDP2 transformer-based wrap makes one shard unit
+        each (it reads this attribute of the model it prepares, this wrapper; without it the whole model would be
+        one unit, gathered whole for every forward)."""
+        return list(getattr(self.peft_model.get_base_model(), "_no_split_modules", None) or [])
+
     def _hidden(self, batch: ModelBatch, mask, bounds) -> torch.Tensor:
         lm = self.peft_model.get_base_model()
         # varlen: the boundaries reach the attention function through transformers' **kwargs, and no mask is built
