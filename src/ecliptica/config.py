@@ -25,6 +25,9 @@ class InferenceModelSection(Strict):
     name: str = "smollm2-135m-instruct"  # the embedded model, a hub id or a local path
     dtype: Dtype = "auto"  # auto = bf16 on a GPU that supports it, else fp32
     load_in_4bit: bool = False  # NF4 + double quantisation, bf16 compute (needs bitsandbytes and a GPU)
+    # how bitsandbytes stores the packed 4-bit weights: bf16 lets FSDP2 shard them (it shards floating tensors only);
+    # auto = bf16 under accelerate's FSDP, else uint8 (models.quant_storage)
+    quant_storage: Literal["auto", "uint8", "bf16"] = "auto"
     trust_remote_code: bool = False
     attn_implementation: str | None = "sdpa"
     revision: str | None = None

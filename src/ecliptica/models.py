@@ -112,6 +112,21 @@ def load_tokenizer(cfg: InferenceModelSection):
     return tok
 
 
+def fsdp_launch() -> bool:
+    """Whether accelerate launched this process for FSDP (`distributed_type: FSDP` in its config)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def quant_storage(setting: str) -> torch.dtype:
+    """The dtype bitsandbytes packs 4-bit weights into (`model.quant_storage`). FSDP2 shards floating-point
+    parameters only: with uint8 storage accelerate leaves every 4-bit weight out of the sharding, whole on each GPU
+    (a 70B base: 35 GiB per GPU). With bf16 storage the same packed bytes are viewed as bf16 (two 4-bit values a
+    byte, so half as many elements) and sharded like any weight. The values are the same either way."""
+    if setting == "auto":
+        setting = "bf16" if fsdp_launch() else "uint8"
+    return {"uint8": torch.uint8, "bf16": torch.bfloat16}[setting]
+
+
 def _quantization_config(cfg: InferenceModelSection):
     if not cfg.load_in_4bit:
         return None
@@ -126,6 +141,7 @@ def _quantization_config(cfg: InferenceModelSection):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=quant_storage(cfg.quant_storage),
     )
 
 

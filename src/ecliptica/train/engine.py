@@ -33,7 +33,7 @@ from ..data import (
 )
 from ..data.tokenize import TokenizedData, TokenizeSettings
 from ..losses import Ratio, ReferenceSettings, SequenceStats, build_loss
-from ..models import apply_lora, describe_parameters, load_model, load_tokenizer
+from ..models import apply_lora, describe_parameters, load_model, load_tokenizer, quant_storage
 from ..provenance import git_commit, versions
 from ..runio import (
     DirLock,
@@ -243,7 +243,8 @@ class Trainer:
         if four_bit:
             self.nf4_kernel = resolve_nf4_kernel(cfg.train.nf4_kernel, compiled)
             if self.nf4_kernel == "torch":
-                use_torch_nf4(model, required=cfg.train.nf4_kernel == "torch")
+                if use_torch_nf4(model, required=cfg.train.nf4_kernel == "torch") == 0:
+                    self.nf4_kernel = "bitsandbytes"  # no layer could take it (e.g. bf16 storage, for FSDP): say so
                 keep_out_of_ddp(self.policy)
         self.compiled_layers = compile_decoder_layers(model) if compiled else 0
         if not four_bit:
@@ -697,6 +698,7 @@ class Trainer:
             "compiled_layers": self.compiled_layers,
             "fused_lora_layers": self.fused_lora_layers,
             "nf4_kernel": self.nf4_kernel,
+            "quant_storage": str(quant_storage(self.cfg.model.quant_storage)) if self.cfg.model.load_in_4bit else None,
             "offload_activations": self.offload_activations,
             # parallel study workers on one device: its speed here is not a standalone speed
             "device_shared_by": int(os.environ.get("ECLIPTICA_DEVICE_SHARED_BY", "1")),
