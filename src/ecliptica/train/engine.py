@@ -578,7 +578,7 @@ class Trainer:
     def _apply_checkpoint(self, ckpt: dict) -> int:
         from peft import set_peft_model_state_dict
 
-        if self._whole_adapter() is None:
+        if self.sharding != "fsdp2":
             set_peft_model_state_dict(self.peft_model, ckpt["weights"])
         else:  # sharded (FSDP2): each process keeps its rows of the whole tensors the checkpoint holds
             load_sharded_adapter(self.peft_model, ckpt["weights"])
