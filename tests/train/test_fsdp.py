@@ -155,9 +155,9 @@ def test_fsdp2_grit_step_with_checkpoint_and_resume_equals_one_process(tmp_path,
     ckpt1, ckpt2 = tmp_path / "one" / "checkpoints" / "step-1", tmp_path / "two" / "checkpoints" / "step-1"
     o1, o2 = load_file(ckpt1 / "optimizer.safetensors"), load_file(ckpt2 / "optimizer.safetensors")
     assert set(o1) == set(o2) and any(".exp_avg" in k for k in o1)  # AdamW moments and GRIT's factors, whole
-    # optimizer state for the LoRA parameters only: 2 layers x 7 projections x (A, B), each whole (A is [r, in])
+    # optimizer state for the LoRA parameters only (2 layers x 7 projections x (A, B)); the comparison below also
+    # checks each is whole (the single process's shape)
     assert len({k.split(".")[2] for k in o2 if k.endswith(".exp_avg")}) == 28
-    assert o2[".state.0.exp_avg"].shape[0] in (4, 64)  # lora_A [4, hidden] or lora_B [out, 4], not half of it
     # the reprojection's eigenvectors amplify the last-bit differences of the summation order (factor entries agree
     # to ~1e-7): the projected moments agree to ~1e-5 of their size; a wrong row or shard would be off by O(1)
     _assert_close(o2, o1, o1, **GRIT_TOL)
