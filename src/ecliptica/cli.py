@@ -108,13 +108,14 @@ def cmd_train(args) -> int:
     from .train import Trainer
 
     cfg = load_config(args.config, args.set)
-    summary = Trainer(cfg, resume=args.resume, overwrite=args.overwrite).setup().train()
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite).setup()
+    trainer.train()
     if int(os.environ.get("RANK", "0")) != 0:  # one report per run, not one per process
         return 0
-    fm = summary.get("final_metrics", {})
+    s = trainer.summary
     print(
-        f"run written to {cfg.run_dir}: {summary['steps']} steps, {summary['train_tokens']} tokens, "
-        f"{summary['tokens_per_s']:.1f} tokens/s, final loss {fm.get('loss', float('nan')):.4f}"
+        f"run written to {cfg.run_dir}: {s.steps} steps, {s.train_tokens} tokens, "
+        f"{s.tokens_per_s:.1f} tokens/s, final loss {s.final_metrics.get('loss', float('nan')):.4f}"
     )
     return 0
 

@@ -66,6 +66,7 @@ from .safety import (
     nonfinite_names,
 )
 from .state_io import load_state, save_state
+from .summary import TrainSummary, write_train_summary
 
 
 class NonFiniteError(RuntimeError):
@@ -554,14 +555,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self, resume: bool | None = None, stop_after: int | None = None) -> dict:
-        """Train to max_steps (or stop after `stop_after` steps, for tests); returns the summary.
+        """Train to max_steps (or stop after `stop_after` steps, for tests: then {}). Returns the summary as
+        summary.json holds it (the typed one is `self.summary`), the form a study's store keeps.
         The run directory's lock is released when this returns or raises."""
+        self.summary: TrainSummary | None = None
         try:
-            return self._train(bool(self.resume) if resume is None else resume, stop_after)
+            self._train(bool(self.resume) if resume is None else resume, stop_after)
         finally:
             self._release()
+        return {} if self.summary is None else self.summary.as_json()
 
-    def _train(self, resume: bool, stop_after: int | None) -> dict:
+    def _train(self, resume: bool, stop_after: int | None) -> None:
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.accelerator
@@ -618,10 +622,9 @@ class Trainer:
         bar.close()
         if stop_after is not None and end < cfg.train.max_steps:
             acc.end_training()
-            return {}
-        summary = self._finish(last_metrics)
+            return
+        self.summary = self._finish(last_metrics)
         acc.end_training()  # closes trackers and (multi-process) the process group: keep it last
-        return summary
 
     def _epochs(self) -> float:
         """Passes over the training split that max_steps makes (examples drawn / training examples)."""
@@ -629,39 +632,38 @@ class Trainer:
         drawn = t.max_steps * t.grad_accum * t.micro_batch_size * self.accelerator.num_processes
         return drawn / len(self.examples)
 
-    def _finish(self, last_metrics: dict) -> dict:
+    def _finish(self, last_metrics: dict) -> TrainSummary:
         acc = self.accelerator
         acc.wait_for_everyone()
-        summary = {
-            "method": self.cfg.method.name,
-            "optimizer": self.cfg.optimizer.name,
-            "placement": self.placement,
-            "steps": self.cfg.train.max_steps,
-            "epochs": self._epochs(),
-            "train_seconds": self.train_seconds,
-            "train_tokens": self.train_tokens,
-            "tokens_per_s": self.train_tokens / self.train_seconds if self.train_seconds else 0.0,
-            "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-            "final_metrics": last_metrics,
-            "nonfinite_skipped": self.nonfinite_skipped,
-            "config_hash": self.cfg.hash(),
-            "data_hash": self.data_hash,
-            "data": self.data_report,
-            "parameters": self.param_summary,
-            "num_processes": acc.num_processes,
-            "micro_batch_tokens": self.micro_batches.tokens,
-            "micro_batch_rule": self.micro_batches.rule,
-            "packed_attention": self.packed_attention,
-            "compiled_layers": self.compiled_layers,
-            "fused_lora_layers": self.fused_lora_layers,
-            "nf4_kernel": self.nf4_kernel,
-            "offload_activations": self.offload_activations,
-            # parallel study workers on one device: its speed here is not a standalone speed
-            "device_shared_by": int(os.environ.get("ECLIPTICA_DEVICE_SHARED_BY", "1")),
-            "versions": versions(),
-            "git_commit": git_commit(),
-        }
-        summary.update(self.optimizer_hooks.summary())  # GRIT: physical vs effective LoRA parameters
+        summary = TrainSummary(
+            method=self.cfg.method.name,
+            optimizer=self.cfg.optimizer.name,
+            placement=self.placement,
+            steps=self.cfg.train.max_steps,
+            epochs=self._epochs(),
+            train_seconds=self.train_seconds,
+            train_tokens=self.train_tokens,
+            tokens_per_s=self.train_tokens / self.train_seconds if self.train_seconds else 0.0,
+            peak_gpu_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            final_metrics=last_metrics,
+            nonfinite_skipped=self.nonfinite_skipped,
+            config_hash=self.cfg.hash(),
+            data_hash=self.data_hash,
+            data=self.data_report,
+            parameters=self.param_summary,
+            num_processes=acc.num_processes,
+            micro_batch_tokens=self.micro_batches.tokens,
+            micro_batch_rule=self.micro_batches.rule,
+            packed_attention=self.packed_attention,
+            compiled_layers=self.compiled_layers,
+            fused_lora_layers=self.fused_lora_layers,
+            nf4_kernel=self.nf4_kernel,
+            offload_activations=self.offload_activations,
+            device_shared_by=int(os.environ.get("ECLIPTICA_DEVICE_SHARED_BY", "1")),
+            versions=versions(),
+            git_commit=git_commit(),
+            **self.optimizer_hooks.summary(),  # GRIT: physical vs effective LoRA parameters, what it did
+        )
         if self.nonfinite_skipped and self.nonfinite_skipped >= self.cfg.train.max_steps and acc.is_main_process:
             warnings.warn(
                 f"all {self.nonfinite_skipped} steps were skipped as non-finite: the adapter in "
@@ -676,7 +678,7 @@ class Trainer:
             with write_errors(adapter, "the final adapter", kept), atomic_dir(adapter) as tmp:
                 self.peft_model.save_pretrained(tmp)
             with write_errors(self.run_dir / "summary.json", "the run summary", self._what_is_kept):
-                atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+                atomic_write_text(self.run_dir / "summary.json", write_train_summary(summary))
         return summary
 
 
@@ -738,5 +740,7 @@ def _flat_hparams(cfg: TrainConfig) -> dict:
     return flat
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    return Trainer(cfg).setup().train(resume=resume)
+def train(cfg: TrainConfig, resume: bool = False) -> TrainSummary:
+    trainer = Trainer(cfg).setup()
+    trainer.train(resume=resume)
+    return trainer.summary
