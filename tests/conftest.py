@@ -71,6 +71,7 @@ SLOW_MODULES = {
     "tests/study/test_study_reliability.py",
     "tests/study/test_calibration.py",
     "tests/study/test_notebook.py",
+    "tests/study/test_notebooks_run.py",
     "tests/train/test_reliability.py",
     "tests/train/test_compile.py",
     "tests/train/test_engine.py",
