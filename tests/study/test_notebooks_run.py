@@ -14,11 +14,28 @@ NOTEBOOKS = sorted((ROOT / "comparative_study").rglob("*.ipynb"))
 IN_A_KERNEL = ROOT / "comparative_study" / "01_sft" / "sft.ipynb"
 
 
+# The arms the notebooks train, and the baseline the evaluation reports against. Calibration is off: the notebooks
+# call no calibration function of their own (the runner's calibration is tested end to end in test_calibration.py).
+ARMS = (
+    "["
+    + ", ".join(
+        ["{name: baseline, method: baseline}"]
+        + [
+            f"{{name: {m}{g}, method: {m}{', optimizer: grit' if g else ''}}}"
+            for m in ("sft", "dpo", "cita")
+            for g in ("", "_grit")
+        ]
+    )
+    + "]"
+)
+
+
 def _overrides(study_dir: Path, model_dir: Path) -> list[str]:
     return [
+        f"arms={ARMS}",
+        "calibration.enabled=false",
         f"train.model.name={model_dir}",
         "train.train.max_steps=2",
-        "train.train.save_every=1",
         "train.train.progress=false",
         "train.data.limit=16",
         "evaluation.data.limit=48",

@@ -149,6 +149,7 @@ class Trainer:
         self.restart_without_checkpoint = restart_without_checkpoint
         self._lock: DirLock | None = None
         self._start_checked = False
+        self.summary: TrainSummary | None = None  # set when train() finishes the run
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> Trainer:
@@ -558,7 +559,7 @@ class Trainer:
         """Train to max_steps (or stop after `stop_after` steps, for tests: then {}). Returns the summary as
         summary.json holds it (the typed one is `self.summary`), the form a study's store keeps.
         The run directory's lock is released when this returns or raises."""
-        self.summary: TrainSummary | None = None
+        self.summary = None
         try:
             self._train(bool(self.resume) if resume is None else resume, stop_after)
         finally:
