@@ -100,12 +100,9 @@ def capability_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     def cell(r, key, signed=False):
         if r.get(key) is None:
             return "—" if r["arm"] == BASELINE and key.startswith("alignment_tax") else "n/a"
-        text = num(r[key], 3, signed=signed) if signed else num(r[key], 3)
+        text = num(r[key], 3, signed)
         if r.get(f"{key}_low") is not None:
-            lo, hi = (
-                num(r[f"{key}_{e}"], 3, signed=signed) if signed else num(r[f"{key}_{e}"], 3) for e in ("low", "high")
-            )
-            text += f" [{lo}, {hi}]"
+            text += f" [{num(r[f'{key}_low'], 3, signed)}, {num(r[f'{key}_high'], 3, signed)}]"
         return text
 
     header = ["arm"] + [h for s in sets for h in (f"accuracy {s}", f"alignment tax {s}")]
@@ -118,5 +115,6 @@ def capability_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         "Accuracy: zero-shot multiple choice, argmax of the length-normalised log-likelihood (docs/evaluation.md, "
         "Capability); one seed: Wilson interval. Alignment tax = baseline accuracy − arm accuracy (positive: "
         f"capability lost), {METHOD}; with several seeds, seeds then questions.",
+        "",
     ]
     return lines
