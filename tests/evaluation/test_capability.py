@@ -164,9 +164,7 @@ def test_accuracy_equals_hand_computation(tiny_handle, tmp_path, template):
     k = int((np.array(pred_norm) == answers).sum())
     assert result["accuracy"]["correct"] == k and result["accuracy"]["rate"] == k / 8
     assert result["accuracy_sum"]["correct"] == int((np.array(pred_sum) == answers).sum())
-    assert (result["accuracy"]["wilson_low"], result["accuracy"]["wilson_high"]) == pytest.approx(
-        wilson_interval(k, 8)
-    )
+    assert (result["accuracy"]["wilson_low"], result["accuracy"]["wilson_high"]) == pytest.approx(wilson_interval(k, 8))
     assert result["correct"] == "".join("1" if p == a else "0" for p, a in zip(pred_norm, answers))
     assert result["chance"] == pytest.approx(np.mean([1 / len(q.choices) for q in questions]))
     if template == "letters":  # single-token letters of equal length: both rules pick the same choice
