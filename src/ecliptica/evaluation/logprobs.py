@@ -46,12 +46,16 @@ def sequence_scores(
     token_kl: bool = False,
     progress: bool = True,
     desc: str = "scoring",
+    reference: bool = True,
 ) -> dict[str, np.ndarray]:
     """Per pair: `logp_chosen` (and `logp_rejected`), summed over response tokens, under the evaluated
     model; with an adapter set, the same under the base (`ref_*`) and, with `token_kl`, the summed
     token KL(model || base) of the chosen response (`kl_chosen`); `n_chosen` response tokens.
-    Without an adapter the model is the base: `ref_*` equal the model's and the KL is 0 (no second pass)."""
+    Without an adapter the model is the base: `ref_*` equal the model's and the KL is 0 (no second pass).
+    `reference=False` skips the base pass for callers that need the evaluated model only (`ref_*` then
+    equal the model's)."""
     has_adapter = handle.adapter_path is not None
+    needs_base = has_adapter and reference
     n = len(pairs)
     keys = ["logp_chosen"] + (["logp_rejected"] if with_rejected else [])
     out = {k: np.zeros(n) for k in keys + [f"ref_{k}" for k in keys] + ["kl_chosen"]}
@@ -64,9 +68,9 @@ def sequence_scores(
             batch = collate([pairs[i] for i in idx], layout, handle.tokenizer.pad_token_id, packed=False).to(
                 model_device(model)
             )
-            stats = policy(batch, need_reference=has_adapter, need_token_kl=has_adapter and token_kl)
+            stats = policy(batch, need_reference=needs_base, need_token_kl=needs_base and token_kl)
         logps = stats.logps.double().cpu().numpy()
-        ref = stats.ref_logps.double().cpu().numpy() if has_adapter else logps
+        ref = stats.ref_logps.double().cpu().numpy() if needs_base else logps
         b = len(idx)
         for k, (lo, hi) in zip(keys, [(0, b), (b, 2 * b)]):
             out[k][idx] = logps[lo:hi]

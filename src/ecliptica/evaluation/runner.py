@@ -18,6 +18,7 @@ from typing import Any
 from ecliptica.data import PromptExample
 from ecliptica.evaluation.adapter_check import check_adapter_files
 from ecliptica.evaluation.behaviour import handle_generator, handle_renderer, run_behaviour, run_jailbreaks
+from ecliptica.evaluation.capability import capability_summary, run_capability
 from ecliptica.evaluation.config import EvalConfig
 from ecliptica.evaluation.discriminant import headline_band
 from ecliptica.evaluation.drift import load_benign_pairs, run_drift
@@ -144,11 +145,22 @@ def _run_eval(
         )
         timings["preference_s"] = time.perf_counter() - t
 
+    capability = None
+    if cfg.capability.enabled:
+        t = time.perf_counter()
+        capability, per_question = run_capability(handle, cfg.capability, alpha=m.alpha, progress=cfg.progress)
+        for name, rows in per_question.items():
+            write_jsonl(out / f"capability_{name}.jsonl", rows)
+        timings["capability_s"] = time.perf_counter() - t
+
     figures = _figures(cfg, X, labels, aqi_layers, out / "figures")
     _write_per_axiom_csv(out / "per_axiom.csv", aqi, behaviour)
     timings["total_s"] = time.perf_counter() - t_start
     result = {
-        "summary": _summary(aqi, aqi_layers, behaviour, jailbreak, drift, preference, cfg),
+        "summary": {
+            **_summary(aqi, aqi_layers, behaviour, jailbreak, drift, preference, cfg),
+            **capability_summary(capability),
+        },
         "settings": cfg.model_dump(mode="json"),
         "model": handle.identity(),
         "data": _data_summary(cfg, prompts),
@@ -167,6 +179,7 @@ def _run_eval(
         "jailbreak": jailbreak,
         "drift": drift,
         "preference": preference,
+        "capability": capability,
         "figures": [str(p) for p in figures],
         "timings": timings,
         "versions": versions(),

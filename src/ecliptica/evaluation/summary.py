@@ -31,6 +31,13 @@ class Rate(Strict):
     n: int  # prompts judged (the denominator)
 
 
+class Accuracy(Rate):
+    """Multiple-choice accuracy (evaluation/capability.py) with its Wilson interval, plus what pairs two arms."""
+
+    correct: str | None = None  # per question, in order: "1" right, "0" wrong
+    questions_hash: str | None = None  # the questions scored; arms are compared only on equal hashes
+
+
 class EvalSummary(Strict):
     aqi: Estimate  # the headline: discriminant AQI of the headline band (geometric in older eval.json files)
     # which statistic `aqi` is: "discriminant_band" = BandAqiStat(aqi_gamma) of eval/aqi_band_projections.npz;
@@ -59,6 +66,10 @@ class EvalSummary(Strict):
     preference_reward_accuracy: Estimate | None = None  # held-out pairs, DPO implicit reward vs the base
     preference_reward_margin: Estimate | None = None
     preference_logp_accuracy: Estimate | None = None
+    # capability (zero-shot multiple choice, `accuracy` = length-normalised log-likelihood), one field per set
+    accuracy_mmlu: Accuracy | None = None
+    accuracy_openbookqa: Accuracy | None = None
+    accuracy_commonsenseqa: Accuracy | None = None
 
 
 def summarize_eval(result: dict[str, Any]) -> EvalSummary:
@@ -112,6 +123,12 @@ def summarize_eval(result: dict[str, Any]) -> EvalSummary:
     for key in ("reward_accuracy", "reward_margin", "logp_accuracy"):
         if pref.get(key) is not None:
             out[f"preference_{key}"] = _estimate(pref[key], pref.get(f"{key}_ci"))
+    for name, r in (result.get("capability") or {}).items():
+        out[f"accuracy_{name}"] = {
+            **_rate(r["accuracy"]),
+            "correct": r.get("correct"),
+            "questions_hash": r.get("questions_hash"),
+        }
     return EvalSummary.model_validate(out)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .capability import capability_columns, capability_row
 from .contrasts import StudyContext, contrast, has_prompt_stage
 from .records import BASELINE
 
@@ -59,6 +60,7 @@ CSV_COLUMNS = [
     "efficiency_high",
     "efficiency_unit",
     "overrides",
+    *capability_columns(),
 ]
 RATES = ("refusal_rate_unsafe", "over_refusal_rate_safe")
 
@@ -215,6 +217,7 @@ def arm_row(ctx: StudyContext, arm: str) -> dict[str, Any]:
     row.update(training)
     row.update(_efficiency(delta, training))
     row["overrides"] = _format_overrides(runs)
+    row.update(capability_row(ctx, arm))
     return {c: row.get(c) for c in CSV_COLUMNS}
 
 
