@@ -90,7 +90,7 @@ class BehaviourSection(Strict):
     placements: list[PlacementName] = ["none"]
     instruction: str | None = None  # default: embeddings.instruction
     shown_placement: PlacementName = "none"  # the variant the summary's headline rates come from
-    judge: str = Field("strmatch", pattern=r"^(strmatch|model:.+)$")  # strmatch | model:<hub id or path>
+    judge: str = Field("strmatch", pattern=r"^(strmatch|learned|model:.+)$")  # strmatch | learned | model:<id or path>
     judge_trust_remote_code: bool = False
     jailbreak: JailbreakSection = Field(default_factory=JailbreakSection)
 

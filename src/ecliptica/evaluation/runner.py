@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ecliptica.data import PromptExample
+from ecliptica.data.packaged import provenance
 from ecliptica.evaluation.adapter_check import check_adapter_files
 from ecliptica.evaluation.behaviour import handle_generator, handle_renderer, run_behaviour, run_jailbreaks
 from ecliptica.evaluation.capability import capability_summary, run_capability
@@ -27,7 +28,7 @@ from ecliptica.evaluation.judges import build_judge
 from ecliptica.evaluation.model_handle import ModelHandle
 from ecliptica.evaluation.preference import load_preference_pairs, run_preference
 from ecliptica.evaluation.prompts import balanced_subset, load_eval_prompts, prompts_hash
-from ecliptica.evaluation.refusal import RefusalJudge
+from ecliptica.evaluation.refusal import RefusalJudge, describe_judge
 from ecliptica.evaluation.scoring import evaluate_embeddings, json_ready, layer_report
 from ecliptica.models import cache_dir as default_cache_root
 from ecliptica.provenance import git_commit, versions
@@ -56,6 +57,8 @@ def _data_summary(cfg: EvalConfig, prompts: Sequence[PromptExample]) -> dict[str
         "path": cfg.data.path,
         "format": cfg.data.format,
         "benign_path": cfg.data.benign_path,
+        # package, version, sha256 and licence of a `pkg:` file; the sha256 of any other local file
+        "provenance": [provenance(p) for p in (cfg.data.path, cfg.data.benign_path) if p],
         "n_prompts": len(prompts),
         "labels": dict(Counter(p.label for p in prompts)),
         "groups": dict(sorted(groups.items())),
@@ -102,7 +105,7 @@ def _run_eval(
     with handle.merged(cfg.merge_adapter):
         emb = embed_prompts(handle, prompts, cfg.embeddings, cache, progress=cfg.progress)
         timings["embeddings_s"] = time.perf_counter() - t
-        behaviour, jailbreak = _behaviour(cfg, handle, prompts, judge, out, timings)
+        behaviour, jailbreak, judge_info = _behaviour(cfg, handle, prompts, judge, out, timings)
     X = emb.at(cfg.embeddings.layer)
 
     t = time.perf_counter()
@@ -177,6 +180,7 @@ def _run_eval(
         "aqi": aqi,
         "behaviour": behaviour,
         "jailbreak": jailbreak,
+        "refusal_judge": judge_info,  # which judge labelled generations.jsonl and the jailbreak completions
         "drift": drift,
         "preference": preference,
         "capability": capability,
@@ -192,11 +196,12 @@ def _run_eval(
 
 def _behaviour(
     cfg: EvalConfig, handle: ModelHandle, prompts, judge, out: Path, timings
-) -> tuple[dict | None, dict | None]:
-    """(refusal metrics per placement variant, jailbreak metrics), or (None, None) when disabled."""
+) -> tuple[dict | None, dict | None, dict | None]:
+    """(refusal metrics per placement variant, jailbreak metrics, the judge's description), or Nones when
+    disabled."""
     b = cfg.behaviour
     if not b.enabled:
-        return None, None
+        return None, None, None
     t = time.perf_counter()
     judge = judge or build_judge(
         b.judge, trust_remote_code=b.judge_trust_remote_code, batch_size=b.batch_size, progress=cfg.progress
@@ -224,7 +229,7 @@ def _behaviour(
                 **common,
             )
     timings["behaviour_s"] = time.perf_counter() - t
-    return result, jailbreak
+    return result, jailbreak, describe_judge(judge)
 
 
 BAND_PROJECTIONS = "aqi_band_projections.npz"
