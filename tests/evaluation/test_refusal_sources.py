@@ -48,6 +48,15 @@ def test_agreement_between_files_matches_by_id_and_names_bad_rows(tmp_path):
     short = _write(tmp_path / "short.jsonl", [{"id": "0", "label": "full_refusal"}])
     with pytest.raises(ValueError, match="label different ids"):
         agreement(a, short)
+    sub = _write(tmp_path / "sub.jsonl", [{"id": str(i), "label": other[i]} for i in (4, 2, 0)])
+    got = agreement(a, sub, subset=True)  # a second annotator's subset: kappa over its three ids only
+    assert got["n"] == 3
+    assert got["kappa_3class"] == pytest.approx(
+        cohen_kappa_score([labels[i] for i in (0, 2, 4)], [other[i] for i in (0, 2, 4)])
+    )
+    stray = _write(tmp_path / "stray.jsonl", [{"id": "9", "label": "full_refusal"}])
+    with pytest.raises(ValueError, match="only in the second"):
+        agreement(a, stray, subset=True)
 
 
 PYRIT_CSV = (

@@ -1,9 +1,11 @@
 """Agreement between two annotators' refusal labels: Cohen's kappa, on XSTest's three classes and on any refusal.
 
 Each file is jsonl with at least `id` and `label` (one of `RefusalLabel`); rows are matched by id, and an id in
-one file but not the other is an error (a kappa over a silently shrunk set would mislead).
+one file but not the other is an error (a kappa over a silently shrunk set would mislead). When the second
+annotator labelled a subset of the first's rows, `--subset` says so: kappa is then over the second file's ids, and
+every one of them must be in the first file.
 
-  python -m ecliptica.evaluation.agreement first_annotator.jsonl second_annotator.jsonl
+  python -m ecliptica.evaluation.agreement first_annotator.jsonl second_annotator.jsonl [--subset]
 """
 
 from __future__ import annotations
@@ -51,9 +53,12 @@ def load_labels(path: str | Path) -> dict[str, str]:
     return labels
 
 
-def agreement(path_a: str | Path, path_b: str | Path) -> dict:
-    """Kappa and raw agreement on the three classes and on any refusal, over the ids both files label."""
+def agreement(path_a: str | Path, path_b: str | Path, subset: bool = False) -> dict:
+    """Kappa and raw agreement on the three classes and on any refusal, over the ids both files label
+    (`subset`: over the second file's ids, which the first must all label)."""
     a, b = load_labels(path_a), load_labels(path_b)
+    if subset:
+        a = {i: a[i] for i in b if i in a}
     if set(a) != set(b):
         only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
         raise ValueError(
@@ -77,8 +82,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("first")
     ap.add_argument("second")
+    ap.add_argument("--subset", action="store_true", help="the second file labels a subset of the first's ids")
     args = ap.parse_args(argv)
-    print(json.dumps(agreement(args.first, args.second), indent=1))
+    print(json.dumps(agreement(args.first, args.second, subset=args.subset), indent=1))
 
 
 if __name__ == "__main__":
