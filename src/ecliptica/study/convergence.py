@@ -98,9 +98,7 @@ def convergence_tests(
     tests = []
     for arm, twin in grit_twins(arms):
         for lr in sorted({lr for a, lr, _ in runs if a == arm}):
-            seeds = sorted(
-                {sd for a, l, sd in runs if a == arm and l == lr} & {sd for a, l, sd in runs if a == twin and l == lr}
-            )
+            seeds = sorted(_seeds(runs, arm, lr) & _seeds(runs, twin, lr))
             for q in QUANTITIES:
                 base = {
                     "comparison": f"{twin} − {arm}",
@@ -153,7 +151,7 @@ def arm_summary(runs: Mapping[tuple[str, float, int], Mapping[str, Any]]) -> lis
     """Per (arm, lr): the mean over seeds of each quantity (None where any seed lacks it) and the seeds' values."""
     rows = []
     for arm, lr in dict.fromkeys((a, lr) for a, lr, _ in runs):
-        seeds = sorted(sd for a, l, sd in runs if a == arm and l == lr)
+        seeds = sorted(_seeds(runs, arm, lr))
         row: dict[str, Any] = {"arm": arm, "lr": lr, "n_seeds": len(seeds)}
         for q in QUANTITIES:
             values = [runs[(arm, lr, sd)][q] for sd in seeds]
@@ -161,3 +159,7 @@ def arm_summary(runs: Mapping[tuple[str, float, int], Mapping[str, Any]]) -> lis
             row[f"{q}_per_seed"] = values
         rows.append(row)
     return rows
+
+
+def _seeds(runs: Mapping[tuple[str, float, int], Any], arm: str, lr: float) -> set[int]:
+    return {seed for a, rate, seed in runs if a == arm and rate == lr}
