@@ -70,6 +70,16 @@ class FrontierSection(Strict):
     def keep_checkpoints(self) -> int:
         return self.max_steps // self.save_every
 
+    def train_overrides(self) -> dict[str, int]:
+        """What every trained run of a frontier study trains with: checkpoints kept at every evaluated step."""
+        if not self.enabled:
+            return {}
+        return {
+            "train.max_steps": self.max_steps,
+            "train.save_every": self.save_every,
+            "train.keep_checkpoints": self.keep_checkpoints,
+        }
+
     def outcome_names(self) -> list[str]:
         return [*self.outcomes, *self.scalar_outcomes]
 

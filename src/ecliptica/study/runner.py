@@ -52,7 +52,7 @@ class StudyRunner:
         self.store = StudyStore(self.dir / "study.sqlite")
         self._given_back: dict[tuple[str, str], str] = {}  # run or sweep point -> the dead worker that held it
         self.crashed_workers: list[dict] = []
-        self.plan: list[tuple[ArmSpec, int]] = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]
+        self.plan: list[tuple[ArmSpec, int]] = [(arm, seed) for seed in cfg.seeds for arm in cfg.planned_arms()]
         if cfg.calibration.enabled:  # now, so a changed setting is refused before any work
             register_points(cfg, self.store)
         # each trained arm's calibrated settings ({} without calibration); None until the sweep is done
@@ -205,6 +205,7 @@ class StudyRunner:
         from ..evaluation.model_handle import ModelHandle
         from ..evaluation.runner import prompts_from_config, run_eval
         from ..evaluation.summary import summarize_eval
+        from .frontier_runs import evaluate_checkpoints
         from .tb import write_eval_scalars
 
         run_dir = self._run_dir(arm, seed)
@@ -240,6 +241,7 @@ class StudyRunner:
                 f"eval:{split}", {"n_prompts": result["data"]["n_prompts"], "data_hash": result["data"]["data_hash"]}
             )
             self.store.set_evaluation(rid, split, records[split])
+        evaluate_checkpoints(self, arm, run_dir, behaviour)  # the frontier's earlier steps (no-op without it)
         # beside the run's training curves; like the report, the test set's numbers
         write_eval_scalars(
             self.dir / "tensorboard" / rid,
@@ -537,6 +539,7 @@ def study_records(cfg: StudyConfig) -> tuple[list[dict], list[str]]:
 
 def report_study(cfg: StudyConfig) -> dict:
     """Build the report from the run directories alone (no store needed: works on a copied study)."""
+    from .frontier_runs import frontier_sections
     from .report import build_report
 
     records, missing = study_records(cfg)
@@ -553,7 +556,7 @@ def report_study(cfg: StudyConfig) -> dict:
             min_effect=rep.min_effect,
             arm_order=[a.name for a in cfg.arms],
             notes=notes,
-            sections=_calibration_section(cfg),
+            sections=_calibration_section(cfg) + frontier_sections(cfg),
         )
 
 
