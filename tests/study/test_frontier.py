@@ -189,3 +189,15 @@ def test_points_on_different_prompts_are_refused():
     b.per_prompt["refusal_rate_unsafe"].source = "b.jsonl"
     with pytest.raises(ValueError, match="b.jsonl: its refusal_rate_unsafe are not the same items"):
         Frontier([a, b], n_resamples=10)
+
+
+def test_frontier_and_convergence_figures_are_written(tmp_path):
+    from ecliptica.study.frontier_config import ConvergenceSection
+    from ecliptica.study.frontier_figures import convergence_figure, frontier_figures
+
+    fr = Frontier(step_size_study(), n_resamples=20, seed=0)
+    written = frontier_figures(fr, ["refusal_rate_unsafe"], [0.01], tmp_path, n_grid=5)
+    assert {p.name for p in written} == {"frontier_refusal_rate_unsafe.png", "frontier_refusal_rate_unsafe.pdf"}
+    curve = [{"step": 0.0, "value": 0.5, "compute": 0.0}, {"step": 10.0, "value": 0.7, "compute": 4.0}]
+    conv = {(a, 1e-5, 0): {"curve": curve} for a in ("dpo", "dpo_grit")}
+    assert all(p.exists() for p in convergence_figure(conv, ConvergenceSection(), tmp_path))
