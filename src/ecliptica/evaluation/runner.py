@@ -145,6 +145,7 @@ def _run_eval(
             n_resamples=m.n_resamples,
             seed=m.seed,
             progress=cfg.progress,
+            pairs_path=out / "preference_pairs.jsonl",
         )
         timings["preference_s"] = time.perf_counter() - t
 

@@ -120,6 +120,7 @@ class RunExecutor:
         from ..evaluation.model_handle import ModelHandle
         from ..evaluation.runner import prompts_from_config, run_eval
         from ..evaluation.summary import summarize_eval
+        from .frontier_runs import evaluate_checkpoints
         from .tb import write_eval_scalars
 
         run_dir = self.planning.run_dir(arm, seed)
@@ -155,6 +156,7 @@ class RunExecutor:
                 f"eval:{split}", {"n_prompts": result["data"]["n_prompts"], "data_hash": result["data"]["data_hash"]}
             )
             self.store.set_evaluation(rid, split, records[split])
+        evaluate_checkpoints(self, arm, run_dir, behaviour)  # the frontier's earlier steps (no-op without it)
         # beside the run's training curves; like the report, the test set's numbers
         write_eval_scalars(
             self.dir / "tensorboard" / rid,

@@ -31,7 +31,7 @@ class StudyPlan:
         self.dir = Path(cfg.study_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.store = StudyStore(self.dir / "study.sqlite")
-        self.plan: list[tuple[ArmSpec, int]] = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]
+        self.plan: list[tuple[ArmSpec, int]] = [(arm, seed) for seed in cfg.seeds for arm in cfg.planned_arms()]
         if cfg.calibration.enabled:  # now, so a changed setting is refused before any work
             register_points(cfg, self.store)
         # each trained arm's calibrated settings ({} without calibration); None until the sweep is done

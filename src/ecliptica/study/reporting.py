@@ -43,6 +43,7 @@ def study_records(cfg: StudyConfig) -> tuple[list[dict], list[str]]:
 
 def report_study(cfg: StudyConfig) -> dict:
     """Build the report from the run directories alone (no store needed: works on a copied study)."""
+    from .frontier_runs import frontier_sections
     from .report import build_report
 
     records, missing = study_records(cfg)
@@ -59,7 +60,7 @@ def report_study(cfg: StudyConfig) -> dict:
             min_effect=rep.min_effect,
             arm_order=[a.name for a in cfg.arms],
             notes=notes,
-            sections=_calibration_section(cfg),
+            sections=_calibration_section(cfg) + frontier_sections(cfg),
         )
 
 
