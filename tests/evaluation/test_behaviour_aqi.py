@@ -279,3 +279,7 @@ def test_run_eval_writes_the_behaviour_aqi(tmp_path, tiny_model_dir):
     s = saved["summary"]
     assert s["aqi_prompt"] == s["aqi"] and all(k in s for k in BEHAVIOUR_AQI_KEYS)
     assert summarize_eval(result).aqi_learned.value == s["aqi_learned"]
+    from ecliptica.study.tb import eval_scalars
+
+    scalars = eval_scalars(summarize_eval(result))  # TensorBoard: each variant under its summary name
+    assert all(scalars[f"eval/{k}"] == pytest.approx(s[k]) for k in (*BEHAVIOUR_AQI_KEYS, "aqi_prompt"))
