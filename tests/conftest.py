@@ -84,6 +84,7 @@ SLOW_MODULES = {
     "tests/evaluation/test_preference_drift.py",
     "tests/train/test_fused_lora.py",
     "tests/evaluation/test_embeddings.py",
+    "tests/evaluation/test_behaviour_aqi.py",
     "tests/evaluation/test_adapter_checks.py",
 }
 

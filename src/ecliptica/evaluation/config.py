@@ -95,6 +95,18 @@ class BehaviourSection(Strict):
     jailbreak: JailbreakSection = Field(default_factory=JailbreakSection)
 
 
+class BehaviourAqiSection(Strict):
+    """AQI on the model's own completions (evaluation/behaviour_aqi.py, docs/aqi.md): one more forward over
+    prompt + completion for each behaviour prompt (the `behaviour.limit` subset, shown placement)."""
+
+    enabled: bool = True  # needs behaviour.enabled: it reads the completions the judge read
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(768, ge=8)  # prompt + completion tokens; a longer row loses the start of its prompt
+    # the learned layer pooling's fit (behaviour_aqi.fit_layer_weights) from the dev set; a study fills it in
+    # for its test set. null: fitted on the evaluated prompts themselves (reported as in-sample)
+    layer_weights: dict | None = None
+
+
 class PreferenceSection(Strict):
     """Held-out preference pairs: DPO implicit-reward accuracy and margin (evaluation/preference.py)."""
 
@@ -182,6 +194,7 @@ class EvalSettings(Strict):
     embeddings: EmbeddingsSection = Field(default_factory=EmbeddingsSection)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     behaviour: BehaviourSection = Field(default_factory=BehaviourSection)
+    behaviour_aqi: BehaviourAqiSection = Field(default_factory=BehaviourAqiSection)
     drift: DriftSection = Field(default_factory=DriftSection)
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
     capability: CapabilitySection = Field(default_factory=CapabilitySection)

@@ -20,6 +20,7 @@ from ecliptica.data.packaged import provenance
 from ecliptica.evaluation.adapter_check import check_adapter_files
 from ecliptica.evaluation.behaviour import handle_generator, handle_renderer, run_behaviour, run_jailbreaks
 from ecliptica.evaluation.capability import capability_summary, run_capability
+from ecliptica.evaluation.behaviour_aqi import behaviour_aqi_step, behaviour_aqi_summary
 from ecliptica.evaluation.config import EvalConfig
 from ecliptica.evaluation.discriminant import headline_band
 from ecliptica.evaluation.drift import load_benign_pairs, run_drift
@@ -106,6 +107,10 @@ def _run_eval(
         emb = embed_prompts(handle, prompts, cfg.embeddings, cache, progress=cfg.progress)
         timings["embeddings_s"] = time.perf_counter() - t
         behaviour, jailbreak, judge_info = _behaviour(cfg, handle, prompts, judge, out, timings)
+        # one more forward over prompt + its judged completion: the AQI of what the model did
+        aqi_behaviour = behaviour_aqi_step(cfg, handle, out / "generations.jsonl") if behaviour else None
+        if aqi_behaviour:
+            timings["behaviour_aqi_s"] = aqi_behaviour["cost"]["total_s"]
     X = emb.at(cfg.embeddings.layer)
 
     t = time.perf_counter()
@@ -164,6 +169,7 @@ def _run_eval(
         "summary": {
             **_summary(aqi, aqi_layers, behaviour, jailbreak, drift, preference, cfg),
             **capability_summary(capability),
+            **behaviour_aqi_summary(aqi_behaviour),
         },
         "settings": cfg.model_dump(mode="json"),
         "model": handle.identity(),
@@ -178,6 +184,7 @@ def _run_eval(
             "prompt_ids": [p.row_id for p in prompts],
         },
         "aqi_layers": aqi_layers,
+        "aqi_behaviour": aqi_behaviour,
         "aqi": aqi,
         "behaviour": behaviour,
         "jailbreak": jailbreak,
@@ -278,12 +285,14 @@ def _summary(
     preference: dict | None,
     cfg: EvalConfig,
 ) -> dict[str, Any]:
-    """Headline numbers. `aqi`: discriminant AQI, headline band mean; `aqi_geometric`: the same band,
-    geometric; `*_lexical`: layer 0 (the token embeddings of the pooled words)."""
+    """Headline numbers. `aqi` (also under its explicit name `aqi_prompt`): the prompt-representation AQI,
+    discriminant, headline band mean; `aqi_geometric`: the same band, geometric; `*_lexical`: layer 0 (the token
+    embeddings of the pooled words). The behaviour variants are added by `behaviour_aqi_summary`."""
     o = aqi["overall"]
     s: dict[str, Any] = {"probe_auroc": o.get("probe_auroc")}
     for name, entry in (
         ("aqi", aqi_layers["discriminant"]),
+        ("aqi_prompt", aqi_layers["discriminant"]),
         ("aqi_geometric", aqi_layers["geometric"]),
         ("aqi_lexical", aqi_layers["lexical"]["discriminant"]),
         ("aqi_geometric_lexical", aqi_layers["lexical"]["geometric"]),

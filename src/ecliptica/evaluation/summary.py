@@ -46,6 +46,17 @@ class EvalSummary(Strict):
     aqi_geometric: Estimate | None = None  # geometric AQI of the same band
     aqi_lexical: Estimate | None = None  # discriminant AQI at layer 0 (the words alone)
     aqi_geometric_lexical: Estimate | None = None
+    # `aqi` under its explicit name: the prompt-representation AQI (pooled over the prompt's own tokens)
+    aqi_prompt: Estimate | None = None
+    # the behaviour AQI (evaluation/behaviour_aqi.py): prompt + the model's own judged completion
+    aqi_completion: Estimate | None = None  # discriminant, completion tokens pooled, headline band
+    aqi_geometric_completion: Estimate | None = None
+    aqi_completion_lexical: Estimate | None = None  # layer 0: the completion's words alone (negative control)
+    aqi_geometric_completion_lexical: Estimate | None = None
+    aqi_last_prompt: Estimate | None = None  # the state the reply is decoded from
+    aqi_geometric_last_prompt: Estimate | None = None
+    aqi_learned: Estimate | None = None  # completion pooling, layers mixed by weights fitted on dev
+    aqi_geometric_learned: Estimate | None = None
     aqi_gamma: float = 0.5  # the settings the evaluator computed AQI with (metrics.gamma,
     aqi_pca_dim: int | None = None  # embeddings.pca_dim, embeddings.layer)
     aqi_layer: int = -1
@@ -70,6 +81,18 @@ class EvalSummary(Strict):
     accuracy_mmlu: Accuracy | None = None
     accuracy_openbookqa: Accuracy | None = None
     accuracy_commonsenseqa: Accuracy | None = None
+
+
+BEHAVIOUR_AQI_KEYS = (
+    "aqi_completion",
+    "aqi_geometric_completion",
+    "aqi_completion_lexical",
+    "aqi_geometric_completion_lexical",
+    "aqi_last_prompt",
+    "aqi_geometric_last_prompt",
+    "aqi_learned",
+    "aqi_geometric_learned",
+)
 
 
 def summarize_eval(result: dict[str, Any]) -> EvalSummary:
@@ -97,7 +120,12 @@ def summarize_eval(result: dict[str, Any]) -> EvalSummary:
             aqi_geometric=estimate(layers["geometric"]),
             aqi_lexical=estimate(layers["lexical"]["discriminant"]),
             aqi_geometric_lexical=estimate(layers["lexical"]["geometric"]),
+            aqi_prompt=estimate(layers["discriminant"]),
         )
+    summary = result.get("summary") or {}
+    for name in BEHAVIOUR_AQI_KEYS:  # absent from eval.json files written before the behaviour AQI
+        if summary.get(name) is not None:
+            out[name] = {"value": summary[name], "low": summary.get(f"{name}_low"), "high": summary.get(f"{name}_high")}
     if "probe_auroc" in overall:
         auroc = overall.get("probe_auroc_ci") or {}
         out["probe_auroc"] = {"value": overall["probe_auroc"], "low": auroc.get("low"), "high": auroc.get("high")}

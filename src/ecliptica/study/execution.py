@@ -130,7 +130,8 @@ class RunExecutor:
             if arm.method == "prompt_only"  # the same for every evaluation set
             else self.planning.with_training_instruction(self.cfg.evaluation.behaviour.model_dump(), arm, seed)
         )
-        for split, data in self.cfg.eval_sets().items():
+        dev_weights = None  # the learned layer pooling of the behaviour AQI: fitted on dev, applied to test
+        for split, data in sorted(self.cfg.eval_sets().items(), key=lambda kv: kv[0] == "test"):
             out = run_dir / "eval" / split if self.cfg.evaluation_sets else run_dir / "eval"
             if arm.method == "prompt_only":
                 ecfg = self.cfg.eval_config(out, None, data=data, system_instruction=self.cfg.prompt_instruction(arm))
@@ -138,6 +139,8 @@ class RunExecutor:
                 ecfg = self.cfg.eval_config(
                     out, run_dir / "adapter" if arm.trained else None, behaviour=behaviour, data=data
                 )
+            if split == "test" and dev_weights is not None:
+                ecfg.behaviour_aqi.layer_weights = dev_weights
             if self._handle is None:  # one base for every arm; adapters are swapped in unmerged
                 self._handle = ModelHandle.load(ecfg.model)
             if split not in self._prompts:
@@ -146,6 +149,8 @@ class RunExecutor:
             print(f"[study] evaluating {rid}" + (f" on {split}" if self.cfg.evaluation_sets else ""), flush=True)
             result = run_eval(ecfg, handle=self._handle, prompts=prompts)
             emb_path = write_embeddings(result, prompts, out / "embeddings.npz")
+            if split == "dev" and result.get("aqi_behaviour"):
+                dev_weights = {**result["aqi_behaviour"]["learned"]["fit"], "fitted_on": f"dev ({out / 'eval.json'})"}
             summaries[split] = summarize_eval(result)
             records[split] = {
                 "summary": summaries[split].model_dump(),
