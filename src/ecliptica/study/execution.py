@@ -161,7 +161,7 @@ class RunExecutor:
                 f"eval:{split}", {"n_prompts": result["data"]["n_prompts"], "data_hash": result["data"]["data_hash"]}
             )
             self.store.set_evaluation(rid, split, records[split])
-        evaluate_checkpoints(self, arm, run_dir, behaviour)  # the frontier's earlier steps (no-op without it)
+        evaluate_checkpoints(self, arm, run_dir, behaviour, dev_weights)  # the frontier's earlier steps, if any
         # beside the run's training curves; like the report, the test set's numbers
         write_eval_scalars(
             self.dir / "tensorboard" / rid,

@@ -68,8 +68,12 @@ def eval_dir(cfg: StudyConfig, run_dir: Path, step: int) -> Path:
     return run_dir / "eval" / f"step-{step}"
 
 
-def evaluate_checkpoints(runner, arm: ArmSpec, run_dir: Path, behaviour: dict | None) -> list[Path]:
-    """Evaluate a trained run's earlier frontier checkpoints on the `test` prompts (skipping those done)."""
+def evaluate_checkpoints(
+    runner, arm: ArmSpec, run_dir: Path, behaviour: dict | None, layer_weights: dict | None = None
+) -> list[Path]:
+    """Evaluate a trained run's earlier frontier checkpoints on the `test` prompts (skipping those done).
+    `layer_weights`: the behaviour AQI's layer pooling fitted on the run's dev evaluation, so every checkpoint
+    is scored with the pooling its final step's test score uses (None: fitted in-sample, and recorded so)."""
     from ..evaluation.runner import run_eval
 
     cfg = runner.cfg
@@ -87,6 +91,8 @@ def evaluate_checkpoints(runner, arm: ArmSpec, run_dir: Path, behaviour: dict | 
                 f"{cfg.frontier.save_every}, keep_checkpoints {cfg.frontier.keep_checkpoints})"
             )
         ecfg = cfg.eval_config(out, adapter, behaviour=behaviour, data=cfg.eval_sets()["test"])
+        if layer_weights is not None:
+            ecfg.behaviour_aqi.layer_weights = layer_weights
         print(f"[study] evaluating {run_dir.name} checkpoint step {step}", flush=True)
         run_eval(ecfg, handle=runner._handle, prompts=runner._prompts["test"])
         done.append(out)
