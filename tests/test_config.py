@@ -54,7 +54,19 @@ def test_format_lists_come_from_the_registered_formats():
     from ecliptica.evaluation.config import EvalDataSection
     from ecliptica.evaluation.prompts import EVAL_FORMATS
 
-    assert EVAL_FORMATS == format_names("prompt") == ("litmus", "xstest", "donotanswer", "benign", "generic")
+    assert (
+        EVAL_FORMATS
+        == format_names("prompt")
+        == (
+            "litmus",
+            "xstest",
+            "donotanswer",
+            "strongreject",
+            "advbench",
+            "benign",
+            "generic",
+        )
+    )
     assert "generic-prompts" not in format_names()
     for fmt in format_names("prompt"):
         assert EvalDataSection(format=fmt, benign_format=fmt).format == fmt

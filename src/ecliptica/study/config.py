@@ -20,6 +20,7 @@ from ..evaluation.config import EvalDataSection, EvalSettings
 from ..losses import registry
 from ..runio import check_path_component
 from .design import BASE_METHODS, Question, ReportSettings, default_questions
+from .frontier_config import ConvergenceSection, FrontierSection
 from .train_block import SharedTrain, check_train_block
 
 __all__ = [
@@ -110,6 +111,8 @@ class StudyConfig(Strict):
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
     report: ReportSettings = Field(default_factory=ReportSettings)
     questions: list[Question] = Field(default_factory=default_questions)  # research questions as named contrasts
+    frontier: FrontierSection = Field(default_factory=FrontierSection)  # matched drift (study/frontier.py)
+    convergence: ConvergenceSection = Field(default_factory=ConvergenceSection)  # Q2 as convergence
 
     @model_validator(mode="before")
     @classmethod
@@ -177,7 +180,17 @@ class StudyConfig(Strict):
                     "evaluation.data and evaluation_sets are both set: name the prompt sets in evaluation_sets only"
                 )
         self.eval_config(Path(self.study_dir) / "runs", None)  # ... or if the evaluation block is
+        if self.frontier.enabled:
+            from .frontier_runs import check_frontier
+
+            check_frontier(self)
         return self
+
+    def planned_arms(self) -> list[ArmSpec]:
+        """Every arm that is run: the declared ones and, with the frontier on, each trained arm at its other lrs."""
+        from .frontier_runs import frontier_arms
+
+        return [*self.arms, *frontier_arms(self)]
 
     def calibrated_arms(self) -> list[ArmSpec]:
         """The arms the calibration phase sweeps (none when it is off)."""
@@ -256,7 +269,7 @@ class StudyConfig(Strict):
         raw.setdefault("optimizer", {})["name"] = arm.optimizer
         if arm.optimizer != "grit":  # the shared GRIT settings are for the GRIT arms only
             raw["optimizer"].pop("grit", None)
-        settings = {**arm.overrides, **(calibrated or {})}
+        settings = {**self.frontier.train_overrides(), **arm.overrides, **(calibrated or {})}
         raw = apply_overrides(raw, [f"{k}={_yaml_value(v)}" for k, v in settings.items()])
         try:
             return TrainConfig.model_validate(raw)
