@@ -58,7 +58,7 @@ class LoraParameters(Strict):
     """GRIT: physical LoRA parameters vs effective ones (effective rank x (in + out))."""
 
     physical: int
-    effective: float
+    effective: int
     effective_ratio: float
 
 
