@@ -20,6 +20,7 @@ from ..evaluation.config import EvalDataSection, EvalSettings
 from ..losses import registry
 from ..runio import check_path_component
 from .design import BASE_METHODS, Question, ReportSettings, default_questions
+from .launch_config import LauncherSection
 
 __all__ = [
     "ArmSpec",
@@ -109,6 +110,7 @@ class StudyConfig(Strict):
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
     report: ReportSettings = Field(default_factory=ReportSettings)
     questions: list[Question] = Field(default_factory=default_questions)  # research questions as named contrasts
+    launcher: LauncherSection = Field(default_factory=LauncherSection)  # where runs run (docs/scaling.md)
 
     @model_validator(mode="after")
     def _check(self):
