@@ -235,3 +235,17 @@ def test_submitit_runs_a_real_tiny_study_once_and_reports(tmp_path, tiny_model_d
     for f in ("results.md", "results.csv", "results.json"):
         assert (plan.dir / f).exists()
     assert "Not evaluated yet" not in (plan.dir / "results.md").read_text()
+
+
+def test_local_slots_get_their_own_device_and_compile_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # the user's: a parent per slot
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    study = tmp_path / "study"
+    launcher = LocalLauncher(study, workers=3, devices=["0", "1"])
+    envs = [launcher.slot_env(k) for k in range(3)]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "0"]
+    assert [e["ECLIPTICA_DEVICE_SHARED_BY"] for e in envs] == ["2", "1", "2"]  # slots 0 and 2 share GPU 0
+    assert envs[1]["TRITON_CACHE_DIR"] == str(study.resolve() / "workers" / "worker1" / "triton")
+    parent = Path(envs[1]["TORCHINDUCTOR_CACHE_DIR"]).parent
+    assert parent.parent == tmp_path / "inductor" and parent.name.startswith("study-")
+    assert len({e["TORCHINDUCTOR_CACHE_DIR"] for e in envs}) == 3
