@@ -170,7 +170,13 @@ def _run(planning: StudyPlan, job: Job, res: dict | None) -> None:
     summary = (res or {}).get("train_summary")
     splits = dict((res or {}).get("splits") or {})
     if job.arm.trained and summary is None:
-        summary = train_run(planning, job.arm, job.seed, job.id)
+        tc = planning.arm_config(job.arm, job.seed)
+        print(
+            f"[study] training {job.id} ({job.arm.method}, optimizer={job.arm.optimizer}, "
+            f"placement={tc.method.placement or 'method default'})",
+            flush=True,
+        )
+        summary = train_run(tc)
         splits["preference"] = summary["data"]["split"]
         _write(job, "trained", train_summary=summary, splits=splits)
     ev = RunExecutor(planning).evaluation(job.arm, job.seed, job.id)
