@@ -76,6 +76,7 @@ SLOW_MODULES = {
     "tests/train/test_reliability.py",
     "tests/train/test_compile.py",
     "tests/train/test_engine.py",
+    "tests/train/test_validation.py",
     "tests/train/test_distributed.py",
     "tests/grit/test_collection_paths.py",
     "tests/evaluation/test_evaluator.py",

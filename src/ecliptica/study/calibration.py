@@ -189,6 +189,11 @@ def calibrate(cfg: StudyConfig, store: StudyStore, worker: str | None = None) ->
     return settings
 
 
+def score_point(cfg: StudyConfig, tc: TrainConfig) -> dict:
+    """Train one sweep point and score it (what run-one does for a point)."""
+    return _train_and_score(tc, _benign_pairs(cfg), cfg)
+
+
 def _benign_pairs(cfg: StudyConfig):
     from ..evaluation.drift import load_benign_pairs
 

@@ -21,6 +21,7 @@ from ..losses import registry
 from ..runio import check_path_component
 from .design import BASE_METHODS, Question, ReportSettings, default_questions
 from .frontier_config import ConvergenceSection, FrontierSection
+from .launch_config import LauncherSection
 from .train_block import SharedTrain, check_train_block
 
 __all__ = [
@@ -113,6 +114,7 @@ class StudyConfig(Strict):
     questions: list[Question] = Field(default_factory=default_questions)  # research questions as named contrasts
     frontier: FrontierSection = Field(default_factory=FrontierSection)  # matched drift (study/frontier.py)
     convergence: ConvergenceSection = Field(default_factory=ConvergenceSection)  # Q2 as convergence
+    launcher: LauncherSection = Field(default_factory=LauncherSection)  # where runs run (docs/scaling.md)
 
     @model_validator(mode="before")
     @classmethod

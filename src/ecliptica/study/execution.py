@@ -10,11 +10,11 @@ from __future__ import annotations
 import gc
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .calibration import calibrate, register_points
 from .config import ArmSpec
 from .plan import StudyPlan
 
@@ -45,8 +45,6 @@ class RunExecutor:
 
     def train_one(self, arm: ArmSpec, seed: int, rid: str) -> None:
         """Train a run this process has claimed (resuming from its latest checkpoint); releases the claim."""
-        from ..train import Trainer
-
         try:
             tc = self.planning.arm_config(arm, seed)
             print(
@@ -55,19 +53,11 @@ class RunExecutor:
                 flush=True,
             )
             self.store.set_status(rid, "training")
-            trainer = None
             try:  # setup too: a run that cannot even start is failed, with why, not left for the next worker
-                # the store says this run is unfinished: continue its checkpoint, or train it again without one
-                trainer = Trainer(tc, resume=True, restart_without_checkpoint=True).setup()
-                summary = trainer.train()
+                summary = train_run(tc)
             except Exception as e:
                 self.store.set_status(rid, "failed", error=f"{type(e).__name__}: {e}")
                 raise
-            finally:
-                del trainer
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
             self.store.record_split("preference", summary["data"]["split"])
             self.store.set_status(rid, "trained", train_summary=summary)
         finally:
@@ -116,15 +106,31 @@ class RunExecutor:
             time.sleep(2.0)
 
     def evaluate_one(self, arm: ArmSpec, seed: int, rid: str) -> None:
-        """Evaluate one run on every named prompt set; the `test` set's record is the one the report reads."""
+        """Evaluate one run on every named prompt set and record it in the store."""
+        from .tb import write_eval_scalars
+
+        ev = self.evaluation(arm, seed, rid)
+        for split, record in ev.records.items():
+            self.store.record_split(f"eval:{split}", ev.splits[f"eval:{split}"])
+            self.store.set_evaluation(rid, split, record)
+        # beside the run's training curves; like the report, the test set's numbers
+        write_eval_scalars(
+            self.dir / "tensorboard" / rid,
+            ev.summaries["test"],
+            step=(self.store.get(rid)["train_summary"] or {}).get("steps", 0),
+        )
+        self.store.set_status(rid, "evaluated", eval_result=ev.records["test"])
+
+    def evaluation(self, arm: ArmSpec, seed: int, rid: str) -> Evaluation:
+        """Evaluate one run on every named prompt set (files in its run directory; the store is untouched);
+        the `test` set's record is the one the report reads. run-one calls this too."""
         from ..evaluation.model_handle import ModelHandle
         from ..evaluation.runner import prompts_from_config, run_eval
         from ..evaluation.summary import summarize_eval
         from .frontier_runs import evaluate_checkpoints
-        from .tb import write_eval_scalars
 
         run_dir = self.planning.run_dir(arm, seed)
-        records, summaries = {}, {}
+        ev = Evaluation({}, {}, {})
         behaviour = (
             None
             if arm.method == "prompt_only"  # the same for every evaluation set
@@ -151,24 +157,18 @@ class RunExecutor:
             emb_path = write_embeddings(result, prompts, out / "embeddings.npz")
             if split == "dev" and result.get("aqi_behaviour"):
                 dev_weights = {**result["aqi_behaviour"]["learned"]["fit"], "fitted_on": f"dev ({out / 'eval.json'})"}
-            summaries[split] = summarize_eval(result)
-            records[split] = {
-                "summary": summaries[split].model_dump(),
+            ev.summaries[split] = summarize_eval(result)
+            ev.records[split] = {
+                "summary": ev.summaries[split].model_dump(),
                 "embeddings_path": str(emb_path),
                 "eval_json": str(out / "eval.json"),
             }
-            self.store.record_split(
-                f"eval:{split}", {"n_prompts": result["data"]["n_prompts"], "data_hash": result["data"]["data_hash"]}
-            )
-            self.store.set_evaluation(rid, split, records[split])
+            ev.splits[f"eval:{split}"] = {
+                "n_prompts": result["data"]["n_prompts"],
+                "data_hash": result["data"]["data_hash"],
+            }
         evaluate_checkpoints(self, arm, run_dir, behaviour, dev_weights)  # the frontier's earlier steps, if any
-        # beside the run's training curves; like the report, the test set's numbers
-        write_eval_scalars(
-            self.dir / "tensorboard" / rid,
-            summaries["test"],
-            step=(self.store.get(rid)["train_summary"] or {}).get("steps", 0),
-        )
-        self.store.set_status(rid, "evaluated", eval_result=records["test"])
+        return ev
 
     # ---------------------------------------------------------------- claims
     @property
@@ -189,27 +189,28 @@ class RunExecutor:
     def release(self, rid: str) -> None:
         self.store.release(rid)
 
-    # ---------------------------------------------------------------- a worker's whole job
-    def work(self) -> None:
-        """A worker's whole job: while calibration is unfinished, score the sweep points nobody else is
-        scoring; otherwise train what nobody else is training, then evaluate."""
-        print(
-            f"[study] {self.worker}: torch compile caches (this worker's own) "
-            + " ".join(f"{v}={os.environ.get(v, '(torch default)')}" for v in COMPILE_CACHE_VARS),
-            flush=True,
-        )
-        if self.planning.calibrated is None:
-            # points a dead worker held come back unclaimed, maybe after this worker's pass: pass again
-            # until every point of this sweep is scored, failed, or being scored by another worker
-            sweep_ids = {p["point_id"] for _, p, _ in register_points(self.cfg, self.store)}
-            while True:
-                calibrate(self.cfg, self.store, worker=self.worker)
-                left = [p for p in self.store.calibration() if p["point_id"] in sweep_ids and p["status"] == "pending"]
-                if not left:
-                    return
-                time.sleep(2.0)
-        self.train_all()
-        self.evaluate_all()
+
+def train_run(tc) -> dict:
+    """Train one run (resuming from its latest checkpoint); returns its summary. run-one calls this too."""
+    from ..train import Trainer
+
+    trainer = None
+    try:
+        # the store says this run is unfinished: continue its checkpoint, or train it again without one
+        trainer = Trainer(tc, resume=True, restart_without_checkpoint=True).setup()
+        return trainer.train()
+    finally:
+        del trainer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+@dataclass
+class Evaluation:
+    records: dict[str, dict]  # evaluation set -> {summary, embeddings_path, eval_json}
+    summaries: dict  # evaluation set -> EvalSummary
+    splits: dict[str, dict]  # "eval:<set>" -> {n_prompts, data_hash}
 
 
 def write_embeddings(result: dict, prompts, path: Path) -> Path:

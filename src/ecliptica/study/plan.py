@@ -45,6 +45,14 @@ class StudyPlan:
             tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
             tmp.replace(self.dir / "study.yaml")
 
+    @classmethod
+    def detached(cls, cfg: StudyConfig, calibrated: dict[str, dict] | None) -> StudyPlan:
+        """The plan as a job process sees it: from the files the driver wrote, without the store."""
+        self = cls.__new__(cls)
+        self.cfg, self.dir, self.store, self.calibrated = cfg, Path(cfg.study_dir), None, calibrated
+        self.plan = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]
+        return self
+
     def register_plan(self) -> None:
         for arm, seed in self.plan:
             self.store.register(self.run_id(arm, seed), arm.name, seed, self.hash(arm, seed), self.describe(arm, seed))

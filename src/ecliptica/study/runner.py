@@ -9,9 +9,9 @@ Phases are resumable: the SQLite store says what is done. Training runs first (e
 its latest checkpoint if it was interrupted), then evaluation loads the base model once and swaps
 adapters, then the report is rebuilt from the store.
 
-With `workers > 1` the runs are spread over worker processes (one per GPU, or several sharing one
-GPU when a small model leaves it idle): each worker claims runs in the store, so every run is
-trained and evaluated exactly once, by the same code as the single-process path.
+With `workers > 1`, or another launcher than `local`, the driver (driver.py) launches one
+`ecliptica run-one` process per run or sweep point (launchers.py: local processes, SLURM jobs, Ray
+tasks) and ingests their result files into the store; docs/scaling.md.
 
 With `calibration` on, a calibration phase comes first: each trained arm's sweep is trained on the
 train split and scored on the validation split (by the workers, each claiming sweep points, when
@@ -23,21 +23,20 @@ from __future__ import annotations
 
 from ..runio import DirLock
 from .config import ArmSpec, StudyConfig
+from .driver import Driver
 from .execution import COMPILE_CACHE_VARS, RunExecutor
+from .launchers import make_launcher
 from .plan import StudyPlan, load_study
-from .pool import WorkerPool
 from .reporting import report_study, study_records
 
 __all__ = ["StudyRunner", "load_study", "report_study", "study_records", "COMPILE_CACHE_VARS"]
 
 
 class StudyRunner:
-    def __init__(self, cfg: StudyConfig, worker: str | None = None):
-        """`worker` names a worker process started by `run(workers=N)`; it claims runs before touching them."""
-        self.planning = StudyPlan(cfg, write_config=worker is None)
-        self.executor = RunExecutor(self.planning, worker)
-        self.pool = WorkerPool(self.planning)
-        self.crashed_workers: list[dict] = []
+    def __init__(self, cfg: StudyConfig):
+        self.planning = StudyPlan(cfg)
+        self.executor = RunExecutor(self.planning)
+        self.retried: list[dict] = []  # runs done after failed launches ({job, attempts}), from the driver
 
     # ---------------------------------------------------------------- the plan, as the notebooks read it
     @property
@@ -59,10 +58,6 @@ class StudyRunner:
     @property
     def calibrated(self) -> dict[str, dict] | None:
         return self.planning.calibrated
-
-    @property
-    def worker(self) -> str | None:
-        return self.executor.worker
 
     def calibrate(self) -> None:
         self.planning.calibrate()
@@ -92,9 +87,6 @@ class StudyRunner:
     def evaluate_all(self, only: list[str] | None = None) -> None:
         self.executor.evaluate_all(only)
 
-    def work(self) -> None:
-        self.executor.work()
-
     def records(self) -> list[dict]:
         return study_records(self.cfg)[0]
 
@@ -102,23 +94,27 @@ class StudyRunner:
         return report_study(self.cfg)
 
     def _lock(self):
-        """The coordinator holds the study directory; its workers (started by it) work under that hold."""
-        return DirLock(self.dir, "study") if self.worker is None else _NoLock()
+        """The driver holds the study directory; the processes it launches work under that hold."""
+        return DirLock(self.dir, "study")
 
-    def _abandon(self, worker: str) -> None:
-        self.pool.abandon(worker)
-
-    def run(self, workers: int = 1, devices: list[str] | None = None) -> dict:
+    def run(self, workers: int = 1, devices: list[str] | None = None, launcher=None) -> dict:
         """Run the study and write its report; an incomplete study raises instead, naming every run left.
-        With workers, `crashed_workers` then lists each worker that exited abnormally although the others
-        redid all it held ({name, returncode, log}): the study is complete, but the caller should say so."""
-        self.crashed_workers = self.pool.crashed = []
+        `launcher`: a launcher object (launchers.py), else the config's `launcher` block. With the local
+        launcher and one worker, everything runs in this process. `retried` then lists the runs that were
+        done only after failed launches: the study is complete, but the caller should say so."""
+        section = self.cfg.launcher
         with self._lock():  # a second `ecliptica run` on this study stops here, naming this process
-            if workers > 1:
-                if self.calibrated is None:  # workers score the sweep points; the choice is made here
-                    self.pool.run(workers, devices, phase="calibration")
-                self.calibrate()
-                self.pool.run(workers, devices)
+            if launcher is not None or workers > 1 or section.name != "local":
+                from ..models import resolve_model_path
+
+                resolve_model_path(self.cfg.train.get("model", {}).get("name", "smollm2-135m-instruct"))  # once, here
+                self.store.release_all()  # claims left by a killed earlier driver (we hold the study)
+                launcher = launcher or make_launcher(self.dir, section, workers, devices)
+                driver = Driver(self.planning, launcher, section.max_attempts)
+                try:
+                    driver.run()
+                finally:
+                    self.retried = driver.retried
             else:
                 self.store.release_all()  # claims left by a killed earlier invocation
                 self.train_all()
@@ -127,11 +123,3 @@ class StudyRunner:
         print(f"\n[study] results: {self.dir / 'results.md'}")
         print(f"[study] training curves and eval/ scalars: tensorboard --logdir {self.dir / 'tensorboard'}")
         return result
-
-
-class _NoLock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None

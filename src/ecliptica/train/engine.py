@@ -67,6 +67,7 @@ from .safety import (
 )
 from .state_io import load_state, save_state
 from .summary import TrainSummary, write_train_summary
+from .validation import ValidationCurve
 
 
 class NonFiniteError(RuntimeError):
@@ -205,6 +206,19 @@ class Trainer:
         self.data_report = info["report"]
         self.data_hash = self.data.fingerprint()
         self.val_data: TokenizedData | None = info["val"]
+        t = cfg.train
+        if t.val_every and (self.val_data is None or not self.val_data.pairs):
+            raise ValueError(
+                f"{cfg.data.path}: train.val_every is {t.val_every} but the validation split is empty "
+                f"(data.val_fraction {cfg.data.val_fraction}, {info['report']['rows_read']} rows read)"
+            )
+        self.validation = ValidationCurve(
+            t.val_every,
+            t.max_steps,
+            self.val_data.pairs if self.val_data else None,
+            beta=t.val_reward_beta,
+            batch_size=t.val_batch_size,
+        )
         self.examples = self.layout.examples(self.data, cfg.data.max_length)  # what the data order draws
         if acc.is_main_process:  # the split's ids, so a reader can rebuild exactly what was held out
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -608,10 +622,13 @@ class Trainer:
             m.update({"step_time_s": dt, "tokens_per_s": result.tokens / dt if dt > 0 else 0.0})
             if torch.cuda.is_available():
                 m["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            validated = self.validation.due(step + 1)
+            if validated:  # outside train_seconds: gpu_seconds counts training steps only
+                m.update(self._validate(step + 1))
             last_metrics = m
             if acc.is_main_process:
                 self.watch.update(step + 1, result.loss, result.metrics.get("grad_norm"))
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == end:
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == end or validated:
                 acc.log(m, step=step + 1)
                 if acc.is_main_process:
                     with write_errors(metrics_path, "the metrics log", self._what_is_kept), metrics_path.open("a") as f:
@@ -626,6 +643,19 @@ class Trainer:
             return
         self.summary = self._finish(last_metrics)
         acc.end_training()  # closes trackers and (multi-process) the process group: keep it last
+
+    def _validate(self, step: int) -> dict[str, float]:
+        """The validation metrics after optimizer step `step`, with the training compute spent so far."""
+        acc = self.accelerator
+        out = self.validation.score(
+            acc.unwrap_model(self.policy),
+            self.loss_fn,
+            self.tokenizer.pad_token_id,
+            step=step,
+            max_length=self.cfg.data.max_length,
+            show_bar=acc.is_main_process and self.cfg.train.progress,
+        )
+        return {**out, "gpu_seconds": self.train_seconds * acc.num_processes}
 
     def _epochs(self) -> float:
         """Passes over the training split that max_steps makes (examples drawn / training examples)."""
@@ -664,6 +694,7 @@ class Trainer:
             versions=versions(),
             git_commit=git_commit(),
             **self.optimizer_hooks.summary(),  # GRIT: physical vs effective LoRA parameters, what it did
+            **self.validation.summary(),  # whether the validation curve ran, how often, at what cost
         )
         if self.nonfinite_skipped and self.nonfinite_skipped >= self.cfg.train.max_steps and acc.is_main_process:
             warnings.warn(

@@ -76,6 +76,17 @@ class GritReport(Strict):
     reprojections: int
 
 
+class ValidationReport(Strict):
+    """The validation curve (train/validation.py): on or off (`every` 0), how often, on how many pairs, at what cost."""
+
+    every: int
+    n_pairs: int
+    reward_beta: float
+    points: int  # validations run by this process in this session (a resumed run counts from its restart)
+    seconds: float
+    last: dict[str, int | float | None] | None  # the last point: its step and val/* metrics
+
+
 class TrainSummary(Strict):
     method: str
     optimizer: str
@@ -108,14 +119,15 @@ class TrainSummary(Strict):
     # GRIT runs only (OptimizerHooks.summary)
     lora_parameters: LoraParameters | None = None
     grit: GritReport | None = None
+    validation: ValidationReport | None = None  # None: a summary.json from before the validation curve
 
     def as_json(self) -> dict:
-        """What summary.json holds: every field, except the GRIT blocks of a run without GRIT (left out, not
-        null, as the optimizer's hooks report nothing)."""
-        return self.model_dump(mode="json", exclude={k for k in GRIT_ONLY if getattr(self, k) is None})
+        """What summary.json holds: every field, except the blocks a run did not report (the GRIT blocks of a run
+        without GRIT, the validation block of an older summary): left out, not null."""
+        return self.model_dump(mode="json", exclude={k for k in BLOCKS if getattr(self, k) is None})
 
 
-GRIT_ONLY = ("lora_parameters", "grit")
+BLOCKS = ("lora_parameters", "grit", "validation")  # present only when reported
 
 
 def write_train_summary(summary: TrainSummary) -> str:
