@@ -96,7 +96,8 @@ def test_arm_configs_share_everything_but_method_optimizer_placement(tmp_path, t
             assert c[k] == configs["sft"][k], (name, k)
         assert c["optimizer"]["lr"] == configs["sft"]["optimizer"]["lr"]
     assert configs["dpo_grit"]["optimizer"]["name"] == "grit" and configs["dpo"]["optimizer"]["name"] == "adamw"
-    assert configs["dpo_grit"]["optimizer"]["grit"] == cfg.grit
+    # every GRIT arm trains with the study's one GRIT block, train.optimizer.grit, as the YAML writes it
+    assert configs["dpo_grit"]["optimizer"]["grit"] == {"reproject_steps": 3, "reproject_warmup": 2}
 
 
 def test_every_shipped_config_parses():
@@ -110,25 +111,6 @@ def test_every_shipped_config_parses():
             load_config(path, cls=EvalConfig)
         else:
             load_config(path)
-
-
-@pytest.mark.parametrize(
-    "notebook", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "comparative_study").rglob("*.ipynb"))
-)
-def test_notebooks_execute(notebook, tmp_path_factory, tiny_model_dir):
-    """Each notebook runs top to bottom (its config cell pointed at a tiny model and a shared study dir)."""
-    import nbformat
-    from nbclient import NotebookClient
-
-    study_dir = tmp_path_factory.getbasetemp() / "nb_study"
-    nb = nbformat.read(ROOT / notebook, as_version=4)
-    cfg_cell = next(c for c in nb.cells if c.cell_type == "code" and "OVERRIDES" in c.source)
-    overrides = [o for o in _overrides(study_dir, tiny_model_dir, steps=2, arms=None) if not o.startswith("study_dir")]
-    cfg_cell.source += f"\nSTUDY_DIR = {str(study_dir)!r}\nOVERRIDES = {overrides!r}\n"
-    NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str((ROOT / notebook).parent)}}
-    ).execute()
-    assert all(o.get("output_type") != "error" for c in nb.cells for o in c.get("outputs", []))
 
 
 def test_store_claims_are_exclusive(tmp_path):

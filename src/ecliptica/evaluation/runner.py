@@ -19,8 +19,8 @@ from ecliptica.data import PromptExample
 from ecliptica.data.packaged import provenance
 from ecliptica.evaluation.adapter_check import check_adapter_files
 from ecliptica.evaluation.behaviour import handle_generator, handle_renderer, run_behaviour, run_jailbreaks
-from ecliptica.evaluation.capability import capability_summary, run_capability
 from ecliptica.evaluation.behaviour_aqi import behaviour_aqi_step, behaviour_aqi_summary
+from ecliptica.evaluation.capability import capability_summary, run_capability
 from ecliptica.evaluation.config import EvalConfig
 from ecliptica.evaluation.discriminant import headline_band
 from ecliptica.evaluation.drift import load_benign_pairs, run_drift
