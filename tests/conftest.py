@@ -67,13 +67,16 @@ def _fresh_accelerate_state():
 # (each over 5 s on a 2-core machine, measured with --durations=0). `make test` runs everything; `make test-fast`,
 # the inner loop, leaves them out.
 SLOW_MODULES = {
+    "tests/evaluation/test_learned_judge.py",
     "tests/study/test_runner.py",
     "tests/study/test_study_reliability.py",
     "tests/study/test_calibration.py",
     "tests/study/test_notebook.py",
+    "tests/study/test_notebooks_run.py",
     "tests/train/test_reliability.py",
     "tests/train/test_compile.py",
     "tests/train/test_engine.py",
+    "tests/train/test_validation.py",
     "tests/train/test_distributed.py",
     "tests/train/test_fsdp.py",
     "tests/train/test_reference_cache.py",
@@ -85,6 +88,7 @@ SLOW_MODULES = {
     "tests/evaluation/test_preference_drift.py",
     "tests/train/test_fused_lora.py",
     "tests/evaluation/test_embeddings.py",
+    "tests/evaluation/test_behaviour_aqi.py",
     "tests/evaluation/test_adapter_checks.py",
 }
 

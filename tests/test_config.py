@@ -54,7 +54,19 @@ def test_format_lists_come_from_the_registered_formats():
     from ecliptica.evaluation.config import EvalDataSection
     from ecliptica.evaluation.prompts import EVAL_FORMATS
 
-    assert EVAL_FORMATS == format_names("prompt") == ("litmus", "xstest", "donotanswer", "benign", "generic")
+    assert (
+        EVAL_FORMATS
+        == format_names("prompt")
+        == (
+            "litmus",
+            "xstest",
+            "donotanswer",
+            "strongreject",
+            "advbench",
+            "benign",
+            "generic",
+        )
+    )
     assert "generic-prompts" not in format_names()
     for fmt in format_names("prompt"):
         assert EvalDataSection(format=fmt, benign_format=fmt).format == fmt
@@ -65,7 +77,7 @@ def test_format_lists_come_from_the_registered_formats():
 
 
 def test_a_setting_added_later_leaves_the_fingerprint_alone_at_its_default():
-    """A run or study begun before train.fused_lora and train.nf4_kernel existed, and while train.logp_chunk_size's
+    """A run or study begun before train.fused_lora, train.nf4_kernel and train.val_* existed, and while train.logp_chunk_size's
     default was 1024, keeps its hash: the hash of the config as that version dumped it."""
     import hashlib
     import json
@@ -75,6 +87,7 @@ def test_a_setting_added_later_leaves_the_fingerprint_alone_at_its_default():
     cfg = TrainConfig.model_validate({"model": {"name": "x"}})
     before = cfg.model_dump(mode="json")
     del before["train"]["fused_lora"], before["train"]["nf4_kernel"]  # the dump before these settings existed
+    del before["train"]["val_every"], before["train"]["val_reward_beta"], before["train"]["val_batch_size"]
     assert before["train"]["logp_chunk_size"] == 256
     before["train"]["logp_chunk_size"] = 1024  # ... and before the default changed
     by_hand = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
@@ -84,3 +97,5 @@ def test_a_setting_added_later_leaves_the_fingerprint_alone_at_its_default():
     other = TrainConfig.model_validate({"model": {"name": "x"}, "train": {"nf4_kernel": "bitsandbytes"}})
     assert other.hash() != by_hand
     assert TrainConfig.model_validate({"model": {"name": "x"}, "train": {"logp_chunk_size": 512}}).hash() != by_hand
+    validated = {"model": {"name": "x"}, "train": {"val_every": 5}, "data": {"val_fraction": 0.1}}
+    assert TrainConfig.model_validate(validated).hash() != TrainConfig.model_validate({**validated, "train": {}}).hash()

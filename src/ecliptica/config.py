@@ -122,6 +122,12 @@ class TrainSection(Strict):
     # CHANGED_DEFAULTS keeps configs fingerprinted at 1024 resumable.
     logp_chunk_size: int = Field(default=256, ge=1)
     log_every: int = Field(default=1, ge=1)
+    # The validation curve (train/validation.py): every val_every optimizer steps and after the last, the
+    # validation split's pair accuracy (implicit reward at val_reward_beta) and the method's loss are logged as
+    # val/*, with cumulative gpu_seconds; 0 = off. Needs data.val_fraction > 0. Training is unchanged by it.
+    val_every: int = Field(default=0, ge=0)
+    val_reward_beta: float = Field(default=0.1, gt=0, allow_inf_nan=False)
+    val_batch_size: int = Field(default=8, ge=1)
     save_every: int = Field(default=0, ge=0)  # 0 = only at the end
     keep_checkpoints: int = Field(default=2, ge=1)
     on_nonfinite: Literal["error", "skip"] = "error"
@@ -172,6 +178,11 @@ class TrainConfig(Strict):
     def _check(self):
         if self.optimizer.grit and self.optimizer.name != "grit":
             raise ValueError("optimizer.grit settings given but optimizer.name is not 'grit'")
+        if self.train.val_every and not self.data.val_fraction:
+            raise ValueError(
+                f"train.val_every: {self.train.val_every} scores the validation split, but data.val_fraction is 0: "
+                "set data.val_fraction > 0, or train.val_every: 0"
+            )
         return self
 
     def hash(self) -> str:
@@ -188,7 +199,14 @@ def config_hash(d: dict) -> str:
 # beyond rounding, belong here (fused_lora: benchmarks/verify_kernels.py and docs/archive/benchmarks_history.md,
 # "a fused LoRA projection"; nf4_kernel: tests/train/test_nf4.py and the same file, "NF4 dequantisation inside the
 # compiled layer").
-ADDED_SETTINGS = {("train", "fused_lora"): "auto", ("train", "nf4_kernel"): "auto"}
+# The validation curve's settings (val_*) change only what is logged, never the weights (tests/train/test_validation.py).
+ADDED_SETTINGS = {
+    ("train", "fused_lora"): "auto",
+    ("train", "nf4_kernel"): "auto",
+    ("train", "val_every"): 0,
+    ("train", "val_reward_beta"): 0.1,
+    ("train", "val_batch_size"): 8,
+}
 
 
 # Settings whose default changed after runs and studies already existed: (the old default, the new one). A config

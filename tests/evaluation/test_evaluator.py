@@ -107,8 +107,10 @@ def test_refusal_metrics_and_generations_file_with_stubbed_generator(tmp_path):
         "instruction",
         "rendered_prompt",
         "refusal_class",
+        "judge",
     }
     assert all(set(r) == fields for r in records)
+    assert {r["judge"] for r in records} == {"strmatch"}
     first = records[0]
     assert (first["id"], first["axiom"], first["label"], first["placement"], first["refused"]) == (
         "u0",
@@ -273,6 +275,8 @@ def test_run_eval_end_to_end_writes_every_artefact(tmp_path, tiny_model_dir):
     assert saved["summary"]["aqi"] == pytest.approx(result["summary"]["aqi"])
     assert saved["versions"] == versions() and saved["git_commit"] == git_commit()  # as training records them
     assert saved["settings"]["embeddings"]["placement"] == "system" and saved["data"]["n_prompts"] == 24
+    assert saved["refusal_judge"] == {"name": "strmatch", "window": 200}
+    assert [p["spec"] for p in saved["data"]["provenance"]] == [saved["data"]["path"]]
     per_layer = saved["aqi_layers"]["per_layer"]  # the per-layer curve (was `layer_curve`)
     assert [c["layer"] for c in per_layer] == [0, 1, 2]
     assert per_layer[-1]["geometric"]["aqi"] == pytest.approx(overall["aqi"])

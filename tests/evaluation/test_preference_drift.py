@@ -50,12 +50,14 @@ def models(tiny_model_dir, tmp_path_factory):
     return handle, adapter, base, tuned, tok
 
 
-def test_reward_accuracy_and_margin_equal_hand_computed_dpo_rewards(models):
+def test_reward_accuracy_and_margin_equal_hand_computed_dpo_rewards(models, tmp_path):
+    import json
+
     handle, adapter, base, tuned, tok = models
     pairs = _pairs()
     s = PreferenceSection(enabled=True, path="demo:preferences", beta=0.5, batch_size=2)
     handle.set_adapter(adapter)
-    got = run_preference(handle, pairs, s, n_resamples=1000, progress=False)
+    got = run_preference(handle, pairs, s, n_resamples=1000, progress=False, pairs_path=tmp_path / "pairs.jsonl")
 
     tps = tokenize_pairs(tok, pairs, "none", TokenizeSettings(1024, 512), progress=False).pairs
     rewards = []
@@ -70,6 +72,10 @@ def test_reward_accuracy_and_margin_equal_hand_computed_dpo_rewards(models):
     assert got["n_pairs"] == 5
     assert got["reward_margin"] == pytest.approx(margins.mean(), rel=1e-4, abs=1e-6)
     assert got["reward_accuracy"] == pytest.approx((margins > 0).mean())
+    per_pair = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]  # the frontier's
+    assert [r["id"] for r in per_pair] == [p.row_id for p in pairs]
+    assert [r["reward_margin"] for r in per_pair] == pytest.approx(margins.tolist(), rel=1e-4, abs=1e-5)
+    assert [r["reward_win"] for r in per_pair] == list(margins > 0)
     assert got["rewards_chosen"] == pytest.approx(rewards[:, 0].mean(), rel=1e-4, abs=1e-6)
     logp_wins = [
         _hand_seq_logp(tuned, tp.prompt_ids, tp.chosen_ids) > _hand_seq_logp(tuned, tp.prompt_ids, tp.rejected_ids)

@@ -105,17 +105,12 @@ def test_report_only_reads_the_run_directories_without_a_store(tmp_path):
         d = tmp_path / "runs" / run
         d.mkdir(parents=True)
         (d / "eval.json").write_text(json.dumps({"aqi": {"overall": {"aqi": aqi, "n": 10}}}))
-    (tmp_path / "runs" / "dpo-s0" / "summary.json").write_text(
-        json.dumps(
-            {
-                "train_seconds": 60.0,
-                "tokens_per_s": 10.0,
-                "peak_gpu_memory_gib": None,
-                "train_tokens": 600,
-                "num_processes": 1,
-            }
-        )
+    # a real run's summary.json (the record reads it typed), with the numbers this test checks
+    summary = json.loads(
+        (ROOT / "results" / "studies" / "study_smollm_hh" / "runs" / "dpo-s0" / "summary.json").read_text()
     )
+    summary.update(train_seconds=60.0, tokens_per_s=10.0, peak_gpu_memory_gib=None, train_tokens=600, num_processes=1)
+    (tmp_path / "runs" / "dpo-s0" / "summary.json").write_text(json.dumps(summary))
     out = report_study(cfg)
     assert [r["arm"] for r in out["rows"]] == ["baseline", "dpo"]
     assert [r["aqi"] for r in out["rows"]] == [0.1, 0.2] and out["rows"][1]["train_minutes"] == 1.0
@@ -123,10 +118,71 @@ def test_report_only_reads_the_run_directories_without_a_store(tmp_path):
     assert not (tmp_path / "study.sqlite").exists()
 
 
-def test_a_grit_typo_fails_even_when_no_arm_uses_grit(tmp_path):
+def _demo(tmp_path) -> Path:
     path = tmp_path / "study.yaml"
     path.write_text((ROOT / "configs" / "study_demo.yaml").read_text())
+    return path
+
+
+def test_a_grit_typo_fails_even_when_no_arm_uses_grit(tmp_path):
+    path = _demo(tmp_path)
     arms = "arms=[{name: baseline, method: baseline}, {name: dpo, method: dpo}]"
     load_study(path, [arms])  # control: the same study without the typo loads
-    with pytest.raises(ValueError, match=r"grit: invalid GRIT settings(.|\n)*reproject_stpes"):
-        load_study(path, [arms, "grit.reproject_stpes=5"])
+    with pytest.raises(ValueError, match=r"train\.optimizer\.grit\.reproject_stpes: Extra inputs are not permitted"):
+        load_study(path, [arms, "train.optimizer.grit.reproject_stpes=5"])
+
+
+def test_grit_settings_live_in_train_optimizer_grit_only(tmp_path):
+    """The study-level `grit` block is an error that says where the settings go; the GRIT arms take
+    train.optimizer.grit and the AdamW arms leave it out."""
+    path = _demo(tmp_path)
+    with pytest.raises(ValueError, match=r"grit: GRIT settings belong in train\.optimizer\.grit"):
+        load_study(path, ["grit={damping: 0.01}"])
+    cfg = load_study(path, ["train.optimizer.grit.damping=0.01"])
+    grit_arm, adamw_arm = (next(a for a in cfg.arms if a.name == n) for n in ("dpo_grit", "dpo"))
+    on = cfg.arm_config(grit_arm, 0).optimizer
+    assert on.grit == {"reproject_steps": 3, "reproject_warmup": 2, "damping": 0.01}
+    assert on.grit_config().damping == 0.01 and on.grit_config().reproject_steps == 3
+    assert cfg.arm_config(adamw_arm, 0).optimizer.grit == {}
+    # an arm's dotted override reaches the same place
+    cfg = load_study(
+        path,
+        [
+            "arms=[{name: baseline, method: baseline}, {name: g, method: dpo, optimizer: grit, "
+            "overrides: {optimizer.grit.damping: 0.5}}]",
+            "calibration.enabled=false",
+        ],
+    )
+    assert cfg.arm_config(cfg.arms[1], 0).optimizer.grit_config().damping == 0.5
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.optimizer.lr=-1", r"train\.optimizer\.lr: Input should be greater than 0 \(got -1\)"),
+        ("train.train.max_stepz=3", r"train\.train\.max_stepz: Extra inputs are not permitted"),
+        ("train.lora.r=0", r"train\.lora\.r: Input should be greater than or equal to 1"),
+        ("train.modle={name: x}", r"train\.modle: Extra inputs are not permitted"),
+        ("train.method.betta=0.1", r"train\.method\.betta: no method has this setting"),
+        ("train.method.beta=fast", r"train\.method\.beta: Input should be a valid number(.|\n)*as a \w+ setting"),
+        ("train.method.name=dpo", r"train\.method\.name is set per arm \(arms\[\]\.method\)"),
+        ("train.optimizer.name=grit", r"train\.optimizer\.name is set per arm \(arms\[\]\.optimizer\)"),
+        ("train.seed=3", r"train\.seed is set per run by the study"),
+    ],
+)
+def test_the_shared_train_block_is_typed_at_load_naming_the_key(tmp_path, override, message):
+    """Checked with the arms cut to the baseline, so the error comes from the block itself, not from an arm."""
+    path = _demo(tmp_path)
+    only_baseline = ["arms=[{name: baseline, method: baseline}]", "calibration.enabled=false"]
+    assert load_study(path, only_baseline).shared_train().optimizer.lr == 5.0e-4  # control: the block as shipped
+    with pytest.raises(ValueError, match=message):
+        load_study(path, [*only_baseline, override])
+
+
+def test_arm_overrides_still_apply_dotted_keys_over_the_typed_block(tmp_path):
+    path = _demo(tmp_path)
+    arms = "arms=[{name: baseline, method: baseline}, {name: d, method: dpo, overrides: {optimizer.lr: 1.0e-3, train.max_steps: 2}}]"
+    cfg = load_study(path, [arms, "calibration.enabled=false"])
+    tc = cfg.arm_config(cfg.arms[1], 0)
+    assert (tc.optimizer.lr, tc.train.max_steps, tc.method.beta) == (1.0e-3, 2, 0.1)
+    assert cfg.shared_train().train.max_steps == 6  # the shared block itself is unchanged

@@ -6,7 +6,7 @@ import pytest
 
 from ecliptica.config import TrainConfig, load_config
 from ecliptica.provenance import versions
-from ecliptica.train import NonFiniteError, Trainer
+from ecliptica.train import NonFiniteError, Trainer, read_train_summary
 
 
 def _cfg(tmp_path, model_dir, method="dpo", **train):
@@ -71,6 +71,9 @@ def test_each_method_trains_and_writes_a_run(tmp_path, tiny_model_dir, method):
         assert k in s
     assert s["versions"] == versions()  # as evaluation records them
     assert s["train_tokens"] > 0 and summary["config_hash"] == cfg.hash()
+    # the typed summary reads back what was written, and train() returned that same JSON
+    assert read_train_summary(run / "summary.json").as_json() == summary == s
+    assert summary["final_metrics"] == {k: v for k, v in lines[-1].items() if k != "step"}
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     loaded = PeftModel.from_pretrained(base, run / "adapter")
     b = [p for n, p in loaded.named_parameters() if "lora_B" in n]

@@ -24,7 +24,12 @@ DEMO_EVAL_PROMPTS = DEMO_DIR / "eval_prompts.jsonl"
 
 
 def resolve_path(spec: str) -> str:
-    """`demo:preferences` / `demo:eval` name the bundled files; anything else is a path or hub id."""
+    """`demo:preferences` / `demo:eval` name the bundled files, `pkg:<name>` a file in an installed package
+    (data/packaged.py); anything else is a path or hub id."""
+    if spec.startswith("pkg:"):
+        from .packaged import resolve
+
+        return resolve(spec)
     return {"demo:preferences": str(DEMO_PREFERENCES), "demo:eval": str(DEMO_EVAL_PROMPTS)}.get(spec, spec)
 
 

@@ -253,6 +253,29 @@ def _donotanswer(row: dict, opts: LoadOptions, src: str) -> PromptExample:
 
 
 @register(
+    "strongreject",
+    "prompt",
+    "StrongREJECT csv {category, source, forbidden_prompt} (`pkg:strongreject`); every prompt is unsafe; "
+    "axiom = category.",
+)
+def _strongreject(row: dict, opts: LoadOptions, src: str) -> PromptExample:
+    return PromptExample(text_field(row, "forbidden_prompt"), "unsafe", text_field(row, "category").strip(), src)
+
+
+@register(
+    "advbench",
+    "prompt",
+    "AdvBench behaviours as PyRIT's seed file (`pkg:advbench`): rows {value, harm_categories}; every prompt is "
+    "unsafe; axiom = the first harm category, or 'advbench' when a row has none.",
+)
+def _advbench(row: dict, opts: LoadOptions, src: str) -> PromptExample:
+    categories = row.get("harm_categories") or []
+    if not isinstance(categories, list) or not all(isinstance(c, str) for c in categories):
+        raise FieldError("harm_categories", "must be a list of strings")
+    return PromptExample(text_field(row, "value"), "unsafe", categories[0].strip() if categories else "advbench", src)
+
+
+@register(
     "benign",
     "prompt",
     "Benign prompts, e.g. MT-Bench questions {'prompt', 'category', ...}; every prompt is safe; "

@@ -1,4 +1,4 @@
-"""Raw rows from files (jsonl/json/csv/parquet, optionally .gz) or hub datasets.
+"""Raw rows from files (jsonl/json/csv/parquet/yaml, optionally .gz) or hub datasets.
 
 Every row comes out as (row_number, dict) with 1-based data row numbers, so errors can name
 the row a person would find in the file. Undecodable bytes are kept (as surrogate escapes)
@@ -19,7 +19,7 @@ from .schema import BadRow
 
 Row = tuple[int, dict | BadRow]
 
-SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
+SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".yaml", ".yml", ".prompt"}  # .prompt: PyRIT seed files (YAML)
 
 
 def _base_suffix(path: Path) -> str:
@@ -97,6 +97,22 @@ def _iter_file(path: Path) -> Iterator[Row]:
                 yield i, BadRow(name, i, "<row>", "more cells than header columns")
                 continue
             yield i, obj
+    elif kind in (".yaml", ".yml", ".prompt"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(_read_text(path))
+        except yaml.YAMLError as e:
+            raise ValueError(f"{name}: invalid YAML ({e})") from None
+        if isinstance(data, dict):  # a header plus one list of rows (PyRIT's `seeds:`)
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise ValueError(f"{name}: expected a list of rows or a mapping holding one list")
+            data = lists[0]
+        if not isinstance(data, list):
+            raise ValueError(f"{name}: expected a list of rows or a mapping holding one list")
+        for i, obj in enumerate(data, start=1):
+            yield i, obj if isinstance(obj, dict) else BadRow(name, i, "<row>", "not a mapping")
     elif kind == ".parquet":
         import pyarrow.parquet as pq
 

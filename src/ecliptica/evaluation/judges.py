@@ -1,4 +1,5 @@
-"""Refusal judges chosen by `behaviour.judge`: `strmatch` (the rules in refusal.py) or
+"""Refusal judges chosen by `behaviour.judge`: `strmatch` (the rules in refusal.py), `learned` (logistic
+regression on n-grams and the rules, trained on the team's labelled dev sets: learned_judge.py) or
 `model:<hub id or path>` (a guard model through transformers).
 
 A model judge is either
@@ -43,14 +44,18 @@ _BINARY_NAMES = {"compliance": "full_compliance", "refusal": "full_refusal"}
 def build_judge(
     spec: str, *, trust_remote_code: bool = False, batch_size: int = 8, progress: bool = True
 ) -> RefusalJudge:
-    """`strmatch` or `model:<hub id or path>` (the `behaviour.judge` setting)."""
+    """`strmatch`, `learned` or `model:<hub id or path>` (the `behaviour.judge` setting)."""
     if spec == "strmatch":
         return StringMatchJudge()
+    if spec == "learned":
+        from ecliptica.evaluation.learned_judge import LearnedJudge
+
+        return LearnedJudge()
     if spec.startswith("model:") and spec[len("model:") :].strip():
         return ModelJudge(
             spec[len("model:") :].strip(), trust_remote_code=trust_remote_code, batch_size=batch_size, progress=progress
         )
-    raise ValueError(f"behaviour.judge must be 'strmatch' or 'model:<hub id or path>', got {spec!r}")
+    raise ValueError(f"behaviour.judge must be 'strmatch', 'learned' or 'model:<hub id or path>', got {spec!r}")
 
 
 class ModelJudge:
@@ -69,6 +74,7 @@ class ModelJudge:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         self.name = name_or_path
+        self.info = {"name": f"model:{name_or_path}"}
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         self.is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
         cls = AutoModelForSequenceClassification if self.is_classifier else AutoModelForCausalLM

@@ -46,17 +46,21 @@ def sequence_scores(
     token_kl: bool = False,
     progress: bool = True,
     desc: str = "scoring",
+    reference: bool = True,
 ) -> dict[str, np.ndarray]:
     """Per pair: `logp_chosen` (and `logp_rejected`), summed over response tokens, under the evaluated
     model; with an adapter set, the same under the base (`ref_*`) and, with `token_kl`, the summed
     token KL(model || base) of the chosen response (`kl_chosen`); `n_chosen` response tokens.
-    Without an adapter the model is the base: `ref_*` equal the model's and the KL is 0 (no second pass)."""
+    Without an adapter the model is the base: `ref_*` equal the model's and the KL is 0 (no second pass).
+    `reference=False` skips the base pass for callers that need the evaluated model only (`ref_*` then
+    equal the model's)."""
     has_adapter = handle.adapter_path is not None
+    needs_base = has_adapter and reference
     n = len(pairs)
-    keys = ["logp_chosen"] + (["logp_rejected"] if with_rejected else [])
+    layout = PAIRED if with_rejected else CHOSEN_ONLY  # its roles name the outputs: logp_chosen, logp_rejected
+    keys = [f"logp_{role}" for role in layout.roles]
     out = {k: np.zeros(n) for k in keys + [f"ref_{k}" for k in keys] + ["kl_chosen"]}
     out["n_chosen"] = np.array([len(p.chosen_ids) for p in pairs], dtype=float)
-    layout = PAIRED if with_rejected else CHOSEN_ONLY
     batches = list(length_sorted_batches([layout.tokens(p) for p in pairs], batch_size))
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
         with handle.active() as model:
@@ -64,13 +68,15 @@ def sequence_scores(
             batch = collate([pairs[i] for i in idx], layout, handle.tokenizer.pad_token_id, packed=False).to(
                 model_device(model)
             )
-            stats = policy(batch, need_reference=has_adapter, need_token_kl=has_adapter and token_kl)
-        logps = stats.logps.double().cpu().numpy()
-        ref = stats.ref_logps.double().cpu().numpy() if has_adapter else logps
-        b = len(idx)
-        for k, (lo, hi) in zip(keys, [(0, b), (b, 2 * b)]):
-            out[k][idx] = logps[lo:hi]
-            out[f"ref_{k}"][idx] = ref[lo:hi]
+            stats = policy(batch, need_reference=needs_base, need_token_kl=needs_base and token_kl)
+        # the layout hands each role's [B] values back (the batch holds them role by role)
+        logps = layout.split(stats.logps.double().cpu())
+        ref = layout.split(stats.ref_logps.double().cpu()) if needs_base else logps
+        for k, role_logps, role_ref in zip(keys, logps, ref):
+            out[k][idx] = role_logps.numpy()
+            out[f"ref_{k}"][idx] = role_ref.numpy()
         if stats.seq_token_kl is not None:
-            out["kl_chosen"][idx] = stats.seq_token_kl[:b].double().cpu().numpy()
+            out["kl_chosen"][idx] = layout.split(stats.seq_token_kl.double().cpu())[
+                layout.roles.index("chosen")
+            ].numpy()
     return out

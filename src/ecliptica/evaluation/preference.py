@@ -18,6 +18,7 @@ evaluator cannot check that, the study config must.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from ecliptica.evaluation.config import PreferenceSection
 from ecliptica.evaluation.inputs import tokenize_scored_pairs
 from ecliptica.evaluation.logprobs import sequence_scores
 from ecliptica.evaluation.stats import iid_indices, percentile_interval, wilson_interval
+from ecliptica.runio import write_jsonl
 
 
 def load_preference_pairs(s: PreferenceSection) -> list[PreferenceExample]:
@@ -85,7 +87,10 @@ def run_preference(
     n_resamples: int = 1000,
     seed: int = 0,
     progress: bool = True,
+    pairs_path: str | Path | None = None,
 ) -> dict[str, Any]:
+    """Metrics over the pairs; with `pairs_path`, one jsonl record per pair too (what a paired resample of pairs,
+    e.g. the study's matched-drift frontier, needs: `reward_win` is this pair's vote in `reward_accuracy`)."""
     pairs = tokenize_scored_pairs(handle.tokenizer, examples, s)
     sc = sequence_scores(
         handle, pairs, with_rejected=True, batch_size=s.batch_size, progress=progress, desc="preference"
@@ -101,4 +106,15 @@ def run_preference(
         seed=seed,
     )
     out.update(path=s.path, placement=s.placement)
+    if pairs_path is not None:
+        margins = s.beta * (
+            (sc["logp_chosen"] - sc["ref_logp_chosen"]) - (sc["logp_rejected"] - sc["ref_logp_rejected"])
+        )
+        write_jsonl(
+            pairs_path,
+            [
+                {"id": p.row_id, "reward_margin": float(m), "reward_win": bool(m > 0), "logp_win": bool(c > r)}
+                for p, m, c, r in zip(pairs, margins, sc["logp_chosen"], sc["logp_rejected"])
+            ],
+        )
     return out

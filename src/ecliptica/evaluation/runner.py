@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from ecliptica.data import PromptExample
+from ecliptica.data.packaged import provenance
 from ecliptica.evaluation.adapter_check import check_adapter_files
 from ecliptica.evaluation.behaviour import handle_generator, handle_renderer, run_behaviour, run_jailbreaks
+from ecliptica.evaluation.behaviour_aqi import behaviour_aqi_step, behaviour_aqi_summary
+from ecliptica.evaluation.capability import capability_summary, run_capability
 from ecliptica.evaluation.config import EvalConfig
 from ecliptica.evaluation.discriminant import headline_band
 from ecliptica.evaluation.drift import load_benign_pairs, run_drift
@@ -26,7 +29,7 @@ from ecliptica.evaluation.judges import build_judge
 from ecliptica.evaluation.model_handle import ModelHandle
 from ecliptica.evaluation.preference import load_preference_pairs, run_preference
 from ecliptica.evaluation.prompts import balanced_subset, load_eval_prompts, prompts_hash
-from ecliptica.evaluation.refusal import RefusalJudge
+from ecliptica.evaluation.refusal import RefusalJudge, describe_judge
 from ecliptica.evaluation.scoring import evaluate_embeddings, json_ready, layer_report
 from ecliptica.models import cache_dir as default_cache_root
 from ecliptica.provenance import git_commit, versions
@@ -55,6 +58,8 @@ def _data_summary(cfg: EvalConfig, prompts: Sequence[PromptExample]) -> dict[str
         "path": cfg.data.path,
         "format": cfg.data.format,
         "benign_path": cfg.data.benign_path,
+        # package, version, sha256 and licence of a `pkg:` file; the sha256 of any other local file
+        "provenance": [provenance(p) for p in (cfg.data.path, cfg.data.benign_path) if p],
         "n_prompts": len(prompts),
         "labels": dict(Counter(p.label for p in prompts)),
         "groups": dict(sorted(groups.items())),
@@ -101,7 +106,11 @@ def _run_eval(
     with handle.merged(cfg.merge_adapter):
         emb = embed_prompts(handle, prompts, cfg.embeddings, cache, progress=cfg.progress)
         timings["embeddings_s"] = time.perf_counter() - t
-        behaviour, jailbreak = _behaviour(cfg, handle, prompts, judge, out, timings)
+        behaviour, jailbreak, judge_info = _behaviour(cfg, handle, prompts, judge, out, timings)
+        # one more forward over prompt + its judged completion: the AQI of what the model did
+        aqi_behaviour = behaviour_aqi_step(cfg, handle, out / "generations.jsonl") if behaviour else None
+        if aqi_behaviour:
+            timings["behaviour_aqi_s"] = aqi_behaviour["cost"]["total_s"]
     X = emb.at(cfg.embeddings.layer)
 
     t = time.perf_counter()
@@ -141,14 +150,27 @@ def _run_eval(
             n_resamples=m.n_resamples,
             seed=m.seed,
             progress=cfg.progress,
+            pairs_path=out / "preference_pairs.jsonl",
         )
         timings["preference_s"] = time.perf_counter() - t
+
+    capability = None
+    if cfg.capability.enabled:
+        t = time.perf_counter()
+        capability, per_question = run_capability(handle, cfg.capability, alpha=m.alpha, progress=cfg.progress)
+        for name, rows in per_question.items():
+            write_jsonl(out / f"capability_{name}.jsonl", rows)
+        timings["capability_s"] = time.perf_counter() - t
 
     figures = _figures(cfg, X, labels, aqi_layers, out / "figures")
     _write_per_axiom_csv(out / "per_axiom.csv", aqi, behaviour)
     timings["total_s"] = time.perf_counter() - t_start
     result = {
-        "summary": _summary(aqi, aqi_layers, behaviour, jailbreak, drift, preference, cfg),
+        "summary": {
+            **_summary(aqi, aqi_layers, behaviour, jailbreak, drift, preference, cfg),
+            **capability_summary(capability),
+            **behaviour_aqi_summary(aqi_behaviour),
+        },
         "settings": cfg.model_dump(mode="json"),
         "model": handle.identity(),
         "data": _data_summary(cfg, prompts),
@@ -162,11 +184,14 @@ def _run_eval(
             "prompt_ids": [p.row_id for p in prompts],
         },
         "aqi_layers": aqi_layers,
+        "aqi_behaviour": aqi_behaviour,
         "aqi": aqi,
         "behaviour": behaviour,
         "jailbreak": jailbreak,
+        "refusal_judge": judge_info,  # which judge labelled generations.jsonl and the jailbreak completions
         "drift": drift,
         "preference": preference,
+        "capability": capability,
         "figures": [str(p) for p in figures],
         "timings": timings,
         "versions": versions(),
@@ -179,11 +204,12 @@ def _run_eval(
 
 def _behaviour(
     cfg: EvalConfig, handle: ModelHandle, prompts, judge, out: Path, timings
-) -> tuple[dict | None, dict | None]:
-    """(refusal metrics per placement variant, jailbreak metrics), or (None, None) when disabled."""
+) -> tuple[dict | None, dict | None, dict | None]:
+    """(refusal metrics per placement variant, jailbreak metrics, the judge's description), or Nones when
+    disabled."""
     b = cfg.behaviour
     if not b.enabled:
-        return None, None
+        return None, None, None
     t = time.perf_counter()
     judge = judge or build_judge(
         b.judge, trust_remote_code=b.judge_trust_remote_code, batch_size=b.batch_size, progress=cfg.progress
@@ -211,7 +237,7 @@ def _behaviour(
                 **common,
             )
     timings["behaviour_s"] = time.perf_counter() - t
-    return result, jailbreak
+    return result, jailbreak, describe_judge(judge)
 
 
 BAND_PROJECTIONS = "aqi_band_projections.npz"
@@ -259,12 +285,14 @@ def _summary(
     preference: dict | None,
     cfg: EvalConfig,
 ) -> dict[str, Any]:
-    """Headline numbers. `aqi`: discriminant AQI, headline band mean; `aqi_geometric`: the same band,
-    geometric; `*_lexical`: layer 0 (the token embeddings of the pooled words)."""
+    """Headline numbers. `aqi` (also under its explicit name `aqi_prompt`): the prompt-representation AQI,
+    discriminant, headline band mean; `aqi_geometric`: the same band, geometric; `*_lexical`: layer 0 (the token
+    embeddings of the pooled words). The behaviour variants are added by `behaviour_aqi_summary`."""
     o = aqi["overall"]
     s: dict[str, Any] = {"probe_auroc": o.get("probe_auroc")}
     for name, entry in (
         ("aqi", aqi_layers["discriminant"]),
+        ("aqi_prompt", aqi_layers["discriminant"]),
         ("aqi_geometric", aqi_layers["geometric"]),
         ("aqi_lexical", aqi_layers["lexical"]["discriminant"]),
         ("aqi_geometric_lexical", aqi_layers["lexical"]["geometric"]),

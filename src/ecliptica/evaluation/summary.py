@@ -31,6 +31,13 @@ class Rate(Strict):
     n: int  # prompts judged (the denominator)
 
 
+class Accuracy(Rate):
+    """Multiple-choice accuracy (evaluation/capability.py) with its Wilson interval, plus what pairs two arms."""
+
+    correct: str | None = None  # per question, in order: "1" right, "0" wrong
+    questions_hash: str | None = None  # the questions scored; arms are compared only on equal hashes
+
+
 class EvalSummary(Strict):
     aqi: Estimate  # the headline: discriminant AQI of the headline band (geometric in older eval.json files)
     # which statistic `aqi` is: "discriminant_band" = BandAqiStat(aqi_gamma) of eval/aqi_band_projections.npz;
@@ -39,6 +46,17 @@ class EvalSummary(Strict):
     aqi_geometric: Estimate | None = None  # geometric AQI of the same band
     aqi_lexical: Estimate | None = None  # discriminant AQI at layer 0 (the words alone)
     aqi_geometric_lexical: Estimate | None = None
+    # `aqi` under its explicit name: the prompt-representation AQI (pooled over the prompt's own tokens)
+    aqi_prompt: Estimate | None = None
+    # the behaviour AQI (evaluation/behaviour_aqi.py): prompt + the model's own judged completion
+    aqi_completion: Estimate | None = None  # discriminant, completion tokens pooled, headline band
+    aqi_geometric_completion: Estimate | None = None
+    aqi_completion_lexical: Estimate | None = None  # layer 0: the completion's words alone (negative control)
+    aqi_geometric_completion_lexical: Estimate | None = None
+    aqi_last_prompt: Estimate | None = None  # the state the reply is decoded from
+    aqi_geometric_last_prompt: Estimate | None = None
+    aqi_learned: Estimate | None = None  # completion pooling, layers mixed by weights fitted on dev
+    aqi_geometric_learned: Estimate | None = None
     aqi_gamma: float = 0.5  # the settings the evaluator computed AQI with (metrics.gamma,
     aqi_pca_dim: int | None = None  # embeddings.pca_dim, embeddings.layer)
     aqi_layer: int = -1
@@ -59,6 +77,22 @@ class EvalSummary(Strict):
     preference_reward_accuracy: Estimate | None = None  # held-out pairs, DPO implicit reward vs the base
     preference_reward_margin: Estimate | None = None
     preference_logp_accuracy: Estimate | None = None
+    # capability (zero-shot multiple choice, `accuracy` = length-normalised log-likelihood), one field per set
+    accuracy_mmlu: Accuracy | None = None
+    accuracy_openbookqa: Accuracy | None = None
+    accuracy_commonsenseqa: Accuracy | None = None
+
+
+BEHAVIOUR_AQI_KEYS = (
+    "aqi_completion",
+    "aqi_geometric_completion",
+    "aqi_completion_lexical",
+    "aqi_geometric_completion_lexical",
+    "aqi_last_prompt",
+    "aqi_geometric_last_prompt",
+    "aqi_learned",
+    "aqi_geometric_learned",
+)
 
 
 def summarize_eval(result: dict[str, Any]) -> EvalSummary:
@@ -86,7 +120,12 @@ def summarize_eval(result: dict[str, Any]) -> EvalSummary:
             aqi_geometric=estimate(layers["geometric"]),
             aqi_lexical=estimate(layers["lexical"]["discriminant"]),
             aqi_geometric_lexical=estimate(layers["lexical"]["geometric"]),
+            aqi_prompt=estimate(layers["discriminant"]),
         )
+    summary = result.get("summary") or {}
+    for name in BEHAVIOUR_AQI_KEYS:  # absent from eval.json files written before the behaviour AQI
+        if summary.get(name) is not None:
+            out[name] = {"value": summary[name], "low": summary.get(f"{name}_low"), "high": summary.get(f"{name}_high")}
     if "probe_auroc" in overall:
         auroc = overall.get("probe_auroc_ci") or {}
         out["probe_auroc"] = {"value": overall["probe_auroc"], "low": auroc.get("low"), "high": auroc.get("high")}
@@ -112,6 +151,12 @@ def summarize_eval(result: dict[str, Any]) -> EvalSummary:
     for key in ("reward_accuracy", "reward_margin", "logp_accuracy"):
         if pref.get(key) is not None:
             out[f"preference_{key}"] = _estimate(pref[key], pref.get(f"{key}_ci"))
+    for name, r in (result.get("capability") or {}).items():
+        out[f"accuracy_{name}"] = {
+            **_rate(r["accuracy"]),
+            "correct": r.get("correct"),
+            "questions_hash": r.get("questions_hash"),
+        }
     return EvalSummary.model_validate(out)
 
 

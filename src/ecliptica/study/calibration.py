@@ -189,6 +189,11 @@ def calibrate(cfg: StudyConfig, store: StudyStore, worker: str | None = None) ->
     return settings
 
 
+def score_point(cfg: StudyConfig, tc: TrainConfig) -> dict:
+    """Train one sweep point and score it (what run-one does for a point)."""
+    return _train_and_score(tc, _benign_pairs(cfg), cfg)
+
+
 def _benign_pairs(cfg: StudyConfig):
     from ..evaluation.drift import load_benign_pairs
 
@@ -210,7 +215,8 @@ def _train_and_score(tc: TrainConfig, benign, cfg: StudyConfig) -> dict:
                 f"{tc.data.path}: the validation split is empty (val_fraction {tc.data.val_fraction}); "
                 "calibration needs validation pairs"
             )
-        summary = trainer.train()
+        trainer.train()
+        summary = trainer.summary
         policy = trainer.accelerator.unwrap_model(trainer.policy)
         pad, bs = trainer.tokenizer.pad_token_id, cfg.calibration.batch_size
         val = preference_scores(policy, trainer.val_data.pairs, pad, beta=cfg.calibration.reward_beta, batch_size=bs)
@@ -224,10 +230,10 @@ def _train_and_score(tc: TrainConfig, benign, cfg: StudyConfig) -> dict:
     scores = {
         "val": val,
         "benign": kl,
-        "steps": summary["steps"],
-        "epochs": summary["epochs"],
-        "train_seconds": summary["train_seconds"],
-        "split": summary["data"]["split"],
+        "steps": summary.steps,
+        "epochs": summary.epochs,
+        "train_seconds": summary.train_seconds,
+        "split": summary.data.split.model_dump(),
         "config_hash": tc.hash(),
     }
     Path(tc.run_dir, "calibration.json").write_text(json.dumps(scores, indent=1))

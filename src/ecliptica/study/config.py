@@ -12,7 +12,7 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..config import Strict, TrainConfig, apply_overrides
 from ..data.formatting import Placement
@@ -20,6 +20,9 @@ from ..evaluation.config import EvalDataSection, EvalSettings
 from ..losses import registry
 from ..runio import check_path_component
 from .design import BASE_METHODS, Question, ReportSettings, default_questions
+from .frontier_config import ConvergenceSection, FrontierSection
+from .launch_config import LauncherSection
+from .train_block import SharedTrain, check_train_block
 
 __all__ = [
     "ArmSpec",
@@ -98,9 +101,9 @@ class StudyConfig(Strict):
     study_dir: str = "runs/study"
     seeds: list[int] = [0]
     # TrainConfig fields shared by every arm (model, lora, data, method, optimizer, ...); each arm takes the
-    # `method` settings its method has (registry.settings_for), so one block can hold beta and lambda_kl
+    # `method` settings its method has (registry.settings_for), so one block can hold beta and lambda_kl, and
+    # the GRIT arms take `optimizer.grit`. Checked at load (study/train_block.py); `shared_train()` is its typed view.
     train: dict[str, Any] = {}
-    grit: dict[str, Any] = {}  # GRIT settings used by every +GRIT arm
     evaluation: EvalSettings = Field(default_factory=EvalSettings)  # shared by every arm; model/adapter/out_dir per run
     # Named evaluation prompt sets, e.g. {dev: ..., test: ...}: every run is evaluated on each, and the
     # table and research questions read `test` only. Empty: the one set in evaluation.data (no dev/test split).
@@ -109,6 +112,25 @@ class StudyConfig(Strict):
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
     report: ReportSettings = Field(default_factory=ReportSettings)
     questions: list[Question] = Field(default_factory=default_questions)  # research questions as named contrasts
+    frontier: FrontierSection = Field(default_factory=FrontierSection)  # matched drift (study/frontier.py)
+    convergence: ConvergenceSection = Field(default_factory=ConvergenceSection)  # Q2 as convergence
+    launcher: LauncherSection = Field(default_factory=LauncherSection)  # where runs run (docs/scaling.md)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grit_in_one_place(cls, raw):
+        if isinstance(raw, dict) and "grit" in raw:
+            raise ValueError(
+                "grit: GRIT settings belong in train.optimizer.grit (taken by every arm with optimizer: grit); "
+                "move the block there"
+            )
+        return raw
+
+    @field_validator("train")
+    @classmethod
+    def _typed_train(cls, v):  # a typo or a bad value fails at load, naming train.<key>
+        check_train_block(v)
+        return v
 
     @model_validator(mode="after")
     def _check(self):
@@ -123,16 +145,6 @@ class StudyConfig(Strict):
             raise ValueError(f"arm names must be unique, got {names}")
         if not any(a.method == "baseline" for a in self.arms):
             raise ValueError("a study needs a baseline arm (method: baseline) to report ΔAQI against")
-        for k in ("run_dir", "seed", "tensorboard_dir", "run_name"):
-            if k in self.train:
-                raise ValueError(f"train.{k} is set per run by the study; remove it")
-        if self.grit:  # typed even when no arm uses GRIT, so a typo fails at load, not silently
-            from ..grit.config import GritConfig
-
-            try:
-                GritConfig.model_validate(self.grit)
-            except ValueError as e:
-                raise ValueError(f"grit: invalid GRIT settings:\n{e}") from None
         ids = [q.id for q in self.questions]
         if len(set(ids)) != len(ids):
             raise ValueError(f"question ids must be unique, got {ids}")
@@ -158,7 +170,7 @@ class StudyConfig(Strict):
         untrained = set(self.calibration.arms or []) & {a.name for a in self.arms if not a.trained}
         if untrained:
             raise ValueError(f"calibration.arms names {sorted(untrained)}, which are not trained arms of this study")
-        if self.calibration.enabled and not self.train.get("data", {}).get("val_fraction", 0) > 0:
+        if self.calibration.enabled and not self.shared_train().data.val_fraction > 0:
             raise ValueError("calibration needs a validation split: set train.data.val_fraction > 0")
         if self.evaluation_sets:
             if "test" not in self.evaluation_sets:
@@ -170,7 +182,17 @@ class StudyConfig(Strict):
                     "evaluation.data and evaluation_sets are both set: name the prompt sets in evaluation_sets only"
                 )
         self.eval_config(Path(self.study_dir) / "runs", None)  # ... or if the evaluation block is
+        if self.frontier.enabled:
+            from .frontier_runs import check_frontier
+
+            check_frontier(self)
         return self
+
+    def planned_arms(self) -> list[ArmSpec]:
+        """Every arm that is run: the declared ones and, with the frontier on, each trained arm at its other lrs."""
+        from .frontier_runs import frontier_arms
+
+        return [*self.arms, *frontier_arms(self)]
 
     def calibrated_arms(self) -> list[ArmSpec]:
         """The arms the calibration phase sweeps (none when it is off)."""
@@ -179,8 +201,12 @@ class StudyConfig(Strict):
         names = self.calibration.arms
         return [a for a in self.arms if a.trained and (names is None or a.name in names)]
 
+    def shared_train(self) -> SharedTrain:
+        """The `train` block, typed (its defaults filled in)."""
+        return check_train_block(self.train)
+
     def prompt_instruction(self, arm: ArmSpec) -> str | None:
-        return arm.instruction or self.train.get("data", {}).get("instruction")
+        return arm.instruction or self.shared_train().data.instruction
 
     def eval_sets(self) -> dict[str, dict]:
         """Evaluation prompt sets by name; without `evaluation_sets`, the one set is reported as `test`."""
@@ -243,11 +269,9 @@ class StudyConfig(Strict):
         if arm.placement is not None:
             raw["method"]["placement"] = arm.placement
         raw.setdefault("optimizer", {})["name"] = arm.optimizer
-        if arm.optimizer == "grit":
-            raw["optimizer"]["grit"] = {**self.grit, **raw["optimizer"].get("grit", {})}
-        else:
+        if arm.optimizer != "grit":  # the shared GRIT settings are for the GRIT arms only
             raw["optimizer"].pop("grit", None)
-        settings = {**arm.overrides, **(calibrated or {})}
+        settings = {**self.frontier.train_overrides(), **arm.overrides, **(calibrated or {})}
         raw = apply_overrides(raw, [f"{k}={_yaml_value(v)}" for k, v in settings.items()])
         try:
             return TrainConfig.model_validate(raw)

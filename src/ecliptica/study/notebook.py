@@ -16,6 +16,7 @@ import yaml
 
 from ..config import TrainConfig
 from ..runio import read_jsonl_tolerant
+from ..train.summary import TrainSummary
 from .config import ArmSpec
 from .runner import StudyRunner, load_study
 
@@ -103,12 +104,14 @@ def summary_table(runner: StudyRunner, arm: str) -> str:
     spec = _arm(runner, arm)
     for seed in runner.cfg.seeds:
         row = runner.store.get(runner.run_id(spec, seed))
-        s = row["train_summary"] or {}
-        fm = s.get("final_metrics", {})
+        if not row["train_summary"]:  # not trained yet
+            lines.append(f"| {seed} | - | - | - | - | - |")
+            continue
+        s = TrainSummary.model_validate(row["train_summary"])
+        fm = s.final_metrics
         lines.append(
-            f"| {seed} | {s.get('steps', '-')} | {s.get('train_seconds', 0) / 60:.1f} | "
-            f"{s.get('tokens_per_s', 0):.0f} | {fm.get('loss', float('nan')):.4f} | "
-            f"{fm.get('rewards/margins', float('nan')):.4f} |"
+            f"| {seed} | {s.steps} | {s.train_seconds / 60:.1f} | {s.tokens_per_s:.0f} | "
+            f"{fm.get('loss', float('nan')):.4f} | {fm.get('rewards/margins', float('nan')):.4f} |"
         )
     return "\n".join(lines)
 

@@ -6,7 +6,6 @@ so every number the report shows is the number the evaluation computed, under th
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pydantic import ValidationError
 
 from ecliptica.evaluation.summary import EvalSummary, read_eval_summary
 from ecliptica.runio import read_jsonl_tolerant
+from ecliptica.train.summary import read_train_summary
 
 __all__ = [
     "StudyRecord",
@@ -103,8 +103,8 @@ def read_run(
     summary_path, metrics = run_dir / "summary.json", run_dir / "metrics.jsonl"
     train = None
     if method != BASELINE and summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        train = {k: summary.get(k) for k in TRAIN_FIELDS}
+        summary = read_train_summary(summary_path)
+        train = {k: getattr(summary, k) for k in TRAIN_FIELDS}
     embeddings = eval_json.parent / "embeddings.npz"
     return {
         "arm": arm,

@@ -69,8 +69,9 @@ def md_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     header = [
         "arm",
         "seeds",
-        "AQI",
+        "prompt-repr. AQI",
         "ΔAQI vs baseline",
+        "completion AQI (lexical)",
         "refusal (unsafe)",
         "over-refusal (safe)",
         "benign ppl",
@@ -88,6 +89,7 @@ def md_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             str(r["n_seeds"]),
             _md_cell(r, "aqi"),
             _md_delta(r),
+            f"{_md_cell(r, 'aqi_completion')} ({num(r.get('aqi_completion_lexical'))})",
             _md_cell(r, "refusal_rate_unsafe"),
             _md_cell(r, "over_refusal_rate_safe"),
             num(r["perplexity"], 2),
@@ -116,7 +118,10 @@ def render_markdown(rows, questions, settings, notes, sections: Sequence[str] = 
         "",
         f"Cells: mean [{1 - alpha:.0%} CI]; with several seeds mean ± sd over seeds [two-stage bootstrap: seeds, "
         "then prompts, as in the research questions; AQI without embeddings and probe AUROC: t-interval over "
-        "seeds]; with one seed the run's own CI over prompts. AQI is the evaluation's recorded value. ΔAQI: paired "
+        "seeds]; with one seed the run's own CI over prompts. AQI is the evaluation's recorded value: the "
+        "prompt-representation AQI (`aqi` = `aqi_prompt`, pooled over the prompt's own tokens); completion AQI: the "
+        "behaviour AQI of the model's own judged completions, its layer-0 (words-only) control in brackets "
+        "(docs/aqi.md). ΔAQI: paired "
         "bootstrap on the same prompts (each run's recorded AQI settings); * = CI excludes 0, per comparison "
         "and not corrected for multiplicity (the research questions below are). Compute-hours = "
         "train_seconds × num_processes / device_shared_by / 3600; CPU runs are labelled and their rate is per "

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runio import atomic_write_text
+from .capability import capability_section
 from .contrasts import StudyContext, aqi_resamples
 from .design import MinEffect, Question, default_questions
 from .questions import answer_questions
@@ -66,7 +67,8 @@ def build_report(
     figure_paths = make_figures(ctx, rows, answers, out / "figures") if figures else {}
     paths = {"results_md": out / "results.md", "results_csv": out / "results.csv", "results_json": out / "results.json"}
     atomic_write_text(
-        paths["results_md"], render_markdown(rows, answers, settings, notes, optional_sections(by_arm, sections))
+        paths["results_md"],
+        render_markdown(rows, answers, settings, notes, optional_sections(by_arm, sections) + capability_section(rows)),
     )
     write_csv(rows, paths["results_csv"])
     payload = {"settings": settings, "rows": rows, "questions": answers, "notes": notes, "figures": figure_paths}

@@ -13,9 +13,13 @@ from typing import Any
 
 import numpy as np
 
+from .capability import capability_columns, capability_row
 from .contrasts import StudyContext, contrast, has_prompt_stage
 from .records import BASELINE
 
+# the behaviour AQI (docs/aqi.md) beside `aqi`, the prompt-representation AQI; mean over seeds, t-interval
+BEHAVIOUR_AQI = ("aqi_completion", "aqi_completion_lexical", "aqi_last_prompt", "aqi_learned")
+BEHAVIOUR_AQI_COLUMNS = [f"{k}{s}" for k in BEHAVIOUR_AQI for s in ("", "_low", "_high")]
 CSV_COLUMNS = [
     "arm",
     "method",
@@ -36,6 +40,7 @@ CSV_COLUMNS = [
     "probe_auroc",
     "probe_auroc_low",
     "probe_auroc_high",
+    *BEHAVIOUR_AQI_COLUMNS,
     "refusal_rate_unsafe",
     "refusal_rate_unsafe_sd",
     "refusal_rate_unsafe_low",
@@ -59,6 +64,7 @@ CSV_COLUMNS = [
     "efficiency_high",
     "efficiency_unit",
     "overrides",
+    *capability_columns(),
 ]
 RATES = ("refusal_rate_unsafe", "over_refusal_rate_safe")
 
@@ -206,6 +212,9 @@ def arm_row(ctx: StudyContext, arm: str) -> dict[str, Any]:
     auroc = _interval_of(runs, "probe_auroc", ctx.alpha)
     row.update({"probe_auroc": auroc[0], "probe_auroc_low": auroc[2], "probe_auroc_high": auroc[3]})
     row.update(_delta_columns(delta))
+    for key in BEHAVIOUR_AQI:
+        mean, _, low, high = _interval_of(runs, key, ctx.alpha)
+        row.update({key: mean, f"{key}_low": low, f"{key}_high": high})
     for key in RATES:
         row.update(dict(zip((key, f"{key}_sd", f"{key}_low", f"{key}_high"), seed_and_prompt_interval(ctx, arm, key))))
     row["perplexity"], row["perplexity_sd"] = _scalar_of(runs, "perplexity")
@@ -215,6 +224,7 @@ def arm_row(ctx: StudyContext, arm: str) -> dict[str, Any]:
     row.update(training)
     row.update(_efficiency(delta, training))
     row["overrides"] = _format_overrides(runs)
+    row.update(capability_row(ctx, arm))
     return {c: row.get(c) for c in CSV_COLUMNS}
 
 

@@ -67,6 +67,8 @@ from .safety import (
     nonfinite_names,
 )
 from .state_io import load_state, save_state
+from .summary import TrainSummary, write_train_summary
+from .validation import ValidationCurve
 
 
 class NonFiniteError(RuntimeError):
@@ -149,6 +151,7 @@ class Trainer:
         self.restart_without_checkpoint = restart_without_checkpoint
         self._lock: DirLock | None = None
         self._start_checked = False
+        self.summary: TrainSummary | None = None  # set when train() finishes the run
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> Trainer:
@@ -204,6 +207,19 @@ class Trainer:
         self.data_report = info["report"]
         self.data_hash = self.data.fingerprint()
         self.val_data: TokenizedData | None = info["val"]
+        t = cfg.train
+        if t.val_every and (self.val_data is None or not self.val_data.pairs):
+            raise ValueError(
+                f"{cfg.data.path}: train.val_every is {t.val_every} but the validation split is empty "
+                f"(data.val_fraction {cfg.data.val_fraction}, {info['report']['rows_read']} rows read)"
+            )
+        self.validation = ValidationCurve(
+            t.val_every,
+            t.max_steps,
+            self.val_data.pairs if self.val_data else None,
+            beta=t.val_reward_beta,
+            batch_size=t.val_batch_size,
+        )
         self.examples = self.layout.examples(self.data, cfg.data.max_length)  # what the data order draws
         if acc.is_main_process:  # the split's ids, so a reader can rebuild exactly what was held out
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -594,14 +610,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self, resume: bool | None = None, stop_after: int | None = None) -> dict:
-        """Train to max_steps (or stop after `stop_after` steps, for tests); returns the summary.
+        """Train to max_steps (or stop after `stop_after` steps, for tests: then {}). Returns the summary as
+        summary.json holds it (the typed one is `self.summary`), the form a study's store keeps.
         The run directory's lock is released when this returns or raises."""
+        self.summary = None
         try:
-            return self._train(bool(self.resume) if resume is None else resume, stop_after)
+            self._train(bool(self.resume) if resume is None else resume, stop_after)
         finally:
             self._release()
+        return {} if self.summary is None else self.summary.as_json()
 
-    def _train(self, resume: bool, stop_after: int | None) -> dict:
+    def _train(self, resume: bool, stop_after: int | None) -> None:
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.accelerator
@@ -643,10 +662,13 @@ class Trainer:
             m.update({"step_time_s": dt, "tokens_per_s": result.tokens / dt if dt > 0 else 0.0})
             if torch.cuda.is_available():
                 m["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            validated = self.validation.due(step + 1)
+            if validated:  # outside train_seconds: gpu_seconds counts training steps only
+                m.update(self._validate(step + 1))
             last_metrics = m
             if acc.is_main_process:
                 self.watch.update(step + 1, result.loss, result.metrics.get("grad_norm"))
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == end:
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == end or validated:
                 acc.log(m, step=step + 1)
                 if acc.is_main_process:
                     with write_errors(metrics_path, "the metrics log", self._what_is_kept), metrics_path.open("a") as f:
@@ -658,10 +680,22 @@ class Trainer:
         bar.close()
         if stop_after is not None and end < cfg.train.max_steps:
             acc.end_training()
-            return {}
-        summary = self._finish(last_metrics)
+            return
+        self.summary = self._finish(last_metrics)
         acc.end_training()  # closes trackers and (multi-process) the process group: keep it last
-        return summary
+
+    def _validate(self, step: int) -> dict[str, float]:
+        """The validation metrics after optimizer step `step`, with the training compute spent so far."""
+        acc = self.accelerator
+        out = self.validation.score(
+            acc.unwrap_model(self.policy),
+            self.loss_fn,
+            self.tokenizer.pad_token_id,
+            step=step,
+            max_length=self.cfg.data.max_length,
+            show_bar=acc.is_main_process and self.cfg.train.progress,
+        )
+        return {**out, "gpu_seconds": self.train_seconds * acc.num_processes}
 
     def _epochs(self) -> float:
         """Passes over the training split that max_steps makes (examples drawn / training examples)."""
@@ -669,43 +703,43 @@ class Trainer:
         drawn = t.max_steps * t.grad_accum * t.micro_batch_size * self.accelerator.num_processes
         return drawn / len(self.examples)
 
-    def _finish(self, last_metrics: dict) -> dict:
+    def _finish(self, last_metrics: dict) -> TrainSummary:
         acc = self.accelerator
         acc.wait_for_everyone()
-        summary = {
-            "method": self.cfg.method.name,
-            "optimizer": self.cfg.optimizer.name,
-            "placement": self.placement,
-            "steps": self.cfg.train.max_steps,
-            "epochs": self._epochs(),
-            "train_seconds": self.train_seconds,
-            "train_tokens": self.train_tokens,
-            "tokens_per_s": self.train_tokens / self.train_seconds if self.train_seconds else 0.0,
-            "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-            "final_metrics": last_metrics,
-            "nonfinite_skipped": self.nonfinite_skipped,
-            "config_hash": self.cfg.hash(),
-            "data_hash": self.data_hash,
-            "data": self.data_report,
-            "parameters": self.param_summary,
-            "num_processes": acc.num_processes,
-            "sharding": self.sharding,
-            "shard_units": self.shard_units,  # FSDP2: modules gathered as one (decoder layers + the rest)
-            "reference_cache": self.reference_cache.as_dict(),
-            "micro_batch_tokens": self.micro_batches.tokens,
-            "micro_batch_rule": self.micro_batches.rule,
-            "packed_attention": self.packed_attention,
-            "compiled_layers": self.compiled_layers,
-            "fused_lora_layers": self.fused_lora_layers,
-            "nf4_kernel": self.nf4_kernel,
-            "quant_storage": str(quant_storage(self.cfg.model.quant_storage)) if self.cfg.model.load_in_4bit else None,
-            "offload_activations": self.offload_activations,
-            # parallel study workers on one device: its speed here is not a standalone speed
-            "device_shared_by": int(os.environ.get("ECLIPTICA_DEVICE_SHARED_BY", "1")),
-            "versions": versions(),
-            "git_commit": git_commit(),
-        }
-        summary.update(self.optimizer_hooks.summary())  # GRIT: physical vs effective LoRA parameters
+        summary = TrainSummary(
+            method=self.cfg.method.name,
+            optimizer=self.cfg.optimizer.name,
+            placement=self.placement,
+            steps=self.cfg.train.max_steps,
+            epochs=self._epochs(),
+            train_seconds=self.train_seconds,
+            train_tokens=self.train_tokens,
+            tokens_per_s=self.train_tokens / self.train_seconds if self.train_seconds else 0.0,
+            peak_gpu_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            final_metrics=last_metrics,
+            nonfinite_skipped=self.nonfinite_skipped,
+            config_hash=self.cfg.hash(),
+            data_hash=self.data_hash,
+            data=self.data_report,
+            parameters=self.param_summary,
+            num_processes=acc.num_processes,
+            sharding=self.sharding,
+            shard_units=self.shard_units,
+            reference_cache=self.reference_cache.as_dict(),
+            quant_storage=str(quant_storage(self.cfg.model.quant_storage)) if self.cfg.model.load_in_4bit else None,
+            micro_batch_tokens=self.micro_batches.tokens,
+            micro_batch_rule=self.micro_batches.rule,
+            packed_attention=self.packed_attention,
+            compiled_layers=self.compiled_layers,
+            fused_lora_layers=self.fused_lora_layers,
+            nf4_kernel=self.nf4_kernel,
+            offload_activations=self.offload_activations,
+            device_shared_by=int(os.environ.get("ECLIPTICA_DEVICE_SHARED_BY", "1")),
+            versions=versions(),
+            git_commit=git_commit(),
+            **self.optimizer_hooks.summary(),  # GRIT: physical vs effective LoRA parameters, what it did
+            **self.validation.summary(),  # whether the validation curve ran, how often, at what cost
+        )
         if self.nonfinite_skipped and self.nonfinite_skipped >= self.cfg.train.max_steps and acc.is_main_process:
             warnings.warn(
                 f"all {self.nonfinite_skipped} steps were skipped as non-finite: the adapter in "
@@ -721,7 +755,7 @@ class Trainer:
             with write_errors(adapter, "the final adapter", kept), atomic_dir(adapter) as tmp:
                 self.peft_model.save_pretrained(tmp, state_dict=whole)
             with write_errors(self.run_dir / "summary.json", "the run summary", self._what_is_kept):
-                atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+                atomic_write_text(self.run_dir / "summary.json", write_train_summary(summary))
         return summary
 
 
@@ -783,5 +817,7 @@ def _flat_hparams(cfg: TrainConfig) -> dict:
     return flat
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    return Trainer(cfg).setup().train(resume=resume)
+def train(cfg: TrainConfig, resume: bool = False) -> TrainSummary:
+    trainer = Trainer(cfg).setup()
+    trainer.train(resume=resume)
+    return trainer.summary
