@@ -7,6 +7,7 @@ What a kernel adds beyond that (the .ipynb is valid, a kernel starts and runs it
 proves, and the arm notebooks are the same cells but for `ARM` (test_notebook.py checks that).
 """
 
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,6 +77,8 @@ def test_every_notebook_runs_top_to_bottom(tmp_path, tiny_model_dir, monkeypatch
     assert not errors, errors
 
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    # the shell installs its own __main__ module (without __spec__, which spawned processes of later tests need)
+    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
     shell = InteractiveShell.instance()
     try:
         for path in NOTEBOOKS:
