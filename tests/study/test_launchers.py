@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from study_helpers import tiny_study_overrides
 
 from ecliptica.study.driver import Driver
 from ecliptica.study.launch_config import RaySettings, SubmititSettings
@@ -55,16 +56,7 @@ FAKE_CMD = (sys.executable, "-c", FAKE)
 def _plan(study_dir, model_dir="unused", steps=1, extra=()):
     overrides = [
         f"study_dir={study_dir}",
-        f"train.model.name={model_dir}",
-        f"train.train.max_steps={steps}",
-        "train.train.progress=false",
-        "train.data.limit=16",
-        "evaluation.data.limit=48",
-        "evaluation.behaviour.limit=8",
-        "evaluation.behaviour.max_new_tokens=4",
-        "evaluation.drift.limit=4",
-        f"evaluation.cache_dir={study_dir}/cache",
-        "evaluation.progress=false",
+        *tiny_study_overrides(study_dir, model_dir, steps),
         "calibration.enabled=false",
         f"arms={ARMS}",
         *extra,

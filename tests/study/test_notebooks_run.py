@@ -10,10 +10,11 @@ proves, and the arm notebooks are the same cells but for `ARM` (test_notebook.py
 import sys
 from pathlib import Path
 
+from study_helpers import tiny_study_overrides
+
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "comparative_study").rglob("*.ipynb"))
 IN_A_KERNEL = ROOT / "comparative_study" / "01_sft" / "sft.ipynb"
-
 
 # The arms the notebooks train, and the baseline the evaluation reports against. Calibration is off: the notebooks
 # call no calibration function of their own (the runner's calibration is tested end to end in test_calibration.py).
@@ -35,16 +36,7 @@ def _overrides(study_dir: Path, model_dir: Path) -> list[str]:
     return [
         f"arms={ARMS}",
         "calibration.enabled=false",
-        f"train.model.name={model_dir}",
-        "train.train.max_steps=2",
-        "train.train.progress=false",
-        "train.data.limit=16",
-        "evaluation.data.limit=48",
-        "evaluation.behaviour.limit=8",
-        "evaluation.behaviour.max_new_tokens=4",
-        "evaluation.drift.limit=4",
-        f"evaluation.cache_dir={study_dir}/cache",
-        "evaluation.progress=false",
+        *tiny_study_overrides(study_dir, model_dir, steps=2),
     ]
 
 

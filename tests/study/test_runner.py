@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from study_helpers import tiny_study_overrides
 
 from ecliptica.study.runner import StudyRunner, load_study
 from ecliptica.study.store import StudyStore
@@ -23,17 +24,8 @@ ARMS = (
 def _overrides(study_dir, model_dir, steps=3, arms=ARMS):
     return [
         f"study_dir={study_dir}",
-        f"train.model.name={model_dir}",
-        f"train.train.max_steps={steps}",
+        *tiny_study_overrides(study_dir, model_dir, steps),
         "train.train.save_every=1",
-        "train.train.progress=false",
-        "train.data.limit=16",
-        "evaluation.data.limit=48",
-        "evaluation.behaviour.limit=8",
-        "evaluation.behaviour.max_new_tokens=4",
-        "evaluation.drift.limit=4",
-        f"evaluation.cache_dir={study_dir}/cache",
-        "evaluation.progress=false",
         *([f"arms={arms}"] if arms else []),
     ]
 

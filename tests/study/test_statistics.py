@@ -174,7 +174,7 @@ def test_without_embeddings_aqi_contrasts_are_t_intervals_over_seeds(tmp_path):
     assert "t-interval over seeds" in f["method"]
     one_seed = build_report(records[:3], tmp_path / "one", n_resamples=50, figures=False)
     assert not _finding(one_seed, "Q2", "dpo_grit − dpo")["answerable"]
-    # identical seeds (e.g. deterministic arms) used to give p = 0 and a "significant" contrast from nothing
+    # identical seeds (e.g. deterministic arms) must give no p = 0 and no "significant" contrast from nothing
     same = [_record(tmp_path, "baseline", 0, _emb(0.1, 1), with_embeddings=False)]
     for seed in range(3):
         same += [

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from study_helpers import tiny_study_overrides
 
 from ecliptica.runio import LOCK_NAME
 from ecliptica.study.runner import StudyRunner, load_study
@@ -24,16 +25,7 @@ def _overrides(study_dir, model_dir, steps):
     """A baseline and one trained arm on the tiny model, evaluated on a few prompts."""
     return [
         f"study_dir={study_dir}",
-        f"train.model.name={model_dir}",
-        f"train.train.max_steps={steps}",
-        "train.train.progress=false",
-        "train.data.limit=16",
-        "evaluation.data.limit=48",
-        "evaluation.behaviour.limit=8",
-        "evaluation.behaviour.max_new_tokens=4",
-        "evaluation.drift.limit=4",
-        f"evaluation.cache_dir={study_dir}/cache",
-        "evaluation.progress=false",
+        *tiny_study_overrides(study_dir, model_dir, steps),
         "arms=[{name: baseline, method: baseline}, {name: sft, method: sft}]",
     ]
 

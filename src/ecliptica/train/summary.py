@@ -82,7 +82,7 @@ class ValidationReport(Strict):
     every: int
     n_pairs: int
     reward_beta: float
-    points: int  # validations run by this process in this session (a resumed run counts from its restart)
+    points: int  # validations run since this process started (a resumed run counts from its restart)
     seconds: float
     last: dict[str, int | float | None] | None  # the last point: its step and val/* metrics
 

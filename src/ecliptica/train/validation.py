@@ -116,7 +116,7 @@ class ValidationCurve:
         self.every, self.max_steps = every, max_steps
         self.pairs = list(pairs or [])
         self.beta, self.batch_size = beta, batch_size
-        self.points = 0  # validations run by this process in this session (a resumed run counts from its restart)
+        self.points = 0  # validations run since this process started (a resumed run counts from its restart)
         self.seconds = 0.0  # wall seconds they took (outside gpu_seconds)
         self.last: dict[str, float] = {}
 
